@@ -1,0 +1,33 @@
+"""binom_opt: graph-free MAML meta-gradients with the binomial estimator of BinomGBML.
+
+One dial, the estimator, goes from first-order through truncated and binomial to exact:
+
+    >>> import binom_opt as bo
+    >>> [type(e).__name__ for e in (bo.FirstOrder(), bo.Truncated(2), bo.Binomial(2), bo.Hybrid(1, 3), bo.Exact())]
+    ['FirstOrder', 'Truncated', 'Binomial', 'Hybrid', 'Exact']
+
+See :class:`MetaGradientEngine` for models and :func:`binom_opt.functional.meta_gradient`
+for pure functions of dicts of tensors.
+"""
+
+from . import functional
+from .engine import Learner, MetaGradientEngine
+from .estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
+from .hvp import HVPBackendError
+from .stats import MetaGradientStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Binomial",
+    "Estimator",
+    "Exact",
+    "FirstOrder",
+    "HVPBackendError",
+    "Hybrid",
+    "Learner",
+    "MetaGradientEngine",
+    "MetaGradientStats",
+    "Truncated",
+    "functional",
+]

@@ -1,0 +1,198 @@
+"""Meta-gradient estimators: small immutable descriptions of which expansion terms to keep.
+
+With the inner loop ``phi_{k+1} = phi_k - alpha * grad l(phi_k)`` and ``H_k`` the Hessian at
+``phi_k``, the exact MAML meta-gradient is ``(I - alpha H_0) ... (I - alpha H_{K-1}) g``.
+Every estimator keeps a subset of the terms of that product's expansion:
+
+========================  ===========================================================
+``FirstOrder()``          ``g`` (all Hessians dropped)
+``Truncated(L)``          the last ``L`` factors only
+``Binomial(L)``           every term with at most ``L`` Hessian factors
+``Hybrid(L, C)``          ``Binomial(L)`` with ``H_k := 0`` for ``k < K - C``
+``Exact()``               the whole product (graph-free exact MAML)
+========================  ===========================================================
+
+All of them reduce to one :class:`ExpansionPlan` for a given number of inner steps ``K``:
+how many Hessian factors a term may have (``levels``), the first step whose Hessian counts
+(``first_active``), how the sum is evaluated (``schedule``) and the step-size scale applied
+inside the estimator only.
+
+Example:
+    >>> import binom_opt as bo
+    >>> bo.Binomial(2).plan(5)
+    ExpansionPlan(levels=2, first_active=0, schedule='binomial', hessian_scale=1.0)
+    >>> bo.Truncated(2).plan(5)
+    ExpansionPlan(levels=2, first_active=3, schedule='sequential', hessian_scale=1.0)
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "Estimator",
+    "ExpansionPlan",
+    "FirstOrder",
+    "Truncated",
+    "Binomial",
+    "Hybrid",
+    "Exact",
+]
+
+HessianScale = Literal["exact", "paper"]
+
+
+@dataclass(frozen=True)
+class ExpansionPlan:
+    """What an estimator computes for a fixed number of inner steps ``K``.
+
+    Attributes:
+        levels: the most Hessian factors a kept term may have (``L``).
+        first_active: ``K - C``: Hessians of steps before it are treated as zero.
+        schedule: ``"sequential"`` when each round needs a single HVP (the kept terms form a
+            plain product of factors), ``"binomial"`` for the batched level recursion.
+        hessian_scale: factor on the step size inside the estimator (``L/K`` for the
+            paper's ``alpha' = L alpha / K``, else 1).
+    """
+
+    levels: int
+    first_active: int
+    schedule: Literal["sequential", "binomial"]
+    hessian_scale: float
+
+
+def _check_level(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}.")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {name}={value}.")
+    return int(value)
+
+
+def _check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps (the number of inner steps K) must be an integer >= 1, got {steps!r}.")
+    return int(steps)
+
+
+class Estimator:
+    """Base class of the estimators; subclasses only say how to :meth:`plan` for ``K`` steps."""
+
+    def plan(self, steps: int) -> ExpansionPlan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FirstOrder(Estimator):
+    """First-order MAML: the meta-gradient is the query gradient ``g`` at the adapted point."""
+
+    def plan(self, steps: int) -> ExpansionPlan:
+        _check_steps(steps)
+        return ExpansionPlan(0, steps, "sequential", 1.0)
+
+
+@dataclass(frozen=True)
+class Exact(Estimator):
+    """Exact MAML meta-gradient, computed graph-free with ``K`` sequential HVPs."""
+
+    def plan(self, steps: int) -> ExpansionPlan:
+        steps = _check_steps(steps)
+        return ExpansionPlan(steps, 0, "sequential", 1.0)
+
+
+@dataclass(frozen=True)
+class Truncated(Estimator):
+    """Truncated backpropagation through the last ``L`` inner steps (``L`` sequential HVPs).
+
+    ``Truncated(0)`` is first-order and ``Truncated(K)`` is exact.
+    """
+
+    L: int
+
+    def __post_init__(self) -> None:
+        _check_level("L", self.L)
+
+    def plan(self, steps: int) -> ExpansionPlan:
+        steps = _check_steps(steps)
+        _check_not_above_steps(self, "L", self.L, steps)
+        return ExpansionPlan(self.L, steps - self.L, "sequential", 1.0)
+
+
+@dataclass(frozen=True)
+class Binomial(Estimator):
+    """Truncated binomial expansion: every term with at most ``L`` Hessian factors.
+
+    ``Binomial(0)`` is first-order and ``Binomial(K)`` is exact. Each of the ``L`` rounds is
+    one batched call of ``K - L + 1`` Hessian-vector products.
+
+    Args:
+        L: the most Hessian factors a kept term may have.
+        hessian_scale: ``"exact"`` (default) uses the inner step size ``alpha``;
+            ``"paper"`` uses ``alpha' = L * alpha / K`` inside the estimator only (paper,
+            appendix C.2), which damps the series when ``alpha * ||H||`` is large at the price
+            of bias. Both are exact at ``L = K`` and first-order at ``L = 0``.
+    """
+
+    L: int
+    hessian_scale: HessianScale = "exact"
+
+    def __post_init__(self) -> None:
+        _check_level("L", self.L)
+        _check_hessian_scale(self.hessian_scale)
+
+    def plan(self, steps: int) -> ExpansionPlan:
+        steps = _check_steps(steps)
+        _check_not_above_steps(self, "L", self.L, steps)
+        return _binomial_plan(self.L, steps, steps, self.hessian_scale)
+
+
+@dataclass(frozen=True)
+class Hybrid(Estimator):
+    """Binomial(L) over the last ``C`` steps only (paper appendix D.1): ``H_k := 0`` for ``k < K - C``.
+
+    ``Hybrid(L, K)`` is ``Binomial(L)`` and ``Hybrid(L, L)`` is ``Truncated(L)``.
+    """
+
+    L: int
+    C: int
+    hessian_scale: HessianScale = "exact"
+
+    def __post_init__(self) -> None:
+        _check_level("L", self.L)
+        _check_level("C", self.C)
+        if self.C < self.L:
+            raise ValueError(
+                f"Hybrid needs L <= C (C is how many final steps keep their Hessians), got "
+                f"L={self.L}, C={self.C}. Use Hybrid(L, C) with C >= L, or Truncated(L)."
+            )
+        _check_hessian_scale(self.hessian_scale)
+
+    def plan(self, steps: int) -> ExpansionPlan:
+        steps = _check_steps(steps)
+        _check_not_above_steps(self, "C", self.C, steps)
+        return _binomial_plan(self.L, self.C, steps, self.hessian_scale)
+
+
+def _binomial_plan(levels: int, window: int, steps: int, hessian_scale: HessianScale) -> ExpansionPlan:
+    if levels == 0:
+        return FirstOrder().plan(steps)
+    scale = levels / steps if hessian_scale == "paper" else 1.0
+    # L = 0 keeps no Hessian term and L = C keeps them all: the kept sum is then a plain
+    # product of factors, one HVP per round, with nothing to batch.
+    schedule = "sequential" if levels in (0, window) else "binomial"
+    return ExpansionPlan(levels, steps - window, schedule, scale)
+
+
+def _check_hessian_scale(value: object) -> None:
+    if value not in ("exact", "paper"):
+        raise ValueError(f"hessian_scale must be 'exact' or 'paper', got {value!r}.")
+
+
+def _check_not_above_steps(estimator: Estimator, name: str, value: int, steps: int) -> None:
+    if value > steps:
+        raise ValueError(
+            f"{estimator!r} needs {name} <= K, the number of inner steps, but {name}={value} > K={steps}. "
+            f"Use {name} <= {steps} (or Exact() for the full meta-gradient)."
+        )

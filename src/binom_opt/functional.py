@@ -1,0 +1,140 @@
+"""Functional core: meta-gradients of pure loss functions over dicts of tensors.
+
+Everything object-shaped in ``binom_opt`` (the engine, the drop-ins) is a thin shell over the
+pieces assembled here: the recorded inner loop (:mod:`binom_opt.trajectory`), batched HVPs at
+its points (:mod:`binom_opt.hvp`) and the estimator's arithmetic (:mod:`binom_opt.expansion`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from .estimators import Binomial, Estimator
+from .expansion import ExpansionResult, expand
+from .hvp import trajectory_hvp_oracle
+from .stats import MetaGradientStats
+from .trajectory import Trajectory, check_scalar_loss, run_sgd
+
+Tensors = Dict[str, torch.Tensor]
+LossFn = Callable[[Tensors], torch.Tensor]
+
+__all__ = ["meta_gradient", "outer_gradient", "check_estimator", "check_finite", "make_stats", "step_sizes"]
+
+
+def meta_gradient(
+    inner_loss: LossFn,
+    outer_loss: LossFn,
+    params: Mapping[str, torch.Tensor],
+    *,
+    steps: int,
+    lr: Union[float, Mapping[str, float]],
+    estimator: Estimator = Binomial(1),
+    hvp: str = "auto",
+    chunk_size: Optional[int] = None,
+    return_stats: bool = False,
+) -> Union[Tensors, Tuple[Tensors, MetaGradientStats]]:
+    """The meta-gradient of ``outer_loss(phi_K)`` with respect to the initial point ``params``.
+
+    ``phi_0 = params`` and ``phi_{k+1} = phi_k - lr * grad inner_loss(phi_k)`` for ``steps``
+    steps; no autograd graph is kept between steps. The estimator picks which terms of
+    ``(I - lr H_0)...(I - lr H_{K-1}) grad outer_loss(phi_K)`` to keep.
+
+    Args:
+        inner_loss: support loss, a pure function of a dict name -> tensor returning a scalar
+            (it is replayed under ``torch.func`` transforms at recorded points).
+        outer_loss: query loss, a function of the same kind of dict.
+        params: the initial point; it is not modified.
+        steps: ``K >= 1``.
+        lr: the inner step size, one float or one per entry of ``params``.
+        estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()``.
+        hvp: ``"auto"``, ``"rev"`` (reverse-over-reverse) or ``"fwd"`` (forward-over-reverse).
+        chunk_size: at most this many HVPs at once in a batched round (``None``: all).
+        return_stats: also return a :class:`~binom_opt.MetaGradientStats`.
+
+    Returns:
+        A dict like ``params`` (and the stats when asked).
+
+    Example:
+        >>> import torch, binom_opt as bo
+        >>> from binom_opt.functional import meta_gradient
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+        >>> inner = lambda p: ((torch.tanh(x @ p["w"]) - y) ** 2).mean()
+        >>> outer = lambda p: ((torch.tanh(x @ p["w"]) - 2 * y) ** 2).mean()
+        >>> w = {"w": torch.zeros(3, dtype=torch.float64)}
+        >>> binom = meta_gradient(inner, outer, w, steps=4, lr=0.1, estimator=bo.Binomial(4))
+        >>> exact = meta_gradient(inner, outer, w, steps=4, lr=0.1, estimator=bo.Exact())
+        >>> torch.allclose(binom["w"], exact["w"], rtol=1e-12, atol=0)
+        True
+    """
+    check_estimator(estimator)
+    plan = estimator.plan(steps)
+    step_size = step_sizes(lr, params)
+    trajectory = run_sgd(inner_loss, params, step_size, steps)
+    g = outer_gradient(outer_loss, trajectory.final)
+    oracle = trajectory_hvp_oracle(inner_loss, trajectory.points, hvp, chunk_size)
+    result = expand(plan, g, step_size, oracle, steps=steps)
+    check_finite(result)
+    if return_stats:
+        return result.meta_grad, make_stats(estimator, plan.levels, steps, result, trajectory)
+    return result.meta_grad
+
+
+def check_estimator(estimator: object) -> None:
+    if not isinstance(estimator, Estimator):
+        raise TypeError(
+            f"estimator must be one of FirstOrder(), Truncated(L), Binomial(L), Hybrid(L, C), Exact(); "
+            f"got {estimator!r}."
+        )
+
+
+def step_sizes(lr: Union[float, Mapping[str, float]], params: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """One validated step size per entry of ``params``."""
+    per_name = dict(lr) if isinstance(lr, Mapping) else {n: lr for n in params}
+    missing = sorted(set(params) - set(per_name))
+    if missing:
+        raise ValueError(f"lr gives no step size for {missing}.")
+    for name, value in per_name.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"The inner learning rate must be a finite float >= 0, got {value!r} for {name!r}.")
+    return {n: float(per_name[n]) for n in params}
+
+
+def outer_gradient(outer_loss: LossFn, final: Tensors) -> Tensors:
+    """``g``: the gradient of the outer loss at the adapted point (zeros where it does not depend)."""
+    leaves = {n: t.detach().requires_grad_(True) for n, t in final.items()}
+    with torch.enable_grad():
+        loss = check_scalar_loss(outer_loss(leaves), "outer_loss")
+        if not loss.requires_grad:
+            raise ValueError("outer_loss does not depend on the adapted parameters: there is no meta-gradient.")
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
+
+
+def check_finite(result: ExpansionResult) -> None:
+    """Raise instead of returning a NaN/Inf meta-gradient, naming the first round that went bad."""
+    if all(bool(torch.isfinite(t).all()) for t in result.meta_grad.values()):
+        return
+    bad = next((i for i, c in enumerate(result.contributions) if not math.isfinite(c)), None)
+    where = "in the outer-loss gradient" if bad is None else f"in HVP round {bad + 1}"
+    raise FloatingPointError(
+        f"The meta-gradient is not finite (first seen {where}). The Hessian-vector products overflowed "
+        "or the outer loss is NaN/Inf: lower the inner learning rate, use a smaller L, or check the data."
+    )
+
+
+def make_stats(
+    estimator: Estimator, levels: int, steps: int, result: ExpansionResult, trajectory: Trajectory
+) -> MetaGradientStats:
+    return MetaGradientStats(
+        estimator=estimator,
+        steps=steps,
+        levels=levels,
+        hvp_count=result.hvp_count,
+        rounds=result.oracle_calls,
+        contributions=list(result.contributions),
+        inner_losses=list(trajectory.losses),
+    )
