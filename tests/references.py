@@ -114,7 +114,7 @@ def unroll(
     c = flatten(meta.values()) if meta else phi.new_zeros(0)
     hessians, mixed = [], []
     for _ in range(steps):
-        hessians.append(torch.autograd.functional.hessian(lambda p: loss_at(support, p, c), phi))
+        hessians.append(torch.autograd.functional.hessian(lambda p: loss_at(support, p, c), phi, vectorize=True))
         if meta:
             grad_phi = lambda cc: torch.autograd.functional.jacobian(
                 lambda p: loss_at(support, p, cc), phi, create_graph=True

@@ -45,9 +45,11 @@ class ExpansionResult:
             same expansion order minus one; filled only when asked for. Meta-parameters other
             than the initial point need them.
         contributions: one norm per round. For the batched binomial schedule, round ``l``'s
-            entry is the norm of the sum of all kept terms with exactly ``l`` Hessian factors;
-            for the sequential schedule (FirstOrder, Truncated, Exact) it is the norm of the
-            change one factor makes. Growing entries mean the expansion diverges.
+            entry is the norm of the sum of the terms with exactly ``l`` Hessian factors, all
+            at steps ``>= max(L - l + 1, K - C)`` (the widest window the recursion knows at no
+            extra HVP: steps 1..K-1 in the last round); for the sequential schedule
+            (FirstOrder, Truncated, Exact) it is the norm of the change one factor makes.
+            Entries that grow from round to round mean the expansion diverges.
         hvp_count: Hessian-vector products computed.
         oracle_calls: calls made to the HVP oracle (one per round).
     """
@@ -133,13 +135,16 @@ def _binomial(plan, g, step_size, hvp, steps, with_adjoints) -> ExpansionResult:
             # lambda_{k+1} ~ u_{k+1}^(L-1): snapshot before the last round overwrites them.
             result.adjoints = {k: {n: t[k + 1].clone() for n, t in u.items()} for k in range(f, K)}
         lo, hi = max(L - level, f), K - level  # this round's HVP indices j = lo..hi
-        before = {n: t[f].clone() for n, t in u.items()}
+        # The lowest index holding a level-(l-1) value that this round raises to level l:
+        # the difference there is exactly the order-l terms over steps >= window.
+        window = max(L - level + 1, f)
+        before = {n: t[window].clone() for n, t in u.items()}
         vectors = {n: step_size[n] * t[lo + 1 : hi + 2] for n, t in u.items()}
         hv = hvp(range(lo, hi + 1), vectors)
         for n, t in u.items():
             # u_j = u_{hi+1} - sum_{i=j..hi} H_i v_i: reverse cumulative sum from the exact tail.
             t[lo : hi + 1] = t[hi + 1] - hv[n].flip(0).cumsum(0).flip(0)
-        result.contributions.append(_norm({n: u[n][f] - before[n] for n in u}))
+        result.contributions.append(_norm({n: u[n][window] - before[n] for n in u}))
         result.hvp_count += hi - lo + 1
         result.oracle_calls += 1
     result.meta_grad = {n: t[f].clone() for n, t in u.items()}

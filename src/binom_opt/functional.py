@@ -76,7 +76,8 @@ def meta_gradient(
     trajectory = run_sgd(inner_loss, params, step_size, steps)
     g = outer_gradient(outer_loss, trajectory.final)
     oracle = trajectory_hvp_oracle(inner_loss, trajectory.points, hvp, chunk_size)
-    result = expand(plan, g, step_size, oracle, steps=steps)
+    with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
+        result = expand(plan, g, step_size, oracle, steps=steps)
     check_finite(result)
     if return_stats:
         return result.meta_grad, make_stats(estimator, plan.levels, steps, result, trajectory)

@@ -21,8 +21,9 @@ class MetaGradientStats:
         hvp_count: Hessian-vector products computed (the dominant cost).
         rounds: sequential HVP rounds (each one batched call).
         contributions: one norm per round; for Binomial/Hybrid, round ``l``'s entry is the norm
-            of all kept terms with exactly ``l`` Hessian factors. Entries that grow with ``l``
-            mean the expansion diverges (``alpha * ||H||`` too large for this estimator).
+            of the terms with exactly ``l`` Hessian factors (over the steps the recursion has
+            at that round, see :class:`binom_opt.expansion.ExpansionResult`). Entries that grow
+            with ``l`` mean the expansion diverges (``alpha * ||H||`` too large for it).
         inner_losses: the support loss at each inner step.
     """
 
