@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -22,7 +22,7 @@ from .trajectory import Trajectory, check_scalar_loss, run_sgd
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
 
-__all__ = ["meta_gradient", "outer_gradient", "check_estimator", "check_finite", "make_stats", "step_sizes"]
+__all__ = ["meta_gradient", "meta_gradients"]
 
 
 def meta_gradient(
@@ -70,18 +70,52 @@ def meta_gradient(
         >>> torch.allclose(binom["w"], exact["w"], rtol=1e-12, atol=0)
         True
     """
-    check_estimator(estimator)
-    plan = estimator.plan(steps)
+    (result, stats), = meta_gradients(
+        inner_loss, outer_loss, params, steps=steps, lr=lr, estimators=[estimator], hvp=hvp, chunk_size=chunk_size
+    ).values()
+    return (result, stats) if return_stats else result
+
+
+def meta_gradients(
+    inner_loss: LossFn,
+    outer_loss: LossFn,
+    params: Mapping[str, torch.Tensor],
+    *,
+    steps: int,
+    lr: Union[float, Mapping[str, float]],
+    estimators: Sequence[Estimator],
+    hvp: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
+    """Several estimators on ONE inner loop: ``{estimator: (meta_gradient, stats)}``.
+
+    The way to compare estimators fairly (same trajectory, same ``g``) and cheaply (the inner
+    loop runs once). Arguments as in :func:`meta_gradient`.
+
+    Example:
+        >>> import torch, binom_opt as bo
+        >>> from binom_opt.functional import meta_gradients
+        >>> x = torch.randn(8, 3, dtype=torch.float64)
+        >>> loss = lambda p: torch.tanh(x @ p["w"]).pow(2).mean()
+        >>> out = meta_gradients(loss, loss, {"w": torch.ones(3, dtype=torch.float64)}, steps=3, lr=0.1,
+        ...                      estimators=[bo.Truncated(1), bo.Binomial(1)])
+        >>> [stats.hvp_count for _, stats in out.values()]
+        [1, 3]
+    """
+    for estimator in estimators:
+        check_estimator(estimator)
+    plans = {estimator: estimator.plan(steps) for estimator in estimators}
     step_size = step_sizes(lr, params)
     trajectory = run_sgd(inner_loss, params, step_size, steps)
     g = outer_gradient(outer_loss, trajectory.final)
     oracle = trajectory_hvp_oracle(inner_loss, trajectory.points, hvp, chunk_size)
-    with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
-        result = expand(plan, g, step_size, oracle, steps=steps)
-    check_finite(result)
-    if return_stats:
-        return result.meta_grad, make_stats(estimator, plan.levels, steps, result, trajectory)
-    return result.meta_grad
+    out = {}
+    for estimator, plan in plans.items():
+        with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
+            result = expand(plan, g, step_size, oracle, steps=steps)
+        check_finite(result)
+        out[estimator] = (result.meta_grad, make_stats(estimator, plan.levels, steps, result, trajectory))
+    return out
 
 
 def check_estimator(estimator: object) -> None:
