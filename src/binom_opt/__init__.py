@@ -6,11 +6,11 @@ One dial, the estimator, goes from first-order through truncated and binomial to
     >>> [type(e).__name__ for e in (bo.FirstOrder(), bo.Truncated(2), bo.Binomial(2), bo.Hybrid(1, 3), bo.Exact())]
     ['FirstOrder', 'Truncated', 'Binomial', 'Hybrid', 'Exact']
 
-See :class:`MetaGradientEngine` for models and :func:`binom_opt.functional.meta_gradient`
-for pure functions of dicts of tensors.
+See :class:`MetaGradientEngine` for models, :func:`binom_opt.functional.meta_gradient` for
+pure functions of dicts of tensors, and :mod:`binom_opt.bounds` for the paper's error bounds.
 """
 
-from . import functional
+from . import bounds, functional
 from .engine import Learner, MetaGradientEngine
 from .estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
 from .hvp import HVPBackendError
@@ -29,5 +29,6 @@ __all__ = [
     "MetaGradientEngine",
     "MetaGradientStats",
     "Truncated",
+    "bounds",
     "functional",
 ]
