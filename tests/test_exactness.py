@@ -18,6 +18,8 @@ import references as R
 from cases import CASES
 
 TOL = 1e-10
+# Several of these settings make the binomial series diverge on purpose: exactness still holds.
+pytestmark = pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning")
 
 
 def all_estimators(K):

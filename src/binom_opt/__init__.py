@@ -11,7 +11,7 @@ pure functions of dicts of tensors, and :mod:`binom_opt.bounds` for the paper's 
 """
 
 from . import bounds, functional
-from .engine import Learner, MetaGradientEngine
+from .engine import ExpansionDivergenceWarning, Learner, MetaGradientEngine
 from .estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
 from .hvp import HVPBackendError
 from .stats import MetaGradientStats
@@ -22,6 +22,7 @@ __all__ = [
     "Binomial",
     "Estimator",
     "Exact",
+    "ExpansionDivergenceWarning",
     "FirstOrder",
     "HVPBackendError",
     "Hybrid",

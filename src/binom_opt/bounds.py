@@ -30,6 +30,7 @@ import torch
 
 from .estimators import Binomial, Exact, FirstOrder, Truncated
 from .expansion import HVPOracle, expand
+from .hvp import trajectory_hvp_oracle
 
 __all__ = [
     "Bounds",
@@ -41,6 +42,7 @@ __all__ = [
     "matrix_hvp_oracle",
     "sample_hessians",
     "measured_errors",
+    "hessian_norms",
 ]
 
 Assumption = Literal["3.6", "3.8", "3.10"]
@@ -271,3 +273,42 @@ def measured_errors(hessians: Sequence[torch.Tensor], g: torch.Tensor, alpha: fl
     return Bounds(
         *(float((estimate(e) - exact).norm()) for e in (FirstOrder(), Truncated(L), Binomial(L)))
     )
+
+
+def hessian_norms(
+    loss_fn,
+    points,
+    *,
+    iters: int = 100,
+    generator: Optional[torch.Generator] = None,
+) -> List[float]:
+    """Spectral norms ``||H_k||`` of ``loss_fn``'s Hessian at each stacked point, by power iteration.
+
+    All points iterate together: one batched HVP call per iteration (the same oracle the
+    estimators use). Power iteration approaches each norm from below; ``iters`` bounds the work.
+    Use it to put a network's trajectory into the theorems, e.g.
+    ``theorem_3_6(K, L, lr, max(hessian_norms(...)), g_norm=...)``.
+
+    Args:
+        loss_fn: a scalar function of a dict of tensors (e.g. the support loss).
+        points: dict of tensors stacked along a leading step dimension (``Trajectory.points``).
+
+    >>> f = lambda p: (torch.tensor([3.0, -5.0]) * p["w"] ** 2).sum() / 2      # H = diag(3, -5)
+    >>> [round(n, 6) for n in hessian_norms(f, {"w": torch.zeros(2, 2)})]
+    [5.0, 5.0]
+    """
+    oracle = trajectory_hvp_oracle(loss_fn, points)
+    steps = range(next(iter(points.values())).shape[0])
+    v = {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in points.items()}
+
+    def per_point_norm(vectors):
+        return torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in vectors.values()))
+
+    norms = per_point_norm(v)
+    for _ in range(iters):
+        scale = norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        v = {n: t / scale.view(-1, *[1] * (t.dim() - 1)) for n, t in v.items()}
+        with torch.no_grad():
+            v = oracle(steps, v)
+        norms = per_point_norm(v)
+    return [float(n) for n in norms]

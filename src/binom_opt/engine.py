@@ -14,6 +14,7 @@ second-order factors, and ``L = K`` is exact).
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,7 +32,11 @@ from .trajectory import Trajectory, check_scalar_loss, run_sgd
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["MetaGradientEngine", "Learner"]
+__all__ = ["MetaGradientEngine", "Learner", "ExpansionDivergenceWarning"]
+
+
+class ExpansionDivergenceWarning(RuntimeWarning):
+    """The binomial series of a meta-gradient grows with the order (see ``MetaGradientStats.diverging``)."""
 
 
 class Learner:
@@ -114,6 +119,7 @@ class MetaGradientEngine:
         self.bn = bn
         self._batchnorms = tracking_batchnorms(model)
         self.last_stats: Optional[MetaGradientStats] = None
+        self._warned_divergence = False
 
     def adapt(self, closure: Callable[[Learner], torch.Tensor]) -> Learner:
         """Run the ``K`` inner SGD steps on ``closure(learner)`` and return the adapted learner.
@@ -139,6 +145,21 @@ class MetaGradientEngine:
         run = _AdaptationRun(self, support_loss, trajectory, step_size, meta_inputs)
         outputs = _Adaptation.apply(run, *initial.values(), *meta_inputs)
         return Learner(self.model, dict(zip(initial, outputs)), self._batchnorms)
+
+    def _record(self, stats: MetaGradientStats) -> None:
+        self.last_stats = stats
+        if stats.diverging and not self._warned_divergence:
+            self._warned_divergence = True
+            norms = ", ".join(f"{n:.3g}" for n in [stats.g_norm, *stats.contributions])
+            warnings.warn(
+                f"{stats.estimator!r}: the binomial series is diverging, its terms of order 0..{stats.levels} "
+                f"have norms [{norms}], growing instead of shrinking (inner lr * ||Hessian|| is too large for "
+                "this expansion, so the estimate can be far from the exact meta-gradient). Consider "
+                "hessian_scale='paper', a smaller L, Truncated(L), or a smaller inner learning rate. "
+                "Shown once per engine; engine.last_stats.diverging tells for each meta-gradient.",
+                ExpansionDivergenceWarning,
+                stacklevel=4,
+            )
 
     def meta_backward(self, outer_loss: torch.Tensor) -> None:
         """Accumulate the meta-gradient of ``outer_loss`` into ``.grad``, like ``outer_loss.backward()``."""
@@ -167,7 +188,7 @@ class _AdaptationRun:
         result = expand(plan, g, self.step_size, oracle, steps=engine.steps, with_adjoints=bool(self.meta_inputs))
         check_finite(result)
         meta_grads = self._meta_input_gradients(result.adjoints, plan.hessian_scale)
-        engine.last_stats = make_stats(engine.estimator, plan.levels, engine.steps, result, self.trajectory)
+        engine._record(make_stats(engine.estimator, plan, engine.steps, g, result, self.trajectory))
         return result.meta_grad, meta_grads
 
     def _meta_input_gradients(self, adjoints: Dict[int, Tensors], scale: float) -> List[Optional[torch.Tensor]]:

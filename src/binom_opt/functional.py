@@ -13,7 +13,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .estimators import Binomial, Estimator
+from .estimators import Binomial, Estimator, ExpansionPlan
 from .expansion import ExpansionResult, expand
 from .hvp import trajectory_hvp_oracle
 from .stats import MetaGradientStats
@@ -114,7 +114,7 @@ def meta_gradients(
         with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
             result = expand(plan, g, step_size, oracle, steps=steps)
         check_finite(result)
-        out[estimator] = (result.meta_grad, make_stats(estimator, plan.levels, steps, result, trajectory))
+        out[estimator] = (result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory))
     return out
 
 
@@ -162,14 +162,16 @@ def check_finite(result: ExpansionResult) -> None:
 
 
 def make_stats(
-    estimator: Estimator, levels: int, steps: int, result: ExpansionResult, trajectory: Trajectory
+    estimator: Estimator, plan: ExpansionPlan, steps: int, g: Tensors, result: ExpansionResult, trajectory: Trajectory
 ) -> MetaGradientStats:
     return MetaGradientStats(
         estimator=estimator,
         steps=steps,
-        levels=levels,
+        levels=plan.levels,
         hvp_count=result.hvp_count,
         rounds=result.oracle_calls,
         contributions=list(result.contributions),
         inner_losses=list(trajectory.losses),
+        schedule=plan.schedule,
+        g_norm=float(torch.sqrt(sum(t.detach().double().pow(2).sum() for t in g.values()))),
     )

@@ -25,6 +25,8 @@ class MetaGradientStats:
             at that round, see :class:`binom_opt.expansion.ExpansionResult`). Entries that grow
             with ``l`` mean the expansion diverges (``alpha * ||H||`` too large for it).
         inner_losses: the support loss at each inner step.
+        schedule: ``"binomial"`` (batched rounds) or ``"sequential"`` (one HVP per round).
+        g_norm: the norm of the outer gradient ``g``, the order-0 term.
     """
 
     estimator: Estimator
@@ -34,3 +36,19 @@ class MetaGradientStats:
     rounds: int
     contributions: List[float] = field(default_factory=list)
     inner_losses: List[float] = field(default_factory=list)
+    schedule: str = "sequential"
+    g_norm: float = 0.0
+
+    @property
+    def diverging(self) -> bool:
+        """Whether the binomial series grows with the order instead of shrinking.
+
+        True when some order's norm exceeds the previous one's, starting from ``||g||``:
+        the dropped higher orders are then not small and the estimate can be far off
+        (``alpha * ||H||`` is too large for this expansion). Always False for the
+        sequential estimators, whose per-round norms measure single factors.
+        """
+        if self.schedule != "binomial":
+            return False
+        norms = [self.g_norm, *self.contributions]
+        return any(later > earlier for earlier, later in zip(norms, norms[1:]))

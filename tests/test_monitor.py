@@ -1,0 +1,67 @@
+"""The convergence monitor: diverging binomial series are flagged, healthy ones are not."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import binom_opt as bo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from fewshot.sine import sample_sine_tasks, sine_mlp, squared_error  # noqa: E402
+
+
+def quadratic_engine(lr, estimator, steps=5):
+    """Linear least squares: the Hessian is constant, 2 X^T X / n, with norm about 2 here."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    x = torch.randn(50, 3, dtype=torch.float64)
+    y = torch.randn(50, 1, dtype=torch.float64)
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=lr), steps=steps, estimator=estimator)
+    closure = lambda m: squared_error(m(x), y)
+    return engine, closure, lambda learner: squared_error(learner(x), 2 * y)
+
+
+def test_divergence_warns_once_with_the_numbers_and_the_remedies():
+    engine, closure, query = quadratic_engine(lr=0.6, estimator=bo.Binomial(3))
+    with pytest.warns(bo.ExpansionDivergenceWarning, match=r"order 0\.\.3.*hessian_scale='paper'.*smaller L.*Truncated"):
+        engine.meta_backward(query(engine.adapt(closure)))
+    assert engine.last_stats.diverging
+    growth = [engine.last_stats.g_norm, *engine.last_stats.contributions]
+    assert growth == sorted(growth)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bo.ExpansionDivergenceWarning)
+        engine.meta_backward(query(engine.adapt(closure)))  # once per engine
+    assert engine.last_stats.diverging
+
+
+def test_converging_series_do_not_warn():
+    engine, closure, query = quadratic_engine(lr=0.02, estimator=bo.Binomial(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bo.ExpansionDivergenceWarning)
+        engine.meta_backward(query(engine.adapt(closure)))
+    assert not engine.last_stats.diverging
+
+
+def test_sequential_estimators_never_flag():
+    engine, closure, query = quadratic_engine(lr=0.6, estimator=bo.Truncated(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bo.ExpansionDivergenceWarning)
+        engine.meta_backward(query(engine.adapt(closure)))
+    assert not engine.last_stats.diverging
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 4])
+def test_no_warning_on_the_sine_task_at_small_inner_lr(L):
+    batch = sample_sine_tasks(10, torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = sine_mlp(seed=0, dtype=torch.float64)
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.001), steps=5, estimator=bo.Binomial(L))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bo.ExpansionDivergenceWarning)
+        for t in range(len(batch)):
+            learner = engine.adapt(lambda m: squared_error(m(batch.x_support[t]), batch.y_support[t]))
+            engine.meta_backward(squared_error(learner(batch.x_query[t]), batch.y_query[t]))
+            assert not engine.last_stats.diverging
