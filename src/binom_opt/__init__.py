@@ -11,7 +11,8 @@ pure functions of dicts of tensors, and :mod:`binom_opt.bounds` for the paper's 
 """
 
 from . import bounds, functional
-from .engine import ExpansionDivergenceWarning, Learner, MetaGradientEngine
+from .adaptation import Learner
+from .engine import ExpansionDivergenceWarning, MetaGradientEngine
 from .estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
 from .hvp import HVPBackendError
 from .stats import MetaGradientStats

@@ -17,7 +17,7 @@ many run at once).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -25,7 +25,7 @@ from torch.func import grad, jvp, vjp, vmap
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
 
-__all__ = ["HVP_MODES", "HVPBackendError", "resolve_hvp_mode", "hvp_function", "trajectory_hvp_oracle"]
+__all__ = ["HVP_MODES", "HVPBackendError", "resolve_hvp_mode", "hvp_function", "trajectory_hvp_oracle", "check_chunk_size"]
 
 HVP_MODES = ("auto", "rev", "fwd")
 
@@ -68,7 +68,7 @@ def hvp_function(loss_fn: LossFn, mode: str) -> Callable[[Tensors, Tensors], Ten
 
 
 def trajectory_hvp_oracle(
-    loss_fn: LossFn,
+    loss_fn: Union[LossFn, Sequence[LossFn]],
     points: Tensors,
     mode: str = "auto",
     chunk_size: Optional[int] = None,
@@ -77,25 +77,44 @@ def trajectory_hvp_oracle(
     """An oracle for :func:`binom_opt.expansion.expand` over recorded trajectory points.
 
     Args:
-        loss_fn: the inner (support) loss as a pure function of a dict of parameters.
+        loss_fn: the inner (support) loss as a pure function of a dict of parameters, or one
+            such function per step (when the steps used different closures). Steps that share
+            a function are vmapped together.
         points: the trajectory, each entry stacked along a leading step dimension.
         mode: HVP backend, see the module docstring.
         chunk_size: passed to ``torch.func.vmap``; ``None`` computes a round's HVPs at once.
         randomness: passed to ``torch.func.vmap`` (``"error"``, ``"same"`` or ``"different"``).
     """
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
+    check_chunk_size(chunk_size)
     mode = resolve_hvp_mode(mode)
-    single = hvp_function(loss_fn, mode)
-    batched = vmap(single, chunk_size=chunk_size, randomness=randomness)
+    steps_total = next(iter(points.values())).shape[0]
+    per_step = list(loss_fn) if isinstance(loss_fn, Sequence) else [loss_fn] * steps_total
+    singles: Dict[int, Callable] = {}
+    batched: Dict[int, Callable] = {}
+    for fn in per_step:
+        if id(fn) not in singles:
+            singles[id(fn)] = hvp_function(fn, mode)
+            batched[id(fn)] = vmap(singles[id(fn)], chunk_size=chunk_size, randomness=randomness)
+
+    def run(fn_id: int, lo: int, hi: int, vectors: Tensors) -> Tensors:
+        at = {n: t[lo:hi] for n, t in points.items()}
+        if hi - lo == 1:  # a single HVP needs no vmap
+            one = singles[fn_id]({n: t[0] for n, t in at.items()}, {n: t[0] for n, t in vectors.items()})
+            return {n: t.unsqueeze(0) for n, t in one.items()}
+        return batched[fn_id](at, vectors)
 
     def oracle(steps: range, vectors: Tensors) -> Tensors:
-        at = {n: t[steps.start : steps.stop] for n, t in points.items()}
+        # Runs of consecutive steps with the same loss function: one vmapped call each.
+        runs, start = [], steps.start
+        for j in range(steps.start + 1, steps.stop + 1):
+            if j == steps.stop or per_step[j] is not per_step[start]:
+                runs.append((start, j))
+                start = j
         try:
-            if len(steps) == 1:  # a single HVP needs no vmap
-                one = single({n: t[0] for n, t in at.items()}, {n: t[0] for n, t in vectors.items()})
-                return {n: t.unsqueeze(0) for n, t in one.items()}
-            return batched(at, vectors)
+            parts = [
+                run(id(per_step[lo]), lo, hi, {n: t[lo - steps.start : hi - steps.start] for n, t in vectors.items()})
+                for lo, hi in runs
+            ]
         except RuntimeError as error:
             if mode == "fwd" and "ZeroTensors are immutable" in str(error):
                 raise HVPBackendError(
@@ -104,5 +123,11 @@ def trajectory_hvp_oracle(
                     "Use hvp='rev' or hvp='auto'."
                 ) from error
             raise
+        return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
     return oracle
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")

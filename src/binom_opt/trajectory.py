@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 Tensors = Dict[str, torch.Tensor]
 StepSize = Mapping[str, Union[float, torch.Tensor]]
 
-__all__ = ["Trajectory", "run_sgd", "check_scalar_loss"]
+__all__ = ["Trajectory", "run_sgd", "gradient_at", "sgd_update", "stack_points", "check_scalar_loss"]
 
 
 @dataclass
@@ -48,56 +48,78 @@ def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
     return loss
 
 
+def gradient_at(
+    loss_fn: Callable[[Tensors], torch.Tensor],
+    phi: Mapping[str, torch.Tensor],
+    *,
+    step: int,
+    allow_unused: bool = False,
+    inspect: Optional[Callable[[torch.Tensor, Tensors], None]] = None,
+) -> Tuple[Tensors, float]:
+    """``(grad loss_fn(phi), loss value)`` with the graph dropped, after checking the loss.
+
+    ``inspect(loss, leaves)`` sees the loss while its graph is alive (the engine finds the other
+    tensors the loss depends on that way). Unused entries get a zero gradient when
+    ``allow_unused``, else a clear error.
+
+    Raises:
+        ValueError: the loss does not depend on (some of) ``phi``.
+        FloatingPointError: the loss is NaN or Inf (naming ``step``).
+    """
+    with torch.enable_grad():
+        leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
+        loss = check_scalar_loss(loss_fn(leaves), "The inner-loss closure")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"The inner loss is {value} at inner step {step}: the inner loop diverged or the data "
+                "holds NaN/Inf. Lower the inner learning rate or check the support set."
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "The inner loss does not depend on the adapted parameters (it has no autograd graph): "
+                "the closure must compute the loss from the learner it is given."
+            )
+        if inspect is not None:
+            inspect(loss, leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    unused = [n for n, g in zip(leaves, grads) if g is None]
+    if unused and not allow_unused:
+        raise ValueError(
+            f"The inner loss does not depend on the adapted parameter(s) {unused}. Adapt only parameters "
+            "the support loss uses (leave the others out of the inner optimizer), or allow_unused=True."
+        )
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}, value
+
+
+def sgd_update(phi: Tensors, grads: Tensors, step_size: StepSize) -> Tensors:
+    """``phi - a * grads``, outside any autograd graph."""
+    with torch.no_grad():
+        return {n: phi[n] - step_size[n] * grads[n] for n in phi}
+
+
 def run_sgd(
     loss_fn: Callable[[Tensors], torch.Tensor],
     params: Mapping[str, torch.Tensor],
     step_size: StepSize,
     steps: int,
-    *,
-    inspect_first_loss: Optional[Callable[[torch.Tensor, Tensors], None]] = None,
 ) -> Trajectory:
     """Run ``phi_{k+1} = phi_k - a * grad loss_fn(phi_k)`` for ``steps`` steps from ``params``.
 
     Each step differentiates the loss once and drops its graph, so memory does not grow with
-    ``steps``. ``inspect_first_loss(loss, point)`` sees the first loss while its graph is alive,
-    with the leaves it was computed from (the engine uses it to find the other tensors the loss
-    depends on).
-
-    Raises:
-        ValueError: the loss does not depend on some of the parameters.
-        FloatingPointError: the inner loss became NaN or Inf (with the step where it did).
+    ``steps``. Errors as in :func:`gradient_at`.
     """
     phi = {n: p.detach() for n, p in params.items()}
     recorded: List[Tensors] = []
     losses: List[float] = []
-    with torch.enable_grad():
-        for k in range(steps):
-            leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
-            loss = check_scalar_loss(loss_fn(leaves), "The inner-loss closure")
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"The inner loss is {value} at inner step {k} of {steps}: the inner loop diverged "
-                    "or the data holds NaN/Inf. Lower the inner learning rate or check the support set."
-                )
-            if k == 0:
-                if not loss.requires_grad:
-                    raise ValueError(
-                        "The inner loss does not depend on the adapted parameters (it has no autograd "
-                        "graph): the closure must compute the loss from the learner it is given."
-                    )
-                if inspect_first_loss is not None:
-                    inspect_first_loss(loss, leaves)
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            unused = [n for n, g in zip(leaves, grads) if g is None]
-            if unused:
-                raise ValueError(
-                    f"The inner loss does not depend on the adapted parameter(s) {unused}. Adapt only "
-                    "parameters the support loss uses (leave the others out of the inner optimizer)."
-                )
-            recorded.append(phi)
-            losses.append(value)
-            with torch.no_grad():
-                phi = {n: phi[n] - step_size[n] * g for n, g in zip(leaves, grads)}
-    points = {n: torch.stack([p[n] for p in recorded]) for n in phi}
-    return Trajectory(points=points, final=phi, losses=losses)
+    for k in range(steps):
+        grads, value = gradient_at(loss_fn, phi, step=k)
+        recorded.append(phi)
+        losses.append(value)
+        phi = sgd_update(phi, grads, step_size)
+    return Trajectory(points=stack_points(recorded), final=phi, losses=losses)
+
+
+def stack_points(points: List[Tensors]) -> Tensors:
+    """A list of dicts (one per step) as one dict of tensors with a leading step dimension."""
+    return {n: torch.stack([p[n] for p in points]) for n in points[0]}

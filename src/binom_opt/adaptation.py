@@ -1,0 +1,300 @@
+"""One task's inner loop on an ``nn.Module``, recorded step by step, and the autograd node that
+turns it into differentiable adapted parameters.
+
+Every object-shaped entry point (``MetaGradientEngine``, ``MAML``, ``innerloop_ctx``) is a thin
+shell over :class:`InnerLoop`: ``step(closure)`` takes one graph-free SGD step and records the
+point and the closure; ``params()`` returns the adapted parameters as outputs of a custom
+``torch.autograd.Function`` whose backward applies the estimator to the steps recorded so far.
+
+Tensors other than the adapted parameters that the support loss depends on (a frozen body in
+ANIL, a shared embedding) are found by walking the loss's autograd graph and are inputs of the
+node as well. Their meta-gradient through the inner loop is
+``sum_k -a d^2 l/(d phi d c)(phi_k) lambda_{k+1}``, with the adjoints ``lambda_{k+1}`` taken from
+the same expansion at one Hessian factor less, so each kept term has at most ``L``
+second-order factors and ``L = K`` is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.func import functional_call
+
+from .batchnorm import tracking_batchnorms, transductive_batchnorm
+from .estimators import Estimator
+from .expansion import expand
+from .functional import check_finite, make_stats, step_sizes
+from .hvp import trajectory_hvp_oracle
+from .stats import MetaGradientStats
+from .trajectory import Trajectory, gradient_at, sgd_update, stack_points
+
+Tensors = Dict[str, torch.Tensor]
+
+__all__ = ["Learner", "AdaptationSettings", "InnerLoop", "sgd_adapted_names", "sgd_step_sizes"]
+
+
+class Learner:
+    """The model at a given point of the inner loop, callable like the model.
+
+    ``learner(x)`` is ``torch.func.functional_call(model, params, x)``: the adapted parameters
+    come from ``params``, every other parameter and buffer from the model itself.
+
+    Attributes:
+        params: the adapted parameters at this point, by name.
+        module: the underlying model.
+    """
+
+    def __init__(self, module: nn.Module, params: Tensors, batchnorms: Sequence[nn.Module]):
+        self.module = module
+        self.params = params
+        self._batchnorms = list(batchnorms)
+
+    def __call__(self, *args, **kwargs):
+        with transductive_batchnorm(self._batchnorms):
+            return functional_call(self.module, self.params, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"Learner({type(self.module).__name__}, adapted={list(self.params)})"
+
+
+@dataclass
+class AdaptationSettings:
+    """What stays fixed across the tasks adapted with one model.
+
+    Attributes:
+        model: the model whose parameters are meta-learned.
+        adapted: names of the parameters that take inner steps.
+        estimator: the meta-gradient estimator.
+        hvp, chunk_size: HVP backend and batching bound (see :mod:`binom_opt.hvp`).
+        steps: the number of inner steps every adaptation must take (``None``: any number).
+        allow_unused: adapted parameters the support loss does not use get zero gradients
+            instead of an error.
+        on_stats: called with the :class:`MetaGradientStats` of every meta-gradient.
+    """
+
+    model: nn.Module
+    adapted: List[str]
+    estimator: Estimator
+    hvp: str = "auto"
+    chunk_size: Optional[int] = None
+    steps: Optional[int] = None
+    allow_unused: bool = False
+    on_stats: Optional[Callable[[MetaGradientStats], None]] = None
+    batchnorms: List[nn.Module] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batchnorms = tracking_batchnorms(self.model)
+
+
+class InnerLoop:
+    """One task's inner loop, recorded so that its meta-gradient can be estimated later.
+
+    Args:
+        settings: the shared :class:`AdaptationSettings`.
+        step_size: inner learning rate per adapted parameter name.
+    """
+
+    def __init__(self, settings: AdaptationSettings, step_size: Dict[str, float]):
+        params = dict(settings.model.named_parameters())
+        self.settings = settings
+        self.step_size = step_size
+        self._initial = {n: params[n] for n in settings.adapted}
+        self._phi = {n: p.detach() for n, p in self._initial.items()}
+        self._points: List[Tensors] = []
+        self._loss_fns: List[Callable] = []
+        self._losses: List[float] = []
+        self._closures: Dict[int, Tuple[Callable, Callable]] = {}  # id -> (closure, loss_fn)
+        self._meta_inputs: Dict[int, torch.Tensor] = {}
+        self._sealed: Optional[Tensors] = None
+        self.finished = False  # set once a meta-gradient went through this loop
+
+    @property
+    def steps_taken(self) -> int:
+        return len(self._points)
+
+    def step(self, closure: Callable[[Learner], torch.Tensor]) -> None:
+        """One SGD step on ``closure(learner)``; records the point and the closure, keeps no graph."""
+        if self.finished:
+            raise RuntimeError(
+                "This adaptation's meta-gradient was already computed (backward ran through it): "
+                "adapting it further would count its steps twice. Start a new one for the next task "
+                "(maml.clone(), a new innerloop_ctx, or engine.adapt)."
+            )
+        if isinstance(closure, torch.Tensor) or not callable(closure):
+            raise TypeError(
+                "Pass a closure learner -> support loss, e.g. lambda m: F.cross_entropy(m(x), y), not "
+                f"{type(closure).__name__}: binom_opt replays the support loss at recorded points to take "
+                "Hessian-vector products after the inner loop, so it needs the function, not one value."
+            )
+        known = self._closures.get(id(closure))
+        if known is None:
+            loss_fn = _support_loss(self.settings, closure)
+            self._closures[id(closure)] = (closure, loss_fn)
+        else:
+            loss_fn = known[1]
+
+        def find_meta_inputs(loss: torch.Tensor, leaves: Tensors) -> None:
+            for t in _leaves_requiring_grad(loss, exclude={id(v) for v in leaves.values()}):
+                self._meta_inputs.setdefault(id(t), t)
+
+        grads, value = gradient_at(
+            loss_fn,
+            self._phi,
+            step=self.steps_taken,
+            allow_unused=self.settings.allow_unused,
+            inspect=find_meta_inputs if known is None else None,
+        )
+        self._points.append(self._phi)
+        self._loss_fns.append(loss_fn)
+        self._losses.append(value)
+        self._phi = sgd_update(self._phi, grads, self.step_size)
+        self._sealed = None
+
+    def params(self) -> Tensors:
+        """The adapted parameters after the steps so far, differentiable with respect to the meta-parameters."""
+        if not self._points:
+            return dict(self._initial)
+        if self._sealed is None:
+            record = _Record(
+                loop=self,
+                trajectory=Trajectory(stack_points(self._points), dict(self._phi), list(self._losses)),
+                loss_fns=list(self._loss_fns),
+                meta_inputs=list(self._meta_inputs.values()),
+            )
+            outputs = _Adaptation.apply(record, *self._initial.values(), *record.meta_inputs)
+            self._sealed = dict(zip(self._initial, outputs))
+        return self._sealed
+
+    def learner(self) -> Learner:
+        return Learner(self.settings.model, self.params(), self.settings.batchnorms)
+
+
+def _support_loss(settings: AdaptationSettings, closure: Callable) -> Callable[[Tensors], torch.Tensor]:
+    def support_loss(point: Tensors) -> torch.Tensor:
+        return closure(Learner(settings.model, point, settings.batchnorms))
+
+    return support_loss
+
+
+@dataclass
+class _Record:
+    """A snapshot of an inner loop: what one meta-gradient needs."""
+
+    loop: InnerLoop
+    trajectory: Trajectory
+    loss_fns: List[Callable]
+    meta_inputs: List[torch.Tensor]
+
+    def backward(self, g: Tensors) -> Tuple[Tensors, List[Optional[torch.Tensor]]]:
+        settings, steps = self.loop.settings, self.trajectory.steps
+        if settings.steps is not None and steps != settings.steps:
+            raise ValueError(
+                f"This learner was adapted {steps} time(s) but steps={settings.steps} was set: call adapt "
+                f"exactly {settings.steps} times before computing the query loss (or leave steps=None)."
+            )
+        plan = settings.estimator.plan(steps)
+        oracle = trajectory_hvp_oracle(self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size)
+        result = expand(plan, g, self.loop.step_size, oracle, steps=steps, with_adjoints=bool(self.meta_inputs))
+        check_finite(result)
+        meta_grads = self._meta_input_gradients(result.adjoints, plan.hessian_scale)
+        self.loop.finished = True
+        if settings.on_stats is not None:
+            settings.on_stats(make_stats(settings.estimator, plan, steps, g, result, self.trajectory))
+        return result.meta_grad, meta_grads
+
+    def _meta_input_gradients(self, adjoints: Dict[int, Tensors], scale: float) -> List[Optional[torch.Tensor]]:
+        """``sum_k -a d/dc <grad_phi l(phi_k, c), lambda_{k+1}>`` for the kept steps ``k``."""
+        totals: List[Optional[torch.Tensor]] = [None] * len(self.meta_inputs)
+        step_size = self.loop.step_size
+        with torch.enable_grad():
+            for k, adjoint in adjoints.items():
+                point = {n: t[k].detach().requires_grad_(True) for n, t in self.trajectory.points.items()}
+                loss = self.loss_fns[k](point)
+                grads = torch.autograd.grad(loss, list(point.values()), create_graph=True, allow_unused=True)
+                inner = sum(
+                    (g * (step_size[n] * scale * adjoint[n])).sum() for n, g in zip(point, grads) if g is not None
+                )
+                # retain_graph: the support loss may reuse a graph built outside the closure
+                # (features computed once per task), which later steps differentiate again.
+                mixed = torch.autograd.grad(-inner, self.meta_inputs, allow_unused=True, retain_graph=True)
+                totals = [t if m is None else (m if t is None else t + m) for t, m in zip(totals, mixed)]
+        return totals
+
+
+class _Adaptation(torch.autograd.Function):
+    """Node ``(phi_0, meta inputs) -> phi_K`` whose backward is the estimator."""
+
+    @staticmethod
+    def forward(ctx, record: _Record, *inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        ctx.record = record
+        return tuple(t.clone() for t in record.trajectory.final.values())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs: Optional[torch.Tensor]):
+        record: _Record = ctx.record
+        final = record.trajectory.final
+        g = {n: torch.zeros_like(t) if go is None else go for (n, t), go in zip(final.items(), grad_outputs)}
+        meta_grad, meta_input_grads = record.backward(g)
+        return (None, *meta_grad.values(), *meta_input_grads)
+
+
+def sgd_adapted_names(model: nn.Module, inner_opt: torch.optim.Optimizer) -> List[str]:
+    """Names in ``model`` of the parameters ``inner_opt`` adapts, after checking the optimizer."""
+    if type(inner_opt) is not torch.optim.SGD:
+        raise TypeError(
+            f"inner_opt must be a torch.optim.SGD over the parameters that adapt; got "
+            f"{type(inner_opt).__name__}. Other inner optimizers are not supported yet."
+        )
+    names = {id(p): n for n, p in model.named_parameters()}
+    adapted: List[str] = []
+    for group in inner_opt.param_groups:
+        unsupported = {key: group[key] for key in ("momentum", "weight_decay", "dampening") if group.get(key, 0) != 0}
+        unsupported.update({key: True for key in ("nesterov", "maximize") if group.get(key, False)})
+        if unsupported:
+            raise ValueError(
+                f"inner_opt uses {unsupported}; only plain SGD (lr only) is supported yet. "
+                "Build the inner optimizer as torch.optim.SGD(params, lr=...)."
+            )
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError(
+                    f"inner_opt holds a parameter of shape {tuple(p.shape)} that is not a parameter of "
+                    "the model: build inner_opt over (a subset of) model.parameters()."
+                )
+            if not p.requires_grad:
+                raise ValueError(
+                    f"Parameter {names[id(p)]!r} is in inner_opt but has requires_grad=False: "
+                    "it cannot adapt. Remove it from inner_opt or set requires_grad=True."
+                )
+            adapted.append(names[id(p)])
+    if not adapted:
+        raise ValueError("inner_opt holds no parameters: give it the parameters that adapt in the inner loop.")
+    return adapted
+
+
+def sgd_step_sizes(inner_opt: torch.optim.Optimizer, model: nn.Module) -> Dict[str, float]:
+    """The learning rate of each adapted parameter's group, read now (so schedulers apply)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr = {names[id(p)]: group["lr"] for group in inner_opt.param_groups for p in group["params"]}
+    return step_sizes(lr, lr)
+
+
+def _leaves_requiring_grad(loss: torch.Tensor, exclude: set) -> List[torch.Tensor]:
+    """The leaf tensors requiring grad that ``loss`` depends on, except those in ``exclude`` (ids)."""
+    found: List[torch.Tensor] = []
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in exclude:
+            found.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
