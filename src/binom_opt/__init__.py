@@ -15,6 +15,8 @@ from .adaptation import Learner
 from .engine import ExpansionDivergenceWarning, MetaGradientEngine
 from .estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
 from .hvp import HVPBackendError
+from .innerloop import innerloop_ctx
+from .maml import MAML
 from .stats import MetaGradientStats
 
 __version__ = "0.1.0"
@@ -28,9 +30,11 @@ __all__ = [
     "HVPBackendError",
     "Hybrid",
     "Learner",
+    "MAML",
     "MetaGradientEngine",
     "MetaGradientStats",
     "Truncated",
     "bounds",
     "functional",
+    "innerloop_ctx",
 ]

@@ -30,7 +30,7 @@ from .expansion import expand
 from .functional import check_finite, make_stats, step_sizes
 from .hvp import trajectory_hvp_oracle
 from .stats import MetaGradientStats
-from .trajectory import Trajectory, gradient_at, sgd_update, stack_points
+from .trajectory import Trajectory, check_replay, gradient_at, sgd_update, stack_points
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -197,6 +197,8 @@ class _Record:
                 f"exactly {settings.steps} times before computing the query loss (or leave steps=None)."
             )
         plan = settings.estimator.plan(steps)
+        if plan.levels > 0:
+            check_replay(self.loss_fns, self.trajectory)
         oracle = trajectory_hvp_oracle(self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size)
         result = expand(plan, g, self.loop.step_size, oracle, steps=steps, with_adjoints=bool(self.meta_inputs))
         check_finite(result)

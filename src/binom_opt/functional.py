@@ -17,7 +17,7 @@ from .estimators import Binomial, Estimator, ExpansionPlan
 from .expansion import ExpansionResult, expand
 from .hvp import trajectory_hvp_oracle
 from .stats import MetaGradientStats
-from .trajectory import Trajectory, check_scalar_loss, run_sgd
+from .trajectory import Trajectory, check_replay, check_scalar_loss, run_sgd
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
@@ -108,6 +108,7 @@ def meta_gradients(
     step_size = step_sizes(lr, params)
     trajectory = run_sgd(inner_loss, params, step_size, steps)
     g = outer_gradient(outer_loss, trajectory.final)
+    check_replay([inner_loss] * steps, trajectory)
     oracle = trajectory_hvp_oracle(inner_loss, trajectory.points, hvp, chunk_size)
     out = {}
     for estimator, plan in plans.items():

@@ -11,7 +11,7 @@ import torch
 Tensors = Dict[str, torch.Tensor]
 StepSize = Mapping[str, Union[float, torch.Tensor]]
 
-__all__ = ["Trajectory", "run_sgd", "gradient_at", "sgd_update", "stack_points", "check_scalar_loss"]
+__all__ = ["Trajectory", "run_sgd", "check_replay", "gradient_at", "sgd_update", "stack_points", "check_scalar_loss"]
 
 
 @dataclass
@@ -123,3 +123,27 @@ def run_sgd(
 def stack_points(points: List[Tensors]) -> Tensors:
     """A list of dicts (one per step) as one dict of tensors with a leading step dimension."""
     return {n: torch.stack([p[n] for p in points]) for n in points[0]}
+
+
+def check_replay(loss_fns: List[Callable[[Tensors], torch.Tensor]], trajectory: Trajectory) -> None:
+    """Raise if a support loss replayed now differs from the value it had during the inner loop.
+
+    The estimators replay the support loss at recorded points; a closure that reads a variable
+    that has changed since (a loop variable captured by a lambda, a later batch) would silently
+    differentiate another loss. One forward per distinct loss function catches that.
+    """
+    checked = set()
+    with torch.no_grad():
+        for k, fn in enumerate(loss_fns):
+            if id(fn) in checked:
+                continue
+            checked.add(id(fn))
+            recorded = trajectory.losses[k]
+            now = float(fn({n: t[k] for n, t in trajectory.points.items()}))
+            if not math.isclose(now, recorded, rel_tol=1e-5, abs_tol=1e-7):
+                raise RuntimeError(
+                    f"The support loss replayed for the meta-gradient is {now!r}, but it was {recorded!r} at inner "
+                    f"step {k}: the closure is not a pure function of the learner. It probably reads a variable that "
+                    "changed after the inner loop, such as a loop variable captured by a lambda; bind the data "
+                    "when you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)."
+                )

@@ -1,0 +1,124 @@
+"""higher-style drop-in: ``with bo.innerloop_ctx(model, inner_opt) as (fmodel, diffopt)``.
+
+A higher loop switches to the binomial meta-gradient by changing two lines: the context
+manager and the step call, which takes a closure instead of a loss tensor::
+
+    with bo.innerloop_ctx(model, inner_opt, estimator=bo.Binomial(2)) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(lambda m: F.cross_entropy(m(x_s), y_s))  # was diffopt.step(F.cross_entropy(fmodel(x_s), y_s))
+        F.cross_entropy(fmodel(x_q), y_q).backward()
+
+Differences from higher, on purpose:
+
+* ``copy_initial_weights``: higher defaults to ``True``, which detaches the initial weights so
+  that no meta-gradient reaches ``model`` (a common MAML bug). Here the meta-gradient always
+  reaches ``model``'s parameters, which is what ``copy_initial_weights=False`` does in higher;
+  passing ``True`` is an error that says so.
+* ``diffopt.step`` takes a closure ``fmodel -> loss`` (the estimator replays it at recorded
+  points); a loss tensor is a clear error.
+* ``track_higher_grads=False`` (evaluation) takes plain steps with no meta-gradient at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .adaptation import AdaptationSettings, InnerLoop, Learner, sgd_adapted_names, sgd_step_sizes
+from .engine import DivergenceMonitor
+from .estimators import Binomial, Estimator, FirstOrder
+from .functional import check_estimator
+from .hvp import check_chunk_size, resolve_hvp_mode
+
+__all__ = ["innerloop_ctx", "FunctionalModel", "DifferentiableOptimizer"]
+
+
+class FunctionalModel:
+    """The model at the current inner step (higher's ``fmodel``); callable like the model."""
+
+    def __init__(self, loop: InnerLoop, track_higher_grads: bool):
+        self._loop = loop
+        self._track = track_higher_grads
+
+    def __call__(self, *args, **kwargs):
+        learner = self._loop.learner()
+        if not self._track:
+            learner = Learner(learner.module, {n: t.detach() for n, t in learner.params.items()}, learner._batchnorms)
+        return learner(*args, **kwargs)
+
+    @property
+    def params(self):
+        """The adapted parameters after the steps so far, by name."""
+        return self._loop.params()
+
+
+class DifferentiableOptimizer:
+    """higher's ``diffopt``: ``step(closure)`` takes one recorded inner step."""
+
+    def __init__(self, loop: InnerLoop):
+        self._loop = loop
+
+    def step(self, closure: Callable[[Learner], torch.Tensor]) -> None:
+        """One inner SGD step on ``closure(fmodel)``, the support loss as a function of the model."""
+        self._loop.step(closure)
+
+
+@contextlib.contextmanager
+def innerloop_ctx(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    *,
+    estimator: Estimator = Binomial(1),
+    steps: Optional[int] = None,
+    copy_initial_weights: bool = False,
+    track_higher_grads: bool = True,
+    hvp: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
+    """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
+
+    Args:
+        model: the model; the outer loss's ``backward()`` puts the meta-gradient on its parameters.
+        opt: a ``torch.optim.SGD`` over the parameters that adapt (learning rate per group).
+        estimator: the meta-gradient estimator (default ``Binomial(1)``).
+        steps: if set, the number of ``diffopt.step`` calls required before backward.
+        copy_initial_weights: must be ``False`` (see the module docstring).
+        track_higher_grads: ``False`` for evaluation: plain steps, no meta-gradient.
+        hvp, chunk_size: HVP backend and batching bound.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, binom_opt as bo
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(6, 4), torch.arange(6) % 3
+        >>> with bo.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        ...     for _ in range(3):
+        ...         diffopt.step(lambda m: F.cross_entropy(m(x), y))
+        ...     F.cross_entropy(fmodel(x), y).backward()
+        >>> model.weight.grad.shape
+        torch.Size([3, 4])
+    """
+    if copy_initial_weights:
+        raise ValueError(
+            "copy_initial_weights=True would detach the initial weights so that no meta-gradient reaches "
+            "the model (higher's default, and a common MAML bug). binom_opt always meta-learns the model's "
+            "parameters: drop the argument or pass copy_initial_weights=False."
+        )
+    check_estimator(estimator)
+    if steps is not None:
+        estimator.plan(steps)
+    resolve_hvp_mode(hvp)
+    check_chunk_size(chunk_size)
+    settings = AdaptationSettings(
+        model,
+        sgd_adapted_names(model, opt),
+        estimator if track_higher_grads else FirstOrder(),
+        hvp=hvp,
+        chunk_size=chunk_size,
+        steps=steps,
+        on_stats=DivergenceMonitor(),
+    )
+    loop = InnerLoop(settings, sgd_step_sizes(opt, model))
+    yield FunctionalModel(loop, track_higher_grads), DifferentiableOptimizer(loop)
