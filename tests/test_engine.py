@@ -125,10 +125,17 @@ def test_bad_engine_options(options, error, message):
 def test_bad_inner_optimizers():
     case = mlp_sine()
     params = list(case.model.parameters())
-    with pytest.raises(TypeError, match="torch.optim.SGD.*Adam"):
-        bo.MetaGradientEngine(case.model, torch.optim.Adam(params, lr=0.1), steps=2)
-    with pytest.raises(ValueError, match="momentum"):
-        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1, momentum=0.9), steps=2)
+    with pytest.raises(TypeError, match="Unsupported inner optimizer RMSprop; supported: torch.optim.SGD.*Adam.*AdamW"):
+        bo.MetaGradientEngine(case.model, torch.optim.RMSprop(params, lr=0.1), steps=2)
+    with pytest.raises(ValueError, match="maximize=True"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1, maximize=True), steps=2)
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        bo.MetaGradientEngine(case.model, torch.optim.Adam(params, lr=0.1, amsgrad=True), steps=2)
+    with pytest.raises(ValueError, match="one learning rate per adapted parameter"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2, override={"lr": [0.1]})
+    with pytest.raises(ValueError, match="shape"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2,
+                              override={"lr": [torch.ones(2, 2)] * len(params)})
     with pytest.raises(ValueError, match="not a parameter of the model"):
         bo.MetaGradientEngine(case.model, torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1), steps=2)
     frozen = nn.Parameter(torch.zeros(2), requires_grad=False)

@@ -27,14 +27,15 @@ from torch.func import functional_call
 from .batchnorm import tracking_batchnorms, transductive_batchnorm
 from .estimators import Estimator
 from .expansion import expand
-from .functional import check_finite, make_stats, step_sizes
+from .functional import check_finite, make_stats
 from .hvp import trajectory_hvp_oracle
 from .stats import MetaGradientStats
-from .trajectory import Trajectory, check_replay, gradient_at, sgd_update, stack_points
+from .trajectory import Trajectory, check_replay, gradient_at, stack_points
+from .update_rules import Hyper, RuleAdjoint, UpdateRule
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["Learner", "AdaptationSettings", "InnerLoop", "sgd_adapted_names", "sgd_step_sizes"]
+__all__ = ["Learner", "AdaptationSettings", "InnerLoop"]
 
 
 class Learner:
@@ -95,15 +96,19 @@ class InnerLoop:
 
     Args:
         settings: the shared :class:`AdaptationSettings`.
-        step_size: inner learning rate per adapted parameter name.
+        rules: the update rule of each adapted parameter (see :mod:`binom_opt.update_rules`).
+        hyper: its hyperparameters (``{"lr": ...}``), tensors requiring grad being meta-parameters.
     """
 
-    def __init__(self, settings: AdaptationSettings, step_size: Dict[str, float]):
+    def __init__(self, settings: AdaptationSettings, rules: Dict[str, UpdateRule], hyper: Dict[str, Hyper]):
         params = dict(settings.model.named_parameters())
         self.settings = settings
-        self.step_size = step_size
+        self.rules = rules
+        self.hyper = hyper
         self._initial = {n: params[n] for n in settings.adapted}
         self._phi = {n: p.detach() for n, p in self._initial.items()}
+        self._state = {n: rules[n].init_state(p) for n, p in self._phi.items()}
+        self._records: List[Tuple[Tensors, Dict[str, Tensors], Tensors]] = []
         self._points: List[Tensors] = []
         self._loss_fns: List[Callable] = []
         self._losses: List[float] = []
@@ -148,10 +153,18 @@ class InnerLoop:
             allow_unused=self.settings.allow_unused,
             inspect=find_meta_inputs if known is None else None,
         )
+        self._records.append((self._phi, self._state, grads))
         self._points.append(self._phi)
         self._loss_fns.append(loss_fn)
         self._losses.append(value)
-        self._phi = sgd_update(self._phi, grads, self.step_size)
+        k = self.steps_taken - 1
+        with torch.no_grad():
+            updated = {
+                n: rule.update(k, self._phi[n], self._state[n], grads[n], _detached(self.hyper[n]))
+                for n, rule in self.rules.items()
+            }
+        self._phi = {n: new[0] for n, new in updated.items()}
+        self._state = {n: new[1] for n, new in updated.items()}
         self._sealed = None
 
     def params(self) -> Tensors:
@@ -164,8 +177,15 @@ class InnerLoop:
                 trajectory=Trajectory(stack_points(self._points), dict(self._phi), list(self._losses)),
                 loss_fns=list(self._loss_fns),
                 meta_inputs=list(self._meta_inputs.values()),
+                adjoint=RuleAdjoint(self.rules, self.hyper, list(self._records)),
+                hyper_inputs=[
+                    (n, h, v) for n, hs in self.hyper.items() for h, v in hs.items()
+                    if isinstance(v, torch.Tensor) and v.requires_grad
+                ],
             )
-            outputs = _Adaptation.apply(record, *self._initial.values(), *record.meta_inputs)
+            outputs = _Adaptation.apply(
+                record, *self._initial.values(), *record.meta_inputs, *(v for _, _, v in record.hyper_inputs)
+            )
             self._sealed = dict(zip(self._initial, outputs))
         return self._sealed
 
@@ -188,6 +208,8 @@ class _Record:
     trajectory: Trajectory
     loss_fns: List[Callable]
     meta_inputs: List[torch.Tensor]
+    adjoint: RuleAdjoint
+    hyper_inputs: List[Tuple[str, str, torch.Tensor]]
 
     def backward(self, g: Tensors) -> Tuple[Tensors, List[Optional[torch.Tensor]]]:
         settings, steps = self.loop.settings, self.trajectory.steps
@@ -200,9 +222,14 @@ class _Record:
         if plan.levels > 0:
             check_replay(self.loss_fns, self.trajectory)
         oracle = trajectory_hvp_oracle(self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size)
-        result = expand(plan, g, self.loop.step_size, oracle, steps=steps, with_adjoints=bool(self.meta_inputs))
+        step_size = {n: _detached(h)["lr"] for n, h in self.loop.hyper.items()}
+        result = expand(
+            plan, g, step_size, oracle, steps=steps, rule=self.adjoint,
+            with_adjoints=bool(self.meta_inputs), with_full_adjoints=bool(self.hyper_inputs),
+        )
         check_finite(result)
         meta_grads = self._meta_input_gradients(result.adjoints, plan.hessian_scale)
+        meta_grads += self._hyper_gradients(result.full_adjoints)
         self.loop.finished = True
         if settings.on_stats is not None:
             settings.on_stats(make_stats(settings.estimator, plan, steps, g, result, self.trajectory))
@@ -211,19 +238,26 @@ class _Record:
     def _meta_input_gradients(self, adjoints: Dict[int, Tensors], scale: float) -> List[Optional[torch.Tensor]]:
         """``sum_k -a d/dc <grad_phi l(phi_k, c), lambda_{k+1}>`` for the kept steps ``k``."""
         totals: List[Optional[torch.Tensor]] = [None] * len(self.meta_inputs)
-        step_size = self.loop.step_size
         with torch.enable_grad():
             for k, adjoint in adjoints.items():
+                through_grad = self.adjoint.vjp(k, adjoint)[1]  # B_k^T lambda_{k+1}: -lr lambda for SGD
                 point = {n: t[k].detach().requires_grad_(True) for n, t in self.trajectory.points.items()}
                 loss = self.loss_fns[k](point)
                 grads = torch.autograd.grad(loss, list(point.values()), create_graph=True, allow_unused=True)
-                inner = sum(
-                    (g * (step_size[n] * scale * adjoint[n])).sum() for n, g in zip(point, grads) if g is not None
-                )
+                inner = sum((g * (scale * through_grad[n])).sum() for n, g in zip(point, grads) if g is not None)
                 # retain_graph: the support loss may reuse a graph built outside the closure
                 # (features computed once per task), which later steps differentiate again.
-                mixed = torch.autograd.grad(-inner, self.meta_inputs, allow_unused=True, retain_graph=True)
+                mixed = torch.autograd.grad(inner, self.meta_inputs, allow_unused=True, retain_graph=True)
                 totals = [t if m is None else (m if t is None else t + m) for t, m in zip(totals, mixed)]
+        return totals
+
+
+    def _hyper_gradients(self, adjoints: Dict[int, Tensors]) -> List[torch.Tensor]:
+        """``sum_k (d step_k / d hyper)^T lambda_{k+1}`` (no Hessian factor, so at the full order)."""
+        totals = [torch.zeros_like(v) for _, _, v in self.hyper_inputs]
+        for k, adjoint in adjoints.items():
+            hyper_grads = self.adjoint.vjp(k, adjoint, with_hyper=True)[2]
+            totals = [t + hyper_grads[n][h] for t, (n, h, _) in zip(totals, self.hyper_inputs)]
         return totals
 
 
@@ -245,47 +279,6 @@ class _Adaptation(torch.autograd.Function):
         return (None, *meta_grad.values(), *meta_input_grads)
 
 
-def sgd_adapted_names(model: nn.Module, inner_opt: torch.optim.Optimizer) -> List[str]:
-    """Names in ``model`` of the parameters ``inner_opt`` adapts, after checking the optimizer."""
-    if type(inner_opt) is not torch.optim.SGD:
-        raise TypeError(
-            f"inner_opt must be a torch.optim.SGD over the parameters that adapt; got "
-            f"{type(inner_opt).__name__}. Other inner optimizers are not supported yet."
-        )
-    names = {id(p): n for n, p in model.named_parameters()}
-    adapted: List[str] = []
-    for group in inner_opt.param_groups:
-        unsupported = {key: group[key] for key in ("momentum", "weight_decay", "dampening") if group.get(key, 0) != 0}
-        unsupported.update({key: True for key in ("nesterov", "maximize") if group.get(key, False)})
-        if unsupported:
-            raise ValueError(
-                f"inner_opt uses {unsupported}; only plain SGD (lr only) is supported yet. "
-                "Build the inner optimizer as torch.optim.SGD(params, lr=...)."
-            )
-        for p in group["params"]:
-            if id(p) not in names:
-                raise ValueError(
-                    f"inner_opt holds a parameter of shape {tuple(p.shape)} that is not a parameter of "
-                    "the model: build inner_opt over (a subset of) model.parameters()."
-                )
-            if not p.requires_grad:
-                raise ValueError(
-                    f"Parameter {names[id(p)]!r} is in inner_opt but has requires_grad=False: "
-                    "it cannot adapt. Remove it from inner_opt or set requires_grad=True."
-                )
-            adapted.append(names[id(p)])
-    if not adapted:
-        raise ValueError("inner_opt holds no parameters: give it the parameters that adapt in the inner loop.")
-    return adapted
-
-
-def sgd_step_sizes(inner_opt: torch.optim.Optimizer, model: nn.Module) -> Dict[str, float]:
-    """The learning rate of each adapted parameter's group, read now (so schedulers apply)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    lr = {names[id(p)]: group["lr"] for group in inner_opt.param_groups for p in group["params"]}
-    return step_sizes(lr, lr)
-
-
 def _leaves_requiring_grad(loss: torch.Tensor, exclude: set) -> List[torch.Tensor]:
     """The leaf tensors requiring grad that ``loss`` depends on, except those in ``exclude`` (ids)."""
     found: List[torch.Tensor] = []
@@ -300,3 +293,7 @@ def _leaves_requiring_grad(loss: torch.Tensor, exclude: set) -> List[torch.Tenso
             found.append(variable)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
+
+
+def _detached(hyper: Hyper) -> Hyper:
+    return {h: v.detach() if isinstance(v, torch.Tensor) else v for h, v in hyper.items()}

@@ -10,12 +10,13 @@ composes with other loss terms.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .adaptation import AdaptationSettings, InnerLoop, Learner, sgd_adapted_names, sgd_step_sizes
+from .adaptation import AdaptationSettings, InnerLoop, Learner
+from .update_rules import rule_from_optimizer
 from .batchnorm import BN_POLICIES
 from .estimators import Binomial, Estimator, ExpansionPlan
 from .functional import check_estimator
@@ -58,15 +59,18 @@ class MetaGradientEngine:
 
     Args:
         model: the model whose initialisation (and other parameters) are meta-learned.
-        inner_opt: a ``torch.optim.SGD`` over the parameters that adapt in the inner loop (the
-            learning rate of each parameter group is honoured; momentum, weight decay, nesterov
-            and maximize are not supported yet). It is only read, never stepped.
+        inner_opt: the inner optimizer over the parameters that adapt: ``torch.optim.SGD`` (with
+            momentum, dampening, nesterov, weight decay), ``Adam`` or ``AdamW``; each group's
+            hyperparameters are honoured and read at every ``adapt``. It is never stepped.
         steps: ``K``, inner steps per adaptation.
         estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()``.
         hvp: ``"auto"`` (reverse-over-reverse), ``"rev"`` or ``"fwd"``.
         chunk_size: at most this many HVPs at once in a batched round (``None``: all).
         bn: BatchNorm policy, ``"transductive"``: batch statistics everywhere, running buffers
             untouched.
+        override: ``{"lr": [one per adapted parameter]}`` replaces the optimizer's learning rates,
+            as in ``higher``; tensors that require grad are meta-learned (Meta-SGD), scalar or
+            of the parameter's shape.
 
     Example:
         >>> import torch, torch.nn.functional as F, binom_opt as bo
@@ -89,6 +93,7 @@ class MetaGradientEngine:
         hvp: str = "auto",
         chunk_size: Optional[int] = None,
         bn: str = "transductive",
+        override: Optional[Mapping[str, Sequence]] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -98,7 +103,7 @@ class MetaGradientEngine:
         check_chunk_size(chunk_size)
         if bn not in BN_POLICIES:
             raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}.")
-        adapted = sgd_adapted_names(model, inner_opt)
+        adapted, _, _ = rule_from_optimizer(model, inner_opt, override)
         self.model = model
         self.inner_opt = inner_opt
         self.steps = int(steps)
@@ -106,6 +111,7 @@ class MetaGradientEngine:
         self.hvp = hvp
         self.chunk_size = chunk_size
         self.bn = bn
+        self.override = override
         self._monitor = DivergenceMonitor()
         self._settings = AdaptationSettings(
             model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, steps=self.steps, on_stats=self._monitor
@@ -117,7 +123,8 @@ class MetaGradientEngine:
         The closure must be a pure function of the learner's parameters: the engine calls it
         again at recorded points to take Hessian-vector products.
         """
-        loop = InnerLoop(self._settings, sgd_step_sizes(self.inner_opt, self.model))
+        _, rules, hyper = rule_from_optimizer(self.model, self.inner_opt, self.override)
+        loop = InnerLoop(self._settings, rules, hyper)
         for _ in range(self.steps):
             loop.step(closure)
         return loop.learner()

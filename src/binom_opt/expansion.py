@@ -44,6 +44,9 @@ class ExpansionResult:
             the (approximate) gradient of the outer loss with respect to ``phi_{k+1}`` at the
             same expansion order minus one; filled only when asked for. Meta-parameters other
             than the initial point need them.
+        full_adjoints: ``{k: lambda_{k+1}}`` for every step at the full order ``L`` (for
+            hyperparameters such as learned learning rates, whose terms have no Hessian
+            factor); filled only when asked for.
         contributions: one norm per round. For the batched binomial schedule, round ``l``'s
             entry is the norm of the sum of the terms with exactly ``l`` Hessian factors, all
             at steps ``>= max(L - l + 1, K - C)`` (the widest window the recursion knows at no
@@ -56,6 +59,7 @@ class ExpansionResult:
 
     meta_grad: Tensors
     adjoints: Dict[int, Tensors] = field(default_factory=dict)
+    full_adjoints: Dict[int, Tensors] = field(default_factory=dict)
     contributions: List[float] = field(default_factory=list)
     hvp_count: int = 0
     oracle_calls: int = 0
@@ -64,22 +68,28 @@ class ExpansionResult:
 def expand(
     plan: ExpansionPlan,
     g: Mapping[str, torch.Tensor],
-    step_size: StepSize,
+    step_size: Optional[StepSize],
     hvp: HVPOracle,
     *,
     steps: int,
     with_adjoints: bool = False,
+    with_full_adjoints: bool = False,
+    rule=None,
 ) -> ExpansionResult:
     """Evaluate the kept terms of ``(I - a H_0)...(I - a H_{K-1}) g`` for an :class:`ExpansionPlan`.
 
     Args:
         plan: from ``estimator.plan(steps)``.
         g: the outer-loss gradient at the adapted point, a dict of tensors.
-        step_size: per-entry inner step size ``a`` (a float or a tensor broadcastable to the
-            entry), before the plan's ``hessian_scale``.
+        step_size: per-entry inner step size ``a`` of plain SGD (a float or a tensor
+            broadcastable to the entry), before the plan's ``hessian_scale``.
         hvp: the oracle ``hvp(range_of_steps, stacked_vectors) -> stacked H_j v_j``.
         steps: ``K``, the number of inner steps.
-        with_adjoints: also return ``lambda_{k+1}`` for every step with kept Hessian.
+        with_adjoints: also return ``lambda_{k+1}`` (one order less) for every step with kept Hessian.
+        with_full_adjoints: also return ``lambda_{k+1}`` at the full order for every step.
+        rule: instead of ``step_size``, a :class:`~binom_opt.update_rules.RuleAdjoint` for inner
+            optimizers with state (momentum, Adam): each step's Jacobian is ``D_k + B_k H_k``
+            and the same level recursion runs with ``D_k^T`` applied exactly.
 
     Example (explicit 1x1 Hessians ``H_k = k + 1``, exact MAML ``(1-a)(1-2a)(1-3a) g``):
         >>> import torch, binom_opt as bo
@@ -92,10 +102,17 @@ def expand(
         >>> expand(bo.Binomial(1).plan(3), g, {"w": 0.1}, oracle, steps=3).meta_grad["w"]
         tensor([0.4000], dtype=torch.float64)
     """
+    if rule is not None and not rule.identity_direct:
+        return _with_rule(plan, dict(g), rule, hvp, steps, with_adjoints, with_full_adjoints)
     scaled = {name: _scaled(step_size[name], plan.hessian_scale) for name in g}
     if plan.schedule == "sequential":
-        return _sequential(plan, dict(g), scaled, hvp, steps, with_adjoints)
-    return _binomial(plan, dict(g), scaled, hvp, steps, with_adjoints)
+        result = _sequential(plan, dict(g), scaled, hvp, steps, with_adjoints)
+    else:
+        result = _binomial(plan, dict(g), scaled, hvp, steps, with_adjoints)
+    if with_full_adjoints:  # D_k = I: below the first kept Hessian the adjoint stays u_f
+        final = result.full_adjoints
+        result.full_adjoints = {k: final.get(k, result.meta_grad) for k in range(steps)}
+    return result
 
 
 def _scaled(a: Union[float, torch.Tensor], factor: float) -> Union[float, torch.Tensor]:
@@ -109,6 +126,7 @@ def _sequential(plan, g, step_size, hvp, steps, with_adjoints) -> ExpansionResul
     for j in reversed(range(plan.first_active, steps)):
         if with_adjoints:
             result.adjoints[j] = v
+        result.full_adjoints[j] = v
         hv = _single_hvp(hvp, j, {n: step_size[n] * t for n, t in v.items()})
         v = {n: v[n] - hv[n] for n in v}
         result.contributions.append(_norm(hv))
@@ -148,6 +166,61 @@ def _binomial(plan, g, step_size, hvp, steps, with_adjoints) -> ExpansionResult:
         result.hvp_count += hi - lo + 1
         result.oracle_calls += 1
     result.meta_grad = {n: t[f].clone() for n, t in u.items()}
+    result.full_adjoints = {k: {n: t[k + 1] for n, t in u.items()} for k in range(f, K)}
+    return result
+
+
+def _with_rule(plan, g, rule, hvp, steps, with_adjoints, with_full) -> ExpansionResult:
+    """The level recursion with a non-trivial direct part: ``u_j = D_j^T u_{j+1} + [H_j s B_j^T u'_{j+1}]``.
+
+    ``u'`` is the previous level, ``s`` the plan's Hessian scale; adjoint vectors carry the
+    optimizer state's cotangents too (see :class:`~binom_opt.update_rules.RuleAdjoint`).
+    """
+    L, f, K, scale = plan.levels, plan.first_active, steps, plan.hessian_scale
+    names = list(g)
+    result = ExpansionResult(meta_grad=g)
+
+    def with_hessian(j: int, direct: Tensors, h: Tensors) -> Tensors:
+        return {**direct, **{n: direct[n] + h[n] for n in names}}
+
+    def through_grad(j: int, z: Tensors) -> Tensors:
+        w = rule.vjp(j, z)[1]
+        return {n: t * scale for n, t in w.items()} if scale != 1.0 else w
+
+    u: Dict[int, Tensors] = {K: rule.extend(g)}
+    if plan.schedule == "sequential":
+        for j in reversed(range(K)):
+            if with_adjoints and j >= f:
+                result.adjoints[j] = u[j + 1]
+            direct = rule.vjp(j, u[j + 1])[0]
+            if j >= f:
+                h = _single_hvp(hvp, j, through_grad(j, u[j + 1]))
+                direct = with_hessian(j, direct, h)
+                result.contributions.append(_norm(h))
+                result.hvp_count += 1
+                result.oracle_calls += 1
+            u[j] = direct
+    else:
+        for j in reversed(range(max(L - 1, f), K)):  # level 0 where round 1 reads it
+            u[j] = rule.vjp(j, u[j + 1])[0]
+        for level in range(1, L + 1):
+            if with_adjoints and level == L:
+                result.adjoints = {k: u[k + 1] for k in range(f, K)}
+            lo, hi = max(L - level, f), K - level
+            window = max(L - level + 1, f)
+            before = u[window]
+            ws = [through_grad(i, u[i + 1]) for i in range(lo, hi + 1)]
+            hv = hvp(range(lo, hi + 1), {n: torch.stack([w[n] for w in ws]) for n in names})
+            for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
+                u[j] = with_hessian(j, rule.vjp(j, u[j + 1])[0], {n: hv[n][j - lo] for n in names})
+            result.contributions.append(_norm({n: u[window][n] - before[n] for n in names}))
+            result.hvp_count += hi - lo + 1
+            result.oracle_calls += 1
+        for j in reversed(range(f)):  # below the first kept Hessian only D_j^T acts
+            u[j] = rule.vjp(j, u[j + 1])[0]
+    if with_full:
+        result.full_adjoints = {k: u[k + 1] for k in range(K)}
+    result.meta_grad = {n: u[0][n] for n in names}
     return result
 
 

@@ -22,12 +22,13 @@ Differences from higher, on purpose:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .adaptation import AdaptationSettings, InnerLoop, Learner, sgd_adapted_names, sgd_step_sizes
+from .adaptation import AdaptationSettings, InnerLoop, Learner
+from .update_rules import rule_from_optimizer
 from .engine import DivergenceMonitor
 from .estimators import Binomial, Estimator, FirstOrder
 from .functional import check_estimator
@@ -77,17 +78,21 @@ def innerloop_ctx(
     track_higher_grads: bool = True,
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
+    override: Optional[Mapping[str, Sequence]] = None,
 ) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
 
     Args:
         model: the model; the outer loss's ``backward()`` puts the meta-gradient on its parameters.
-        opt: a ``torch.optim.SGD`` over the parameters that adapt (learning rate per group).
+        opt: the inner optimizer over the parameters that adapt: ``torch.optim.SGD`` (momentum,
+            dampening, nesterov, weight decay), ``Adam`` or ``AdamW``.
         estimator: the meta-gradient estimator (default ``Binomial(1)``).
         steps: if set, the number of ``diffopt.step`` calls required before backward.
         copy_initial_weights: must be ``False`` (see the module docstring).
         track_higher_grads: ``False`` for evaluation: plain steps, no meta-gradient.
         hvp, chunk_size: HVP backend and batching bound.
+        override: ``{"lr": [one per adapted parameter]}``, as in higher; tensors that require
+            grad are meta-learned (Meta-SGD).
 
     Example:
         >>> import torch, torch.nn.functional as F, binom_opt as bo
@@ -111,14 +116,15 @@ def innerloop_ctx(
         estimator.plan(steps)
     resolve_hvp_mode(hvp)
     check_chunk_size(chunk_size)
+    adapted, rules, hyper = rule_from_optimizer(model, opt, override)
     settings = AdaptationSettings(
         model,
-        sgd_adapted_names(model, opt),
+        adapted,
         estimator if track_higher_grads else FirstOrder(),
         hvp=hvp,
         chunk_size=chunk_size,
         steps=steps,
         on_stats=DivergenceMonitor(),
     )
-    loop = InnerLoop(settings, sgd_step_sizes(opt, model))
+    loop = InnerLoop(settings, rules, hyper)
     yield FunctionalModel(loop, track_higher_grads), DifferentiableOptimizer(loop)

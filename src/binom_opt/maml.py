@@ -29,6 +29,7 @@ from .estimators import Binomial, Estimator, FirstOrder
 from .functional import check_estimator, step_sizes
 from .hvp import check_chunk_size, resolve_hvp_mode
 from .stats import MetaGradientStats
+from .update_rules import SGDRule
 
 __all__ = ["MAML", "MAMLLearner"]
 
@@ -97,7 +98,8 @@ class MAML(nn.Module):
 
     def clone(self) -> "MAMLLearner":
         """A learner for one task, starting at the model's current parameters."""
-        return MAMLLearner(InnerLoop(self._settings, step_sizes(self.lr, dict.fromkeys(self._settings.adapted))))
+        adapted = self._settings.adapted
+        return MAMLLearner(InnerLoop(self._settings, dict.fromkeys(adapted, SGDRule()), {n: {"lr": self.lr} for n in adapted}))
 
     @property
     def last_stats(self) -> Optional[MetaGradientStats]:
