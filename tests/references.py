@@ -159,3 +159,60 @@ def relative_error(estimate: Tensors, reference: Tensors) -> float:
     a = flatten([estimate[n] for n in reference])
     b = flatten(list(reference.values()))
     return float((a - b).norm() / b.norm())
+
+
+def brute_force_with_rule(model, adapted, rules, hyper, support, query, steps, estimator):
+    """The generalised expansion for inner optimizers with state, by enumerating index subsets.
+
+    Each step's transposed Jacobian is ``D_k^T + C^T H_k B_k^T`` (``D``: the update's Jacobian in
+    the point and state with the gradient fixed, ``B``: in the gradient, ``C^T`` embeds a point
+    vector in (point, state)); the estimator keeps the products whose ``H``-factors sit at an
+    index set it keeps. Explicit matrices throughout; the update is differentiated by autograd.
+    """
+    params = dict(model.named_parameters())
+    phi = {n: params[n].detach() for n in adapted}
+    state = {n: rules[n].init_state(phi[n]) for n in adapted}
+    keys = [(n, None) for n in adapted] + [(n, s) for n in adapted for s in rules[n].state_names]
+    d = sum(phi[n].numel() for n in adapted)
+
+    def loss_at(fn, flat):
+        return fn(lambda *x: functional_call(model, unflatten(flat, phi), x))
+
+    def pack(p, st):
+        return flatten([p[n] if s is None else st[n][s] for n, s in keys])
+
+    def update(k, z, grad_flat):
+        p = unflatten(z[:d], phi)
+        st, offset = {n: {} for n in adapted}, d
+        for n, s in keys[len(adapted):]:
+            st[n][s] = z[offset : offset + phi[n].numel()].view_as(phi[n])
+            offset += phi[n].numel()
+        g = unflatten(grad_flat, phi)
+        new = {n: rules[n].update(k, p[n], st[n], g[n], hyper[n]) for n in adapted}
+        return pack({n: v[0] for n, v in new.items()}, {n: v[1] for n, v in new.items()})
+
+    factors = []
+    z = pack(phi, state)
+    for k in range(steps):
+        H = torch.autograd.functional.hessian(lambda f: loss_at(support, f), z[:d], vectorize=True)
+        grad = torch.autograd.functional.jacobian(lambda f: loss_at(support, f), z[:d])
+        D, B = torch.autograd.functional.jacobian(lambda zz, gg: update(k, zz, gg), (z, grad))
+        factors.append((D, B, H))
+        z = update(k, z, grad)
+    g = torch.autograd.functional.jacobian(lambda f: loss_at(query, f), z[:d])
+    z_K = torch.cat([g, g.new_zeros(z.numel() - d)])
+    scale = hessian_scale(estimator, steps)
+    total = torch.zeros_like(z_K)
+    for n in range(steps + 1):
+        for subset in itertools.combinations(range(steps), n):
+            if not keeps(estimator, subset, steps):
+                continue
+            v = z_K
+            for k in reversed(range(steps)):
+                D, B, H = factors[k]
+                if k in subset:
+                    v = torch.cat([H @ (scale * (B.T @ v)), v.new_zeros(v.numel() - d)])
+                else:
+                    v = D.T @ v
+            total = total + v
+    return unflatten(total[:d], phi)

@@ -176,3 +176,30 @@ def test_divergent_inner_loop_is_an_error_not_a_result():
     engine = bo.MetaGradientEngine(case.model, torch.optim.SGD(case.model.parameters(), lr=1e200), steps=3)
     with pytest.raises(FloatingPointError, match="inner step"):
         engine.adapt(case.support)
+
+
+@pytest.mark.parametrize("shell", ["engine", "maml"])
+def test_adaptations_are_freed_without_the_cycle_collector(shell):
+    """A reference cycle through the autograd node would keep every task's data alive (it leaked GBs)."""
+    import gc
+    import weakref
+
+    case = frozen_body()
+    gc.collect()
+    gc.disable()
+    try:
+        support_x = torch.randn(6, 4, dtype=torch.float64)
+        alive = weakref.ref(support_x)
+        y = torch.arange(6) % 3
+        if shell == "engine":
+            engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=2, estimator=bo.Binomial(1))
+            learner = engine.adapt(lambda m: F.cross_entropy(m(support_x), y))
+        else:
+            learner = bo.MAML(case.model, lr=0.1, estimator=bo.Binomial(1)).clone()
+            for _ in range(2):
+                learner.adapt(lambda m: F.cross_entropy(m(support_x), y))
+        case.query(learner).backward()
+        del learner, support_x
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -115,11 +115,16 @@ class InnerLoop:
         self._closures: Dict[int, Tuple[Callable, Callable]] = {}  # id -> (closure, loss_fn)
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._sealed: Optional[Tensors] = None
-        self.finished = False  # set once a meta-gradient went through this loop
+        self._status = _Status()
 
     @property
     def steps_taken(self) -> int:
         return len(self._points)
+
+    @property
+    def finished(self) -> bool:
+        """Whether a meta-gradient already went through this loop."""
+        return self._status.finished
 
     def step(self, closure: Callable[[Learner], torch.Tensor]) -> None:
         """One SGD step on ``closure(learner)``; records the point and the closure, keeps no graph."""
@@ -173,7 +178,9 @@ class InnerLoop:
             return dict(self._initial)
         if self._sealed is None:
             record = _Record(
-                loop=self,
+                settings=self.settings,
+                hyper=self.hyper,
+                status=self._status,
                 trajectory=Trajectory(stack_points(self._points), dict(self._phi), list(self._losses)),
                 loss_fns=list(self._loss_fns),
                 meta_inputs=list(self._meta_inputs.values()),
@@ -201,10 +208,21 @@ def _support_loss(settings: AdaptationSettings, closure: Callable) -> Callable[[
 
 
 @dataclass
-class _Record:
-    """A snapshot of an inner loop: what one meta-gradient needs."""
+class _Status:
+    finished: bool = False  # set once a meta-gradient went through the loop
 
-    loop: InnerLoop
+
+@dataclass
+class _Record:
+    """A snapshot of an inner loop: what one meta-gradient needs.
+
+    It must not refer back to the :class:`InnerLoop`: the loop holds the node's outputs, the
+    node holds this record, and a cycle through an autograd node is never collected.
+    """
+
+    settings: AdaptationSettings
+    hyper: Dict[str, Hyper]
+    status: _Status
     trajectory: Trajectory
     loss_fns: List[Callable]
     meta_inputs: List[torch.Tensor]
@@ -212,7 +230,7 @@ class _Record:
     hyper_inputs: List[Tuple[str, str, torch.Tensor]]
 
     def backward(self, g: Tensors) -> Tuple[Tensors, List[Optional[torch.Tensor]]]:
-        settings, steps = self.loop.settings, self.trajectory.steps
+        settings, steps = self.settings, self.trajectory.steps
         if settings.steps is not None and steps != settings.steps:
             raise ValueError(
                 f"This learner was adapted {steps} time(s) but steps={settings.steps} was set: call adapt "
@@ -222,7 +240,7 @@ class _Record:
         if plan.levels > 0:
             check_replay(self.loss_fns, self.trajectory)
         oracle = trajectory_hvp_oracle(self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size)
-        step_size = {n: _detached(h)["lr"] for n, h in self.loop.hyper.items()}
+        step_size = {n: _detached(h)["lr"] for n, h in self.hyper.items()}
         result = expand(
             plan, g, step_size, oracle, steps=steps, rule=self.adjoint,
             with_adjoints=bool(self.meta_inputs), with_full_adjoints=bool(self.hyper_inputs),
@@ -230,7 +248,7 @@ class _Record:
         check_finite(result)
         meta_grads = self._meta_input_gradients(result.adjoints, plan.hessian_scale)
         meta_grads += self._hyper_gradients(result.full_adjoints)
-        self.loop.finished = True
+        self.status.finished = True
         if settings.on_stats is not None:
             settings.on_stats(make_stats(settings.estimator, plan, steps, g, result, self.trajectory))
         return result.meta_grad, meta_grads
