@@ -230,3 +230,28 @@ def test_a_closure_that_changed_since_the_inner_loop_is_caught():
         total = total + F.cross_entropy(learner(x_q), y_q)
     with pytest.raises(RuntimeError, match="not a pure function.*lambda m, x=x_s"):
         total.backward()
+
+
+def dropout_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+
+
+def test_dropout_in_the_support_loss_is_a_clear_error_by_default():
+    (xs, ys, xq, yq), = tasks(1)
+    model = dropout_model()
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 3, bo.Binomial(1))
+    learner = engine.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    with pytest.raises(RuntimeError, match="random numbers.*randomness='same' or 'different'|draws random numbers"):
+        F.cross_entropy(learner(xq), yq).backward()
+
+
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_randomness_is_forwarded_to_vmap(randomness):
+    (xs, ys, xq, yq), = tasks(1)
+    model = dropout_model()
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 3, bo.Binomial(1), randomness=randomness)
+    F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(xs), ys))(xq), yq).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="randomness must be one of"):
+        bo.MAML(model, lr=0.1, randomness="fresh")

@@ -73,6 +73,7 @@ def test_forward_mode_through_mse_loss_gives_a_clear_error_and_auto_avoids_it():
         engine.meta_backward(F.mse_loss(engine.adapt(closure)(x), y))
 
 
+@pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning")  # lr 0.2 diverges; exactness holds
 def test_batchnorm_with_running_stats_is_transductive_and_leaves_buffers_untouched():
     tracked, untracked = conv_bn(track_running_stats=True), conv_bn(track_running_stats=False)
     untracked.model.load_state_dict(tracked.model.state_dict(), strict=False)

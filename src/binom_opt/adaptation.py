@@ -28,7 +28,7 @@ from .batchnorm import tracking_batchnorms, transductive_batchnorm
 from .estimators import Estimator
 from .expansion import expand
 from .functional import check_finite, make_stats
-from .hvp import trajectory_hvp_oracle
+from .hvp import check_chunk_size, check_randomness, resolve_hvp_mode, trajectory_hvp_oracle
 from .stats import MetaGradientStats
 from .trajectory import Trajectory, check_replay, gradient_at, stack_points
 from .update_rules import Hyper, RuleAdjoint, UpdateRule
@@ -74,6 +74,9 @@ class AdaptationSettings:
         steps: the number of inner steps every adaptation must take (``None``: any number).
         allow_unused: adapted parameters the support loss does not use get zero gradients
             instead of an error.
+        randomness: ``torch.func.vmap``'s randomness for the batched HVP replays: ``"error"``
+            (random ops in the support loss are an error), ``"same"`` or ``"different"`` (replays
+            draw new random numbers; the replayed loss is then not checked against the recorded one).
         on_stats: called with the :class:`MetaGradientStats` of every meta-gradient.
     """
 
@@ -84,10 +87,14 @@ class AdaptationSettings:
     chunk_size: Optional[int] = None
     steps: Optional[int] = None
     allow_unused: bool = False
+    randomness: str = "error"
     on_stats: Optional[Callable[[MetaGradientStats], None]] = None
     batchnorms: List[nn.Module] = field(init=False)
 
     def __post_init__(self) -> None:
+        resolve_hvp_mode(self.hvp)
+        check_chunk_size(self.chunk_size)
+        check_randomness(self.randomness)
         self.batchnorms = tracking_batchnorms(self.model)
 
 
@@ -237,9 +244,11 @@ class _Record:
                 f"exactly {settings.steps} times before computing the query loss (or leave steps=None)."
             )
         plan = settings.estimator.plan(steps)
-        if plan.levels > 0:
+        if plan.levels > 0 and settings.randomness == "error":
             check_replay(self.loss_fns, self.trajectory)
-        oracle = trajectory_hvp_oracle(self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size)
+        oracle = trajectory_hvp_oracle(
+            self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size, settings.randomness
+        )
         step_size = {n: _detached(h)["lr"] for n, h in self.hyper.items()}
         result = expand(
             plan, g, step_size, oracle, steps=steps, rule=self.adjoint,

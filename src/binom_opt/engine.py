@@ -20,7 +20,6 @@ from .update_rules import rule_from_optimizer
 from .batchnorm import BN_POLICIES
 from .estimators import Binomial, Estimator, ExpansionPlan
 from .functional import check_estimator
-from .hvp import check_chunk_size, resolve_hvp_mode
 from .stats import MetaGradientStats
 from .trajectory import check_scalar_loss
 
@@ -66,6 +65,9 @@ class MetaGradientEngine:
         estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()``.
         hvp: ``"auto"`` (reverse-over-reverse), ``"rev"`` or ``"fwd"``.
         chunk_size: at most this many HVPs at once in a batched round (``None``: all).
+        randomness: for random ops (dropout) in the support loss, forwarded to
+            ``torch.func.vmap``: ``"error"`` (default: a clear error), ``"same"`` or ``"different"``
+            (the HVP replays draw new random numbers, so each is the HVP of a resampled loss).
         bn: BatchNorm policy, ``"transductive"``: batch statistics everywhere, running buffers
             untouched.
         override: ``{"lr": [one per adapted parameter]}`` replaces the optimizer's learning rates,
@@ -92,6 +94,7 @@ class MetaGradientEngine:
         estimator: Estimator = Binomial(1),
         hvp: str = "auto",
         chunk_size: Optional[int] = None,
+        randomness: str = "error",
         bn: str = "transductive",
         override: Optional[Mapping[str, Sequence]] = None,
     ):
@@ -99,8 +102,6 @@ class MetaGradientEngine:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         check_estimator(estimator)
         self.plan: ExpansionPlan = estimator.plan(steps)
-        resolve_hvp_mode(hvp)
-        check_chunk_size(chunk_size)
         if bn not in BN_POLICIES:
             raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}.")
         adapted, _, _ = rule_from_optimizer(model, inner_opt, override)
@@ -114,7 +115,8 @@ class MetaGradientEngine:
         self.override = override
         self._monitor = DivergenceMonitor()
         self._settings = AdaptationSettings(
-            model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, steps=self.steps, on_stats=self._monitor
+            model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, steps=self.steps,
+            on_stats=self._monitor,
         )
 
     def adapt(self, closure: Callable[[Learner], torch.Tensor]) -> Learner:

@@ -25,7 +25,7 @@ from torch.func import grad, jvp, vjp, vmap
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
 
-__all__ = ["HVP_MODES", "HVPBackendError", "resolve_hvp_mode", "hvp_function", "trajectory_hvp_oracle", "check_chunk_size"]
+__all__ = ["HVP_MODES", "HVPBackendError", "resolve_hvp_mode", "hvp_function", "trajectory_hvp_oracle", "check_chunk_size", "check_randomness"]
 
 HVP_MODES = ("auto", "rev", "fwd")
 
@@ -86,6 +86,7 @@ def trajectory_hvp_oracle(
         randomness: passed to ``torch.func.vmap`` (``"error"``, ``"same"`` or ``"different"``).
     """
     check_chunk_size(chunk_size)
+    check_randomness(randomness)
     mode = resolve_hvp_mode(mode)
     steps_total = next(iter(points.values())).shape[0]
     per_step = list(loss_fn) if isinstance(loss_fn, Sequence) else [loss_fn] * steps_total
@@ -116,6 +117,13 @@ def trajectory_hvp_oracle(
                 for lo, hi in runs
             ]
         except RuntimeError as error:
+            if "randomness" in str(error) and randomness == "error":
+                raise RuntimeError(
+                    "The support loss draws random numbers (dropout or another random op) inside the batched "
+                    "HVPs. Pass randomness='same' or 'different' (forwarded to torch.func.vmap; the replays then "
+                    "draw new masks, so each HVP is that of a resampled loss), or make the support loss "
+                    "deterministic, e.g. with the dropout layers in eval mode."
+                ) from error
             if mode == "fwd" and "ZeroTensors are immutable" in str(error):
                 raise HVPBackendError(
                     "The forward-over-reverse HVP (hvp='fwd') failed inside PyTorch: forward-mode AD "
@@ -126,6 +134,14 @@ def trajectory_hvp_oracle(
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
     return oracle
+
+
+RANDOMNESS = ("error", "same", "different")
+
+
+def check_randomness(randomness: object) -> None:
+    if randomness not in RANDOMNESS:
+        raise ValueError(f"randomness must be one of {RANDOMNESS} (torch.func.vmap's), got {randomness!r}.")
 
 
 def check_chunk_size(chunk_size: object) -> None:

@@ -32,7 +32,6 @@ from .update_rules import rule_from_optimizer
 from .engine import DivergenceMonitor
 from .estimators import Binomial, Estimator, FirstOrder
 from .functional import check_estimator
-from .hvp import check_chunk_size, resolve_hvp_mode
 
 __all__ = ["innerloop_ctx", "FunctionalModel", "DifferentiableOptimizer"]
 
@@ -78,6 +77,7 @@ def innerloop_ctx(
     track_higher_grads: bool = True,
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
+    randomness: str = "error",
     override: Optional[Mapping[str, Sequence]] = None,
 ) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
@@ -90,7 +90,8 @@ def innerloop_ctx(
         steps: if set, the number of ``diffopt.step`` calls required before backward.
         copy_initial_weights: must be ``False`` (see the module docstring).
         track_higher_grads: ``False`` for evaluation: plain steps, no meta-gradient.
-        hvp, chunk_size: HVP backend and batching bound.
+        hvp, chunk_size, randomness: HVP backend, batching bound and vmap randomness (see
+            :class:`~binom_opt.MetaGradientEngine`).
         override: ``{"lr": [one per adapted parameter]}``, as in higher; tensors that require
             grad are meta-learned (Meta-SGD).
 
@@ -114,8 +115,6 @@ def innerloop_ctx(
     check_estimator(estimator)
     if steps is not None:
         estimator.plan(steps)
-    resolve_hvp_mode(hvp)
-    check_chunk_size(chunk_size)
     adapted, rules, hyper = rule_from_optimizer(model, opt, override)
     settings = AdaptationSettings(
         model,
@@ -123,6 +122,7 @@ def innerloop_ctx(
         estimator if track_higher_grads else FirstOrder(),
         hvp=hvp,
         chunk_size=chunk_size,
+        randomness=randomness,
         steps=steps,
         on_stats=DivergenceMonitor(),
     )

@@ -27,7 +27,6 @@ from .adaptation import AdaptationSettings, InnerLoop, Learner
 from .engine import DivergenceMonitor
 from .estimators import Binomial, Estimator, FirstOrder
 from .functional import check_estimator, step_sizes
-from .hvp import check_chunk_size, resolve_hvp_mode
 from .stats import MetaGradientStats
 from .update_rules import SGDRule
 
@@ -47,7 +46,8 @@ class MAML(nn.Module):
         allow_unused: parameters the support loss does not use take no step instead of raising.
         allow_nograd: parameters with ``requires_grad=False`` are left out of the adaptation
             instead of raising.
-        hvp, chunk_size: HVP backend and batching bound (see :class:`MetaGradientEngine`).
+        hvp, chunk_size, randomness: HVP backend, batching bound and vmap randomness (see
+            :class:`MetaGradientEngine`).
 
     Example:
         >>> import torch, torch.nn.functional as F, binom_opt as bo
@@ -72,6 +72,7 @@ class MAML(nn.Module):
         allow_nograd: bool = False,
         hvp: str = "auto",
         chunk_size: Optional[int] = None,
+        randomness: str = "error",
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -80,8 +81,6 @@ class MAML(nn.Module):
         check_estimator(estimator)
         if steps is not None:
             estimator.plan(steps)  # validates steps and L, C <= steps now
-        resolve_hvp_mode(hvp)
-        check_chunk_size(chunk_size)
         self.module = model
         self.lr = lr
         self.estimator = estimator
@@ -89,7 +88,7 @@ class MAML(nn.Module):
         step_sizes(lr, dict.fromkeys(adapted))  # validates lr now
         self._monitor = DivergenceMonitor()
         self._settings = AdaptationSettings(
-            model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, steps=steps,
+            model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, steps=steps,
             allow_unused=allow_unused, on_stats=self._monitor,
         )
 

@@ -143,7 +143,9 @@ def check_replay(loss_fns: List[Callable[[Tensors], torch.Tensor]], trajectory: 
             if not math.isclose(now, recorded, rel_tol=1e-5, abs_tol=1e-7):
                 raise RuntimeError(
                     f"The support loss replayed for the meta-gradient is {now!r}, but it was {recorded!r} at inner "
-                    f"step {k}: the closure is not a pure function of the learner. It probably reads a variable that "
-                    "changed after the inner loop, such as a loop variable captured by a lambda; bind the data "
-                    "when you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)."
+                    f"step {k}: the closure is not a pure function of the learner. Either it reads a variable that "
+                    "changed after the inner loop, such as a loop variable captured by a lambda (bind the data when "
+                    "you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)), or it draws random "
+                    "numbers, e.g. dropout (make it deterministic, or pass randomness='same'/'different' to accept "
+                    "resampled replays)."
                 )
