@@ -2,13 +2,16 @@
 
 Part 1 (the paper's Figure 3 protocol): for each inner learning rate alpha, the relative error
 of the meta-batch-mean meta-gradient of FirstOrder, Truncated(L) and Binomial(L) against the
-exact MAML meta-gradient, averaged over meta-batches of 10 tasks (float64, a fresh random
-MLP per meta-batch). Printed as a table, saved as JSON and, with matplotlib, as a PNG.
+exact MAML meta-gradient (float64, a fresh random MLP per meta-batch of 10 tasks). Figure 3a:
+the error of each meta-batch at L = K-1 (= 4) for FO, Truncated(4) and Binomial(4); Figure 3b:
+the error averaged over the meta-batches for every L. Printed as tables, saved as JSON and, with
+matplotlib, as PNGs (figure3a_per_batch.png, meta_gradient_error.png).
 
 Part 2: meta-trains the 1-40-40-1 regressor with Binomial(L) and with Exact() from the same
 initialisation and task stream, and reports the post-adaptation query MSE on held-out tasks.
 
     python examples/sinusoid_maml.py                     # a few minutes on a 2-core CPU
+    python examples/sinusoid_maml.py --batches 200 --iterations 0       # Figure 3a's 200 meta-batches
     python examples/sinusoid_maml.py --batches 1000 --iterations 5000   # the paper's sizes
 """
 
@@ -25,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import binom_opt as bo  # noqa: E402
-from fewshot.sine import mean_meta_gradient_errors, sample_sine_tasks, sine_mlp, squared_error  # noqa: E402
+from fewshot.sine import mean_errors, meta_gradient_errors_per_batch, sample_sine_tasks, sine_mlp, squared_error  # noqa: E402
 
 
 def progress(iterable, **kwargs):
@@ -57,14 +60,18 @@ def parse_args(argv=None):
 
 
 def error_study(args):
+    """Figure 3b's table {alpha: mean errors} and Figure 3a's {alpha: per-batch errors at L = K-1}."""
     K = args.steps
     estimators = [bo.FirstOrder()] + [bo.Truncated(L) for L in range(1, K)] + [bo.Binomial(L) for L in range(1, K)]
-    table = {}
+    table, per_batch = {}, {}
     for alpha in args.alphas:
-        errors = mean_meta_gradient_errors(
+        batch_errors = meta_gradient_errors_per_batch(
             estimators, lr=alpha, steps=K, batches=args.batches, tasks=args.tasks, seed=args.seed,
             progress=lambda it: progress(it, desc=f"errors alpha={alpha}"),
         )
+        errors = mean_errors(batch_errors)
+        top = (bo.FirstOrder(), bo.Truncated(K - 1), bo.Binomial(K - 1)) if K > 1 else (bo.FirstOrder(),)
+        per_batch[alpha] = {repr(e): batch_errors[e] for e in top}
         table[alpha] = {
             "first_order": errors[bo.FirstOrder()],
             "truncated": [errors[bo.Truncated(L)] for L in range(1, K)],
@@ -77,10 +84,17 @@ def error_study(args):
         for name in ("truncated", "binomial"):
             cells = " | ".join(f"{v:.2g}" for v in row[name])
             print(f"| {alpha:g} | {name} | {row['first_order']:.2g} | {cells} |")
-    return table
+    print(f"\nFigure 3a: relative error per meta-batch at L={K - 1}, median [min, max] over {args.batches} meta-batches")
+    print("| alpha | estimator | median | min | max |\n|---|---|---|---|---|")
+    for alpha, curves in per_batch.items():
+        for name, errs in curves.items():
+            ordered = sorted(errs)
+            print(f"| {alpha:g} | {name} | {ordered[len(ordered) // 2]:.2g} | {ordered[0]:.2g} | {ordered[-1]:.2g} |")
+    return table, per_batch
 
 
-def plot_errors(table, steps, path):
+def _pyplot():
+    """matplotlib.pyplot with a file-only backend, or None (with a message) when it is not installed."""
     try:
         import matplotlib
 
@@ -88,6 +102,32 @@ def plot_errors(table, steps, path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_per_batch(per_batch, path):
+    """Figure 3a: one panel per alpha, the error of each meta-batch, one curve per estimator."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(per_batch), figsize=(4 * len(per_batch), 3.2), squeeze=False)
+    for ax, (alpha, curves) in zip(axes[0], per_batch.items()):
+        for name, errs in curves.items():
+            ax.semilogy(range(len(errs)), errs, lw=1, label=name.replace(", hessian_scale='exact'", ""))
+        ax.set(title=f"alpha = {alpha:g}", xlabel="meta-batch", ylabel="relative error")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def plot_errors(table, steps, path):
+    """Figure 3b: one panel per alpha, the mean error against L for Truncated and Binomial."""
+    plt = _pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(table), figsize=(4 * len(table), 3.2), squeeze=False)
     orders = list(range(steps))
@@ -141,8 +181,10 @@ def meta_train(args, estimator):
 def main(argv=None):
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"config": {k: str(v) for k, v in vars(args).items()}, "errors": error_study(args)}
-    plot_errors(results["errors"], args.steps, args.out / "meta_gradient_error.png")
+    table, per_batch = error_study(args)
+    results = {"config": {k: str(v) for k, v in vars(args).items()}, "errors": table, "errors_per_batch": per_batch}
+    plot_errors(table, args.steps, args.out / "meta_gradient_error.png")
+    plot_per_batch(per_batch, args.out / "figure3a_per_batch.png")
     if args.iterations > 0:
         untrained = adaptation_mse(
             sine_mlp(seed=args.seed), sample_sine_tasks(args.eval_tasks, torch.Generator().manual_seed(args.seed + 2)),
