@@ -91,12 +91,15 @@ def plot(results, path):
 def main(argv=None):
     args = parse_args(argv)
     generator = torch.Generator().manual_seed(args.seed)
-    results = {}
+    results, tables = {}, []
     for title, (bound, Ls, assumption) in PANELS.items():
         worst = worst_measured(assumption, Ls, args.samples, generator)
         results[title] = (bound, Ls, worst)
-        print(markdown_table(title, bound, Ls, worst), end="\n\n")
+        tables.append(markdown_table(title, bound, Ls, worst))
+        print(tables[-1], end="\n\n")
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "error_bounds.md").write_text("\n\n".join(tables) + "\n")
+    print(f"wrote {args.out / 'error_bounds.md'}")
     plot(results, args.out / "error_bounds.png")
 
 
