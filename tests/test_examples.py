@@ -178,3 +178,20 @@ def test_sinusoid_runs(tmp_path):
     assert all(len(errs) == 2 and all(e >= 0 for e in errs) for errs in curves.values())
     for png in ("meta_gradient_error.png", "figure3a_per_batch.png"):
         assert (tmp_path / png).is_file() == HAS_MATPLOTLIB
+
+
+@needs_data
+def test_torchrun_two_ranks_train_like_one_process(tmp_path, cache_dir):
+    """`torchrun --nproc_per_node 2` splits each meta-batch over two gloo ranks; the losses match one process."""
+    import subprocess
+
+    single = script("omniglot_anil").main(tiny(tmp_path / "single", cache_dir, 3, "--meta-batch", "4"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(EXAMPLES / "omniglot_anil.py"), *tiny(tmp_path / "ranks", cache_dir, 3, "--meta-batch", "4")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = json.loads((tmp_path / "ranks" / "results.json").read_text())
+    assert sharded["world_size"] == 2 and single["world_size"] == 1
+    for a, b in zip(sharded["history"]["train"], single["history"]["train"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == pytest.approx(b["accuracy"])
+    assert len(list((tmp_path / "ranks").glob("checkpoint*"))) == 1  # rank 0 alone writes

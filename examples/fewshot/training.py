@@ -209,25 +209,32 @@ def make_estimator(args: argparse.Namespace) -> bo.Estimator:
 # --- one meta-step and evaluation ---------------------------------------------------------------
 
 
-def meta_step(model, engine, method: Method, meta_opt, batch, device) -> Dict[str, float]:
-    """One meta-gradient over a meta-batch (tasks one by one, gradients accumulate) and one Adam step."""
+def meta_step(model, engine, method: Method, meta_opt, batch, device, rank: int = 0, world: int = 1) -> Dict[str, float]:
+    """One meta-gradient over a meta-batch (tasks one by one, gradients accumulate) and one Adam step.
+
+    Under ``torchrun`` every rank holds the same meta-batch and takes its share of the tasks;
+    the gradients (each task's loss divided by the whole meta-batch size) are summed over ranks,
+    so every rank takes the step a single process would take on the whole meta-batch.
+    """
     x_s, y_s, x_q, y_q = (t.to(device) for t in batch)
     tasks = len(x_s)
     meta_opt.zero_grad(set_to_none=True)
-    loss_sum = correct = hvps = rounds = 0.0
-    for t in range(tasks):
+    totals = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, HVPs, rounds: summed over tasks
+    for t in bo.distributed.shard(tasks, rank, world):
         support = method.support_loss(model, x_s[t], y_s[t])
         learner = engine.adapt(lambda m: support(m.params))
         logits = learner(x_q[t])
         loss = F.cross_entropy(logits, y_q[t])
         (loss / tasks).backward()
-        loss_sum += loss.item()
-        correct += (logits.argmax(1) == y_q[t]).float().mean().item()
-        hvps += engine.last_stats.hvp_count
-        rounds += engine.last_stats.rounds
+        stats = engine.last_stats
+        totals += torch.tensor([loss.item(), (logits.argmax(1) == y_q[t]).float().mean().item(), stats.hvp_count, stats.rounds],
+                               dtype=torch.float64)
+    bo.distributed.all_reduce_gradients(model.parameters())
+    if world > 1:
+        torch.distributed.all_reduce(totals)
     meta_opt.step()
-    return {"loss": loss_sum / tasks, "accuracy": correct / tasks, "hvps_per_task": hvps / tasks,
-            "rounds_per_task": rounds / tasks}
+    loss_sum, correct, hvps, rounds = (float(v) / tasks for v in totals)
+    return {"loss": loss_sum, "accuracy": correct, "hvps_per_task": hvps, "rounds_per_task": rounds}
 
 
 def adapt_plain(model, method: Method, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> Tensors:
@@ -327,11 +334,16 @@ def run(method: Method, args: argparse.Namespace) -> dict:
 def _run(method: Method, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     device = torch.device(args.device)
+    rank, world = bo.distributed.init_from_env(device)  # (0, 1) without torchrun
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    main = rank == 0  # rank 0 alone logs, validates, evaluates and writes files
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["method"] = method.name
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        splits = OmniglotCharacters.load(args.data_root, cache_dir=args.cache_dir, verbose=not args.no_progress).splits(seed=0)
+        verbose = main and not args.no_progress
+        splits = OmniglotCharacters.load(args.data_root, cache_dir=args.cache_dir, verbose=verbose).splits(seed=0)
     except (FileNotFoundError, OmniglotDataError) as e:
         raise SystemExit(f"error: --data-root: {e}") from None
 
@@ -369,20 +381,22 @@ def _run(method: Method, args: argparse.Namespace) -> dict:
         history["val"].append({"iteration": iteration, **result})
         return result
 
-    bar = _progress(range(iteration, args.iterations), not args.no_progress, initial=iteration,
-                    total=args.iterations, desc=f"{method.name} {estimator}")
+    bar = _progress(range(iteration, args.iterations), main and not args.no_progress, initial=iteration,
+                    total=args.iterations, desc=f"{method.name} {estimator}" + (f" x{world} ranks" if world > 1 else ""))
     shown = {"val": f'{history["val"][-1]["accuracy"]:.3f}'} if history["val"] else {}
     for iteration in (i + 1 for i in bar):
         tic = time.perf_counter()
-        step = meta_step(model, engine, method, meta_opt, sampler.sample_batch(args.meta_batch), device)
+        step = meta_step(model, engine, method, meta_opt, sampler.sample_batch(args.meta_batch), device, rank, world)
         train_seconds += time.perf_counter() - tic
         history["train"].append({"iteration": iteration, **step})
-        if args.eval_every and iteration % args.eval_every == 0:
+        if main and args.eval_every and iteration % args.eval_every == 0:
             shown["val"] = f'{validate()["accuracy"]:.3f}'
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{step['loss']:.3f}", acc=f"{step['accuracy']:.3f}", **shown)
-        if iteration % args.checkpoint_every == 0 or iteration == args.iterations:
+        if main and (iteration % args.checkpoint_every == 0 or iteration == args.iterations):
             save()
+    if not main:  # the other ranks' work ends with training
+        return {"rank": rank, "iterations": len(history["train"])}
 
     test = evaluate(model, method, _sampler(splits["test"], args, args.seed + 2), args.eval_tasks,
                     args.eval_steps, args.inner_lr, device)
@@ -398,6 +412,7 @@ def _run(method: Method, args: argparse.Namespace) -> dict:
         "seconds_per_iteration": train_seconds / trained if trained else float("nan"),
         "wall_seconds_this_process": time.perf_counter() - start,
         "machine": machine_description(device),
+        "world_size": world,
         "history": history,
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

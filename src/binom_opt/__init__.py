@@ -10,7 +10,7 @@ See :class:`MetaGradientEngine` for models, :func:`binom_opt.functional.meta_gra
 pure functions of dicts of tensors, and :mod:`binom_opt.bounds` for the paper's error bounds.
 """
 
-from . import bounds, functional
+from . import bounds, distributed, functional
 from .adaptation import Learner
 from .engine import ExpansionDivergenceWarning, MetaGradientEngine
 from .estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
@@ -35,6 +35,7 @@ __all__ = [
     "MetaGradientStats",
     "Truncated",
     "bounds",
+    "distributed",
     "functional",
     "innerloop_ctx",
 ]
