@@ -16,6 +16,7 @@ second-order factors and ``L = K`` is exact.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,7 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
-from .batchnorm import tracking_batchnorms, transductive_batchnorm
+from .batchnorm import BatchNormPolicy
 from .estimators import Estimator
 from .expansion import expand
 from .functional import check_finite, make_stats
@@ -35,7 +36,9 @@ from .update_rules import Hyper, RuleAdjoint, UpdateRule
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["Learner", "AdaptationSettings", "InnerLoop"]
+__all__ = ["Learner", "AdaptationSettings", "InnerLoop", "depends_on_adaptation", "leaves_requiring_grad", "NAN_POLICIES"]
+
+NAN_POLICIES = ("raise", "skip_task")
 
 
 class Learner:
@@ -49,13 +52,13 @@ class Learner:
         module: the underlying model.
     """
 
-    def __init__(self, module: nn.Module, params: Tensors, batchnorms: Sequence[nn.Module]):
+    def __init__(self, module: nn.Module, params: Tensors, bn: BatchNormPolicy):
         self.module = module
         self.params = params
-        self._batchnorms = list(batchnorms)
+        self.bn = bn
 
     def __call__(self, *args, **kwargs):
-        with transductive_batchnorm(self._batchnorms):
+        with self.bn():
             return functional_call(self.module, self.params, args, kwargs)
 
     def __repr__(self) -> str:
@@ -77,6 +80,10 @@ class AdaptationSettings:
         randomness: ``torch.func.vmap``'s randomness for the batched HVP replays: ``"error"``
             (random ops in the support loss are an error), ``"same"`` or ``"different"`` (replays
             draw new random numbers; the replayed loss is then not checked against the recorded one).
+        bn: BatchNorm policy, see :mod:`binom_opt.batchnorm`.
+        nan_policy: ``"raise"`` (a NaN/Inf meta-gradient is a ``FloatingPointError`` naming where it
+            first appeared) or ``"skip_task"`` (that task's meta-gradient through the adaptation is
+            zero and ``stats.skipped`` is set). A non-finite inner loss raises under both.
         on_stats: called with the :class:`MetaGradientStats` of every meta-gradient.
     """
 
@@ -88,14 +95,18 @@ class AdaptationSettings:
     steps: Optional[int] = None
     allow_unused: bool = False
     randomness: str = "error"
+    bn: str = "transductive"
+    nan_policy: str = "raise"
     on_stats: Optional[Callable[[MetaGradientStats], None]] = None
-    batchnorms: List[nn.Module] = field(init=False)
+    batchnorm: BatchNormPolicy = field(init=False)
 
     def __post_init__(self) -> None:
         resolve_hvp_mode(self.hvp)
         check_chunk_size(self.chunk_size)
         check_randomness(self.randomness)
-        self.batchnorms = tracking_batchnorms(self.model)
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}.")
+        self.batchnorm = BatchNormPolicy(self.model, self.bn)
 
 
 class InnerLoop:
@@ -155,7 +166,7 @@ class InnerLoop:
             loss_fn = known[1]
 
         def find_meta_inputs(loss: torch.Tensor, leaves: Tensors) -> None:
-            for t in _leaves_requiring_grad(loss, exclude={id(v) for v in leaves.values()}):
+            for t in leaves_requiring_grad(loss, exclude={id(v) for v in leaves.values()}):
                 self._meta_inputs.setdefault(id(t), t)
 
         grads, value = gradient_at(
@@ -204,12 +215,12 @@ class InnerLoop:
         return self._sealed
 
     def learner(self) -> Learner:
-        return Learner(self.settings.model, self.params(), self.settings.batchnorms)
+        return Learner(self.settings.model, self.params(), self.settings.batchnorm)
 
 
 def _support_loss(settings: AdaptationSettings, closure: Callable) -> Callable[[Tensors], torch.Tensor]:
     def support_loss(point: Tensors) -> torch.Tensor:
-        return closure(Learner(settings.model, point, settings.batchnorms))
+        return closure(Learner(settings.model, point, settings.batchnorm))
 
     return support_loss
 
@@ -254,12 +265,27 @@ class _Record:
             plan, g, step_size, oracle, steps=steps, rule=self.adjoint,
             with_adjoints=bool(self.meta_inputs), with_full_adjoints=bool(self.hyper_inputs),
         )
-        check_finite(result)
-        meta_grads = self._meta_input_gradients(result.adjoints, plan.hessian_scale)
-        meta_grads += self._hyper_gradients(result.full_adjoints)
+        skipped = False
+        try:
+            check_finite(result)
+            meta_grads = self._meta_input_gradients(result.adjoints, plan.hessian_scale)
+            meta_grads += self._hyper_gradients(result.full_adjoints)
+            if not all(m is None or bool(torch.isfinite(m).all()) for m in meta_grads):
+                raise FloatingPointError(
+                    "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support "
+                    "loss uses, or a learned learning rate) is not finite: lower the inner learning rate or "
+                    "check the data."
+                )
+        except FloatingPointError:
+            if settings.nan_policy != "skip_task":
+                raise
+            skipped = True  # this task contributes nothing; recorded in the stats
+            result.meta_grad = {n: torch.zeros_like(t) for n, t in result.meta_grad.items()}
+            meta_grads = [None] * len(self.meta_inputs) + [torch.zeros_like(v) for _, _, v in self.hyper_inputs]
         self.status.finished = True
         if settings.on_stats is not None:
-            settings.on_stats(make_stats(settings.estimator, plan, steps, g, result, self.trajectory))
+            stats = make_stats(settings.estimator, plan, steps, g, result, self.trajectory, oracle)
+            settings.on_stats(dataclasses.replace(stats, skipped=skipped))
         return result.meta_grad, meta_grads
 
     def _meta_input_gradients(self, adjoints: Dict[int, Tensors], scale: float) -> List[Optional[torch.Tensor]]:
@@ -306,7 +332,21 @@ class _Adaptation(torch.autograd.Function):
         return (None, *meta_grad.values(), *meta_input_grads)
 
 
-def _leaves_requiring_grad(loss: torch.Tensor, exclude: set) -> List[torch.Tensor]:
+def depends_on_adaptation(loss: torch.Tensor) -> bool:
+    """Whether the autograd graph of ``loss`` contains an adaptation node (a learner's parameters)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if isinstance(node, _Adaptation._backward_cls):
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def leaves_requiring_grad(loss: torch.Tensor, exclude: frozenset = frozenset()) -> List[torch.Tensor]:
     """The leaf tensors requiring grad that ``loss`` depends on, except those in ``exclude`` (ids)."""
     found: List[torch.Tensor] = []
     seen, stack = set(), [loss.grad_fn]

@@ -15,9 +15,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .adaptation import AdaptationSettings, InnerLoop, Learner
+from .adaptation import AdaptationSettings, InnerLoop, Learner, depends_on_adaptation, leaves_requiring_grad
 from .update_rules import rule_from_optimizer
-from .batchnorm import BN_POLICIES
 from .estimators import Binomial, Estimator, ExpansionPlan
 from .functional import check_estimator
 from .stats import MetaGradientStats
@@ -35,10 +34,13 @@ class DivergenceMonitor:
 
     def __init__(self) -> None:
         self.last_stats: Optional[MetaGradientStats] = None
+        self.skipped_losses = 0
+        self.skipped_tasks = 0
         self._warned = False
 
     def __call__(self, stats: MetaGradientStats) -> None:
         self.last_stats = stats
+        self.skipped_tasks += stats.skipped
         if stats.diverging and not self._warned:
             self._warned = True
             norms = ", ".join(f"{n:.3g}" for n in [stats.g_norm, *stats.contributions])
@@ -68,8 +70,13 @@ class MetaGradientEngine:
         randomness: for random ops (dropout) in the support loss, forwarded to
             ``torch.func.vmap``: ``"error"`` (default: a clear error), ``"same"`` or ``"different"``
             (the HVP replays draw new random numbers, so each is the HVP of a resampled loss).
-        bn: BatchNorm policy, ``"transductive"``: batch statistics everywhere, running buffers
-            untouched.
+        bn: BatchNorm policy: ``"transductive"`` (batch statistics everywhere, running buffers
+            untouched), ``"frozen"`` (running statistics, not updated) or ``"error"`` (refuse
+            BatchNorm layers that track running statistics); see :mod:`binom_opt.batchnorm`.
+        nan_policy: ``"raise"`` (default: a NaN/Inf meta-gradient is a ``FloatingPointError`` naming
+            where it appeared) or ``"skip_task"``: ``meta_backward(loss)`` adds nothing to ``.grad``
+            when any part of the loss's gradient is not finite (counted in ``skipped_losses``; call
+            it once per task to skip tasks one by one). A non-finite inner loss raises under both.
         override: ``{"lr": [one per adapted parameter]}`` replaces the optimizer's learning rates,
             as in ``higher``; tensors that require grad are meta-learned (Meta-SGD), scalar or
             of the parameter's shape.
@@ -96,14 +103,13 @@ class MetaGradientEngine:
         chunk_size: Optional[int] = None,
         randomness: str = "error",
         bn: str = "transductive",
+        nan_policy: str = "raise",
         override: Optional[Mapping[str, Sequence]] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         check_estimator(estimator)
         self.plan: ExpansionPlan = estimator.plan(steps)
-        if bn not in BN_POLICIES:
-            raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}.")
         adapted, _, _ = rule_from_optimizer(model, inner_opt, override)
         self.model = model
         self.inner_opt = inner_opt
@@ -116,7 +122,7 @@ class MetaGradientEngine:
         self._monitor = DivergenceMonitor()
         self._settings = AdaptationSettings(
             model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, steps=self.steps,
-            on_stats=self._monitor,
+            bn=bn, nan_policy=nan_policy, on_stats=self._monitor,
         )
 
     def adapt(self, closure: Callable[[Learner], torch.Tensor]) -> Learner:
@@ -136,6 +142,11 @@ class MetaGradientEngine:
         """Counts and norms of the last meta-gradient this engine computed."""
         return self._monitor.last_stats
 
+    @property
+    def skipped_losses(self) -> int:
+        """Losses whose meta-gradient ``meta_backward`` dropped under ``nan_policy="skip_task"``."""
+        return self._monitor.skipped_losses
+
     def meta_backward(self, outer_loss: torch.Tensor) -> None:
         """Accumulate the meta-gradient of ``outer_loss`` into ``.grad``, like ``outer_loss.backward()``."""
         loss = check_scalar_loss(outer_loss, "meta_backward")
@@ -144,4 +155,27 @@ class MetaGradientEngine:
                 "meta_backward got a loss with no autograd graph: compute it from the learner that "
                 "engine.adapt returned, outside torch.no_grad()."
             )
-        loss.backward()
+        if not depends_on_adaptation(loss):
+            raise ValueError(
+                "meta_backward got a loss that does not depend on an adapted learner (no engine.adapt output "
+                "in its graph): compute the query loss from the learner engine.adapt returned, e.g. "
+                "F.cross_entropy(learner(x_query), y_query), not from the model itself."
+            )
+        if self._settings.nan_policy != "skip_task":
+            loss.backward()
+            return
+        # skip_task: differentiate first, accumulate only if every part is finite, so that no
+        # NaN reaches .grad through the query forward either (the same sums loss.backward() makes).
+        leaves = leaves_requiring_grad(loss)
+        skipped_before = self._monitor.skipped_tasks
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if bool(torch.isfinite(loss.detach())) else None
+        if grads is None or self._monitor.skipped_tasks > skipped_before or not all(
+            g is None or bool(torch.isfinite(g).all()) for g in grads
+        ):
+            self._monitor.skipped_losses += 1
+            return
+        with torch.no_grad():
+            for leaf, g in zip(leaves, grads):
+                if g is not None:
+                    leaf.grad = g.clone() if leaf.grad is None else leaf.grad.add_(g)
+

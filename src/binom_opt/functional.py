@@ -116,7 +116,7 @@ def meta_gradients(
         with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
             result = expand(plan, g, step_size, oracle, steps=steps)
         check_finite(result)
-        out[estimator] = (result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory))
+        out[estimator] = (result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory, oracle))
     return out
 
 
@@ -253,7 +253,13 @@ def check_finite(result: ExpansionResult) -> None:
 
 
 def make_stats(
-    estimator: Estimator, plan: ExpansionPlan, steps: int, g: Tensors, result: ExpansionResult, trajectory: Trajectory
+    estimator: Estimator,
+    plan: ExpansionPlan,
+    steps: int,
+    g: Tensors,
+    result: ExpansionResult,
+    trajectory: Trajectory,
+    oracle=None,
 ) -> MetaGradientStats:
     return MetaGradientStats(
         estimator=estimator,
@@ -265,4 +271,5 @@ def make_stats(
         inner_losses=list(trajectory.losses),
         schedule=plan.schedule,
         g_norm=float(torch.sqrt(sum(t.detach().double().pow(2).sum() for t in g.values()))),
+        chunk_fallbacks=list(getattr(oracle, "chunk_fallbacks", [])),
     )

@@ -17,10 +17,12 @@ many run at once).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+
+from .trajectory import add_note
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
@@ -82,7 +84,9 @@ def trajectory_hvp_oracle(
             a function are vmapped together.
         points: the trajectory, each entry stacked along a leading step dimension.
         mode: HVP backend, see the module docstring.
-        chunk_size: passed to ``torch.func.vmap``; ``None`` computes a round's HVPs at once.
+        chunk_size: passed to ``torch.func.vmap``; ``None`` computes a round's HVPs at once. When a
+            batched round runs out of memory, it is retried with half the chunk size (down to 1)
+            and the smaller size is kept; ``oracle.chunk_fallbacks`` lists the sizes tried.
         randomness: passed to ``torch.func.vmap`` (``"error"``, ``"same"`` or ``"different"``).
     """
     check_chunk_size(chunk_size)
@@ -91,18 +95,27 @@ def trajectory_hvp_oracle(
     steps_total = next(iter(points.values())).shape[0]
     per_step = list(loss_fn) if isinstance(loss_fn, Sequence) else [loss_fn] * steps_total
     singles: Dict[int, Callable] = {}
-    batched: Dict[int, Callable] = {}
     for fn in per_step:
-        if id(fn) not in singles:
-            singles[id(fn)] = hvp_function(fn, mode)
-            batched[id(fn)] = vmap(singles[id(fn)], chunk_size=chunk_size, randomness=randomness)
+        singles.setdefault(id(fn), hvp_function(fn, mode))
+    chunk = [chunk_size]  # lowered for the rest of this oracle's life after an out-of-memory error
+    fallbacks: List[int] = []
 
     def run(fn_id: int, lo: int, hi: int, vectors: Tensors) -> Tensors:
         at = {n: t[lo:hi] for n, t in points.items()}
         if hi - lo == 1:  # a single HVP needs no vmap
             one = singles[fn_id]({n: t[0] for n, t in at.items()}, {n: t[0] for n, t in vectors.items()})
             return {n: t.unsqueeze(0) for n, t in one.items()}
-        return batched[fn_id](at, vectors)
+        while True:
+            try:
+                return vmap(singles[fn_id], chunk_size=chunk[0], randomness=randomness)(at, vectors)
+            except torch.OutOfMemoryError:
+                size = min(chunk[0] or hi - lo, hi - lo)
+                if size <= 1:
+                    raise
+                chunk[0] = size // 2  # retry the round with half as many HVPs at once
+                fallbacks.append(chunk[0])
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def oracle(steps: range, vectors: Tensors) -> Tensors:
         # Runs of consecutive steps with the same loss function: one vmapped call each.
@@ -130,9 +143,14 @@ def trajectory_hvp_oracle(
                     "is broken for an operator in your loss (known for F.mse_loss in torch 2.13). "
                     "Use hvp='rev' or hvp='auto'."
                 ) from error
+            add_note(error, "binom_opt: raised while replaying the support loss under torch.func (grad, vjp, vmap) "
+                            "for Hessian-vector products. In-place updates of tensors from outside the closure, "
+                            "module hooks that change state, and .item() or data-dependent Python branches on "
+                            "tensors are not allowed there.")
             raise
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
+    oracle.chunk_fallbacks = fallbacks  # the chunk sizes retried with after out-of-memory errors
     return oracle
 
 

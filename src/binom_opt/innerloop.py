@@ -46,7 +46,7 @@ class FunctionalModel:
     def __call__(self, *args, **kwargs):
         learner = self._loop.learner()
         if not self._track:
-            learner = Learner(learner.module, {n: t.detach() for n, t in learner.params.items()}, learner._batchnorms)
+            learner = Learner(learner.module, {n: t.detach() for n, t in learner.params.items()}, learner.bn)
         return learner(*args, **kwargs)
 
     @property
@@ -78,6 +78,7 @@ def innerloop_ctx(
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
     randomness: str = "error",
+    bn: str = "transductive",
     override: Optional[Mapping[str, Sequence]] = None,
 ) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
@@ -92,6 +93,7 @@ def innerloop_ctx(
         track_higher_grads: ``False`` for evaluation: plain steps, no meta-gradient.
         hvp, chunk_size, randomness: HVP backend, batching bound and vmap randomness (see
             :class:`~binom_opt.MetaGradientEngine`).
+        bn: BatchNorm policy (``"transductive"``, ``"frozen"``, ``"error"``; see :mod:`binom_opt.batchnorm`).
         override: ``{"lr": [one per adapted parameter]}``, as in higher; tensors that require
             grad are meta-learned (Meta-SGD).
 
@@ -123,6 +125,7 @@ def innerloop_ctx(
         hvp=hvp,
         chunk_size=chunk_size,
         randomness=randomness,
+        bn=bn,
         steps=steps,
         on_stats=DivergenceMonitor(),
     )

@@ -48,6 +48,7 @@ class MAML(nn.Module):
             instead of raising.
         hvp, chunk_size, randomness: HVP backend, batching bound and vmap randomness (see
             :class:`MetaGradientEngine`).
+        bn: BatchNorm policy (``"transductive"``, ``"frozen"``, ``"error"``; see :mod:`binom_opt.batchnorm`).
 
     Example:
         >>> import torch, torch.nn.functional as F, binom_opt as bo
@@ -73,6 +74,7 @@ class MAML(nn.Module):
         hvp: str = "auto",
         chunk_size: Optional[int] = None,
         randomness: str = "error",
+        bn: str = "transductive",
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -88,7 +90,7 @@ class MAML(nn.Module):
         step_sizes(lr, dict.fromkeys(adapted))  # validates lr now
         self._monitor = DivergenceMonitor()
         self._settings = AdaptationSettings(
-            model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, steps=steps,
+            model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, bn=bn, steps=steps,
             allow_unused=allow_unused, on_stats=self._monitor,
         )
 

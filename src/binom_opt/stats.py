@@ -27,6 +27,9 @@ class MetaGradientStats:
         inner_losses: the support loss at each inner step.
         schedule: ``"binomial"`` (batched rounds) or ``"sequential"`` (one HVP per round).
         g_norm: the norm of the outer gradient ``g``, the order-0 term.
+        chunk_fallbacks: chunk sizes the batched HVPs were retried with after running out of
+            memory (empty when none did).
+        skipped: the meta-gradient was not finite and ``nan_policy="skip_task"`` zeroed it.
     """
 
     estimator: Estimator
@@ -38,6 +41,8 @@ class MetaGradientStats:
     inner_losses: List[float] = field(default_factory=list)
     schedule: str = "sequential"
     g_norm: float = 0.0
+    chunk_fallbacks: List[int] = field(default_factory=list)
+    skipped: bool = False
 
     @property
     def diverging(self) -> bool:

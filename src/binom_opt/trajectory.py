@@ -11,7 +11,7 @@ import torch
 Tensors = Dict[str, torch.Tensor]
 StepSize = Mapping[str, Union[float, torch.Tensor]]
 
-__all__ = ["Trajectory", "run_sgd", "check_replay", "gradient_at", "sgd_update", "stack_points", "check_scalar_loss"]
+__all__ = ["Trajectory", "run_sgd", "check_replay", "gradient_at", "sgd_update", "stack_points", "check_scalar_loss", "add_note"]
 
 
 @dataclass
@@ -68,7 +68,13 @@ def gradient_at(
     """
     with torch.enable_grad():
         leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
-        loss = check_scalar_loss(loss_fn(leaves), "The inner-loss closure")
+        try:
+            loss = loss_fn(leaves)
+        except Exception as error:
+            add_note(error, f"binom_opt: raised by the support-loss closure at inner step {step}; check that the data, "
+                            "the model and the inner optimizer's parameters share one dtype and one device.")
+            raise
+        loss = check_scalar_loss(loss, "The inner-loss closure")
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(
@@ -90,6 +96,12 @@ def gradient_at(
             "the support loss uses (leave the others out of the inner optimizer), or allow_unused=True."
         )
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}, value
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """Attach context to an exception without changing its type (PEP 678; a no-op before Python 3.11)."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
 
 
 def sgd_update(phi: Tensors, grads: Tensors, step_size: StepSize) -> Tensors:

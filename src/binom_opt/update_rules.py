@@ -122,6 +122,12 @@ def rule_from_optimizer(
                     f"inner_opt holds a parameter of shape {tuple(p.shape)} that is not a parameter of "
                     "the model: build inner_opt over (a subset of) model.parameters()."
                 )
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"Parameter {names[id(p)]!r} has dtype {p.dtype}: only real floating-point parameters can "
+                    "adapt. Leave it out of inner_opt (complex parameters: adapt the real and imaginary parts "
+                    "as two real parameters)."
+                )
             if not p.requires_grad:
                 raise ValueError(
                     f"Parameter {names[id(p)]!r} is in inner_opt but has requires_grad=False: "
