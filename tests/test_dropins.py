@@ -255,3 +255,29 @@ def test_randomness_is_forwarded_to_vmap(randomness):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     with pytest.raises(ValueError, match="randomness must be one of"):
         bo.MAML(model, lr=0.1, randomness="fresh")
+
+
+def test_randomness_same_replays_the_dropout_masks_exactly_like_higher_with_fixed_masks():
+    """randomness='same': one random stream per task, so at L=K the meta-gradient is exact."""
+    (xs, ys, xq, yq), = tasks(1)
+    results = []
+    for use_higher in (True, False):
+        model = dropout_model()
+        torch.manual_seed(5)
+        if use_higher:
+            state = torch.get_rng_state()
+
+            def masked(f, x):
+                with torch.random.fork_rng():
+                    torch.set_rng_state(state)
+                    return f(x)
+
+            with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False) as (f, opt):
+                for _ in range(STEPS):
+                    opt.step(F.cross_entropy(masked(f, xs), ys))
+                F.cross_entropy(f(xq), yq).backward()
+        else:
+            engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), STEPS, bo.Binomial(STEPS), randomness="same")
+            F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(xs), ys))(xq), yq).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert R.relative_error(results[1], results[0]) < TOL

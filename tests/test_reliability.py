@@ -203,3 +203,32 @@ def test_meta_gradients_are_bitwise_reproducible_on_cpu(estimator):
         engine.meta_backward(F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(x), y))(x), y))
         runs.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("estimator", [bo.Binomial(1), bo.Binomial(2), bo.Hybrid(1, 2), bo.Exact()])
+def test_randomness_same_is_the_brute_force_expansion_of_the_masked_loss(estimator):
+    """Dropout active; randomness='same' replays each task's masks, batched HVP rounds included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    xs, xq = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    ys, yq = torch.arange(6) % 3, torch.arange(9) % 3
+    torch.manual_seed(5)
+    support_state = torch.get_rng_state()
+    torch.manual_seed(7)
+    query_state = torch.get_rng_state()
+
+    def with_state(state, fn):
+        with torch.random.fork_rng():
+            torch.set_rng_state(state)
+            return fn()
+
+    query = lambda m: with_state(query_state, lambda: F.cross_entropy(m(xq), yq))
+    support = lambda m: with_state(support_state, lambda: F.cross_entropy(m(xs), ys))
+    names = [n for n, _ in model.named_parameters()]
+    unrolled = R.unroll(model, names, dict.fromkeys(names, 0.1), support, query, 3)
+    torch.set_rng_state(support_state)  # the engine records the state at its first step
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 3, estimator, randomness="same")
+    query(engine.adapt(lambda m: F.cross_entropy(m(xs), ys))).backward()
+    expected = R.unflatten(R.brute_force(unrolled, estimator, 3)[0], dict(model.named_parameters()))
+    assert R.relative_error({n: p.grad for n, p in model.named_parameters()}, expected) < TOL

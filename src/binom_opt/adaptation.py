@@ -16,6 +16,7 @@ second-order factors and ``L = K`` is exact.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -77,9 +78,10 @@ class AdaptationSettings:
         steps: the number of inner steps every adaptation must take (``None``: any number).
         allow_unused: adapted parameters the support loss does not use get zero gradients
             instead of an error.
-        randomness: ``torch.func.vmap``'s randomness for the batched HVP replays: ``"error"``
-            (random ops in the support loss are an error), ``"same"`` or ``"different"`` (replays
-            draw new random numbers; the replayed loss is then not checked against the recorded one).
+        randomness: random ops (dropout) in the support loss: ``"error"`` (an error under the
+            batched HVPs), ``"same"`` (every inner step and every replay of a task draws the same
+            random numbers, so replays are exact; vmap's ``"same"``) or ``"different"`` (replays draw
+            new random numbers, each HVP is that of a resampled loss; vmap's ``"different"``).
         bn: BatchNorm policy, see :mod:`binom_opt.batchnorm`.
         nan_policy: ``"raise"`` (a NaN/Inf meta-gradient is a ``FloatingPointError`` naming where it
             first appeared) or ``"skip_task"`` (that task's meta-gradient through the adaptation is
@@ -134,6 +136,7 @@ class InnerLoop:
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._sealed: Optional[Tensors] = None
         self._status = _Status()
+        self._rng: Optional[_RandomState] = None  # randomness="same": the task's one random stream
 
     @property
     def steps_taken(self) -> int:
@@ -158,9 +161,11 @@ class InnerLoop:
                 f"{type(closure).__name__}: binom_opt replays the support loss at recorded points to take "
                 "Hessian-vector products after the inner loop, so it needs the function, not one value."
             )
+        if self.settings.randomness == "same" and self._rng is None:
+            self._rng = _RandomState.capture(self._phi.values())
         known = self._closures.get(id(closure))
         if known is None:
-            loss_fn = _support_loss(self.settings, closure)
+            loss_fn = _support_loss(self.settings, closure, self._rng)
             self._closures[id(closure)] = (closure, loss_fn)
         else:
             loss_fn = known[1]
@@ -218,11 +223,40 @@ class InnerLoop:
         return Learner(self.settings.model, self.params(), self.settings.batchnorm)
 
 
-def _support_loss(settings: AdaptationSettings, closure: Callable) -> Callable[[Tensors], torch.Tensor]:
+def _support_loss(settings: AdaptationSettings, closure: Callable, rng: Optional["_RandomState"]) -> Callable[[Tensors], torch.Tensor]:
     def support_loss(point: Tensors) -> torch.Tensor:
-        return closure(Learner(settings.model, point, settings.batchnorm))
+        if rng is None:
+            return closure(Learner(settings.model, point, settings.batchnorm))
+        with rng.replay():
+            return closure(Learner(settings.model, point, settings.batchnorm))
 
     return support_loss
+
+
+@dataclass
+class _RandomState:
+    """The random-number state a task's support loss always starts from (``randomness="same"``).
+
+    Every inner step and every replay draws the same random numbers (the same dropout masks),
+    so the replayed loss is exactly the one the inner loop differentiated. The caller's own
+    random stream is left as it was.
+    """
+
+    cpu: torch.Tensor
+    cuda: Dict[int, torch.Tensor]
+
+    @classmethod
+    def capture(cls, tensors) -> "_RandomState":
+        devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices})
+
+    @contextlib.contextmanager
+    def replay(self):
+        with torch.random.fork_rng(devices=list(self.cuda)):
+            torch.set_rng_state(self.cpu)
+            for device, state in self.cuda.items():
+                torch.cuda.set_rng_state(state, device)
+            yield
 
 
 @dataclass
@@ -255,7 +289,7 @@ class _Record:
                 f"exactly {settings.steps} times before computing the query loss (or leave steps=None)."
             )
         plan = settings.estimator.plan(steps)
-        if plan.levels > 0 and settings.randomness == "error":
+        if plan.levels > 0 and settings.randomness != "different":
             check_replay(self.loss_fns, self.trajectory)
         oracle = trajectory_hvp_oracle(
             self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size, settings.randomness
