@@ -195,3 +195,12 @@ def test_torchrun_two_ranks_train_like_one_process(tmp_path, cache_dir):
     for a, b in zip(sharded["history"]["train"], single["history"]["train"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == pytest.approx(b["accuracy"])
     assert len(list((tmp_path / "ranks").glob("checkpoint*"))) == 1  # rank 0 alone writes
+
+
+@needs_data
+def test_two_runs_with_one_seed_are_bitwise_identical(tmp_path, cache_dir):
+    first = script("omniglot_anil").main(tiny(tmp_path / "a", cache_dir, 2))
+    second = script("omniglot_anil").main(tiny(tmp_path / "b", cache_dir, 2))
+    assert first["history"]["train"] == second["history"]["train"] and first["test"] == second["test"]
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -232,3 +232,11 @@ def test_randomness_same_is_the_brute_force_expansion_of_the_masked_loss(estimat
     query(engine.adapt(lambda m: F.cross_entropy(m(xs), ys))).backward()
     expected = R.unflatten(R.brute_force(unrolled, estimator, 3)[0], dict(model.named_parameters()))
     assert R.relative_error({n: p.grad for n, p in model.named_parameters()}, expected) < TOL
+
+
+def test_non_finite_inner_gradient_is_named_at_its_step():
+    case = mlp_sine()
+    engine = bo.MetaGradientEngine(case.model, case.inner_opt(), 3)
+    x = torch.zeros(4, 1, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"inner gradient of .* not finite at inner step 0"):
+        engine.adapt(lambda m: torch.sqrt(((m(x) - m(x).detach()) ** 2).sum()))

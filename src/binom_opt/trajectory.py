@@ -89,6 +89,13 @@ def gradient_at(
         if inspect is not None:
             inspect(loss, leaves)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    bad = [n for n, g in zip(leaves, grads) if g is not None and not bool(torch.isfinite(g).all())]
+    if bad:
+        raise FloatingPointError(
+            f"The inner gradient of {bad} is not finite at inner step {step} although the loss is {value!r}: an "
+            "operation in the support loss has an infinite derivative there (e.g. sqrt or log at 0). Clamp "
+            "its input away from the singularity."
+        )
     unused = [n for n, g in zip(leaves, grads) if g is None]
     if unused and not allow_unused:
         raise ValueError(
