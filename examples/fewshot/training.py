@@ -146,7 +146,11 @@ def build_parser(description: str, defaults: Optional[dict] = None, *, choose_es
         p.set_defaults(estimator="binom")
     inner.add_argument("--L", type=_non_negative_int, default=1, help="expansion order of trunc/binom/hybrid")
     inner.add_argument("--C", type=_non_negative_int, default=None, help="hybrid: last steps that keep Hessians; None: K-1")
-    inner.add_argument("--hessian-scale", choices=("exact", "paper"), default="exact", help="alpha inside binom/hybrid")
+    inner.add_argument(
+        "--hessian-scale", choices=("exact", "paper"), default="paper",
+        help="alpha inside binom/hybrid: 'paper' uses L*alpha/K as the paper does on real data; with 'exact' the "
+             "series diverges for Omniglot ANIL at alpha=0.1 (Binomial(1) 88.8%%, Binomial(2) 72.6%% vs 95.6%%, see README)",
+    )
     outer = p.add_argument_group("meta-training")
     outer.add_argument("--meta-batch", type=_positive_int, default=32, help="tasks per meta-gradient")
     outer.add_argument("--iterations", type=_non_negative_int, default=60000, help="meta-training iterations")
