@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 from torch.func import functional_call
 
 import binom_opt as bo
