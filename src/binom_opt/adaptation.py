@@ -128,8 +128,7 @@ class InnerLoop:
         self._initial = {n: params[n] for n in settings.adapted}
         self._phi = {n: p.detach() for n, p in self._initial.items()}
         self._state = {n: rules[n].init_state(p) for n, p in self._phi.items()}
-        self._records: List[Tuple[Tensors, Dict[str, Tensors], Tensors]] = []
-        self._points: List[Tensors] = []
+        self._records: List[Tuple[Tensors, Dict[str, Tensors], Tensors]] = []  # (phi_k, state_k, grad_k)
         self._loss_fns: List[Callable] = []
         self._losses: List[float] = []
         self._closures: Dict[int, Tuple[Callable, Callable]] = {}  # id -> (closure, loss_fn)
@@ -140,7 +139,7 @@ class InnerLoop:
 
     @property
     def steps_taken(self) -> int:
-        return len(self._points)
+        return len(self._records)
 
     @property
     def finished(self) -> bool:
@@ -182,7 +181,6 @@ class InnerLoop:
             inspect=find_meta_inputs if known is None else None,
         )
         self._records.append((self._phi, self._state, grads))
-        self._points.append(self._phi)
         self._loss_fns.append(loss_fn)
         self._losses.append(value)
         k = self.steps_taken - 1
@@ -197,14 +195,14 @@ class InnerLoop:
 
     def params(self) -> Tensors:
         """The adapted parameters after the steps so far, differentiable with respect to the meta-parameters."""
-        if not self._points:
+        if not self._records:
             return dict(self._initial)
         if self._sealed is None:
             record = _Record(
                 settings=self.settings,
                 hyper=self.hyper,
                 status=self._status,
-                trajectory=Trajectory(stack_points(self._points), dict(self._phi), list(self._losses)),
+                trajectory=Trajectory(stack_points([r[0] for r in self._records]), dict(self._phi), list(self._losses)),
                 loss_fns=list(self._loss_fns),
                 meta_inputs=list(self._meta_inputs.values()),
                 adjoint=RuleAdjoint(self.rules, self.hyper, list(self._records)),

@@ -1,4 +1,4 @@
-"""``MetaGradientEngine``: graph-free meta-gradients for any ``nn.Module`` and a ``torch.optim.SGD``.
+"""``MetaGradientEngine``: graph-free meta-gradients for any ``nn.Module`` and a ``torch.optim`` inner optimizer.
 
 ``engine.adapt(closure)`` runs the inner loop and returns a learner whose parameters are the
 output of a custom ``torch.autograd.Function`` whose backward applies the estimator (see
@@ -67,9 +67,10 @@ class MetaGradientEngine:
         estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()``.
         hvp: ``"auto"`` (reverse-over-reverse), ``"rev"`` or ``"fwd"``.
         chunk_size: at most this many HVPs at once in a batched round (``None``: all).
-        randomness: for random ops (dropout) in the support loss, forwarded to
-            ``torch.func.vmap``: ``"error"`` (default: a clear error), ``"same"`` or ``"different"``
-            (the HVP replays draw new random numbers, so each is the HVP of a resampled loss).
+        randomness: for random ops (dropout) in the support loss: ``"error"`` (default: a clear
+            error), ``"same"`` (every inner step and replay of a task draws the same random numbers,
+            so the meta-gradient is exact for that fixed-mask loss) or ``"different"`` (the HVP
+            replays draw new random numbers); forwarded to ``torch.func.vmap``.
         bn: BatchNorm policy: ``"transductive"`` (batch statistics everywhere, running buffers
             untouched), ``"frozen"`` (running statistics, not updated) or ``"error"`` (refuse
             BatchNorm layers that track running statistics); see :mod:`binom_opt.batchnorm`.
