@@ -48,7 +48,7 @@ def test_batched_chunking_and_stats():
     full, stats = meta_gradient_batched(loss, loss, params, tasks, steps=5, lr=0.01, estimator=bo.Binomial(2), return_stats=True)
     chunked = meta_gradient_batched(loss, loss, params, tasks, steps=5, lr=0.01, estimator=bo.Binomial(2), chunk_size=1)
     assert all(torch.allclose(full[n], chunked[n], rtol=1e-12, atol=0) for n in params)
-    assert stats.hvp_count == 2 * 4 and stats.rounds == 2 and len(stats.inner_losses) == 5
+    assert stats.hvp_count == 8 * B and stats.rounds == 2 and len(stats.inner_losses) == 5
 
 
 def test_batched_bad_input():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,14 +30,15 @@ from .batchnorm import BatchNormPolicy
 from .estimators import Estimator
 from .expansion import expand
 from .functional import check_finite, make_stats
-from .hvp import check_chunk_size, check_randomness, resolve_hvp_mode, trajectory_hvp_oracle
+from .hvp import check_randomness, resolve_hvp_mode, trajectory_hvp_oracle
+from .memory import check_chunk_size, parse_memory_budget
 from .stats import MetaGradientStats
 from .trajectory import Trajectory, check_replay, gradient_at, stack_points
 from .update_rules import Hyper, RuleAdjoint, UpdateRule
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["Learner", "AdaptationSettings", "InnerLoop", "depends_on_adaptation", "leaves_requiring_grad", "NAN_POLICIES"]
+__all__ = ["Learner", "AdaptationSettings", "InnerLoop", "depends_on_adaptation", "leaves_requiring_grad", "NAN_POLICIES", "ADAPTATION_NODES"]
 
 NAN_POLICIES = ("raise", "skip_task")
 
@@ -74,7 +75,8 @@ class AdaptationSettings:
         model: the model whose parameters are meta-learned.
         adapted: names of the parameters that take inner steps.
         estimator: the meta-gradient estimator.
-        hvp, chunk_size: HVP backend and batching bound (see :mod:`binom_opt.hvp`).
+        hvp, chunk_size, memory_budget: HVP backend and batching bounds (see :mod:`binom_opt.hvp`
+            and :mod:`binom_opt.memory`).
         steps: the number of inner steps every adaptation must take (``None``: any number).
         allow_unused: adapted parameters the support loss does not use get zero gradients
             instead of an error.
@@ -94,6 +96,7 @@ class AdaptationSettings:
     estimator: Estimator
     hvp: str = "auto"
     chunk_size: Optional[int] = None
+    memory_budget: Union[None, int, str] = None
     steps: Optional[int] = None
     allow_unused: bool = False
     randomness: str = "error"
@@ -105,6 +108,7 @@ class AdaptationSettings:
     def __post_init__(self) -> None:
         resolve_hvp_mode(self.hvp)
         check_chunk_size(self.chunk_size)
+        parse_memory_budget(self.memory_budget)
         check_randomness(self.randomness)
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}.")
@@ -290,7 +294,8 @@ class _Record:
         if plan.levels > 0 and settings.randomness != "different":
             check_replay(self.loss_fns, self.trajectory)
         oracle = trajectory_hvp_oracle(
-            self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size, settings.randomness
+            self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size, settings.randomness,
+            settings.memory_budget,
         )
         step_size = {n: _detached(h)["lr"] for n, h in self.hyper.items()}
         result = expand(
@@ -364,6 +369,10 @@ class _Adaptation(torch.autograd.Function):
         return (None, *meta_grad.values(), *meta_input_grads)
 
 
+# The autograd Functions whose outputs are adapted parameters (the task-batched one registers too).
+ADAPTATION_NODES: List[type] = [_Adaptation]
+
+
 def depends_on_adaptation(loss: torch.Tensor) -> bool:
     """Whether the autograd graph of ``loss`` contains an adaptation node (a learner's parameters)."""
     seen, stack = set(), [loss.grad_fn]
@@ -371,7 +380,7 @@ def depends_on_adaptation(loss: torch.Tensor) -> bool:
         node = stack.pop()
         if node is None or node in seen:
             continue
-        if isinstance(node, _Adaptation._backward_cls):
+        if isinstance(node, tuple(f._backward_cls for f in ADAPTATION_NODES)):
             return True
         seen.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)

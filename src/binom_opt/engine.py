@@ -10,11 +10,12 @@ composes with other loss terms.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .batch_adaptation import BatchedLearner, adapt_batch
 from .adaptation import AdaptationSettings, InnerLoop, Learner, depends_on_adaptation, leaves_requiring_grad
 from .update_rules import rule_from_optimizer
 from .estimators import Binomial, Estimator, ExpansionPlan
@@ -67,6 +68,10 @@ class MetaGradientEngine:
         estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()``.
         hvp: ``"auto"`` (reverse-over-reverse), ``"rev"`` or ``"fwd"``.
         chunk_size: at most this many HVPs at once in a batched round (``None``: all).
+        memory_budget: bytes, or a string such as ``"1GiB"``, for the activations of one batched
+            HVP round; the number of HVPs run at once follows from one HVP's measured activations
+            (see :mod:`binom_opt.memory`). ``None``: no budget (a round runs at once unless
+            ``chunk_size`` says otherwise; an out-of-memory error still halves it).
         randomness: for random ops (dropout) in the support loss: ``"error"`` (default: a clear
             error), ``"same"`` (every inner step and replay of a task draws the same random numbers,
             so the meta-gradient is exact for that fixed-mask loss) or ``"different"`` (the HVP
@@ -106,6 +111,7 @@ class MetaGradientEngine:
         bn: str = "transductive",
         nan_policy: str = "raise",
         override: Optional[Mapping[str, Sequence]] = None,
+        memory_budget: Union[None, int, str] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -123,7 +129,7 @@ class MetaGradientEngine:
         self._monitor = DivergenceMonitor()
         self._settings = AdaptationSettings(
             model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, steps=self.steps,
-            bn=bn, nan_policy=nan_policy, on_stats=self._monitor,
+            bn=bn, nan_policy=nan_policy, on_stats=self._monitor, memory_budget=memory_budget,
         )
 
     def adapt(self, closure: Callable[[Learner], torch.Tensor]) -> Learner:
@@ -137,6 +143,39 @@ class MetaGradientEngine:
         for _ in range(self.steps):
             loop.step(closure)
         return loop.learner()
+
+    def adapt_batch(self, closure: Callable[[Learner, object], torch.Tensor], tasks) -> BatchedLearner:
+        """Adapt to every task of a meta-batch at once: one vmapped call per inner step and per HVP round.
+
+        Args:
+            closure: ``(learner, task) -> support loss`` for ONE task; ``task`` is that task's slice
+                of ``tasks``. It must be a pure function of its arguments (it is vmapped and replayed).
+            tasks: a tensor or a tuple/list/dict of tensors with a leading task dimension ``B``
+                (e.g. ``(x_support, y_support)`` of shapes ``[B, N, ...]`` and ``[B, N]``). Tensors in
+                it that require grad (features from a body) get meta-gradients too.
+
+        Returns:
+            A :class:`~binom_opt.batch_adaptation.BatchedLearner`: ``learners(x_query)`` with
+            ``x_query`` of shape ``[B, Q, ...]`` gives ``[B, Q, ...]`` outputs. The gradient of a
+            loss on them is the sum over tasks of each task's meta-gradient, equal to the loop
+            over :meth:`adapt` up to float rounding.
+
+        Plain SGD inner optimizers only (no momentum, weight decay or learned learning rates);
+        use :meth:`adapt` for the others. Example:
+
+            >>> import torch, torch.nn.functional as F, binom_opt as bo
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+            >>> engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3)
+            >>> xs, ys = torch.randn(8, 6, 4), torch.arange(6).repeat(8, 1) % 3      # 8 tasks
+            >>> xq, yq = torch.randn(8, 9, 4), torch.arange(9).repeat(8, 1) % 3
+            >>> learners = engine.adapt_batch(lambda m, task: F.cross_entropy(m(task[0]), task[1]), (xs, ys))
+            >>> logits = learners(xq)                                                   # [8, 9, 3]
+            >>> engine.meta_backward(F.cross_entropy(logits.flatten(0, 1), yq.flatten()))
+            >>> engine.last_stats.hvp_count                                             # 3 per task
+            24
+        """
+        _, rules, hyper = rule_from_optimizer(self.model, self.inner_opt, self.override)
+        return adapt_batch(self._settings, rules, hyper, closure, tasks)
 
     @property
     def last_stats(self) -> Optional[MetaGradientStats]:

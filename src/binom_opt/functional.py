@@ -7,18 +7,21 @@ its points (:mod:`binom_opt.hvp`) and the estimator's arithmetic (:mod:`binom_op
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, vmap
 
 from .estimators import Binomial, Estimator, ExpansionPlan
 from .expansion import ExpansionResult, expand
-from .hvp import check_chunk_size, hvp_function, trajectory_hvp_oracle
+from .batched import batched_hvp_oracle, run_sgd_batched, task_count
+from .hvp import trajectory_hvp_oracle
+from .memory import Chunking
 from .stats import MetaGradientStats
-from .trajectory import Trajectory, check_replay, check_scalar_loss, run_sgd, stack_points
+from .trajectory import Trajectory, check_replay, check_scalar_loss, run_sgd
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
@@ -36,6 +39,7 @@ def meta_gradient(
     estimator: Estimator = Binomial(1),
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
+    memory_budget: Union[None, int, str] = None,
     return_stats: bool = False,
 ) -> Union[Tensors, Tuple[Tensors, MetaGradientStats]]:
     """The meta-gradient of ``outer_loss(phi_K)`` with respect to the initial point ``params``.
@@ -54,6 +58,8 @@ def meta_gradient(
         estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()``.
         hvp: ``"auto"``, ``"rev"`` (reverse-over-reverse) or ``"fwd"`` (forward-over-reverse).
         chunk_size: at most this many HVPs at once in a batched round (``None``: all).
+        memory_budget: bytes (or a string such as ``"1GiB"``) for a batched round's activations;
+            the chunk size follows from one HVP's measured activations (:mod:`binom_opt.memory`).
         return_stats: also return a :class:`~binom_opt.MetaGradientStats`.
 
     Returns:
@@ -72,7 +78,8 @@ def meta_gradient(
         True
     """
     (result, stats), = meta_gradients(
-        inner_loss, outer_loss, params, steps=steps, lr=lr, estimators=[estimator], hvp=hvp, chunk_size=chunk_size
+        inner_loss, outer_loss, params, steps=steps, lr=lr, estimators=[estimator], hvp=hvp, chunk_size=chunk_size,
+        memory_budget=memory_budget,
     ).values()
     return (result, stats) if return_stats else result
 
@@ -87,6 +94,7 @@ def meta_gradients(
     estimators: Sequence[Estimator],
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
+    memory_budget: Union[None, int, str] = None,
 ) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
     """Several estimators on ONE inner loop: ``{estimator: (meta_gradient, stats)}``.
 
@@ -110,7 +118,7 @@ def meta_gradients(
     trajectory = run_sgd(inner_loss, params, step_size, steps)
     g = outer_gradient(outer_loss, trajectory.final)
     check_replay([inner_loss] * steps, trajectory)
-    oracle = trajectory_hvp_oracle(inner_loss, trajectory.points, hvp, chunk_size)
+    oracle = trajectory_hvp_oracle(inner_loss, trajectory.points, hvp, chunk_size, memory_budget=memory_budget)
     out = {}
     for estimator, plan in plans.items():
         with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
@@ -131,6 +139,7 @@ def meta_gradient_batched(
     estimator: Estimator = Binomial(1),
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
+    memory_budget: Union[None, int, str] = None,
     return_stats: bool = False,
 ):
     """Per-task meta-gradients for a whole meta-batch, every inner step and HVP round batched over tasks.
@@ -139,6 +148,7 @@ def meta_gradient_batched(
     ``B``; ``inner_loss(params, task)`` and ``outer_loss(params, task)`` see one task at a time
     (they are vmapped). A meta-batch costs one batched call per inner step and per HVP round
     (tasks x trajectory points in one vmap) instead of ``B`` Python iterations.
+    ``chunk_size`` and ``memory_budget`` bound the HVPs (steps x tasks) run at once.
 
     Returns:
         A dict like ``params`` whose entries have a leading task dimension (average them for the
@@ -159,54 +169,20 @@ def meta_gradient_batched(
     check_estimator(estimator)
     plan = estimator.plan(steps)
     step_size = step_sizes(lr, params)
-    check_chunk_size(chunk_size)
-    size = {t.shape[0] for t in _leaves(tasks)}
-    if len(size) != 1:
-        raise ValueError(f"Every tensor in tasks needs the same leading task dimension, got sizes {sorted(size)}.")
-    B = size.pop()
-    inner_grad = vmap(grad_and_value(inner_loss))
-    phi = {n: p.detach().unsqueeze(0).expand(B, *p.shape) for n, p in params.items()}
-    points, losses = [], []
+    chunking = Chunking(chunk_size, memory_budget)
+    B = task_count(tasks)
+    loss = lambda phi, extra, task: inner_loss(phi, task)
+    trajectory = run_sgd_batched(loss, params, {}, tasks, step_size, steps)
     with torch.no_grad():
-        for k in range(steps):
-            grads, values = inner_grad(phi, tasks)
-            if not bool(torch.isfinite(values).all()):
-                raise FloatingPointError(
-                    f"The inner loss is not finite at inner step {k} for task(s) "
-                    f"{torch.nonzero(~torch.isfinite(values)).flatten().tolist()}: lower the inner learning rate "
-                    "or check those tasks' data."
-                )
-            points.append(phi)
-            losses.append(values)
-            phi = {n: phi[n] - step_size[n] * grads[n] for n in phi}
-        g = vmap(grad(outer_loss))(phi, tasks)
-
-        def task_hvp(point, vector, task):
-            return hvp_function(lambda p: inner_loss(p, task), hvp)(point, vector)
-
-        per_task = vmap(task_hvp)  # over tasks
-        over_steps = vmap(per_task, in_dims=(0, 0, None), chunk_size=chunk_size)  # over trajectory points
-        stacked = stack_points(points)
-
-        def oracle(rng: range, vectors: Tensors) -> Tensors:
-            return over_steps({n: t[rng.start : rng.stop] for n, t in stacked.items()}, vectors, tasks)
-
+        g = vmap(grad(outer_loss))(trajectory.final, tasks)
+        oracle = batched_hvp_oracle(loss, trajectory, {}, tasks, hvp, chunking)
         result = expand(plan, g, step_size, oracle, steps=steps)
     check_finite(result)
     if not return_stats:
         return result.meta_grad
-    trajectory = Trajectory(stacked, phi, [float(v.mean()) for v in losses])
-    return result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory)
-
-
-def _leaves(tree) -> list:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, Mapping):
-        return [leaf for value in tree.values() for leaf in _leaves(value)]
-    if isinstance(tree, (tuple, list)):
-        return [leaf for value in tree for leaf in _leaves(value)]
-    raise TypeError(f"tasks must be a tensor or a tuple/list/dict of tensors, got {type(tree).__name__}.")
+    flat = Trajectory(trajectory.points, trajectory.final, trajectory.mean_losses)
+    stats = make_stats(estimator, plan, steps, g, result, flat, oracle)
+    return result.meta_grad, dataclasses.replace(stats, hvp_count=stats.hvp_count * B)
 
 
 def check_estimator(estimator: object) -> None:
@@ -261,6 +237,7 @@ def make_stats(
     trajectory: Trajectory,
     oracle=None,
 ) -> MetaGradientStats:
+    chunking = getattr(oracle, "chunking", None)
     return MetaGradientStats(
         estimator=estimator,
         steps=steps,
@@ -271,5 +248,7 @@ def make_stats(
         inner_losses=list(trajectory.losses),
         schedule=plan.schedule,
         g_norm=float(torch.sqrt(sum(t.detach().double().pow(2).sum() for t in g.values()))),
-        chunk_fallbacks=list(getattr(oracle, "chunk_fallbacks", [])),
+        chunk_fallbacks=list(chunking.fallbacks) if chunking else [],
+        hvps_at_once=chunking.used if chunking else None,
+        per_hvp_bytes=chunking.per_hvp_bytes if chunking else None,
     )

@@ -17,17 +17,19 @@ many run at once).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from .memory import Chunking, check_chunk_size, hvp_activation_bytes
 from .trajectory import add_note
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
 
-__all__ = ["HVP_MODES", "HVPBackendError", "resolve_hvp_mode", "hvp_function", "trajectory_hvp_oracle", "check_chunk_size", "check_randomness"]
+__all__ = ["HVP_MODES", "HVPBackendError", "resolve_hvp_mode", "hvp_function", "trajectory_hvp_oracle", "check_chunk_size", "check_randomness", "explained_replay_errors"]
 
 HVP_MODES = ("auto", "rev", "fwd")
 
@@ -75,6 +77,7 @@ def trajectory_hvp_oracle(
     mode: str = "auto",
     chunk_size: Optional[int] = None,
     randomness: str = "error",
+    memory_budget: Union[None, int, str] = None,
 ):
     """An oracle for :func:`binom_opt.expansion.expand` over recorded trajectory points.
 
@@ -84,38 +87,32 @@ def trajectory_hvp_oracle(
             a function are vmapped together.
         points: the trajectory, each entry stacked along a leading step dimension.
         mode: HVP backend, see the module docstring.
-        chunk_size: passed to ``torch.func.vmap``; ``None`` computes a round's HVPs at once. When a
-            batched round runs out of memory, it is retried with half the chunk size (down to 1)
-            and the smaller size is kept; ``oracle.chunk_fallbacks`` lists the sizes tried.
+        chunk_size: at most this many HVPs at once (``None``: a round's HVPs at once).
         randomness: passed to ``torch.func.vmap`` (``"error"``, ``"same"`` or ``"different"``).
+        memory_budget: bytes (or ``"512MiB"``) for one round's activations; the chunk size
+            follows from one HVP's measured activations (see :mod:`binom_opt.memory`). A round
+            that runs out of memory is retried with half the chunk size, down to 1.
+
+    The oracle's ``chunking`` attribute (a :class:`~binom_opt.memory.Chunking`) tells what ran.
     """
-    check_chunk_size(chunk_size)
     check_randomness(randomness)
+    chunking = Chunking(chunk_size, memory_budget)
     mode = resolve_hvp_mode(mode)
     steps_total = next(iter(points.values())).shape[0]
     per_step = list(loss_fn) if isinstance(loss_fn, Sequence) else [loss_fn] * steps_total
     singles: Dict[int, Callable] = {}
     for fn in per_step:
         singles.setdefault(id(fn), hvp_function(fn, mode))
-    chunk = [chunk_size]  # lowered for the rest of this oracle's life after an out-of-memory error
-    fallbacks: List[int] = []
 
     def run(fn_id: int, lo: int, hi: int, vectors: Tensors) -> Tensors:
         at = {n: t[lo:hi] for n, t in points.items()}
         if hi - lo == 1:  # a single HVP needs no vmap
             one = singles[fn_id]({n: t[0] for n, t in at.items()}, {n: t[0] for n, t in vectors.items()})
             return {n: t.unsqueeze(0) for n, t in one.items()}
-        while True:
-            try:
-                return vmap(singles[fn_id], chunk_size=chunk[0], randomness=randomness)(at, vectors)
-            except torch.OutOfMemoryError:
-                size = min(chunk[0] or hi - lo, hi - lo)
-                if size <= 1:
-                    raise
-                chunk[0] = size // 2  # retry the round with half as many HVPs at once
-                fallbacks.append(chunk[0])
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+        measure = lambda: hvp_activation_bytes(per_step[lo], {n: t[0] for n, t in at.items()})
+        return chunking.run(
+            hi - lo, measure, lambda chunk: vmap(singles[fn_id], chunk_size=chunk, randomness=randomness)(at, vectors)
+        )
 
     def oracle(steps: range, vectors: Tensors) -> Tensors:
         # Runs of consecutive steps with the same loss function: one vmapped call each.
@@ -124,34 +121,41 @@ def trajectory_hvp_oracle(
             if j == steps.stop or per_step[j] is not per_step[start]:
                 runs.append((start, j))
                 start = j
-        try:
+        with explained_replay_errors(mode, randomness):
             parts = [
                 run(id(per_step[lo]), lo, hi, {n: t[lo - steps.start : hi - steps.start] for n, t in vectors.items()})
                 for lo, hi in runs
             ]
-        except RuntimeError as error:
-            if "randomness" in str(error) and randomness == "error":
-                raise RuntimeError(
-                    "The support loss draws random numbers (dropout or another random op) inside the batched "
-                    "HVPs. Pass randomness='same' or 'different' (forwarded to torch.func.vmap; the replays then "
-                    "draw new masks, so each HVP is that of a resampled loss), or make the support loss "
-                    "deterministic, e.g. with the dropout layers in eval mode."
-                ) from error
-            if mode == "fwd" and "ZeroTensors are immutable" in str(error):
-                raise HVPBackendError(
-                    "The forward-over-reverse HVP (hvp='fwd') failed inside PyTorch: forward-mode AD "
-                    "is broken for an operator in your loss (known for F.mse_loss in torch 2.13). "
-                    "Use hvp='rev' or hvp='auto'."
-                ) from error
-            add_note(error, "binom_opt: raised while replaying the support loss under torch.func (grad, vjp, vmap) "
-                            "for Hessian-vector products. In-place updates of tensors from outside the closure, "
-                            "module hooks that change state, and .item() or data-dependent Python branches on "
-                            "tensors are not allowed there.")
-            raise
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
-    oracle.chunk_fallbacks = fallbacks  # the chunk sizes retried with after out-of-memory errors
+    oracle.chunking = chunking
     return oracle
+
+
+@contextlib.contextmanager
+def explained_replay_errors(mode: str, randomness: str):
+    """Turn torch.func failures while replaying a support loss into errors that say what to change."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "randomness" in str(error) and randomness == "error":
+            raise RuntimeError(
+                "The support loss draws random numbers (dropout or another random op) inside the batched "
+                "HVPs. Pass randomness='same' or 'different' (forwarded to torch.func.vmap; the replays then "
+                "draw new masks, so each HVP is that of a resampled loss), or make the support loss "
+                "deterministic, e.g. with the dropout layers in eval mode."
+            ) from error
+        if mode == "fwd" and "ZeroTensors are immutable" in str(error):
+            raise HVPBackendError(
+                "The forward-over-reverse HVP (hvp='fwd') failed inside PyTorch: forward-mode AD "
+                "is broken for an operator in your loss (known for F.mse_loss in torch 2.13). "
+                "Use hvp='rev' or hvp='auto'."
+            ) from error
+        add_note(error, "binom_opt: raised while replaying the support loss under torch.func (grad, vjp, vmap) "
+                        "for Hessian-vector products. In-place updates of tensors from outside the closure, "
+                        "module hooks that change state, and .item() or data-dependent Python branches on "
+                        "tensors are not allowed there.")
+        raise
 
 
 RANDOMNESS = ("error", "same", "different")
@@ -161,7 +165,3 @@ def check_randomness(randomness: object) -> None:
     if randomness not in RANDOMNESS:
         raise ValueError(f"randomness must be one of {RANDOMNESS} (torch.func.vmap's), got {randomness!r}.")
 
-
-def check_chunk_size(chunk_size: object) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")

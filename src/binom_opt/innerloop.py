@@ -22,7 +22,7 @@ Differences from higher, on purpose:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -80,6 +80,7 @@ def innerloop_ctx(
     randomness: str = "error",
     bn: str = "transductive",
     override: Optional[Mapping[str, Sequence]] = None,
+    memory_budget: Union[None, int, str] = None,
 ) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
 
@@ -91,7 +92,7 @@ def innerloop_ctx(
         steps: if set, the number of ``diffopt.step`` calls required before backward.
         copy_initial_weights: must be ``False`` (see the module docstring).
         track_higher_grads: ``False`` for evaluation: plain steps, no meta-gradient.
-        hvp, chunk_size, randomness: HVP backend, batching bound and vmap randomness (see
+        hvp, chunk_size, memory_budget, randomness: HVP backend, batching bounds and vmap randomness (see
             :class:`~binom_opt.MetaGradientEngine`).
         bn: BatchNorm policy (``"transductive"``, ``"frozen"``, ``"error"``; see :mod:`binom_opt.batchnorm`).
         override: ``{"lr": [one per adapted parameter]}``, as in higher; tensors that require
@@ -124,6 +125,7 @@ def innerloop_ctx(
         estimator if track_higher_grads else FirstOrder(),
         hvp=hvp,
         chunk_size=chunk_size,
+        memory_budget=memory_budget,
         randomness=randomness,
         bn=bn,
         steps=steps,

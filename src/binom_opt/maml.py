@@ -18,7 +18,7 @@ memory grow with the number of steps.)
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class MAML(nn.Module):
         allow_unused: parameters the support loss does not use take no step instead of raising.
         allow_nograd: parameters with ``requires_grad=False`` are left out of the adaptation
             instead of raising.
-        hvp, chunk_size, randomness: HVP backend, batching bound and vmap randomness (see
+        hvp, chunk_size, memory_budget, randomness: HVP backend, batching bounds and vmap randomness (see
             :class:`MetaGradientEngine`).
         bn: BatchNorm policy (``"transductive"``, ``"frozen"``, ``"error"``; see :mod:`binom_opt.batchnorm`).
 
@@ -75,6 +75,7 @@ class MAML(nn.Module):
         chunk_size: Optional[int] = None,
         randomness: str = "error",
         bn: str = "transductive",
+        memory_budget: Union[None, int, str] = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -91,7 +92,7 @@ class MAML(nn.Module):
         self._monitor = DivergenceMonitor()
         self._settings = AdaptationSettings(
             model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, bn=bn, steps=steps,
-            allow_unused=allow_unused, on_stats=self._monitor,
+            allow_unused=allow_unused, memory_budget=memory_budget, on_stats=self._monitor,
         )
 
     def forward(self, *args, **kwargs):

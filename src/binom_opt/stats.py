@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional, Union
 
 from .estimators import Estimator
 
@@ -29,7 +29,11 @@ class MetaGradientStats:
         g_norm: the norm of the outer gradient ``g``, the order-0 term.
         chunk_fallbacks: chunk sizes the batched HVPs were retried with after running out of
             memory (empty when none did).
-        skipped: the meta-gradient was not finite and ``nan_policy="skip_task"`` zeroed it.
+        skipped: the meta-gradient was not finite and ``nan_policy="skip_task"`` zeroed it
+            (for a task-batched meta-gradient: the number of tasks zeroed).
+        hvps_at_once: the most HVPs one batched call ran at once (``None`` when no round
+            batched more than one), after ``chunk_size``, ``memory_budget`` and fallbacks.
+        per_hvp_bytes: one HVP's measured activation bytes, when a ``memory_budget`` needed it.
     """
 
     estimator: Estimator
@@ -42,7 +46,9 @@ class MetaGradientStats:
     schedule: str = "sequential"
     g_norm: float = 0.0
     chunk_fallbacks: List[int] = field(default_factory=list)
-    skipped: bool = False
+    skipped: Union[bool, int] = False
+    hvps_at_once: Optional[int] = None
+    per_hvp_bytes: Optional[int] = None
 
     @property
     def diverging(self) -> bool:

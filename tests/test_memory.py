@@ -1,0 +1,84 @@
+"""Memory control: budgets parse, one HVP's activations are measured, budgets pick the chunking."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import binom_opt as bo
+import references as R
+from binom_opt.memory import Chunking, hvp_activation_bytes, parse_memory_budget
+from cases import conv_bn, mlp_sine
+
+
+@pytest.mark.parametrize(
+    "budget, expected", [(None, None), (1, 1), ("3kB", 3000), ("2 MiB", 2 * 2**20), ("0.5GiB", 2**29), ("12b", 12)]
+)
+def test_budgets_parse(budget, expected):
+    assert parse_memory_budget(budget) == expected
+
+
+@pytest.mark.parametrize("budget", [0, -5, True, 1.5, "lots", "1 TB", "", "GiB"])
+def test_bad_budgets_are_refused_with_the_fix(budget):
+    with pytest.raises(ValueError, match="memory_budget"):
+        parse_memory_budget(budget)
+    model = conv_bn().model
+    with pytest.raises(ValueError, match="memory_budget"):
+        bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, memory_budget=budget)
+
+
+def test_activation_bytes_grow_with_the_batch_and_leave_out_the_point():
+    model = conv_bn().model
+    point = {n: p.detach() for n, p in model.named_parameters()}
+    x = torch.randn(40, 1, 6, 6, dtype=torch.float64)
+    y = torch.arange(40) % 3
+
+    def loss(n):
+        return lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x[:n],)), y[:n])
+
+    small, large = hvp_activation_bytes(loss(10), point), hvp_activation_bytes(loss(40), point)
+    # activations of 10 images: conv output + BatchNorm + ReLU + pool, each 10 x 3 x 6 x 6 doubles at least
+    assert small >= 10 * 3 * 36 * 8
+    assert 3 < large / small < 5
+    quadratic = hvp_activation_bytes(lambda p: (p["w"] ** 2).sum(), {"w": torch.ones(10**6)})
+    assert quadratic < 10**6 * 8  # the point itself is not counted
+
+
+def test_chunking_combines_cap_budget_and_fallbacks():
+    chunking = Chunking(chunk_size=8, memory_budget=1000)
+    assert chunking.limit(lambda: 300) == 3 and chunking.per_hvp_bytes == 300
+    assert Chunking(chunk_size=2, memory_budget=10**9).limit(lambda: 1) == 2
+    assert Chunking(memory_budget=10).limit(lambda: 10**6) == 1  # never below one HVP at once
+    calls = []
+
+    def call(limit):
+        calls.append(limit)
+        if limit is None or limit > 2:
+            raise torch.OutOfMemoryError("injected")
+        return limit
+
+    chunking = Chunking()
+    assert chunking.run(10, lambda: 1, call) == 2
+    assert calls == [None, 5, 2] and chunking.fallbacks == [5, 2] and chunking.used == 2
+
+
+@pytest.mark.parametrize("budget", [1, "20kB", "1GiB"])
+def test_per_task_budget_equals_unbudgeted(budget):
+    def run(**options):
+        case = mlp_sine()
+        engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=6, estimator=bo.Binomial(2), **options)
+        case.query(engine.adapt(case.support)).backward()
+        return {n: p.grad for n, p in case.model.named_parameters()}, engine.last_stats
+
+    expected, whole = run()
+    got, stats = run(memory_budget=budget)
+    assert R.relative_error(got, expected) < 1e-13
+    assert whole.hvps_at_once == 5 and stats.per_hvp_bytes > 0
+    assert stats.hvps_at_once == min(5, max(1, parse_memory_budget(budget) // stats.per_hvp_bytes))
+
+
+def test_sequential_estimators_take_one_hvp_at_once_whatever_k():
+    case = mlp_sine()
+    for steps in (2, 8):
+        engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=steps, estimator=bo.Exact(), memory_budget=1)
+        case.query(engine.adapt(case.support)).backward()
+        assert engine.last_stats.hvp_count == steps and engine.last_stats.hvps_at_once is None
