@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import binom_opt as bo
 import references as R
+from binom_opt.memory import activation_bytes
+from torch.func import functional_call
 from cases import BodyHead, conv_bn
 
 B, K, LR = 3, 4, 0.1
@@ -113,7 +115,8 @@ def test_features_passed_in_tasks_get_their_meta_gradient(estimator):
     assert R.relative_error(got, expected) < 1e-12
 
 
-@pytest.mark.parametrize("limits", [{"chunk_size": 1}, {"chunk_size": 2}, {"chunk_size": 5}, {"memory_budget": 1}, {"memory_budget": "64KiB"}])
+@pytest.mark.parametrize("limits", [{"chunk_size": 1}, {"chunk_size": 2}, {"chunk_size": 5}, {"memory_budget": 1}, {"memory_budget": "64KiB"},
+     {"memory_budget": "inner_step"}])
 def test_chunked_equals_unchunked(limits):
     model = conv_bn().model
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -128,9 +131,12 @@ def test_chunked_equals_unchunked(limits):
     if "chunk_size" in limits:
         assert stats.hvps_at_once == min(limits["chunk_size"], (K - 1) * B)
     else:
-        budget = bo.memory.parse_memory_budget(limits["memory_budget"])
-        assert stats.per_hvp_bytes > 0
-        assert stats.hvps_at_once == min(max(1, budget // stats.per_hvp_bytes), (K - 1) * B)
+        budget = limits["memory_budget"]
+        sizes = activation_bytes(lambda p: F.cross_entropy(functional_call(model, p, (tasks[0][0],)), tasks[1][0]),
+                                 {n: p.detach() for n, p in model.named_parameters()})
+        budget = B * sizes.gradient if budget == "inner_step" else bo.memory.parse_memory_budget(budget)
+        assert stats.per_hvp_bytes == sizes.hvp
+        assert stats.hvps_at_once == min(max(1, budget // sizes.hvp), (K - 1) * B)
 
 
 def test_batched_learner_calls_and_indexing():

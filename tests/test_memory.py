@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import binom_opt as bo
 import references as R
-from binom_opt.memory import Chunking, hvp_activation_bytes, parse_memory_budget
+from binom_opt.memory import ActivationBytes, Chunking, activation_bytes, parse_memory_budget
 from cases import conv_bn, mlp_sine
 
 
@@ -35,19 +35,22 @@ def test_activation_bytes_grow_with_the_batch_and_leave_out_the_point():
     def loss(n):
         return lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x[:n],)), y[:n])
 
-    small, large = hvp_activation_bytes(loss(10), point), hvp_activation_bytes(loss(40), point)
+    small, large = activation_bytes(loss(10), point), activation_bytes(loss(40), point)
     # activations of 10 images: conv output + BatchNorm + ReLU + pool, each 10 x 3 x 6 x 6 doubles at least
-    assert small >= 10 * 3 * 36 * 8
-    assert 3 < large / small < 5
-    quadratic = hvp_activation_bytes(lambda p: (p["w"] ** 2).sum(), {"w": torch.ones(10**6)})
-    assert quadratic < 10**6 * 8  # the point itself is not counted
+    assert small.gradient >= 10 * 3 * 36 * 8
+    assert 3 < large.gradient / small.gradient < 5 and 3 < large.hvp / small.hvp < 5
+    assert 1.3 < small.hvp / small.gradient < 4  # the double backward saves about as much again
+    quadratic = activation_bytes(lambda p: (p["w"] ** 2).sum(), {"w": torch.ones(10**6)})
+    assert quadratic.gradient == 1  # w ** 2 saves only w, the point itself, which is not counted
 
 
 def test_chunking_combines_cap_budget_and_fallbacks():
+    sizes = ActivationBytes(gradient=100, hvp=300)
     chunking = Chunking(chunk_size=8, memory_budget=1000)
-    assert chunking.limit(lambda: 300) == 3 and chunking.per_hvp_bytes == 300
-    assert Chunking(chunk_size=2, memory_budget=10**9).limit(lambda: 1) == 2
-    assert Chunking(memory_budget=10).limit(lambda: 10**6) == 1  # never below one HVP at once
+    assert chunking.limit(lambda: sizes) == 3 and chunking.per_hvp_bytes == 300
+    assert Chunking(chunk_size=2, memory_budget=10**9).limit(lambda: sizes) == 2
+    assert Chunking(memory_budget=10).limit(lambda: sizes) == 1  # never below one HVP at once
+    assert Chunking(memory_budget="inner_step", inner_batch=32).limit(lambda: sizes) == 10  # 32 x 100 // 300
     calls = []
 
     def call(limit):
@@ -57,11 +60,11 @@ def test_chunking_combines_cap_budget_and_fallbacks():
         return limit
 
     chunking = Chunking()
-    assert chunking.run(10, lambda: 1, call) == 2
+    assert chunking.run(10, lambda: sizes, call) == 2
     assert calls == [None, 5, 2] and chunking.fallbacks == [5, 2] and chunking.used == 2
 
 
-@pytest.mark.parametrize("budget", [1, "20kB", "1GiB"])
+@pytest.mark.parametrize("budget", [1, "20kB", "1GiB", "inner_step"])
 def test_per_task_budget_equals_unbudgeted(budget):
     def run(**options):
         case = mlp_sine()
@@ -73,7 +76,10 @@ def test_per_task_budget_equals_unbudgeted(budget):
     got, stats = run(memory_budget=budget)
     assert R.relative_error(got, expected) < 1e-13
     assert whole.hvps_at_once == 5 and stats.per_hvp_bytes > 0
-    assert stats.hvps_at_once == min(5, max(1, parse_memory_budget(budget) // stats.per_hvp_bytes))
+    if budget == "inner_step":  # one task's gradient activations hold less than one HVP's
+        assert stats.hvps_at_once == 1
+    else:
+        assert stats.hvps_at_once == min(5, max(1, parse_memory_budget(budget) // stats.per_hvp_bytes))
 
 
 def test_sequential_estimators_take_one_hvp_at_once_whatever_k():

@@ -178,7 +178,7 @@ class _BatchRecord:
         plan = settings.estimator.plan(K)
         if plan.levels > 0 and settings.randomness != "different":
             self._check_replay()
-        chunking = Chunking(settings.chunk_size, settings.memory_budget)
+        chunking = Chunking(settings.chunk_size, settings.memory_budget, inner_batch=self.trajectory.losses.shape[1])
         oracle = batched_hvp_oracle(self.loss, self.trajectory, self.extra, self.tasks, settings.hvp, chunking, settings.randomness)
         needs_mixed = bool(self.extra) or any(self.wrt_task)
         with torch.no_grad():

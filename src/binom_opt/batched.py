@@ -20,7 +20,7 @@ from torch.func import grad, grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
 from .hvp import explained_replay_errors, hvp_function, resolve_hvp_mode
-from .memory import Chunking, hvp_activation_bytes
+from .memory import ActivationBytes, Chunking, activation_bytes
 
 Tensors = Dict[str, torch.Tensor]
 TaskLoss = Callable[[Tensors, Tensors, object], torch.Tensor]
@@ -115,6 +115,11 @@ def _nested_vmap(fn: Callable, point_dims: tuple, task_dims: tuple, count: int, 
     return vmap(per_task, in_dims=point_dims, chunk_size=over_steps, randomness=randomness)
 
 
+def _first_task_activations(loss: TaskLoss, trajectory: BatchedTrajectory, extra: Tensors, tasks) -> ActivationBytes:
+    task = take_task(tasks, 0)
+    return activation_bytes(lambda p: loss(p, extra, task), {n: t[0, 0] for n, t in trajectory.points.items()})
+
+
 def batched_hvp_oracle(
     loss: TaskLoss,
     trajectory: BatchedTrajectory,
@@ -127,15 +132,11 @@ def batched_hvp_oracle(
     """An oracle for :func:`~binom_opt.expansion.expand` over a meta-batch: ``H_{j,b} v_{j,b}`` for
     the steps ``j`` asked and every task ``b``, in one call (steps x tasks, chunked by ``chunking``)."""
     mode = resolve_hvp_mode(mode)
-    chunking = chunking or Chunking()
     B = task_count(tasks)
+    chunking = chunking or Chunking(inner_batch=B)
 
     def task_hvp(point: Tensors, vector: Tensors, task) -> Tensors:
         return hvp_function(lambda p: loss(p, extra, task), mode)(point, vector)
-
-    def measure() -> int:
-        task = take_task(tasks, 0)
-        return hvp_activation_bytes(lambda p: loss(p, extra, task), {n: t[0, 0] for n, t in trajectory.points.items()})
 
     def oracle(steps: range, vectors: Tensors) -> Tensors:
         at = {n: t[steps.start : steps.stop] for n, t in trajectory.points.items()}
@@ -145,7 +146,7 @@ def batched_hvp_oracle(
             return _nested_vmap(task_hvp, (0, 0, None), (0, 0, 0), count, B, limit, randomness)(at, vectors, tasks)
 
         with explained_replay_errors(mode, randomness):
-            return chunking.run(count * B, measure, call)
+            return chunking.run(count * B, lambda: _first_task_activations(loss, trajectory, extra, tasks), call)
 
     oracle.chunking = chunking
     return oracle
@@ -194,11 +195,8 @@ def mixed_gradients(
             at, extra, free, rest, stacked
         )
 
-    def measure() -> int:  # a mixed term costs about what an HVP does
-        task = take_task(tasks, 0)
-        return hvp_activation_bytes(lambda p: loss(p, extra, task), {n: t[0, 0] for n, t in at.items()})
-
-    with explained_replay_errors("rev", randomness):
-        d_extra, d_free = (chunking or Chunking()).run(count * B, measure, call)
+    with explained_replay_errors("rev", randomness):  # a mixed term costs about what an HVP does
+        measure = lambda: _first_task_activations(loss, trajectory, extra, tasks)
+        d_extra, d_free = (chunking or Chunking(inner_batch=B)).run(count * B, measure, call)
     it = iter(t.sum(0) for t in d_free)
     return {n: t.sum(0) for n, t in d_extra.items()}, [next(it) if flag else None for flag in wrt_task]

@@ -169,8 +169,8 @@ def meta_gradient_batched(
     check_estimator(estimator)
     plan = estimator.plan(steps)
     step_size = step_sizes(lr, params)
-    chunking = Chunking(chunk_size, memory_budget)
     B = task_count(tasks)
+    chunking = Chunking(chunk_size, memory_budget, inner_batch=B)
     loss = lambda phi, extra, task: inner_loss(phi, task)
     trajectory = run_sgd_batched(loss, params, {}, tasks, step_size, steps)
     with torch.no_grad():

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from .memory import Chunking, check_chunk_size, hvp_activation_bytes
+from .memory import Chunking, activation_bytes, check_chunk_size
 from .trajectory import add_note
 
 Tensors = Dict[str, torch.Tensor]
@@ -109,7 +109,7 @@ def trajectory_hvp_oracle(
         if hi - lo == 1:  # a single HVP needs no vmap
             one = singles[fn_id]({n: t[0] for n, t in at.items()}, {n: t[0] for n, t in vectors.items()})
             return {n: t.unsqueeze(0) for n, t in one.items()}
-        measure = lambda: hvp_activation_bytes(per_step[lo], {n: t[0] for n, t in at.items()})
+        measure = lambda: activation_bytes(per_step[lo], {n: t[0] for n, t in at.items()})
         return chunking.run(
             hi - lo, measure, lambda chunk: vmap(singles[fn_id], chunk_size=chunk, randomness=randomness)(at, vectors)
         )

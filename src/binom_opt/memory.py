@@ -8,7 +8,10 @@ factor three ways:
 * ``memory_budget``: bytes for one round's activations; the activations of one HVP are
   measured once, at the first round, by running it with plain autograd under
   ``torch.autograd.graph.saved_tensors_hooks`` and adding up the tensors the forward and the
-  double backward save, and the chunk is ``budget // that``;
+  double backward save, and the chunk is ``budget // that``. ``"inner_step"`` sets the budget
+  to the activations of the inner loop's own gradient step (one task's, or the meta-batch's
+  when the inner steps are task-batched), measured the same way: the HVP rounds then never
+  hold more activations than first-order MAML does, whatever ``L`` and ``K``;
 * an out-of-memory error halves the chunk and retries the round, down to one HVP at once.
 
 The sequential estimators (FirstOrder, Truncated, Exact) take one HVP per round and never
@@ -18,14 +21,17 @@ need a budget: their activation memory is that of one HVP whatever ``K`` is.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Optional, TypeVar, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 import torch
 
 Tensors = Dict[str, torch.Tensor]
 T = TypeVar("T")
 
-__all__ = ["Chunking", "parse_memory_budget", "hvp_activation_bytes", "check_chunk_size"]
+__all__ = ["Chunking", "ActivationBytes", "parse_memory_budget", "activation_bytes", "check_chunk_size"]
+
+INNER_STEP = "inner_step"
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -35,14 +41,14 @@ def check_chunk_size(chunk_size: object) -> None:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
 
 
-def parse_memory_budget(budget: Union[None, int, str]) -> Optional[int]:
-    """Bytes from ``None`` (no budget), an integer number of bytes, or a string such as ``"512MiB"``.
+def parse_memory_budget(budget: Union[None, int, str]) -> Union[None, int, str]:
+    """Bytes from an integer or a string such as ``"512MiB"``; ``None`` and ``"inner_step"`` pass through.
 
     >>> parse_memory_budget("1.5GiB"), parse_memory_budget("200 MB"), parse_memory_budget(4096)
     (1610612736, 200000000, 4096)
     """
-    if budget is None:
-        return None
+    if budget is None or budget == INNER_STEP:
+        return budget
     if isinstance(budget, bool):
         raise ValueError(f"memory_budget must be None, a number of bytes or a string like '1GiB', got {budget!r}.")
     if isinstance(budget, int):
@@ -53,7 +59,7 @@ def parse_memory_budget(budget: Union[None, int, str]) -> Optional[int]:
         if unit is None:
             raise ValueError(
                 f"memory_budget {budget!r} is not understood: give bytes as an integer or a string such as "
-                "'512MiB', '2GB' (units B, kB, MB, GB, KiB, MiB, GiB)."
+                "'512MiB', '2GB' (units B, kB, MB, GB, KiB, MiB, GiB), or 'inner_step'."
             )
         value = int(float(match.group(1)) * unit)
     else:
@@ -63,34 +69,44 @@ def parse_memory_budget(budget: Union[None, int, str]) -> Optional[int]:
     return value
 
 
-def hvp_activation_bytes(loss_fn: Callable[[Tensors], torch.Tensor], point: Tensors) -> int:
-    """Bytes one HVP of ``loss_fn`` at ``point`` keeps alive: the tensors its graphs save.
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Activation bytes of one support-loss gradient (what an inner step keeps) and of one HVP."""
 
-    Runs ``grad`` with ``create_graph=True`` and the product with a vector of ones under
-    ``saved_tensors_hooks`` and sums the distinct storages saved, leaving out the point itself
-    (it is already in memory).
+    gradient: int
+    hvp: int
 
-    >>> w = {"w": torch.ones(1000)}
-    >>> hvp_activation_bytes(lambda p: (p["w"].exp() * 2).sum(), w) >= 1000 * 4
-    True
+
+def activation_bytes(loss_fn: Callable[[Tensors], torch.Tensor], point: Tensors) -> ActivationBytes:
+    """Measure the tensors a gradient and an HVP of ``loss_fn`` at ``point`` keep alive.
+
+    Runs the forward, ``grad`` with ``create_graph=True`` and the product with a vector of ones
+    under ``saved_tensors_hooks``, and sums the distinct storages saved, leaving out the point
+    itself (it is in memory anyway); tensors are counted by their own size, not their storage's,
+    so a slice of a large data tensor counts as the slice. The forward's share is what a plain gradient needs.
+
+    >>> sizes = activation_bytes(lambda p: (p["w"].exp() * 2).sum(), {"w": torch.ones(1000)})
+    >>> sizes.gradient >= 1000 * 4, sizes.hvp > sizes.gradient
+    (True, True)
     """
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in point.items()}
     inputs = {t.untyped_storage().data_ptr() for t in leaves.values()}
-    saved: Dict[int, int] = {}
+    saved: Dict[Tuple[int, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in inputs:
-            saved[storage.data_ptr()] = storage.nbytes()
+        if t.untyped_storage().data_ptr() not in inputs:  # a tensor saved twice (or a view) counts once
+            size = t.numel() * t.element_size()
+            saved[(t.data_ptr(), size)] = size
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(leaves)
+        forward = sum(saved.values())
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
         dot = sum((g * torch.ones_like(g)).sum() for g in grads if g is not None)
         if isinstance(dot, torch.Tensor) and dot.requires_grad:
             torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
-    return max(1, sum(saved.values()))
+    return ActivationBytes(gradient=max(1, forward), hvp=max(1, sum(saved.values())))
 
 
 class Chunking:
@@ -99,32 +115,37 @@ class Chunking:
     Args:
         chunk_size: at most this many HVPs at once (``None``: no cap).
         memory_budget: bytes (or a string, see :func:`parse_memory_budget`) for one round's
-            activations; ``None`` for no budget.
+            activations, ``"inner_step"`` for the activations of the inner step, or ``None``.
+        inner_batch: tasks one inner step runs at once (for ``"inner_step"``).
 
     Attributes:
         fallbacks: the chunk sizes retried with after out-of-memory errors.
         per_hvp_bytes: the measured activation bytes of one HVP (``None`` until a budget needs it).
     """
 
-    def __init__(self, chunk_size: Optional[int] = None, memory_budget: Union[None, int, str] = None):
+    def __init__(self, chunk_size: Optional[int] = None, memory_budget: Union[None, int, str] = None, inner_batch: int = 1):
         check_chunk_size(chunk_size)
         self.cap = chunk_size
         self.budget = parse_memory_budget(memory_budget)
+        self.inner_batch = inner_batch
         self.per_hvp_bytes: Optional[int] = None
+        self.budget_bytes: Optional[int] = None  # the budget in bytes, once known
         self.fallbacks: List[int] = []
         self.used: Optional[int] = None  # the largest number of HVPs one call ran at once
 
-    def limit(self, measure: Callable[[], int]) -> Optional[int]:
-        """The most HVPs at once (``None``: no limit); ``measure()`` gives one HVP's bytes, called once."""
+    def limit(self, measure: Callable[[], ActivationBytes]) -> Optional[int]:
+        """The most HVPs at once (``None``: no limit); ``measure()`` is called once, when a budget needs it."""
         cap = self.cap
         if self.budget is not None:
             if self.per_hvp_bytes is None:
-                self.per_hvp_bytes = measure()
-            by_budget = max(1, self.budget // self.per_hvp_bytes)
+                sizes = measure()
+                self.per_hvp_bytes = sizes.hvp
+                self.budget_bytes = self.inner_batch * sizes.gradient if self.budget == INNER_STEP else self.budget
+            by_budget = max(1, self.budget_bytes // self.per_hvp_bytes)
             cap = by_budget if cap is None else min(cap, by_budget)
         return cap
 
-    def run(self, count: int, measure: Callable[[], int], call: Callable[[Optional[int]], T]) -> T:
+    def run(self, count: int, measure: Callable[[], ActivationBytes], call: Callable[[Optional[int]], T]) -> T:
         """``call(limit)`` for a round of ``count`` HVPs; halves the limit and retries after an OOM."""
         while True:
             limit = self.limit(measure)
