@@ -77,6 +77,7 @@ class AdaptationSettings:
         estimator: the meta-gradient estimator.
         hvp, chunk_size, memory_budget: HVP backend and batching bounds (see :mod:`binom_opt.hvp`
             and :mod:`binom_opt.memory`).
+        compile_hvps: run the HVPs through ``torch.compile`` (:func:`binom_opt.hvp.compiled`).
         steps: the number of inner steps every adaptation must take (``None``: any number).
         allow_unused: adapted parameters the support loss does not use get zero gradients
             instead of an error.
@@ -97,6 +98,7 @@ class AdaptationSettings:
     hvp: str = "auto"
     chunk_size: Optional[int] = None
     memory_budget: Union[None, int, str] = None
+    compile_hvps: bool = False
     steps: Optional[int] = None
     allow_unused: bool = False
     randomness: str = "error"
@@ -295,7 +297,7 @@ class _Record:
             check_replay(self.loss_fns, self.trajectory)
         oracle = trajectory_hvp_oracle(
             self.loss_fns, self.trajectory.points, settings.hvp, settings.chunk_size, settings.randomness,
-            settings.memory_budget,
+            settings.memory_budget, settings.compile_hvps,
         )
         step_size = {n: _detached(h)["lr"] for n, h in self.hyper.items()}
         result = expand(

@@ -179,7 +179,10 @@ class _BatchRecord:
         if plan.levels > 0 and settings.randomness != "different":
             self._check_replay()
         chunking = Chunking(settings.chunk_size, settings.memory_budget, inner_batch=self.trajectory.losses.shape[1])
-        oracle = batched_hvp_oracle(self.loss, self.trajectory, self.extra, self.tasks, settings.hvp, chunking, settings.randomness)
+        oracle = batched_hvp_oracle(
+            self.loss, self.trajectory, self.extra, self.tasks, settings.hvp, chunking, settings.randomness,
+            settings.compile_hvps,
+        )
         needs_mixed = bool(self.extra) or any(self.wrt_task)
         with torch.no_grad():
             result = expand(plan, g, self.step_size, oracle, steps=K, with_adjoints=needs_mixed)

@@ -19,7 +19,7 @@ import torch
 from torch.func import grad, grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
-from .hvp import explained_replay_errors, hvp_function, resolve_hvp_mode
+from .hvp import compiled, explained_replay_errors, hvp_function, resolve_hvp_mode
 from .memory import ActivationBytes, Chunking, activation_bytes
 
 Tensors = Dict[str, torch.Tensor]
@@ -128,6 +128,7 @@ def batched_hvp_oracle(
     mode: str = "auto",
     chunking: Optional[Chunking] = None,
     randomness: str = "error",
+    compile_hvps: bool = False,
 ):
     """An oracle for :func:`~binom_opt.expansion.expand` over a meta-batch: ``H_{j,b} v_{j,b}`` for
     the steps ``j`` asked and every task ``b``, in one call (steps x tasks, chunked by ``chunking``)."""
@@ -143,7 +144,8 @@ def batched_hvp_oracle(
         count = steps.stop - steps.start
 
         def call(limit: Optional[int]) -> Tensors:
-            return _nested_vmap(task_hvp, (0, 0, None), (0, 0, 0), count, B, limit, randomness)(at, vectors, tasks)
+            batched = _nested_vmap(task_hvp, (0, 0, None), (0, 0, 0), count, B, limit, randomness)
+            return compiled(batched, compile_hvps)(at, vectors, tasks)
 
         with explained_replay_errors(mode, randomness):
             return chunking.run(count * B, lambda: _first_task_activations(loss, trajectory, extra, tasks), call)

@@ -40,6 +40,7 @@ def meta_gradient(
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: Union[None, int, str] = None,
+    compile_hvps: bool = False,
     return_stats: bool = False,
 ) -> Union[Tensors, Tuple[Tensors, MetaGradientStats]]:
     """The meta-gradient of ``outer_loss(phi_K)`` with respect to the initial point ``params``.
@@ -60,6 +61,7 @@ def meta_gradient(
         chunk_size: at most this many HVPs at once in a batched round (``None``: all).
         memory_budget: bytes (or a string such as ``"1GiB"``) for a batched round's activations;
             the chunk size follows from one HVP's measured activations (:mod:`binom_opt.memory`).
+        compile_hvps: run the HVPs through ``torch.compile`` (:func:`binom_opt.hvp.compiled`).
         return_stats: also return a :class:`~binom_opt.MetaGradientStats`.
 
     Returns:
@@ -79,7 +81,7 @@ def meta_gradient(
     """
     (result, stats), = meta_gradients(
         inner_loss, outer_loss, params, steps=steps, lr=lr, estimators=[estimator], hvp=hvp, chunk_size=chunk_size,
-        memory_budget=memory_budget,
+        memory_budget=memory_budget, compile_hvps=compile_hvps,
     ).values()
     return (result, stats) if return_stats else result
 
@@ -95,6 +97,7 @@ def meta_gradients(
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: Union[None, int, str] = None,
+    compile_hvps: bool = False,
 ) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
     """Several estimators on ONE inner loop: ``{estimator: (meta_gradient, stats)}``.
 
@@ -118,7 +121,9 @@ def meta_gradients(
     trajectory = run_sgd(inner_loss, params, step_size, steps)
     g = outer_gradient(outer_loss, trajectory.final)
     check_replay([inner_loss] * steps, trajectory)
-    oracle = trajectory_hvp_oracle(inner_loss, trajectory.points, hvp, chunk_size, memory_budget=memory_budget)
+    oracle = trajectory_hvp_oracle(
+        inner_loss, trajectory.points, hvp, chunk_size, memory_budget=memory_budget, compile_hvps=compile_hvps
+    )
     out = {}
     for estimator, plan in plans.items():
         with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
@@ -140,6 +145,7 @@ def meta_gradient_batched(
     hvp: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: Union[None, int, str] = None,
+    compile_hvps: bool = False,
     return_stats: bool = False,
 ):
     """Per-task meta-gradients for a whole meta-batch, every inner step and HVP round batched over tasks.
@@ -175,7 +181,7 @@ def meta_gradient_batched(
     trajectory = run_sgd_batched(loss, params, {}, tasks, step_size, steps)
     with torch.no_grad():
         g = vmap(grad(outer_loss))(trajectory.final, tasks)
-        oracle = batched_hvp_oracle(loss, trajectory, {}, tasks, hvp, chunking)
+        oracle = batched_hvp_oracle(loss, trajectory, {}, tasks, hvp, chunking, compile_hvps=compile_hvps)
         result = expand(plan, g, step_size, oracle, steps=steps)
     check_finite(result)
     if not return_stats:

@@ -81,6 +81,7 @@ def innerloop_ctx(
     bn: str = "transductive",
     override: Optional[Mapping[str, Sequence]] = None,
     memory_budget: Union[None, int, str] = None,
+    compile_hvps: bool = False,
 ) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
 
@@ -92,8 +93,8 @@ def innerloop_ctx(
         steps: if set, the number of ``diffopt.step`` calls required before backward.
         copy_initial_weights: must be ``False`` (see the module docstring).
         track_higher_grads: ``False`` for evaluation: plain steps, no meta-gradient.
-        hvp, chunk_size, memory_budget, randomness: HVP backend, batching bounds and vmap randomness (see
-            :class:`~binom_opt.MetaGradientEngine`).
+        hvp, chunk_size, memory_budget, compile_hvps, randomness: HVP backend, batching bounds, compilation
+            and vmap randomness (see :class:`~binom_opt.MetaGradientEngine`).
         bn: BatchNorm policy (``"transductive"``, ``"frozen"``, ``"error"``; see :mod:`binom_opt.batchnorm`).
         override: ``{"lr": [one per adapted parameter]}``, as in higher; tensors that require
             grad are meta-learned (Meta-SGD).
@@ -126,6 +127,7 @@ def innerloop_ctx(
         hvp=hvp,
         chunk_size=chunk_size,
         memory_budget=memory_budget,
+        compile_hvps=compile_hvps,
         randomness=randomness,
         bn=bn,
         steps=steps,

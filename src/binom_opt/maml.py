@@ -46,8 +46,8 @@ class MAML(nn.Module):
         allow_unused: parameters the support loss does not use take no step instead of raising.
         allow_nograd: parameters with ``requires_grad=False`` are left out of the adaptation
             instead of raising.
-        hvp, chunk_size, memory_budget, randomness: HVP backend, batching bounds and vmap randomness (see
-            :class:`MetaGradientEngine`).
+        hvp, chunk_size, memory_budget, compile_hvps, randomness: HVP backend, batching bounds, compilation
+            and vmap randomness (see :class:`MetaGradientEngine`).
         bn: BatchNorm policy (``"transductive"``, ``"frozen"``, ``"error"``; see :mod:`binom_opt.batchnorm`).
 
     Example:
@@ -76,6 +76,7 @@ class MAML(nn.Module):
         randomness: str = "error",
         bn: str = "transductive",
         memory_budget: Union[None, int, str] = None,
+        compile_hvps: bool = False,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -92,7 +93,7 @@ class MAML(nn.Module):
         self._monitor = DivergenceMonitor()
         self._settings = AdaptationSettings(
             model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, bn=bn, steps=steps,
-            allow_unused=allow_unused, memory_budget=memory_budget, on_stats=self._monitor,
+            allow_unused=allow_unused, memory_budget=memory_budget, compile_hvps=compile_hvps, on_stats=self._monitor,
         )
 
     def forward(self, *args, **kwargs):

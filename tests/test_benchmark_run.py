@@ -1,0 +1,74 @@
+"""Smoke test of benchmarks/run.py on a tiny config: every method runs and its numbers make sense."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+PER_TASK = ["higher", "autograd", "fo-task", "exact-task"]
+BATCHED_METHODS = ["exact-batch"]
+
+
+def load_run_module():
+    spec = importlib.util.spec_from_file_location("benchmark_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    methods = PER_TASK + BATCHED_METHODS
+    argv = ["--config", "tiny", "--threads", "1", "--ks", "2", "--out", str(out), "--methods", *methods]
+    rows = load_run_module().main(argv)
+    return out, rows
+
+
+def check_row(row):
+    assert row["error"] is None, row
+    assert math.isfinite(row["seconds"]) and row["seconds"] > 0, row
+    assert row["peak_mib"] > 0, row
+    if row["estimator"] == "Exact":
+        assert row["rel_error"] < 1e-8, row
+    if row["estimator"] == "FirstOrder":
+        assert row["rel_error"] > 0, row
+        assert row["hvp_count"] == 0, row
+    if row["how"] == "peer":
+        assert row["hvp_count"] is None
+    elif row["estimator"] == "Exact":
+        assert row["hvp_count"] == 2 * 2, row  # K = 2 HVPs for each of the B = 2 tasks
+
+
+def test_outputs_written(run):
+    out, rows = run
+    document = json.loads((out / "tiny_cpu.json").read_text())
+    assert [r["method"] for r in document["rows"]] == [r["method"] for r in rows]
+    assert document["machine"]["threads"] == 1 and document["machine"]["cpu"]
+    assert {r["K"] for r in document["memory_vs_k"]} == {2}
+    table = (out / "tiny_cpu.md").read_text()
+    assert "| method | ms per meta-step |" in table and "--config tiny" in table
+    assert all(f"| {r['method']} |" in table for r in rows)
+
+
+def test_per_task_and_peer_rows(run):
+    _, rows = run
+    assert [r["slug"] for r in rows if r["how"] != "batched"] == PER_TASK
+    for row in rows:
+        if row["how"] != "batched":
+            check_row(row)
+    assert rows[0]["ratios"]["time_vs_higher"] == pytest.approx(1.0)
+    assert rows[3]["ratios"]["time_vs_first_order"] == pytest.approx(rows[3]["seconds"] / rows[2]["seconds"])
+
+
+def test_batched_rows(run):
+    _, rows = run
+    batched = [r for r in rows if r["how"] == "batched"]
+    assert [r["slug"] for r in batched] == BATCHED_METHODS
+    for row in batched:
+        check_row(row)
