@@ -46,6 +46,10 @@ set size of the child (``VmHWM`` in ``/proc/self/status``, reset through
 ``/proc/self/clear_refs`` just before the first call) minus its resident set size at that
 moment (``/proc/self/statm``). ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: Linux carries
 the parent's peak over into a child across fork and exec, so it can report the parent's memory.
+The memory is measured in a second child per method, one meta-step, run with
+``MALLOC_MMAP_THRESHOLD_=131072`` (unless set already): with glibc's adaptive threshold, freed
+tensors fragment the heap and the resident peak grows with the number of allocations rather than
+with the live tensors; the fixed threshold would slow the timed child 3-4x (see ``ALLOCATOR``).
 
 Timings need an otherwise idle machine: with another process busy on the same cores, torch's
 worker threads wait on each other and small meta-steps can take many times longer (use
@@ -447,9 +451,25 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path, repeats: int, with_grad: bool) -> dict:
+# glibc raises its mmap threshold after large blocks are freed, after which tensors come from the
+# heap, whose freed space fragments and stays resident: the peak resident memory then creeps up
+# with the number of allocations (first-order MAML at 84x84 measured 498 MiB at K=5 and 757 MiB at
+# K=20 with the same live tensors). A fixed threshold maps every tensor above 128 KiB on its own,
+# so the resident peak follows the live tensors, like CUDA's max_memory_allocated(). It also makes
+# every large allocation a system call (meta-steps measured 3-4x slower), so on the CPU the time
+# and the memory of a method come from two children: one with the default allocator, timed, and
+# one with the fixed threshold, one meta-step.
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def child_environment(for_memory: bool) -> Dict[str, str]:
+    return {**ALLOCATOR, **os.environ} if for_memory else dict(os.environ)
+
+
+def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path, repeats: int, with_grad: bool,
+            for_memory: bool = False) -> dict:
     """Run one method in a fresh Python process; its result, or ``{"error": ...}`` if it failed."""
-    tag = f"{method.slug}_K{cfg.steps}_r{repeats}"
+    tag = f"{method.slug}_K{cfg.steps}_r{repeats}" + ("_memory" if for_memory else "")
     job = {
         "config": asdict(cfg),
         "method": asdict(method),
@@ -464,7 +484,8 @@ def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path
     }
     job_path = workdir / f"{tag}.job.json"
     job_path.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(job_path)], capture_output=True, text=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(job_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=child_environment(for_memory))
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         log(f"  {method.name} failed (exit {proc.returncode}):\n{tail}")
@@ -480,6 +501,10 @@ def measure_methods(methods: List[Method], cfg: Config, args: argparse.Namespace
     for i, method in enumerate(methods, 1):
         start = time.perf_counter()
         result = run_job(method, cfg, args, workdir, cfg.repeats, with_grad=True)
+        if args.device == "cpu" and "error" not in result:
+            memory = run_job(method, cfg, args, workdir, repeats=0, with_grad=False, for_memory=True)
+            result = {**result, "peak_bytes": memory.get("peak_bytes"), "peak_reset": memory.get("peak_reset", True)}
+            result.update({"error": memory["error"]} if "error" in memory else {})
         row = make_row(method, cfg, result)
         rows.append(row)
         log(f"[{i}/{len(methods)}] {progress_text(row)} ({time.perf_counter() - start:.1f} s)")
@@ -567,7 +592,8 @@ def memory_vs_k(rows: List[dict], methods: List[Method], cfg: Config, args: argp
                 row = next(r for r in rows if r["slug"] == method.slug)
                 peak, error = row["peak_mib"], row["error"]
             else:
-                result = run_job(replace(method, L=k), replace(cfg, steps=k), args, workdir, repeats=0, with_grad=False)
+                result = run_job(replace(method, L=k), replace(cfg, steps=k), args, workdir, repeats=0, with_grad=False,
+                                 for_memory=args.device == "cpu")
                 peak = None if "error" in result else result["peak_bytes"] / MIB
                 error = result.get("error")
                 log(f"  memory at K={k}: {method.name}: " + (f"FAILED ({error})" if error else f"peak {peak:.1f} MiB"))
@@ -634,7 +660,9 @@ def table_line(row: dict) -> str:
 def memory_note(device: str) -> str:
     if device == "cuda":
         return "peak = torch.cuda.max_memory_allocated() minus the memory allocated before the first call"
-    return "peak = the child process's peak resident memory (VmHWM, reset before the first call) minus its resident memory then"
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", ALLOCATOR["MALLOC_MMAP_THRESHOLD_"])
+    return ("peak = the child process's peak resident memory (VmHWM, reset before the first call) minus its resident "
+            f"memory then, with MALLOC_MMAP_THRESHOLD_={threshold} so that freed tensors leave the resident set")
 
 
 def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[dict], ks_table: List[dict], command: str) -> str:

@@ -208,3 +208,13 @@ def test_non_finite_tasks_are_named_or_skipped():
     support[2] = math.nan
     with pytest.raises(FloatingPointError, match=r"step 0 for task\(s\) \[2\]"):
         engine.adapt_batch(closure, (support, ys))
+
+
+def test_a_closure_that_reads_changed_state_is_caught_at_backward():
+    engine, model = bad_engine(estimator=bo.Binomial(1))
+    xs, ys, xq, yq = image_tasks()
+    temperature = {"value": 1.0}
+    learners = engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]) / temperature["value"], t[1]), (xs, ys))
+    temperature["value"] = 2.0  # the replayed support loss is no longer the one the inner loop took
+    with pytest.raises(RuntimeError, match=r"not a pure function of \(learner, task\)"):
+        F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()).backward()

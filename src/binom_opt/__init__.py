@@ -6,12 +6,14 @@ One dial, the estimator, goes from first-order through truncated and binomial to
     >>> [type(e).__name__ for e in (bo.FirstOrder(), bo.Truncated(2), bo.Binomial(2), bo.Hybrid(1, 3), bo.Exact())]
     ['FirstOrder', 'Truncated', 'Binomial', 'Hybrid', 'Exact']
 
-See :class:`MetaGradientEngine` for models, :func:`binom_opt.functional.meta_gradient` for
-pure functions of dicts of tensors, and :mod:`binom_opt.bounds` for the paper's error bounds.
+See :class:`MetaGradientEngine` for models (``adapt`` per task, ``adapt_batch`` per
+meta-batch), :func:`binom_opt.functional.meta_gradient` for pure functions of dicts of tensors,
+and :mod:`binom_opt.bounds` for the paper's error bounds.
 """
 
 from . import bounds, distributed, functional
 from .adaptation import Learner
+from .batch_adaptation import BatchedLearner
 from .engine import ExpansionDivergenceWarning, MetaGradientEngine
 from .estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
 from .hvp import HVPBackendError
@@ -22,6 +24,7 @@ from .stats import MetaGradientStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchedLearner",
     "Binomial",
     "Estimator",
     "Exact",

@@ -14,6 +14,10 @@ __all__ = ["MetaGradientStats"]
 class MetaGradientStats:
     """Counts and norms of the last meta-gradient.
 
+    For a task-batched meta-gradient (``engine.adapt_batch``) the counts cover the whole
+    meta-batch and the norms are taken over all its tasks together, so the series of one task
+    that diverges among many well-behaved ones may not show in ``diverging``.
+
     Attributes:
         estimator: the estimator used.
         steps: ``K``, the number of inner steps.
