@@ -91,6 +91,18 @@ def test_omniglot_script_writes_sane_outputs(name, tmp_path, cache_dir):
 
 
 @needs_data
+@pytest.mark.parametrize("name", ["omniglot_anil", "omniglot_maml"])
+def test_task_batched_training_follows_the_per_task_loop(name, tmp_path, cache_dir):
+    """--task-batched (engine.adapt_batch) takes the same meta-steps as the loop over tasks, to float32 rounding."""
+    loop = script(name).main(tiny(tmp_path / "loop", cache_dir, 3))
+    batched = script(name).main(tiny(tmp_path / "batched", cache_dir, 3, "--task-batched"))
+    assert len(loop["history"]["train"]) == len(batched["history"]["train"]) == 3
+    for a, b in zip(loop["history"]["train"], batched["history"]["train"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["hvps_per_task"] == b["hvps_per_task"]
+
+
+@needs_data
 def test_resume_continues_bitwise(tmp_path, cache_dir):
     """Stopping after 2 iterations and resuming gives the 3rd loss of an uninterrupted run, bit for bit."""
     anil = script("omniglot_anil")

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +65,15 @@ class Method:
     """Which Conv4 parameters adapt in the inner loop, and the support loss as a function of them.
 
     `support_loss(model, x, y)` returns a pure function of the adapted parameters (by name); it
-    may precompute whatever does not depend on them, once per task.
+    may precompute whatever does not depend on them, once per task. `batched_support(model, x, y)`
+    gives the same for a meta-batch (``x``: ``[B, N, ...]``): ``(closure, tasks)`` for
+    ``engine.adapt_batch``.
     """
 
     name: str
     adapted_names: Callable[[Conv4], List[str]]
     support_loss: Callable[[Conv4, torch.Tensor, torch.Tensor], SupportLoss]
+    batched_support: Callable[[Conv4, torch.Tensor, torch.Tensor], Tuple[Callable, tuple]]
 
 
 def _anil_support_loss(model: Conv4, x: torch.Tensor, y: torch.Tensor) -> SupportLoss:
@@ -84,9 +87,21 @@ def _maml_support_loss(model: Conv4, x: torch.Tensor, y: torch.Tensor) -> Suppor
     return lambda p: F.cross_entropy(functional_call(model, p, (x,)), y)
 
 
-ANIL = Method("anil", lambda model: ["head.weight", "head.bias"], _anil_support_loss)
+def _anil_batched(model: Conv4, x: torch.Tensor, y: torch.Tensor):
+    # Each task's features with its own BatchNorm statistics (vmap over tasks); they require grad,
+    # and adapt_batch gives them (so the body) their meta-gradient through the inner loop.
+    features = torch.func.vmap(model.features)(x)
+    return (lambda m, task: F.cross_entropy(F.linear(task[0], m.params["head.weight"], m.params["head.bias"]), task[1]),
+            (features, y))
+
+
+def _maml_batched(model: Conv4, x: torch.Tensor, y: torch.Tensor):
+    return lambda m, task: F.cross_entropy(m(task[0]), task[1]), (x, y)
+
+
+ANIL = Method("anil", lambda model: ["head.weight", "head.bias"], _anil_support_loss, _anil_batched)
 """ANIL (Raghu et al., 2020): the linear head adapts, the Conv4 body is meta-learned."""
-MAML = Method("maml", lambda model: [n for n, _ in model.named_parameters()], _maml_support_loss)
+MAML = Method("maml", lambda model: [n for n, _ in model.named_parameters()], _maml_support_loss, _maml_batched)
 """MAML (Finn et al., 2017): every Conv4 parameter adapts."""
 
 
@@ -156,6 +171,8 @@ def build_parser(description: str, defaults: Optional[dict] = None, *, choose_es
     outer.add_argument("--iterations", type=_non_negative_int, default=60000, help="meta-training iterations")
     outer.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="Adam step size")
     outer.add_argument("--hidden", type=_positive_int, default=64, help="Conv4 filters per layer")
+    outer.add_argument("--task-batched", action="store_true",
+                       help="adapt the meta-batch at once (engine.adapt_batch; meant for GPUs) instead of task by task")
     outer.add_argument("--seed", type=int, default=0)
     outer.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="the standard GPU protocol (flags given explicitly still win)")
@@ -213,18 +230,32 @@ def make_estimator(args: argparse.Namespace) -> bo.Estimator:
 # --- one meta-step and evaluation ---------------------------------------------------------------
 
 
-def meta_step(model, engine, method: Method, meta_opt, batch, device, rank: int = 0, world: int = 1) -> Dict[str, float]:
-    """One meta-gradient over a meta-batch (tasks one by one, gradients accumulate) and one Adam step.
+def meta_step(model, engine, method: Method, meta_opt, batch, device, rank: int = 0, world: int = 1,
+              task_batched: bool = False) -> Dict[str, float]:
+    """One meta-gradient over a meta-batch and one Adam step.
 
-    Under ``torchrun`` every rank holds the same meta-batch and takes its share of the tasks;
-    the gradients (each task's loss divided by the whole meta-batch size) are summed over ranks,
-    so every rank takes the step a single process would take on the whole meta-batch.
+    The tasks are adapted one by one (gradients accumulate), or all at once with
+    ``engine.adapt_batch`` when ``task_batched``. Under ``torchrun`` every rank holds the same
+    meta-batch and takes its share of the tasks; the gradients (each task's loss divided by the
+    whole meta-batch size) are summed over ranks, so every rank takes the step a single process
+    would take on the whole meta-batch.
     """
     x_s, y_s, x_q, y_q = (t.to(device) for t in batch)
     tasks = len(x_s)
     meta_opt.zero_grad(set_to_none=True)
     totals = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, HVPs, rounds: summed over tasks
-    for t in bo.distributed.shard(tasks, rank, world):
+    share = list(bo.distributed.shard(tasks, rank, world))
+    if task_batched and share:
+        closure, support = method.batched_support(model, x_s[share], y_s[share])
+        logits = engine.adapt_batch(closure, support)(x_q[share])  # [tasks of this rank, queries, ways]
+        losses = F.cross_entropy(logits.flatten(0, 1), y_q[share].flatten(), reduction="none").view(len(share), -1).mean(1)
+        (losses.sum() / tasks).backward()
+        stats = engine.last_stats
+        correct = (logits.argmax(-1) == y_q[share]).float().mean(1).sum()
+        totals += torch.tensor([losses.sum().item(), correct.item(), stats.hvp_count, stats.rounds * len(share)],
+                               dtype=torch.float64)
+        share = []
+    for t in share:
         support = method.support_loss(model, x_s[t], y_s[t])
         learner = engine.adapt(lambda m: support(m.params))
         logits = learner(x_q[t])
@@ -390,7 +421,8 @@ def _run(method: Method, args: argparse.Namespace) -> dict:
     shown = {"val": f'{history["val"][-1]["accuracy"]:.3f}'} if history["val"] else {}
     for iteration in (i + 1 for i in bar):
         tic = time.perf_counter()
-        step = meta_step(model, engine, method, meta_opt, sampler.sample_batch(args.meta_batch), device, rank, world)
+        step = meta_step(model, engine, method, meta_opt, sampler.sample_batch(args.meta_batch), device, rank, world,
+                         args.task_batched)
         train_seconds += time.perf_counter() - tic
         history["train"].append({"iteration": iteration, **step})
         if main and args.eval_every and iteration % args.eval_every == 0:
