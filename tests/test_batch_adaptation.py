@@ -218,3 +218,17 @@ def test_a_closure_that_reads_changed_state_is_caught_at_backward():
     temperature["value"] = 2.0  # the replayed support loss is no longer the one the inner loop took
     with pytest.raises(RuntimeError, match=r"not a pure function of \(learner, task\)"):
         F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()).backward()
+
+
+def test_dropout_needs_a_randomness_choice_and_runs_with_different():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    xs, ys, xq, yq = body_head_tasks()
+    closure = lambda m, t: F.cross_entropy(m(t[0]), t[1])
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=K)
+    with pytest.raises(RuntimeError, match="randomness='same' or 'different'"):
+        engine.adapt_batch(closure, (xs, ys))
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=K, randomness="different")
+    learners = engine.adapt_batch(closure, (xs, ys))
+    F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()).backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())

@@ -73,8 +73,8 @@ class BatchedLearner:
         def one(params, a, kw):
             return functional_call(self.module, params, a, kw)
 
-        with self.bn():
-            return vmap(one)(self.params, args, kwargs)
+        with self.bn():  # random ops (dropout) draw independent numbers per task, as a loop over tasks would
+            return vmap(one, randomness="different")(self.params, args, kwargs)
 
     def __repr__(self) -> str:
         return f"BatchedLearner({type(self.module).__name__}, tasks={len(self)}, adapted={list(self.params)})"
@@ -109,7 +109,7 @@ def adapt_batch(
     _check_closure(loss, initial, extra, take_task(tasks, 0))
     step_size = {n: hyper[n]["lr"] for n in initial}
     fixed_extra = {n: p.detach() for n, p in extra.items()}
-    trajectory = run_sgd_batched(loss, initial, fixed_extra, detached_tasks, step_size, settings.steps)
+    trajectory = run_sgd_batched(loss, initial, fixed_extra, detached_tasks, step_size, settings.steps, settings.randomness)
     record = _BatchRecord(settings, loss, trajectory, fixed_extra, detached_tasks, wrt_task, step_size, list(extra))
     inputs = [*initial.values(), *extra.values(), *(t for t, flag in zip(leaves, wrt_task) if flag)]
     outputs = _BatchedAdaptation.apply(record, *inputs)

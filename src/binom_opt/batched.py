@@ -77,18 +77,21 @@ def take_task(tasks, index: int):
 
 
 def run_sgd_batched(
-    loss: TaskLoss, params: Mapping[str, torch.Tensor], extra: Tensors, tasks, step_size: Mapping[str, float], steps: int
+    loss: TaskLoss, params: Mapping[str, torch.Tensor], extra: Tensors, tasks, step_size: Mapping[str, float], steps: int,
+    randomness: str = "error",
 ) -> BatchedTrajectory:
     """``K`` plain SGD steps of every task at once, from the shared initial point ``params``.
+
+    ``randomness`` is ``torch.func.vmap``'s, for random ops (dropout) in the support loss.
 
     Raises:
         FloatingPointError: a task's support loss or gradient is not finite (naming the step and tasks).
     """
     B = task_count(tasks)
-    inner_grad = vmap(grad_and_value(loss), in_dims=(0, None, 0))
+    inner_grad = vmap(grad_and_value(loss), in_dims=(0, None, 0), randomness=randomness)
     phi = {n: p.detach().unsqueeze(0).expand(B, *p.shape) for n, p in params.items()}
     points, losses = [], []
-    with torch.no_grad():
+    with torch.no_grad(), explained_replay_errors("rev", randomness):
         for k in range(steps):
             grads, values = inner_grad(phi, extra, tasks)
             bad = ~torch.isfinite(values)
