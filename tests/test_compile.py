@@ -32,3 +32,20 @@ def test_compiled_hvps_equal_eager_and_compile_once_for_many_tasks():
     assert R.relative_error(got, expected) < 1e-12
     # one graph for the batched rounds (3 HVPs each), shared by both rounds of all three tasks
     assert torch_dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_task_batched_rounds_equal_eager():
+    from binom_opt.functional import meta_gradient_batched
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 8, 3, generator=gen, dtype=torch.float64), torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    loss = lambda p, task: ((torch.tanh(task[0] @ p["w"]) - task[1]) ** 2).mean()
+    w = {"w": torch.ones(3, dtype=torch.float64)}
+    torch_dynamo.reset()
+    torch_dynamo.utils.counters.clear()
+    for shift in (0.0, 1.0):  # new data, same shapes: the graph is reused
+        tasks = (x + shift, y)
+        eager = meta_gradient_batched(loss, loss, w, tasks, steps=4, lr=0.1, estimator=bo.Binomial(2))
+        compiled = meta_gradient_batched(loss, loss, w, tasks, steps=4, lr=0.1, estimator=bo.Binomial(2), compile_hvps=True)
+        assert torch.allclose(compiled["w"], eager["w"], rtol=1e-12, atol=1e-15)
+    assert torch_dynamo.utils.counters["stats"]["unique_graphs"] == 1
