@@ -87,7 +87,6 @@ import binom_opt as bo  # noqa: E402
 from fewshot.models import Conv4  # noqa: E402
 
 MIB = 2**20
-COMPILE_HVPS = False  # --compile: binom_opt's engines take compile_hvps=True (set in each child)
 
 
 # --------------------------------------------------------------------------- configs
@@ -286,17 +285,15 @@ def make_autograd_step(model: torch.nn.Module, batch: Batch, cfg: Config) -> Met
     return step
 
 
-def make_engine(model: torch.nn.Module, cfg: Config, method: Method, memory_budget) -> bo.MetaGradientEngine:
-    extra = {} if memory_budget is None else {"memory_budget": memory_budget}
-    if COMPILE_HVPS:
-        extra["compile_hvps"] = True
+def make_engine(model: torch.nn.Module, cfg: Config, method: Method, engine_options: dict) -> bo.MetaGradientEngine:
+    """``engine_options``: extra keyword arguments of the engines (``memory_budget``, ``compile_hvps``)."""
     inner_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    return bo.MetaGradientEngine(model, inner_opt, steps=cfg.steps, estimator=make_estimator(method), **extra)
+    return bo.MetaGradientEngine(model, inner_opt, steps=cfg.steps, estimator=make_estimator(method), **engine_options)
 
 
-def make_per_task_step(model: torch.nn.Module, batch: Batch, cfg: Config, method: Method, memory_budget) -> MetaStep:
+def make_per_task_step(model: torch.nn.Module, batch: Batch, cfg: Config, method: Method, engine_options: dict) -> MetaStep:
     (xs, ys), (xq, yq) = batch
-    B, engine = xs.shape[0], make_engine(model, cfg, method, memory_budget)
+    B, engine = xs.shape[0], make_engine(model, cfg, method, engine_options)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -311,9 +308,9 @@ def make_per_task_step(model: torch.nn.Module, batch: Batch, cfg: Config, method
     return step
 
 
-def make_batched_step(model: torch.nn.Module, batch: Batch, cfg: Config, method: Method, memory_budget) -> MetaStep:
+def make_batched_step(model: torch.nn.Module, batch: Batch, cfg: Config, method: Method, engine_options: dict) -> MetaStep:
     (xs, ys), (xq, yq) = batch
-    engine = make_engine(model, cfg, method, memory_budget)
+    engine = make_engine(model, cfg, method, engine_options)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -325,14 +322,14 @@ def make_batched_step(model: torch.nn.Module, batch: Batch, cfg: Config, method:
     return step
 
 
-def make_step(method: Method, model: torch.nn.Module, batch: Batch, cfg: Config, memory_budget) -> MetaStep:
+def make_step(method: Method, model: torch.nn.Module, batch: Batch, cfg: Config, engine_options: dict) -> MetaStep:
     if method.slug == "higher":
         return make_higher_step(model, batch, cfg)
     if method.slug == "autograd":
         return make_autograd_step(model, batch, cfg)
     if method.how == "per-task":
-        return make_per_task_step(model, batch, cfg, method, memory_budget)
-    return make_batched_step(model, batch, cfg, method, memory_budget)
+        return make_per_task_step(model, batch, cfg, method, engine_options)
+    return make_batched_step(model, batch, cfg, method, engine_options)
 
 
 def flat_grad(model: torch.nn.Module) -> torch.Tensor:
@@ -398,13 +395,13 @@ def timed(step: MetaStep, device: torch.device) -> Tuple[float, Tuple[Optional[i
     return time.perf_counter() - start, out
 
 
-def float64_gradient(method: Method, cfg: Config, device: torch.device, error_tasks: Optional[int], memory_budget) -> torch.Tensor:
+def float64_gradient(method: Method, cfg: Config, device: torch.device, error_tasks: Optional[int], engine_options: dict) -> torch.Tensor:
     """The method's meta-gradient of the fixed meta-batch (its first ``error_tasks`` tasks) in float64."""
     model = build_model(cfg, device).double()
     (xs, ys), (xq, yq) = build_batch(cfg, device)
     n = error_tasks or cfg.meta_batch
     batch = ((xs[:n].double(), ys[:n]), (xq[:n].double(), yq[:n]))
-    make_step(method, model, batch, cfg, memory_budget)()
+    make_step(method, model, batch, cfg, engine_options)()
     return flat_grad(model).cpu()
 
 
@@ -414,21 +411,19 @@ def run_child(job_path: Path) -> None:
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()})
     method, device = Method(**job["method"]), torch.device(job["device"])
     torch.set_num_threads(job["threads"])
-    global COMPILE_HVPS
-    COMPILE_HVPS = job["compile"]
     warnings.simplefilter("ignore", bo.ExpansionDivergenceWarning)
     result = {}
     if job["repeats"] >= 0:
-        result = measure_cost(method, cfg, device, job["repeats"], job["memory_budget"])
+        result = measure_cost(method, cfg, device, job["repeats"], job["engine_options"])
     if job["grad_path"]:
-        torch.save(float64_gradient(method, cfg, device, job["error_tasks"], job["memory_budget"]), job["grad_path"])
+        torch.save(float64_gradient(method, cfg, device, job["error_tasks"], job["engine_options"]), job["grad_path"])
     Path(job["result_path"]).write_text(json.dumps(result))
 
 
-def measure_cost(method: Method, cfg: Config, device: torch.device, repeats: int, memory_budget) -> dict:
+def measure_cost(method: Method, cfg: Config, device: torch.device, repeats: int, engine_options: dict) -> dict:
     """One warm-up meta-step (which counts the HVPs), then ``repeats`` timed ones; peak memory over all."""
     model, batch = build_model(cfg, device), build_batch(cfg, device)
-    step = make_step(method, model, batch, cfg, memory_budget)
+    step = make_step(method, model, batch, cfg, engine_options)
     memory = PeakMemory(device)
     memory.start()
     first, (hvps, diverging) = timed(step, device)
@@ -466,6 +461,12 @@ def child_environment(for_memory: bool) -> Dict[str, str]:
     return {**ALLOCATOR, **os.environ} if for_memory else dict(os.environ)
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """The binom_opt engine options the command line sets (none: the engines' defaults)."""
+    options = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
+    return {**options, "compile_hvps": True} if args.compile else options
+
+
 def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path, repeats: int, with_grad: bool,
             for_memory: bool = False) -> dict:
     """Run one method in a fresh Python process; its result, or ``{"error": ...}`` if it failed."""
@@ -475,8 +476,7 @@ def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path
         "method": asdict(method),
         "device": args.device,
         "threads": args.threads,
-        "memory_budget": args.memory_budget,
-        "compile": args.compile,
+        "engine_options": engine_options(args),
         "repeats": repeats,
         "error_tasks": args.error_tasks,
         "grad_path": str(workdir / f"{tag}.pt") if with_grad else None,

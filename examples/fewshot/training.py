@@ -254,16 +254,18 @@ def meta_step(model, engine, method: Method, meta_opt, batch, device, rank: int 
         correct = (logits.argmax(-1) == y_q[share]).float().mean(1).sum()
         totals += torch.tensor([losses.sum().item(), correct.item(), stats.hvp_count, stats.rounds * len(share)],
                                dtype=torch.float64)
-        share = []
-    for t in share:
-        support = method.support_loss(model, x_s[t], y_s[t])
-        learner = engine.adapt(lambda m: support(m.params))
-        logits = learner(x_q[t])
-        loss = F.cross_entropy(logits, y_q[t])
-        (loss / tasks).backward()
-        stats = engine.last_stats
-        totals += torch.tensor([loss.item(), (logits.argmax(1) == y_q[t]).float().mean().item(), stats.hvp_count, stats.rounds],
-                               dtype=torch.float64)
+    else:
+        for t in share:
+            support = method.support_loss(model, x_s[t], y_s[t])
+            learner = engine.adapt(lambda m: support(m.params))
+            logits = learner(x_q[t])
+            loss = F.cross_entropy(logits, y_q[t])
+            (loss / tasks).backward()
+            stats = engine.last_stats
+            totals += torch.tensor(
+                [loss.item(), (logits.argmax(1) == y_q[t]).float().mean().item(), stats.hvp_count, stats.rounds],
+                dtype=torch.float64,
+            )
     bo.distributed.all_reduce_gradients(model.parameters())
     if world > 1:
         torch.distributed.all_reduce(totals)

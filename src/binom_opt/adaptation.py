@@ -323,7 +323,7 @@ class _Record:
             meta_grads = [None] * len(self.meta_inputs) + [torch.zeros_like(v) for _, _, v in self.hyper_inputs]
         self.status.finished = True
         if settings.on_stats is not None:
-            stats = make_stats(settings.estimator, plan, steps, g, result, self.trajectory, oracle)
+            stats = make_stats(settings.estimator, plan, steps, g, result, self.trajectory.losses, oracle)
             settings.on_stats(dataclasses.replace(stats, skipped=skipped))
         return result.meta_grad, meta_grads
 

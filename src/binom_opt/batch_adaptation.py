@@ -30,7 +30,7 @@ from .batched import BatchedTrajectory, batched_hvp_oracle, mixed_gradients, run
 from .expansion import expand
 from .functional import make_stats
 from .memory import Chunking
-from .trajectory import Trajectory, add_note, check_scalar_loss
+from .trajectory import add_note, check_scalar_loss
 from .update_rules import Hyper, SGDRule, UpdateRule
 
 Tensors = Dict[str, torch.Tensor]
@@ -178,7 +178,7 @@ class _BatchRecord:
         plan = settings.estimator.plan(K)
         if plan.levels > 0 and settings.randomness != "different":
             self._check_replay()
-        chunking = Chunking(settings.chunk_size, settings.memory_budget, inner_batch=self.trajectory.losses.shape[1])
+        chunking = Chunking(settings.chunk_size, settings.memory_budget, inner_batch=self.trajectory.tasks)
         oracle = batched_hvp_oracle(
             self.loss, self.trajectory, self.extra, self.tasks, settings.hvp, chunking, settings.randomness,
             settings.compile_hvps,
@@ -204,14 +204,13 @@ class _BatchRecord:
                     "Hessian-vector products overflowed or the query loss is NaN/Inf. Lower the inner learning "
                     "rate, use a smaller L, or check those tasks' data (nan_policy='skip_task' drops them)."
                 )
-            per_task, d_extra = _zero_tasks(per_task, bad), _zero_tasks(d_extra, bad)
-            d_task = [None if t is None else _zero_tasks({"t": t}, bad)["t"] for t in d_task]
+            per_task = {n: _zero_tasks(t, bad) for n, t in per_task.items()}
+            d_extra = {n: _zero_tasks(t, bad) for n, t in d_extra.items()}
+            d_task = [None if t is None else _zero_tasks(t, bad) for t in d_task]
         self.finished = True
         if settings.on_stats is not None:
-            flat = Trajectory(self.trajectory.points, self.trajectory.final, self.trajectory.mean_losses)
-            stats = make_stats(settings.estimator, plan, K, g, result, flat, oracle)
-            B = bad.shape[0]
-            settings.on_stats(dataclasses.replace(stats, hvp_count=stats.hvp_count * B, skipped=int(bad.sum())))
+            stats = make_stats(settings.estimator, plan, K, g, result, self.trajectory.mean_losses, oracle, self.trajectory.tasks)
+            settings.on_stats(dataclasses.replace(stats, skipped=int(bad.sum())))
         return (
             {n: t.sum(0) for n, t in per_task.items()},
             {n: t.sum(0) for n, t in d_extra.items()},
@@ -240,8 +239,9 @@ def _bad_tasks(tensors: List[torch.Tensor]) -> torch.Tensor:
     return bad
 
 
-def _zero_tasks(tensors: Tensors, bad: torch.Tensor) -> Tensors:
-    return {n: torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), t) for n, t in tensors.items()}
+def _zero_tasks(t: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``t`` (leading task dimension) with the ``bad`` tasks' slices zeroed."""
+    return torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), t)
 
 
 class _BatchedAdaptation(torch.autograd.Function):

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .hvp import compiled, explained_replay_errors, hvp_function, resolve_hvp_mode
 from .memory import ActivationBytes, Chunking, activation_bytes
+from .trajectory import sgd_update, stack_points
 
 Tensors = Dict[str, torch.Tensor]
 TaskLoss = Callable[[Tensors, Tensors, object], torch.Tensor]
@@ -45,6 +46,10 @@ class BatchedTrajectory:
     @property
     def steps(self) -> int:
         return self.losses.shape[0]
+
+    @property
+    def tasks(self) -> int:
+        return self.losses.shape[1]
 
     @property
     def mean_losses(self) -> List[float]:
@@ -104,9 +109,8 @@ def run_sgd_batched(
                 )
             points.append(phi)
             losses.append(values)
-            phi = {n: phi[n] - step_size[n] * grads[n] for n in phi}
-    stacked = {n: torch.stack([p[n] for p in points]) for n in phi}
-    return BatchedTrajectory(stacked, phi, torch.stack(losses))
+            phi = sgd_update(phi, grads, step_size)
+    return BatchedTrajectory(stack_points(points), phi, torch.stack(losses))
 
 
 def _nested_vmap(fn: Callable, point_dims: tuple, task_dims: tuple, count: int, B: int, limit: Optional[int], randomness: str):

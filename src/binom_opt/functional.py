@@ -7,10 +7,9 @@ its points (:mod:`binom_opt.hvp`) and the estimator's arithmetic (:mod:`binom_op
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.func import grad, vmap
@@ -21,7 +20,7 @@ from .batched import batched_hvp_oracle, run_sgd_batched, task_count
 from .hvp import trajectory_hvp_oracle
 from .memory import Chunking
 from .stats import MetaGradientStats
-from .trajectory import Trajectory, check_replay, check_scalar_loss, run_sgd
+from .trajectory import check_replay, check_scalar_loss, run_sgd
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
@@ -129,7 +128,7 @@ def meta_gradients(
         with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
             result = expand(plan, g, step_size, oracle, steps=steps)
         check_finite(result)
-        out[estimator] = (result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory, oracle))
+        out[estimator] = (result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory.losses, oracle))
     return out
 
 
@@ -186,9 +185,7 @@ def meta_gradient_batched(
     check_finite(result)
     if not return_stats:
         return result.meta_grad
-    flat = Trajectory(trajectory.points, trajectory.final, trajectory.mean_losses)
-    stats = make_stats(estimator, plan, steps, g, result, flat, oracle)
-    return result.meta_grad, dataclasses.replace(stats, hvp_count=stats.hvp_count * B)
+    return result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory.mean_losses, oracle, tasks=B)
 
 
 def check_estimator(estimator: object) -> None:
@@ -240,18 +237,21 @@ def make_stats(
     steps: int,
     g: Tensors,
     result: ExpansionResult,
-    trajectory: Trajectory,
+    inner_losses: List[float],
     oracle=None,
+    tasks: int = 1,
 ) -> MetaGradientStats:
+    """The stats of one meta-gradient; ``tasks`` > 1 for a task-batched one (the oracle's HVPs
+    each covered that many tasks, ``inner_losses`` are averaged over them)."""
     chunking = getattr(oracle, "chunking", None)
     return MetaGradientStats(
         estimator=estimator,
         steps=steps,
         levels=plan.levels,
-        hvp_count=result.hvp_count,
+        hvp_count=result.hvp_count * tasks,
         rounds=result.oracle_calls,
         contributions=list(result.contributions),
-        inner_losses=list(trajectory.losses),
+        inner_losses=list(inner_losses),
         schedule=plan.schedule,
         g_norm=float(torch.sqrt(sum(t.detach().double().pow(2).sum() for t in g.values()))),
         chunk_fallbacks=list(chunking.fallbacks) if chunking else [],

@@ -109,14 +109,18 @@ def trajectory_hvp_oracle(
 
     def run(fn_id: int, lo: int, hi: int, vectors: Tensors) -> Tensors:
         at = {n: t[lo:hi] for n, t in points.items()}
-        if hi - lo == 1:  # a single HVP needs no vmap
-            one = single[fn_id]({n: t[0] for n, t in at.items()}, {n: t[0] for n, t in vectors.items()})
-            return {n: t.unsqueeze(0) for n, t in one.items()}
+
+        def one_at_a_time() -> Tensors:  # a loop skips vmap's batching rules (measured ~15% faster on CPU)
+            outs = [single[fn_id]({n: t[i] for n, t in at.items()}, {n: t[i] for n, t in vectors.items()})
+                    for i in range(hi - lo)]
+            return {n: torch.stack([o[n] for o in outs]) for n in outs[0]}
+
+        if hi - lo == 1:  # a single HVP: nothing to batch or to budget
+            return one_at_a_time()
+
         def batch(chunk: Optional[int]) -> Tensors:
-            if chunk == 1:  # one at a time: a loop skips vmap's batching rules (measured ~15% faster on CPU)
-                outs = [single[fn_id]({n: t[i] for n, t in at.items()}, {n: t[i] for n, t in vectors.items()})
-                        for i in range(hi - lo)]
-                return {n: torch.stack([o[n] for o in outs]) for n in outs[0]}
+            if chunk == 1:
+                return one_at_a_time()
             return compiled(vmap(singles[fn_id], chunk_size=chunk, randomness=randomness), compile_hvps)(at, vectors)
 
         return chunking.run(hi - lo, lambda: activation_bytes(per_step[lo], {n: t[0] for n, t in at.items()}), batch)
