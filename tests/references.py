@@ -158,7 +158,8 @@ def unrolled_higher(model, inner_opt, support, query, steps) -> Tensors:
 def relative_error(estimate: Tensors, reference: Tensors) -> float:
     a = flatten([estimate[n] for n in reference])
     b = flatten(list(reference.values()))
-    return float((a - b).norm() / b.norm())
+    difference, scale = float((a - b).norm()), float(b.norm())
+    return difference / scale if scale > 0 else difference  # an all-zero reference: the absolute error
 
 
 def brute_force_with_rule(model, adapted, rules, hyper, support, query, steps, estimator):

@@ -168,3 +168,31 @@ def test_anil_body_with_stateful_inner_optimizer_equals_higher(name):
     case.query(engine.adapt(case.support)).backward()
     got = {n: p.grad for n, p in case.model.named_parameters()}
     assert R.relative_error(got, expected) < TOL
+
+
+def test_adam_through_a_parameter_whose_gradient_is_always_zero():
+    """Weights that only ever see a zero input feature get exact-zero gradients, so Adam's second
+    moment stays 0 there; the meta-gradient must not be NaN (sqrt's slope at 0) and must equal
+    that of the same network without that input feature."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.arange(6) % 2
+    x[:, 0] = 0.0
+
+    def meta_gradient(features):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        if features == 2:  # the same network without the always-zero input feature
+            first = torch.nn.Linear(2, 4).double()
+            with torch.no_grad():
+                first.weight.copy_(model[0].weight[:, 1:])
+                first.bias.copy_(model[0].bias)
+            model[0] = first
+        data = x[:, 3 - features:]
+        engine = bo.MetaGradientEngine(model, torch.optim.Adam(model.parameters(), lr=0.05), 2, bo.Exact())
+        F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(data), y))(data), y).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    full, reduced = meta_gradient(3), meta_gradient(2)
+    assert torch.equal(full["0.weight"][:, 0], torch.zeros(4, dtype=torch.float64))
+    full["0.weight"] = full["0.weight"][:, 1:]
+    assert R.relative_error(full, reduced) < 1e-12

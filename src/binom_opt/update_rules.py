@@ -91,8 +91,20 @@ class AdamRule(UpdateRule):
             grad = grad + self.weight_decay * phi
         m = self.beta1 * state["exp_avg"] + (1 - self.beta1) * grad
         v = self.beta2 * state["exp_avg_sq"] + (1 - self.beta2) * grad * grad
-        denom = torch.sqrt(v) / (1 - self.beta2**t) ** 0.5 + self.eps
+        denom = _sqrt_flat_at_zero(v) / (1 - self.beta2**t) ** 0.5 + self.eps
         return phi - lr / (1 - self.beta1**t) * m / denom, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def _sqrt_flat_at_zero(v: torch.Tensor) -> torch.Tensor:
+    """``sqrt(v)`` whose derivative is 0 where ``v == 0`` rather than inf.
+
+    Adam's ``v`` is exactly 0 for an entry whose gradients have all been 0 (a bias right before a
+    BatchNorm): there ``d sqrt(v) = inf * 0`` would make the meta-gradient NaN, while the step's
+    true derivative with respect to the gradient, ``(1 - b1) / eps`` up to the step size, only
+    needs the slope of ``sqrt(v)`` there to be finite (it is multiplied by ``g = 0``).
+    """
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
 def rule_from_optimizer(
