@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import binom_opt as bo
 import references as R
-from binom_opt.memory import activation_bytes
+from binom_opt.core.memory import activation_bytes, parse_memory_budget
 from torch.func import functional_call
 from cases import BodyHead, conv_bn
 
@@ -134,7 +134,7 @@ def test_chunked_equals_unchunked(limits):
         budget = limits["memory_budget"]
         sizes = activation_bytes(lambda p: F.cross_entropy(functional_call(model, p, (tasks[0][0],)), tasks[1][0]),
                                  {n: p.detach() for n, p in model.named_parameters()})
-        budget = B * sizes.gradient if budget == "inner_step" else bo.memory.parse_memory_budget(budget)
+        budget = B * sizes.gradient if budget == "inner_step" else parse_memory_budget(budget)
         assert stats.per_hvp_bytes == sizes.hvp
         assert stats.hvps_at_once == min(max(1, budget // sizes.hvp), (K - 1) * B)
 
@@ -156,18 +156,10 @@ def bad_engine(**options):
     return bo.MetaGradientEngine(model, opt, steps=2, **options), model
 
 
-def test_unsupported_setups_are_refused_before_anything_runs():
+def test_bad_batched_input_is_refused_before_anything_runs():
     xs, ys, *_ = image_tasks()
     closure = lambda m, t: F.cross_entropy(m(t[0]), t[1])
-    model = conv_bn().model
-    for opt in (torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), torch.optim.Adam(model.parameters())):
-        engine = bo.MetaGradientEngine(model, opt, steps=2)
-        with pytest.raises(NotImplementedError, match="plain SGD"):
-            engine.adapt_batch(closure, (xs, ys))
-    engine, _ = bad_engine(randomness="same")
-    with pytest.raises(NotImplementedError, match="randomness='same'"):
-        engine.adapt_batch(closure, (xs, ys))
-    engine, _ = bad_engine()
+    engine, model = bad_engine()
     with pytest.raises(ValueError, match="same leading task dimension"):
         engine.adapt_batch(closure, (xs, ys[:2]))
     with pytest.raises(TypeError, match="tasks must be"):
@@ -178,12 +170,23 @@ def test_unsupported_setups_are_refused_before_anything_runs():
         engine.adapt_batch(lambda m, t: m(t[0]), (xs, ys))
 
 
-def test_captured_differentiable_tensors_are_refused():
-    engine, model = bad_engine()
-    xs, ys, *_ = image_tasks()
-    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match="neither model parameters nor part of tasks"):
-        engine.adapt_batch(lambda m, t: F.cross_entropy(scale * m(t[0]), t[1]), (xs, ys))
+def test_captured_differentiable_tensors_get_their_meta_gradient():
+    """A tensor the closure captures (neither a model parameter nor in tasks) is a meta-parameter too."""
+    scale = torch.full((), 1.5, dtype=torch.float64, requires_grad=True)
+    xs, ys, xq, yq = image_tasks()
+    results = []
+    for batched_call in (False, True):
+        engine, model = bad_engine(estimator=bo.Binomial(1))
+        if batched_call:
+            learners = engine.adapt_batch(lambda m, t: F.cross_entropy(scale * m(t[0]), t[1]), (xs, ys))
+            F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()).backward()
+        else:
+            for b in range(B):
+                learner = engine.adapt(lambda m, x=xs[b], y=ys[b]: F.cross_entropy(scale * m(x), y))
+                (F.cross_entropy(learner(xq[b]), yq[b]) / B).backward()
+        results.append({**grads(model), "scale": scale.grad.clone()})
+        scale.grad = None
+    assert R.relative_error(results[1], results[0]) < 1e-12 and float(results[0]["scale"].abs()) > 0
 
 
 def test_non_finite_tasks_are_named_or_skipped():

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 import binom_opt as bo
-from binom_opt.update_rules import rule_from_optimizer
+from binom_opt.core.update_rules import read_optimizer
 
 import references as R
 from cases import frozen_body
@@ -68,7 +68,7 @@ def test_full_order_equals_higher(name):
 def brute_force(name, estimator):
     model = mlp()
     xs, ys, xq, yq = data()
-    adapted, rules, hyper = rule_from_optimizer(model, OPTIMIZERS[name](model.parameters()))
+    adapted, rules, hyper = read_optimizer(dict(model.named_parameters()), OPTIMIZERS[name](model.parameters()))
     support = lambda m: F.cross_entropy(m(xs), ys)
     query = lambda m: F.cross_entropy(m(xq), yq)
     return R.brute_force_with_rule(model, adapted, rules, hyper, support, query, K, estimator)

@@ -6,22 +6,24 @@ One dial, the estimator, goes from first-order through truncated and binomial to
     >>> [type(e).__name__ for e in (bo.FirstOrder(), bo.Truncated(2), bo.Binomial(2), bo.Hybrid(1, 3), bo.Exact())]
     ['FirstOrder', 'Truncated', 'Binomial', 'Hybrid', 'Exact']
 
-See :class:`MetaGradientEngine` for models (``adapt`` per task, ``adapt_batch`` per
-meta-batch), :func:`binom_opt.functional.meta_gradient` for pure functions of dicts of tensors,
-and :mod:`binom_opt.bounds` for the paper's error bounds.
+Entry points, all thin shells over one pipeline (docs/design.md): :class:`MetaGradientEngine`
+(``adapt`` per task, ``adapt_batch`` per meta-batch), the drop-ins :class:`MAML` (learn2learn)
+and :func:`innerloop_ctx` (higher), and :mod:`binom_opt.functional` for pure functions of dicts
+of tensors. :class:`Options` holds every setting besides the estimator; :mod:`binom_opt.bounds`
+has the paper's error bounds and :mod:`binom_opt.distributed` shards meta-batches over ranks.
 """
 
 from . import bounds, distributed, functional
-from .adaptation import Learner
-from .batch_adaptation import BatchedLearner
-from .engine import ExpansionDivergenceWarning, MetaGradientEngine
-from .estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
-from .hvp import HVPBackendError
+from .core.batching import HVPBackendError
+from .core.estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
+from .core.learner import BatchedLearner, Learner
+from .core.options import Options
+from .core.stats import ExpansionDivergenceWarning, MetaGradientStats
+from .engine import MetaGradientEngine
 from .innerloop import innerloop_ctx
 from .maml import MAML
-from .stats import MetaGradientStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BatchedLearner",
@@ -36,6 +38,7 @@ __all__ = [
     "MAML",
     "MetaGradientEngine",
     "MetaGradientStats",
+    "Options",
     "Truncated",
     "bounds",
     "distributed",

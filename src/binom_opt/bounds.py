@@ -28,9 +28,11 @@ from typing import List, Literal, NamedTuple, Optional, Sequence
 
 import torch
 
-from .estimators import Binomial, Exact, FirstOrder, Truncated
-from .expansion import HVPOracle, expand
-from .hvp import trajectory_hvp_oracle
+from .core.batching import Tasks, map_points
+from .core.estimators import Binomial, Exact, FirstOrder, Truncated
+from .core.expansion import HVPOracle, expand
+from .core.oracle import hvp_function
+from .core.update_rules import SGDRule, StepTranspose
 
 __all__ = [
     "Bounds",
@@ -198,19 +200,21 @@ def _check_step_below_one_over_H(theorem: str, alpha: float, H: float) -> None:
 
 
 def matrix_hvp_oracle(hessians: Sequence[torch.Tensor]) -> HVPOracle:
-    """An HVP oracle for :func:`binom_opt.expansion.expand` over explicit ``d x d`` matrices.
+    """An HVP oracle for :func:`binom_opt.core.expansion.expand` over explicit ``d x d`` matrices.
 
-    The single parameter is named ``"w"``; ``hessians[k]`` is ``H_k``.
+    The single parameter is named ``"w"``; ``hessians[k]`` is ``H_k`` (the same for every task).
+    Vectors are ``[steps, tasks, d]``.
 
     >>> oracle = matrix_hvp_oracle([torch.eye(2), 2 * torch.eye(2)])
-    >>> oracle(range(0, 2), {"w": torch.ones(2, 2)})["w"]
-    tensor([[1., 1.],
-            [2., 2.]])
+    >>> oracle(range(0, 2), {"w": torch.ones(2, 1, 2)})["w"]
+    tensor([[[1., 1.]],
+    <BLANKLINE>
+            [[2., 2.]]])
     """
     stacked = torch.stack(list(hessians))
 
     def oracle(steps: range, vectors):
-        return {"w": torch.einsum("kij,kj->ki", stacked[steps.start : steps.stop], vectors["w"])}
+        return {"w": torch.einsum("kij,kbj->kbi", stacked[steps.start : steps.stop], vectors["w"])}
 
     return oracle
 
@@ -258,16 +262,17 @@ def sample_hessians(
 def measured_errors(hessians: Sequence[torch.Tensor], g: torch.Tensor, alpha: float, L: int) -> Bounds:
     """Actual errors ``||estimate - exact||`` of FirstOrder, Truncated(L), Binomial(L).
 
-    Computed with the library's :func:`~binom_opt.expansion.expand` on explicit matrices.
+    Computed with the library's :func:`~binom_opt.core.expansion.expand` on explicit matrices.
 
     >>> H = [torch.eye(1, dtype=torch.float64)] * 2
     >>> measured_errors(H, torch.ones(1, dtype=torch.float64), alpha=0.5, L=1)
     Bounds(fo=0.75, truncated=0.25, binomial=0.25)
     """
-    K, oracle, grads, step = len(hessians), matrix_hvp_oracle(hessians), {"w": g}, {"w": alpha}
+    K, oracle, grads = len(hessians), matrix_hvp_oracle(hessians), {"w": g.unsqueeze(0)}
+    sgd = StepTranspose({"w": SGDRule()}, {"w": {"lr": alpha}})
 
     def estimate(estimator) -> torch.Tensor:
-        return expand(estimator.plan(K), grads, step, oracle, steps=K).meta_grad["w"]
+        return expand(estimator.plan(K), grads, sgd, oracle, steps=K).meta_grad["w"][0]
 
     exact = estimate(Exact())
     return Bounds(
@@ -297,9 +302,9 @@ def hessian_norms(
     >>> [round(n, 6) for n in hessian_norms(f, {"w": torch.zeros(2, 2)})]
     [5.0, 5.0]
     """
-    oracle = trajectory_hvp_oracle(loss_fn, points)
-    steps = range(next(iter(points.values())).shape[0])
-    v = {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in points.items()}
+    hvp = hvp_function(lambda p, task: loss_fn(p), "rev")
+    at = {n: t.unsqueeze(1) for n, t in points.items()}  # one task
+    v = {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in at.items()}
 
     def per_point_norm(vectors):
         return torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in vectors.values()))
@@ -309,6 +314,6 @@ def hessian_norms(
         scale = norms.clamp_min(torch.finfo(norms.dtype).tiny)
         v = {n: t / scale.view(-1, *[1] * (t.dim() - 1)) for n, t in v.items()}
         with torch.no_grad():
-            v = oracle(steps, v)
+            v = map_points(hvp, (at, v), Tasks(), "error")
         norms = per_point_norm(v)
     return [float(n) for n in norms]

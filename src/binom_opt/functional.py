@@ -1,70 +1,57 @@
-"""Functional core: meta-gradients of pure loss functions over dicts of tensors.
+"""Meta-gradients of pure loss functions over dicts of tensors (the ``torch.func`` way).
 
-Everything object-shaped in ``binom_opt`` (the engine, the drop-ins) is a thin shell over the
-pieces assembled here: the recorded inner loop (:mod:`binom_opt.trajectory`), batched HVPs at
-its points (:mod:`binom_opt.hvp`) and the estimator's arithmetic (:mod:`binom_opt.expansion`).
+``inner_loss(params)`` is the support loss and ``outer_loss(params)`` the query loss, both pure
+functions of a dict name -> tensor (with ``tasks``: ``loss(params, task)`` for one task, vmapped
+over a leading task dimension). The inner loop and the estimator are the same pipeline as the
+engine's (docs/design.md): every inner optimizer, estimator and :class:`~binom_opt.Options` works here.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.func import grad, vmap
+from torch.func import vmap
 
-from .estimators import Binomial, Estimator, ExpansionPlan
-from .expansion import ExpansionResult, expand
-from .batched import batched_hvp_oracle, run_sgd_batched, task_count
-from .hvp import trajectory_hvp_oracle
-from .memory import Chunking
-from .stats import MetaGradientStats
-from .trajectory import check_replay, check_scalar_loss, run_sgd
+from .core.batching import Tasks, calls
+from .core.estimators import Estimator, Exact, check_estimator
+from .core.options import Options
+from .core.recorder import InnerLoop, Setup, check_scalar_loss
+from .core.stats import DivergenceMonitor, MetaGradientStats
+from .core.update_rules import read_optimizer, sgd_rules
 
 Tensors = Dict[str, torch.Tensor]
-LossFn = Callable[[Tensors], torch.Tensor]
 
 __all__ = ["meta_gradient", "meta_gradients", "meta_gradient_batched"]
 
 
-def meta_gradient(
-    inner_loss: LossFn,
-    outer_loss: LossFn,
-    params: Mapping[str, torch.Tensor],
-    *,
-    steps: int,
-    lr: Union[float, Mapping[str, float]],
-    estimator: Estimator = Binomial(1),
-    hvp: str = "auto",
-    chunk_size: Optional[int] = None,
-    memory_budget: Union[None, int, str] = None,
-    compile_hvps: bool = False,
-    return_stats: bool = False,
-) -> Union[Tensors, Tuple[Tensors, MetaGradientStats]]:
+def meta_gradient(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor], *, steps: int,
+                  lr: Union[None, float, Mapping[str, object]] = None, inner_opt: Optional[torch.optim.Optimizer] = None,
+                  estimator: Estimator = Exact(), meta_params: Optional[Mapping[str, torch.Tensor]] = None,
+                  return_stats: bool = False, options: Optional[Options] = None, **option_keywords):
     """The meta-gradient of ``outer_loss(phi_K)`` with respect to the initial point ``params``.
 
-    ``phi_0 = params`` and ``phi_{k+1} = phi_k - lr * grad inner_loss(phi_k)`` for ``steps``
-    steps; no autograd graph is kept between steps. The estimator picks which terms of
-    ``(I - lr H_0)...(I - lr H_{K-1}) grad outer_loss(phi_K)`` to keep.
+    ``phi_0 = params`` and ``phi_{k+1}`` is an inner step on ``inner_loss`` (plain SGD with step ``lr``,
+    or ``inner_opt``) for ``steps`` steps; no autograd graph is kept between steps. The estimator picks
+    which terms of the product of the step Jacobians to keep.
 
     Args:
-        inner_loss: support loss, a pure function of a dict name -> tensor returning a scalar
-            (it is replayed under ``torch.func`` transforms at recorded points).
+        inner_loss: support loss, a pure function of a dict name -> tensor returning a scalar (it is
+            replayed under ``torch.func`` transforms at recorded points).
         outer_loss: query loss, a function of the same kind of dict.
         params: the initial point; it is not modified.
         steps: ``K >= 1``.
-        lr: the inner step size, one float or one per entry of ``params``.
-        estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()``.
-        hvp: ``"auto"``, ``"rev"`` (reverse-over-reverse) or ``"fwd"`` (forward-over-reverse).
-        chunk_size: at most this many HVPs at once in a batched round (``None``: all).
-        memory_budget: bytes (or a string such as ``"1GiB"``) for a batched round's activations;
-            the chunk size follows from one HVP's measured activations (:mod:`binom_opt.memory`).
-        compile_hvps: run the HVPs through ``torch.compile`` (:func:`binom_opt.hvp.compiled`).
-        return_stats: also return a :class:`~binom_opt.MetaGradientStats`.
+        lr: plain SGD's step size, one value or one per entry of ``params``; tensors that require grad
+            are meta-learned (list them in ``meta_params`` to get their meta-gradient).
+        inner_opt: instead of ``lr``, a ``torch.optim`` SGD/Adam/AdamW built over ``params.values()``.
+        estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()`` (default).
+        meta_params: other tensors the losses use (or learned learning rates) whose meta-gradient to
+            return too, by name.
+        return_stats: also return the :class:`~binom_opt.MetaGradientStats`.
+        options: a :class:`~binom_opt.Options`; its fields may also be given as keyword arguments.
 
     Returns:
-        A dict like ``params`` (and the stats when asked).
+        A dict with the meta-gradient of every entry of ``params`` and ``meta_params`` (and the stats).
 
     Example:
         >>> import torch, binom_opt as bo
@@ -74,34 +61,23 @@ def meta_gradient(
         >>> outer = lambda p: ((torch.tanh(x @ p["w"]) - 2 * y) ** 2).mean()
         >>> w = {"w": torch.zeros(3, dtype=torch.float64)}
         >>> binom = meta_gradient(inner, outer, w, steps=4, lr=0.1, estimator=bo.Binomial(4))
-        >>> exact = meta_gradient(inner, outer, w, steps=4, lr=0.1, estimator=bo.Exact())
+        >>> exact = meta_gradient(inner, outer, w, steps=4, lr=0.1)
         >>> torch.allclose(binom["w"], exact["w"], rtol=1e-12, atol=0)
         True
     """
-    (result, stats), = meta_gradients(
-        inner_loss, outer_loss, params, steps=steps, lr=lr, estimators=[estimator], hvp=hvp, chunk_size=chunk_size,
-        memory_budget=memory_budget, compile_hvps=compile_hvps,
-    ).values()
-    return (result, stats) if return_stats else result
+    (grads, stats), = _meta_gradients(inner_loss, outer_loss, params, Tasks(), steps, lr, inner_opt, [estimator],
+                                      meta_params, options, option_keywords).values()
+    return (grads, stats) if return_stats else grads
 
 
-def meta_gradients(
-    inner_loss: LossFn,
-    outer_loss: LossFn,
-    params: Mapping[str, torch.Tensor],
-    *,
-    steps: int,
-    lr: Union[float, Mapping[str, float]],
-    estimators: Sequence[Estimator],
-    hvp: str = "auto",
-    chunk_size: Optional[int] = None,
-    memory_budget: Union[None, int, str] = None,
-    compile_hvps: bool = False,
-) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
+def meta_gradients(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor], *, steps: int,
+                   estimators: Sequence[Estimator], lr: Union[None, float, Mapping[str, object]] = None,
+                   inner_opt: Optional[torch.optim.Optimizer] = None, meta_params: Optional[Mapping[str, torch.Tensor]] = None,
+                   options: Optional[Options] = None, **option_keywords) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
     """Several estimators on ONE inner loop: ``{estimator: (meta_gradient, stats)}``.
 
-    The way to compare estimators fairly (same trajectory, same ``g``) and cheaply (the inner
-    loop runs once). Arguments as in :func:`meta_gradient`.
+    The way to compare estimators fairly (same trajectory, same ``g``) and cheaply (the inner loop
+    runs once). Arguments as in :func:`meta_gradient`.
 
     Example:
         >>> import torch, binom_opt as bo
@@ -113,51 +89,25 @@ def meta_gradients(
         >>> [stats.hvp_count for _, stats in out.values()]
         [1, 3]
     """
-    for estimator in estimators:
-        check_estimator(estimator)
-    plans = {estimator: estimator.plan(steps) for estimator in estimators}
-    step_size = step_sizes(lr, params)
-    trajectory = run_sgd(inner_loss, params, step_size, steps)
-    g = outer_gradient(outer_loss, trajectory.final)
-    check_replay([inner_loss] * steps, trajectory)
-    oracle = trajectory_hvp_oracle(
-        inner_loss, trajectory.points, hvp, chunk_size, memory_budget=memory_budget, compile_hvps=compile_hvps
-    )
-    out = {}
-    for estimator, plan in plans.items():
-        with torch.no_grad():  # the HVPs are torch.func transforms; no outer graph to captured tensors
-            result = expand(plan, g, step_size, oracle, steps=steps)
-        check_finite(result)
-        out[estimator] = (result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory.losses, oracle))
-    return out
+    return _meta_gradients(inner_loss, outer_loss, params, Tasks(), steps, lr, inner_opt, estimators, meta_params,
+                           options, option_keywords)
 
 
-def meta_gradient_batched(
-    inner_loss: Callable[[Tensors, object], torch.Tensor],
-    outer_loss: Callable[[Tensors, object], torch.Tensor],
-    params: Mapping[str, torch.Tensor],
-    tasks,
-    *,
-    steps: int,
-    lr: Union[float, Mapping[str, float]],
-    estimator: Estimator = Binomial(1),
-    hvp: str = "auto",
-    chunk_size: Optional[int] = None,
-    memory_budget: Union[None, int, str] = None,
-    compile_hvps: bool = False,
-    return_stats: bool = False,
-):
-    """Per-task meta-gradients for a whole meta-batch, every inner step and HVP round batched over tasks.
+def meta_gradient_batched(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor], tasks, *,
+                          steps: int, lr: Union[None, float, Mapping[str, object]] = None,
+                          inner_opt: Optional[torch.optim.Optimizer] = None, estimator: Estimator = Exact(),
+                          meta_params: Optional[Mapping[str, torch.Tensor]] = None, return_stats: bool = False,
+                          options: Optional[Options] = None, **option_keywords):
+    """Per-task meta-gradients of a whole meta-batch, every inner step and HVP round batched over tasks.
 
-    ``tasks`` is a tensor or a pytree (tuple, dict) of tensors with a leading task dimension
-    ``B``; ``inner_loss(params, task)`` and ``outer_loss(params, task)`` see one task at a time
-    (they are vmapped). A meta-batch costs one batched call per inner step and per HVP round
-    (tasks x trajectory points in one vmap) instead of ``B`` Python iterations.
-    ``chunk_size`` and ``memory_budget`` bound the HVPs (steps x tasks) run at once.
+    ``tasks`` is a tensor or a pytree (tuple, dict) of tensors with a leading task dimension ``B``;
+    ``inner_loss(params, task)`` and ``outer_loss(params, task)`` see one task at a time (they are
+    vmapped). Other arguments as in :func:`meta_gradient`.
 
     Returns:
         A dict like ``params`` whose entries have a leading task dimension (average them for the
-        meta-batch mean), and the stats when asked (norms over the whole meta-batch).
+        meta-batch mean), plus the meta-gradient of each ``meta_params`` entry summed over the tasks
+        (and the stats when asked; their norms cover the whole meta-batch).
 
     Example:
         >>> import torch, binom_opt as bo
@@ -171,90 +121,49 @@ def meta_gradient_batched(
         >>> torch.allclose(batched["w"][1], one["w"], rtol=1e-12, atol=0)
         True
     """
-    check_estimator(estimator)
-    plan = estimator.plan(steps)
-    step_size = step_sizes(lr, params)
-    B = task_count(tasks)
-    chunking = Chunking(chunk_size, memory_budget, inner_batch=B)
-    loss = lambda phi, extra, task: inner_loss(phi, task)
-    trajectory = run_sgd_batched(loss, params, {}, tasks, step_size, steps)
-    with torch.no_grad():
-        g = vmap(grad(outer_loss))(trajectory.final, tasks)
-        oracle = batched_hvp_oracle(loss, trajectory, {}, tasks, hvp, chunking, compile_hvps=compile_hvps)
-        result = expand(plan, g, step_size, oracle, steps=steps)
-    check_finite(result)
-    if not return_stats:
-        return result.meta_grad
-    return result.meta_grad, make_stats(estimator, plan, steps, g, result, trajectory.mean_losses, oracle, tasks=B)
+    (grads, stats), = _meta_gradients(inner_loss, outer_loss, params, Tasks(tasks), steps, lr, inner_opt, [estimator],
+                                      meta_params, options, option_keywords).values()
+    return (grads, stats) if return_stats else grads
 
 
-def check_estimator(estimator: object) -> None:
-    if not isinstance(estimator, Estimator):
-        raise TypeError(
-            f"estimator must be one of FirstOrder(), Truncated(L), Binomial(L), Hybrid(L, C), Exact(); "
-            f"got {estimator!r}."
-        )
-
-
-def step_sizes(lr: Union[float, Mapping[str, float]], params: Mapping[str, torch.Tensor]) -> Dict[str, float]:
-    """One validated step size per entry of ``params``."""
-    per_name = dict(lr) if isinstance(lr, Mapping) else {n: lr for n in params}
-    missing = sorted(set(params) - set(per_name))
-    if missing:
-        raise ValueError(f"lr gives no step size for {missing}.")
-    for name, value in per_name.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"The inner learning rate must be a finite float >= 0, got {value!r} for {name!r}.")
-    return {n: float(per_name[n]) for n in params}
-
-
-def outer_gradient(outer_loss: LossFn, final: Tensors) -> Tensors:
-    """``g``: the gradient of the outer loss at the adapted point (zeros where it does not depend)."""
-    leaves = {n: t.detach().requires_grad_(True) for n, t in final.items()}
-    with torch.enable_grad():
-        loss = check_scalar_loss(outer_loss(leaves), "outer_loss")
-        if not loss.requires_grad:
-            raise ValueError("outer_loss does not depend on the adapted parameters: there is no meta-gradient.")
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
-
-
-def check_finite(result: ExpansionResult) -> None:
-    """Raise instead of returning a NaN/Inf meta-gradient, naming the first round that went bad."""
-    if all(bool(torch.isfinite(t).all()) for t in result.meta_grad.values()):
-        return
-    bad = next((i for i, c in enumerate(result.contributions) if not math.isfinite(c)), None)
-    where = "in the outer-loss gradient" if bad is None else f"in HVP round {bad + 1}"
-    raise FloatingPointError(
-        f"The meta-gradient is not finite (first seen {where}). The Hessian-vector products overflowed "
-        "or the outer loss is NaN/Inf: lower the inner learning rate, use a smaller L, or check the data."
-    )
-
-
-def make_stats(
-    estimator: Estimator,
-    plan: ExpansionPlan,
-    steps: int,
-    g: Tensors,
-    result: ExpansionResult,
-    inner_losses: List[float],
-    oracle=None,
-    tasks: int = 1,
-) -> MetaGradientStats:
-    """The stats of one meta-gradient; ``tasks`` > 1 for a task-batched one (the oracle's HVPs
-    each covered that many tasks, ``inner_losses`` are averaged over them)."""
-    chunking = getattr(oracle, "chunking", None)
-    return MetaGradientStats(
-        estimator=estimator,
-        steps=steps,
-        levels=plan.levels,
-        hvp_count=result.hvp_count * tasks,
-        rounds=result.oracle_calls,
-        contributions=list(result.contributions),
-        inner_losses=list(inner_losses),
-        schedule=plan.schedule,
-        g_norm=float(torch.sqrt(sum(t.detach().double().pow(2).sum() for t in g.values()))),
-        chunk_fallbacks=list(chunking.fallbacks) if chunking else [],
-        hvps_at_once=chunking.used if chunking else None,
-        per_hvp_bytes=chunking.per_hvp_bytes if chunking else None,
-    )
+def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inner_opt, estimators, meta_params,
+                    options, option_keywords) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
+    options = Options.resolve(options, **option_keywords)
+    for estimator in estimators:  # validated before anything runs
+        check_estimator(estimator).plan(steps)
+    if (lr is None) == (inner_opt is None):
+        raise ValueError("Give the inner step as exactly one of lr= (plain SGD) and inner_opt= (a torch.optim instance).")
+    if inner_opt is None:
+        rules, hyper = sgd_rules(lr, list(params))
+    else:
+        adapted, rules, hyper = read_optimizer(params, inner_opt, modules=False)
+        if sorted(adapted) != sorted(params):
+            raise ValueError(f"inner_opt must be built over every tensor of params ({sorted(params)}), got {sorted(adapted)}.")
+    extra = dict(meta_params or {})
+    leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+    monitor = DivergenceMonitor()
+    make = (lambda fn: fn) if tasks.batched else (lambda fn: lambda phi, task: fn(phi))
+    loop = InnerLoop(Setup(estimators[0], options, make, on_stats=monitor), leaves, rules, hyper, tasks)
+    for _ in range(steps):
+        loop.step(inner_loss)
+    out = {}
+    for estimator in estimators:
+        with torch.enable_grad():
+            final = loop.outputs(estimator)
+            with calls(options, None, "the outer loss"):
+                if tasks.batched:
+                    one = lambda p, task: check_scalar_loss(outer_loss(p, task), "outer_loss")  # noqa: E731
+                    outer = vmap(one, randomness="different")(final, tasks.data).sum()
+                else:
+                    outer = check_scalar_loss(outer_loss({n: t.squeeze(0) for n, t in final.items()}), "outer_loss")
+            if not outer.requires_grad:
+                raise ValueError("outer_loss does not depend on the adapted parameters: there is no meta-gradient.")
+            wrt = [*loop.initial_inputs.values(), *extra.values()]
+            grads = torch.autograd.grad(outer, wrt, allow_unused=True)
+        named = dict(zip([*params, *extra], grads))
+        shapes = {**{n: t for n, t in loop.initial_inputs.items()}, **extra}
+        result = {n: torch.zeros_like(shapes[n]) if g is None else g for n, g in named.items()}
+        if not tasks.batched:
+            result.update({n: result[n].squeeze(0) for n in params})
+        out[estimator] = (result, monitor.last_stats)
+    return out

@@ -1,14 +1,14 @@
 """higher-style drop-in: ``with bo.innerloop_ctx(model, inner_opt) as (fmodel, diffopt)``.
 
-A higher loop switches to the binomial meta-gradient by changing two lines: the context
-manager and the step call, which takes a closure instead of a loss tensor::
+A higher loop switches to binom_opt by changing two lines: the context manager and the step
+call, which takes a closure instead of a loss tensor::
 
-    with bo.innerloop_ctx(model, inner_opt, estimator=bo.Binomial(2)) as (fmodel, diffopt):
+    with bo.innerloop_ctx(model, inner_opt) as (fmodel, diffopt):
         for _ in range(steps):
             diffopt.step(lambda m: F.cross_entropy(m(x_s), y_s))  # was diffopt.step(F.cross_entropy(fmodel(x_s), y_s))
         F.cross_entropy(fmodel(x_q), y_q).backward()
 
-Differences from higher, on purpose:
+Without ``estimator=`` the meta-gradient is exact, as higher's. Differences from higher, on purpose:
 
 * ``copy_initial_weights``: higher defaults to ``True``, which detaches the initial weights so
   that no meta-gradient reaches ``model`` (a common MAML bug). Here the meta-gradient always
@@ -22,16 +22,18 @@ Differences from higher, on purpose:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .adaptation import AdaptationSettings, InnerLoop, Learner
-from .update_rules import rule_from_optimizer
-from .engine import DivergenceMonitor
-from .estimators import Binomial, Estimator, FirstOrder
-from .functional import check_estimator
+from .core.batching import Tasks
+from .core.estimators import Estimator, Exact, FirstOrder, check_estimator
+from .core.learner import Learner, module_loss
+from .core.options import Options
+from .core.recorder import InnerLoop, Setup
+from .core.stats import DivergenceMonitor
+from .core.update_rules import read_optimizer
 
 __all__ = ["innerloop_ctx", "FunctionalModel", "DifferentiableOptimizer"]
 
@@ -39,20 +41,17 @@ __all__ = ["innerloop_ctx", "FunctionalModel", "DifferentiableOptimizer"]
 class FunctionalModel:
     """The model at the current inner step (higher's ``fmodel``); callable like the model."""
 
-    def __init__(self, loop: InnerLoop, track_higher_grads: bool):
-        self._loop = loop
-        self._track = track_higher_grads
+    def __init__(self, loop: InnerLoop, model: nn.Module, bn: str, track_higher_grads: bool):
+        self._loop, self._model, self._bn, self._track = loop, model, bn, track_higher_grads
 
     def __call__(self, *args, **kwargs):
-        learner = self._loop.learner()
-        if not self._track:
-            learner = Learner(learner.module, {n: t.detach() for n, t in learner.params.items()}, learner.bn)
-        return learner(*args, **kwargs)
+        return Learner(self._model, self.params, self._bn)(*args, **kwargs)
 
     @property
     def params(self):
         """The adapted parameters after the steps so far, by name."""
-        return self._loop.params()
+        params = {n: t.squeeze(0) for n, t in self._loop.outputs().items()}
+        return params if self._track else {n: t.detach() for n, t in params.items()}
 
 
 class DifferentiableOptimizer:
@@ -62,42 +61,28 @@ class DifferentiableOptimizer:
         self._loop = loop
 
     def step(self, closure: Callable[[Learner], torch.Tensor]) -> None:
-        """One inner SGD step on ``closure(fmodel)``, the support loss as a function of the model."""
+        """One inner step on ``closure(fmodel)``, the support loss as a function of the model."""
         self._loop.step(closure)
 
 
 @contextlib.contextmanager
-def innerloop_ctx(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    *,
-    estimator: Estimator = Binomial(1),
-    steps: Optional[int] = None,
-    copy_initial_weights: bool = False,
-    track_higher_grads: bool = True,
-    hvp: str = "auto",
-    chunk_size: Optional[int] = None,
-    randomness: str = "error",
-    bn: str = "transductive",
-    override: Optional[Mapping[str, Sequence]] = None,
-    memory_budget: Union[None, int, str] = None,
-    compile_hvps: bool = False,
-) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
+def innerloop_ctx(model: nn.Module, opt: torch.optim.Optimizer, *, estimator: Estimator = Exact(),
+                  steps: Optional[int] = None, copy_initial_weights: bool = False, track_higher_grads: bool = True,
+                  override: Optional[Mapping[str, Sequence]] = None, options: Optional[Options] = None,
+                  **option_keywords) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
 
     Args:
         model: the model; the outer loss's ``backward()`` puts the meta-gradient on its parameters.
         opt: the inner optimizer over the parameters that adapt: ``torch.optim.SGD`` (momentum,
             dampening, nesterov, weight decay), ``Adam`` or ``AdamW``.
-        estimator: the meta-gradient estimator (default ``Binomial(1)``).
+        estimator: the meta-gradient estimator (default ``Exact()``, higher's own meta-gradient).
         steps: if set, the number of ``diffopt.step`` calls required before backward.
         copy_initial_weights: must be ``False`` (see the module docstring).
         track_higher_grads: ``False`` for evaluation: plain steps, no meta-gradient.
-        hvp, chunk_size, memory_budget, compile_hvps, randomness: HVP backend, batching bounds, compilation
-            and vmap randomness (see :class:`~binom_opt.MetaGradientEngine`).
-        bn: BatchNorm policy (``"transductive"``, ``"frozen"``, ``"error"``; see :mod:`binom_opt.batchnorm`).
-        override: ``{"lr": [one per adapted parameter]}``, as in higher; tensors that require
-            grad are meta-learned (Meta-SGD).
+        override: ``{"lr": [one per adapted parameter]}``, as in higher; tensors that require grad
+            are meta-learned (Meta-SGD).
+        options: a :class:`~binom_opt.Options`; its fields may also be given as keyword arguments.
 
     Example:
         >>> import torch, torch.nn.functional as F, binom_opt as bo
@@ -112,26 +97,17 @@ def innerloop_ctx(
     """
     if copy_initial_weights:
         raise ValueError(
-            "copy_initial_weights=True would detach the initial weights so that no meta-gradient reaches "
-            "the model (higher's default, and a common MAML bug). binom_opt always meta-learns the model's "
-            "parameters: drop the argument or pass copy_initial_weights=False."
+            "copy_initial_weights=True would detach the initial weights so that no meta-gradient reaches the model "
+            "(higher's default, and a common MAML bug). binom_opt always meta-learns the model's parameters: drop the "
+            "argument or pass copy_initial_weights=False."
         )
     check_estimator(estimator)
     if steps is not None:
         estimator.plan(steps)
-    adapted, rules, hyper = rule_from_optimizer(model, opt, override)
-    settings = AdaptationSettings(
-        model,
-        adapted,
-        estimator if track_higher_grads else FirstOrder(),
-        hvp=hvp,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        compile_hvps=compile_hvps,
-        randomness=randomness,
-        bn=bn,
-        steps=steps,
-        on_stats=DivergenceMonitor(),
-    )
-    loop = InnerLoop(settings, rules, hyper)
-    yield FunctionalModel(loop, track_higher_grads), DifferentiableOptimizer(loop)
+    options = Options.resolve(options, **option_keywords)
+    named = dict(model.named_parameters())
+    adapted, rules, hyper = read_optimizer(named, opt, override)
+    setup = Setup(estimator if track_higher_grads else FirstOrder(), options, module_loss(model, options.bn, False), steps,
+                  on_stats=DivergenceMonitor())
+    loop = InnerLoop(setup, {n: named[n] for n in adapted}, rules, hyper, Tasks())
+    yield FunctionalModel(loop, model, options.bn, track_higher_grads), DifferentiableOptimizer(loop)

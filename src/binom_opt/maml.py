@@ -1,34 +1,35 @@
 """learn2learn-style drop-in: ``MAML(model, lr)``, ``maml.clone()``, ``learner.adapt(closure)``.
 
-A learn2learn loop switches to the binomial meta-gradient by changing two lines: the wrapper's
-constructor and the adapt call, which takes a closure instead of a loss tensor::
+A learn2learn loop switches to binom_opt by changing two lines: the wrapper's constructor and the
+adapt call, which takes a closure instead of a loss tensor::
 
-    maml = bo.MAML(model, lr=0.5, estimator=bo.Binomial(2))     # was l2l.algorithms.MAML(model, lr=0.5)
+    maml = bo.MAML(model, lr=0.5)                               # was l2l.algorithms.MAML(model, lr=0.5)
     for task in tasks:
         learner = maml.clone()
         for _ in range(steps):
             learner.adapt(lambda m: loss(m(x_s), y_s))          # was learner.adapt(loss(learner(x_s), y_s))
         loss(learner(x_q), y_q).backward()
 
-``adapt`` cannot take a loss tensor: the estimator replays the support loss at the recorded
-points after the inner loop to take Hessian-vector products, and a tensor holds one value, not
-the function. (learn2learn keeps every step's graph alive instead, which is what makes its
-memory grow with the number of steps.)
+Without ``estimator=`` the meta-gradient is exact, as learn2learn's. ``adapt`` cannot take a loss
+tensor: the estimator replays the support loss at the recorded points after the inner loop to
+take Hessian-vector products, and a tensor holds one value, not the function. (learn2learn keeps
+every step's graph alive instead, which is what makes its memory grow with the number of steps.)
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from .adaptation import AdaptationSettings, InnerLoop, Learner
-from .engine import DivergenceMonitor
-from .estimators import Binomial, Estimator, FirstOrder
-from .functional import check_estimator, step_sizes
-from .stats import MetaGradientStats
-from .update_rules import SGDRule
+from .core.batching import Tasks
+from .core.estimators import Estimator, Exact, FirstOrder, check_estimator
+from .core.learner import Learner, module_loss
+from .core.options import Options
+from .core.recorder import InnerLoop, Setup
+from .core.stats import DivergenceMonitor, MetaGradientStats
+from .core.update_rules import check_hyper, read_optimizer, sgd_rules
 
 __all__ = ["MAML", "MAMLLearner"]
 
@@ -38,21 +39,22 @@ class MAML(nn.Module):
 
     Args:
         model: the model whose parameters are meta-learned (``maml.parameters()`` are its).
-        lr: the inner learning rate.
+        lr: the inner learning rate of plain SGD: a float, or a tensor (or a dict name -> float or
+            tensor) whose tensors that require grad are meta-learned, as in Meta-SGD.
         steps: if set, every clone must be adapted exactly this many times before its loss is
             differentiated (a clear error otherwise); ``None`` takes as many steps as were made.
-        estimator: the meta-gradient estimator (default ``Binomial(1)``).
+        estimator: the meta-gradient estimator (default ``Exact()``, learn2learn's own meta-gradient).
         first_order: ``True`` uses ``FirstOrder()`` whatever ``estimator`` says (learn2learn's flag).
         allow_unused: parameters the support loss does not use take no step instead of raising.
         allow_nograd: parameters with ``requires_grad=False`` are left out of the adaptation
             instead of raising.
-        hvp, chunk_size, memory_budget, compile_hvps, randomness: HVP backend, batching bounds, compilation
-            and vmap randomness (see :class:`MetaGradientEngine`).
-        bn: BatchNorm policy (``"transductive"``, ``"frozen"``, ``"error"``; see :mod:`binom_opt.batchnorm`).
+        inner_opt: instead of plain SGD, a ``torch.optim`` SGD (momentum, nesterov, weight decay),
+            Adam or AdamW built over the parameters that adapt; read at every ``clone()``, never stepped.
+        options: a :class:`~binom_opt.Options`; its fields may also be given as keyword arguments.
 
     Example:
         >>> import torch, torch.nn.functional as F, binom_opt as bo
-        >>> maml = bo.MAML(torch.nn.Linear(4, 3), lr=0.1, estimator=bo.Exact())
+        >>> maml = bo.MAML(torch.nn.Linear(4, 3), lr=0.1)
         >>> x, y = torch.randn(6, 4), torch.arange(6) % 3
         >>> learner = maml.clone()
         >>> for _ in range(2):
@@ -62,47 +64,42 @@ class MAML(nn.Module):
         2
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float,
-        steps: Optional[int] = None,
-        estimator: Estimator = Binomial(1),
-        first_order: bool = False,
-        allow_unused: bool = False,
-        allow_nograd: bool = False,
-        hvp: str = "auto",
-        chunk_size: Optional[int] = None,
-        randomness: str = "error",
-        bn: str = "transductive",
-        memory_budget: Union[None, int, str] = None,
-        compile_hvps: bool = False,
-    ):
+    def __init__(self, model: nn.Module, lr: Union[None, float, torch.Tensor, Mapping[str, object]] = None,
+                 steps: Optional[int] = None, estimator: Estimator = Exact(), first_order: bool = False,
+                 allow_unused: bool = False, allow_nograd: bool = False, inner_opt: Optional[torch.optim.Optimizer] = None,
+                 options: Optional[Options] = None, **option_keywords):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        estimator = FirstOrder() if first_order else estimator
-        check_estimator(estimator)
+        if (lr is None) == (inner_opt is None):
+            raise ValueError("Give the inner step as exactly one of lr= (plain SGD) and inner_opt= (a torch.optim instance).")
+        estimator = FirstOrder() if first_order else check_estimator(estimator)
         if steps is not None:
             estimator.plan(steps)  # validates steps and L, C <= steps now
-        self.module = model
-        self.lr = lr
-        self.estimator = estimator
-        adapted = _adapted(model, allow_nograd)
-        step_sizes(lr, dict.fromkeys(adapted))  # validates lr now
+        self.module, self.lr, self.estimator, self.inner_opt = model, lr, estimator, inner_opt
+        self.options = Options.resolve(options, **option_keywords)
+        self._adapted = _adapted(model, allow_nograd)
+        self._rules()  # validates now
         self._monitor = DivergenceMonitor()
-        self._settings = AdaptationSettings(
-            model, adapted, estimator, hvp=hvp, chunk_size=chunk_size, randomness=randomness, bn=bn, steps=steps,
-            allow_unused=allow_unused, memory_budget=memory_budget, compile_hvps=compile_hvps, on_stats=self._monitor,
-        )
+        self._setup = Setup(estimator, self.options, module_loss(model, self.options.bn, False), steps, allow_unused, self._monitor)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def clone(self) -> "MAMLLearner":
         """A learner for one task, starting at the model's current parameters."""
-        adapted = self._settings.adapted
-        return MAMLLearner(InnerLoop(self._settings, dict.fromkeys(adapted, SGDRule()), {n: {"lr": self.lr} for n in adapted}))
+        named = dict(self.module.named_parameters())
+        adapted, rules, hyper = self._rules()
+        return MAMLLearner(InnerLoop(self._setup, {n: named[n] for n in adapted}, rules, hyper, Tasks()), self.module, self.options.bn)
+
+    def _rules(self):
+        named = dict(self.module.named_parameters())
+        if self.inner_opt is not None:
+            adapted, rules, hyper = read_optimizer(named, self.inner_opt)
+        else:
+            adapted, (rules, hyper) = self._adapted, sgd_rules(self.lr, self._adapted)
+        check_hyper(hyper, named)
+        return adapted, rules, hyper
 
     @property
     def last_stats(self) -> Optional[MetaGradientStats]:
@@ -117,31 +114,31 @@ class MAMLLearner:
     the model's parameters is the chosen estimator of the MAML meta-gradient over those steps.
     """
 
-    def __init__(self, loop: InnerLoop):
-        self._loop = loop
+    def __init__(self, loop: InnerLoop, model: nn.Module, bn: str):
+        self._loop, self._model, self._bn = loop, model, bn
 
     def adapt(self, closure: Callable[[Learner], torch.Tensor]) -> None:
         """One inner SGD step on ``closure(learner)``, the support loss as a function of the learner."""
         self._loop.step(closure)
 
     def __call__(self, *args, **kwargs):
-        return self._loop.learner()(*args, **kwargs)
+        return Learner(self.module, self.params, self._bn)(*args, **kwargs)
 
     @property
     def module(self) -> nn.Module:
-        return self._loop.settings.model
+        return self._model
 
     @property
     def params(self):
         """The adapted parameters after the steps so far (differentiable), by name."""
-        return self._loop.params()
+        return {n: t.squeeze(0) for n, t in self._loop.outputs().items()}
 
     @property
     def steps_taken(self) -> int:
         return self._loop.steps_taken
 
     def __repr__(self) -> str:
-        return f"MAMLLearner({type(self.module).__name__}, steps_taken={self.steps_taken})"
+        return f"MAMLLearner(steps_taken={self.steps_taken})"
 
 
 def _adapted(model: nn.Module, allow_nograd: bool) -> List[str]:

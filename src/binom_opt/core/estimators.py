@@ -39,6 +39,7 @@ __all__ = [
     "Binomial",
     "Hybrid",
     "Exact",
+    "check_estimator",
 ]
 
 HessianScale = Literal["exact", "paper"]
@@ -196,3 +197,12 @@ def _check_not_above_steps(estimator: Estimator, name: str, value: int, steps: i
             f"{estimator!r} needs {name} <= K, the number of inner steps, but {name}={value} > K={steps}. "
             f"Use {name} <= {steps} (or Exact() for the full meta-gradient)."
         )
+
+
+def check_estimator(estimator: object) -> Estimator:
+    """``estimator`` if it is one, else a clear error."""
+    if not isinstance(estimator, Estimator):
+        raise TypeError(
+            f"estimator must be one of FirstOrder(), Truncated(L), Binomial(L), Hybrid(L, C), Exact(); got {estimator!r}."
+        )
+    return estimator

@@ -146,9 +146,11 @@ class Chunking:
         return cap
 
     def run(self, count: int, measure: Callable[[], ActivationBytes], call: Callable[[Optional[int]], T]) -> T:
-        """``call(limit)`` for a round of ``count`` HVPs; halves the limit and retries after an OOM."""
+        """``call(limit)`` for a round of ``count`` HVPs; halves the limit and retries after an OOM.
+
+        A single HVP needs no budget (nothing is measured for it)."""
         while True:
-            limit = self.limit(measure)
+            limit = self.limit(measure) if count > 1 else 1
             try:
                 out = call(None if limit is None or limit >= count else limit)
                 self.used = max(self.used or 0, min(limit or count, count))

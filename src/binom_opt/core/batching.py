@@ -1,0 +1,213 @@
+"""Write it for one task at one point, lift it over trajectory points and tasks with ``vmap``.
+
+Every function of the support loss that binom_opt evaluates (an inner step, an HVP, a mixed
+second-order term, a replay) is written for ONE task at ONE point, ``fn(*args, task)``, and
+lifted here: over the tasks of a meta-batch (a leading task dimension ``B``) and over the
+trajectory points of an estimator round (a leading step dimension before it, ``[n, B, ...]``).
+A single task without task data (``engine.adapt``, the drop-ins) keeps a task dimension of 1
+but runs without ``vmap`` over it, and chunks of one point run as a plain loop, which is faster
+than vmap's batching rules on small kernels.
+
+Random ops (dropout) follow ``randomness``: ``"error"`` refuses them under vmap, ``"different"``
+draws new numbers at every call, and ``"same"`` replays one random stream per task: every call
+restarts the generator from the state captured at the first inner step (:class:`RandomStream`),
+the step dimension draws the same numbers for every point and the task dimension different ones
+(so the tasks of a meta-batch draw as a loop over them would, from one stream).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+
+import torch
+from torch.func import vmap
+from torch.utils import _pytree as pytree
+
+from .norm_layers import module_policy
+
+__all__ = ["Tasks", "RandomStream", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "map_points", "compiled"]
+
+# vmap's randomness for the step and the task dimension, per user setting
+_TASK_RANDOMNESS = {"error": "error", "same": "different", "different": "different"}
+
+
+class Tasks:
+    """The task axis: ``B`` tasks with their data (a pytree of tensors sharing a leading dimension
+    ``B``), or one task without data (``data=None``, ``B = 1``, never vmapped over).
+
+    >>> Tasks((torch.zeros(4, 5, 3), torch.zeros(4, 5))).size, Tasks().size
+    (4, 1)
+    """
+
+    def __init__(self, data: Any = None):
+        self.data = data
+        self.size = 1 if data is None else task_count(data)
+
+    @property
+    def batched(self) -> bool:
+        return self.data is not None
+
+    def first(self) -> Any:
+        """Task 0's data (``None`` for a task without data)."""
+        return None if self.data is None else pytree.tree_map(lambda t: t[0], self.data)
+
+
+def task_count(data: Any) -> int:
+    """``B``, the leading dimension every tensor of the ``data`` pytree shares (checked)."""
+    leaves = pytree.tree_leaves(data)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise TypeError(
+            "tasks must be a tensor or a tuple/list/dict of tensors with a leading task dimension, got "
+            f"{type(data).__name__}" + ("" if leaves else " with no tensors") + "."
+        )
+    sizes = {t.shape[0] if t.dim() else None for t in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"Every tensor in tasks needs the same leading task dimension, got sizes {sorted(map(str, sizes))}.")
+    size = sizes.pop()
+    if size < 1:
+        raise ValueError("tasks holds no task (its leading dimension is 0).")
+    return size
+
+
+@dataclass
+class RandomStream:
+    """The random state every support-loss call of one adaptation starts from (``randomness="same"``).
+
+    The caller's own random stream is left as it was after each call.
+    """
+
+    cpu: torch.Tensor
+    cuda: Dict[int, torch.Tensor]
+
+    @classmethod
+    def capture(cls, tensors: Sequence[torch.Tensor]) -> "RandomStream":
+        devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices})
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=list(self.cuda)):
+            torch.set_rng_state(self.cpu)
+            for device, state in self.cuda.items():
+                torch.cuda.set_rng_state(state, device)
+            yield
+
+
+REPLAY_HINT = ("It runs under torch.func transforms (grad, vjp, vmap) there: in-place updates of tensors from outside "
+               "the closure, module hooks that change state, and .item() or Python branches on tensor values are not allowed.")
+
+
+class HVPBackendError(RuntimeError):
+    """An HVP backend failed inside PyTorch for a reason that another backend avoids."""
+
+
+@contextlib.contextmanager
+def calls(options, stream: Optional[RandomStream], during: str, hint: str = "") -> Iterator[None]:
+    """The context of every support-loss call: the module policy, for ``randomness="same"`` the task's
+    random stream, and errors that say what to change (``during``: what was running)."""
+    try:
+        with module_policy(options.bn), (stream.replay() if stream is not None else contextlib.nullcontext()):
+            yield
+    except RuntimeError as error:
+        if "randomness" in str(error) and options.randomness == "error":
+            raise RuntimeError(
+                "The support loss draws random numbers (dropout or another random op) under torch.func.vmap. Pass "
+                "randomness='same' or 'different' ('same': every replay of a task draws the same numbers, so the "
+                "meta-gradient is exact for that fixed-mask loss; 'different': replays draw new ones), or make the "
+                "support loss deterministic, e.g. with the dropout layers in eval mode."
+            ) from error
+        if options.hvp_mode == "fwd" and "ZeroTensors are immutable" in str(error):
+            raise HVPBackendError(
+                "The forward-over-reverse HVP (hvp='fwd') failed inside PyTorch: forward-mode AD is broken for an "
+                "operator in your loss (known for F.mse_loss in torch 2.13). Use hvp='rev' or hvp='auto'."
+            ) from error
+        add_note(error, f"binom_opt: raised during {during}. {hint or REPLAY_HINT}")
+        raise
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """Attach context to an exception without changing its type (PEP 678; a no-op before Python 3.11)."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+
+
+def _squeeze(tree: Any) -> Any:
+    return pytree.tree_map(lambda t: t.squeeze(0), tree)
+
+
+def _unsqueeze(tree: Any) -> Any:
+    return pytree.tree_map(lambda t: t.unsqueeze(0), tree)
+
+
+def over_tasks(fn: Callable, tasks: Tasks, randomness: str, chunk: Optional[int] = None) -> Callable:
+    """``fn(*args, task)`` for one task, as a function of ``[B, ...]`` arguments (``chunk``: tasks at once)."""
+    if not tasks.batched:
+        return lambda *args: _unsqueeze(fn(*_squeeze(args), None))
+    batched = vmap_or_loop(fn, _TASK_RANDOMNESS[randomness], chunk, same=randomness == "same")
+    return lambda *args: batched(*args, tasks.data)
+
+
+def vmap_or_loop(fn: Callable, randomness: str, chunk: Optional[int] = None, same: bool = False) -> Callable:
+    """``vmap(fn)`` over dimension 0 of every argument or, where torch has no batching rule for an operator
+    of ``fn`` (``nn.LSTM``, ``nn.GRU``), the same function in a Python loop over that dimension (slower,
+    warned once). ``same``: ``randomness="same"``, whose streams a loop cannot replay, is then an error."""
+    batched = vmap(fn, randomness=randomness, chunk_size=chunk)
+
+    def call(*args):
+        try:
+            return batched(*args)
+        except RuntimeError as error:
+            if "Batching rule not implemented" not in str(error):
+                raise
+            if same:
+                raise RuntimeError(
+                    f"torch.func.vmap cannot batch an operator of this support loss ({error}), and randomness='same' "
+                    "cannot be replayed in a loop. Use a deterministic support loss, randomness='different', or adapt "
+                    "the tasks one by one with engine.adapt."
+                ) from error
+            if not _looped:
+                _looped.append(True)
+                warnings.warn(f"binom_opt: {error} Running it in a Python loop over the batch instead (slower).",
+                              RuntimeWarning, stacklevel=2)
+            outs = [fn(*pytree.tree_map(lambda t: t[i], args)) for i in range(pytree.tree_leaves(args)[0].shape[0])]
+            return pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+
+    return call
+
+
+_looped: list = []  # the loop fallback warns once per process
+
+
+def map_points(
+    fn: Callable, args: tuple, tasks: Tasks, randomness: str, limit: Optional[int] = None, compile_fn: bool = False
+) -> Any:
+    """``fn(*one_point_args, task)`` at ``n`` points of ``B`` tasks; ``args`` are pytrees of ``[n, B, ...]``.
+
+    ``limit`` caps the evaluations (points x tasks) run at once. Points are the outer ``vmap``
+    and tasks the inner one; below ``B`` at once the tasks are chunked, except under
+    ``randomness="same"``, whose masks depend on how many tasks draw together.
+    """
+    n = pytree.tree_leaves(args)[0].shape[0]
+    B = tasks.size
+    step_chunk, task_chunk = None, None
+    if limit is not None and limit < n * B:
+        step_chunk = max(1, limit // B)
+        task_chunk = limit if limit < B and randomness != "same" else None
+    per_point = over_tasks(fn, tasks, randomness, task_chunk)
+    if n == 1 or step_chunk == 1:  # a loop over points skips vmap's batching rules
+        one = compiled(per_point, compile_fn)
+        outs = [one(*pytree.tree_map(lambda t: t[i], args)) for i in range(n)]
+        return pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+    return compiled(vmap_or_loop(per_point, randomness, step_chunk, same=randomness == "same"), compile_fn)(*args)
+
+
+def compiled(fn: Callable, enabled: bool) -> Callable:
+    """``torch.compile(fn)`` when ``enabled``, else ``fn``.
+
+    Compiled graphs are cached by code, not by closure: every later task with the same shapes
+    reuses the first task's graph, so the compile time is paid once per shape.
+    """
+    return torch.compile(fn, dynamic=False) if enabled else fn

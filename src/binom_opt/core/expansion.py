@@ -1,0 +1,149 @@
+"""The estimators' arithmetic: the binomial recursion, a pure function of ``g``, the step transposes and an HVP oracle.
+
+Notation (docs/design.md): with ``D_j + B_j H_j`` the Jacobian of inner step ``j`` (``I - a H_j``
+for plain SGD, see :mod:`binom_opt.core.update_rules`) and ``s`` the plan's Hessian scale,
+``u_j^(l)`` is the sum of the kept terms with at most ``l`` Hessian factors, all at steps ``>= j``:
+
+    u_K^(l) = g,    u_j^(0) = D_j^T u_{j+1}^(0),
+    u_j^(l) = D_j^T u_{j+1}^(l) + H_j (s B_j^T u_{j+1}^(l-1)).
+
+For ``j >= K - l`` nothing is dropped, so those entries are the exact tail products and are
+reused. Round ``l`` therefore needs the HVPs ``H_j (s B_j^T u_{j+1}^(l-1))`` only for
+``j = L-l .. K-l``: independent products at different points, asked of the oracle in ONE call,
+after which ``u_j^(l)`` for those ``j`` follows from the exact tail downwards (for plain SGD, a
+reverse cumulative sum: the paper's lower-triangular matrix). The answer is ``u_0^(L)``; Hessians
+of steps before ``plan.first_active`` are zero (Hybrid). The sequential schedule (FirstOrder,
+Truncated, Exact: the kept terms form one product) applies one factor per round instead.
+
+Nothing here knows about models or autograd: ``hvp(steps, vectors)`` returns ``H_j v_j`` for each
+``j`` of the ``range`` ``steps``, vectors and results stacked along a leading step dimension. Every
+entry of ``g`` has a task dimension first (``[B, ...]``; ``B = 1`` for one task), which the
+contribution norms keep apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+import torch
+
+from .estimators import ExpansionPlan
+from .update_rules import StepTranspose
+
+Tensors = Dict[str, torch.Tensor]
+HVPOracle = Callable[[range, Tensors], Tensors]
+
+__all__ = ["ExpansionResult", "expand", "task_norms"]
+
+
+@dataclass
+class ExpansionResult:
+    """What :func:`expand` returns.
+
+    Attributes:
+        meta_grad: the estimate of the meta-gradient with respect to the initial point, ``[B, ...]``.
+        adjoints: ``{k: lambda_{k+1}}`` for each step ``k`` whose Hessian is kept: the gradient of the
+            outer loss with respect to ``(phi_{k+1}, state_{k+1})`` at one Hessian factor less, what the
+            mixed terms of other meta-parameters need; filled only when asked for.
+        full_adjoints: ``{k: lambda_{k+1}}`` for every step at the full order (for hyperparameters such
+            as learned learning rates, whose terms have no Hessian factor); filled only when asked for.
+        contributions: one ``[B]`` tensor of norms per round. For the binomial schedule, round ``l``'s
+            entry is the norm of the sum of the terms with exactly ``l`` Hessian factors, all at steps
+            ``>= max(L - l + 1, K - C)`` (the widest window the recursion knows at no extra HVP); for the
+            sequential schedule the norm of the change one factor makes. Entries that grow from round
+            to round mean the expansion diverges.
+        hvp_count: Hessian-vector products computed per task.
+        oracle_calls: calls made to the HVP oracle (one per round).
+    """
+
+    meta_grad: Tensors
+    adjoints: Dict[int, Tensors] = field(default_factory=dict)
+    full_adjoints: Dict[int, Tensors] = field(default_factory=dict)
+    contributions: List[torch.Tensor] = field(default_factory=list)
+    hvp_count: int = 0
+    oracle_calls: int = 0
+
+
+def expand(
+    plan: ExpansionPlan,
+    g: Tensors,
+    transpose: StepTranspose,
+    hvp: HVPOracle,
+    *,
+    steps: int,
+    with_adjoints: bool = False,
+    with_full_adjoints: bool = False,
+) -> ExpansionResult:
+    """Evaluate the kept terms of the product of the transposed step Jacobians applied to ``g``.
+
+    Example (explicit 1x1 Hessians ``H_k = k + 1``, one task; exact MAML is ``(1-a)(1-2a)(1-3a) g``):
+        >>> import torch, binom_opt as bo
+        >>> from binom_opt.core.update_rules import SGDRule, StepTranspose
+        >>> H = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        >>> oracle = lambda js, v: {"w": H[js.start:js.stop, None, None] * v["w"]}
+        >>> sgd, g = StepTranspose({"w": SGDRule()}, {"w": {"lr": 0.1}}), {"w": torch.ones(1, 1, dtype=torch.float64)}
+        >>> expand(bo.Exact().plan(3), g, sgd, oracle, steps=3).meta_grad["w"]
+        tensor([[0.5040]], dtype=torch.float64)
+        >>> expand(bo.Binomial(1).plan(3), g, sgd, oracle, steps=3).meta_grad["w"]
+        tensor([[0.4000]], dtype=torch.float64)
+    """
+    L, f, K, scale = plan.levels, plan.first_active, steps, plan.hessian_scale
+    names = list(g)
+    result = ExpansionResult(meta_grad=g)
+
+    def hessian_vector(j: int, z: Tensors) -> Tensors:  # s B_j^T z, the vector H_j multiplies
+        w = transpose.vjp(j, z)[1]
+        return {n: t * scale for n, t in w.items()} if scale != 1.0 else w
+
+    def step(j: int, z: Tensors, hv: Tensors) -> Tensors:  # D_j^T z + H_j (...)
+        direct = transpose.vjp(j, z)[0]
+        return {**direct, **{n: direct[n] + hv[n] for n in names}}
+
+    keep_all = with_full_adjoints or plan.schedule == "binomial"
+    u: Dict[int, Tensors] = {K: transpose.extend(g)}
+    if plan.schedule == "sequential":
+        v = u[K]
+        for j in reversed(range(f, K)):
+            if with_adjoints:
+                result.adjoints[j] = v
+            hv = {n: t.squeeze(0) for n, t in hvp(range(j, j + 1), _stacked([hessian_vector(j, v)], names)).items()}
+            v = step(j, v, hv)
+            result.contributions.append(task_norms(hv))
+            result.hvp_count += 1
+            result.oracle_calls += 1
+            if keep_all:
+                u[j] = v
+        u[f] = v
+    else:
+        for j in reversed(range(max(L - 1, f), K)):  # level 0 where round 1 reads it
+            u[j] = transpose.vjp(j, u[j + 1])[0]
+        for level in range(1, L + 1):
+            if with_adjoints and level == L:
+                result.adjoints = {k: u[k + 1] for k in range(f, K)}
+            lo, hi = max(L - level, f), K - level  # this round's HVP indices j = lo..hi
+            window = max(L - level + 1, f)  # raised from level l-1 to l here: the difference is order l
+            before = u[window]
+            hv = hvp(range(lo, hi + 1), _stacked([hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)], names))
+            for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
+                u[j] = step(j, u[j + 1], {n: hv[n][j - lo] for n in names})
+            result.contributions.append(task_norms({n: u[window][n] - before[n] for n in names}))
+            result.hvp_count += hi - lo + 1
+            result.oracle_calls += 1
+    for j in reversed(range(f)):  # below the first kept Hessian only D_j^T acts
+        u[j] = transpose.vjp(j, u[j + 1])[0]
+        if not keep_all:
+            del u[j + 1]
+    if with_full_adjoints:
+        result.full_adjoints = {k: u[k + 1] for k in range(K)}
+    result.meta_grad = {n: u[0][n] for n in names}
+    return result
+
+
+def _stacked(vectors: List[Tensors], names: List[str]) -> Tensors:
+    return {n: torch.stack([v[n] for v in vectors]) for n in names}
+
+
+def task_norms(tensors: Tensors) -> torch.Tensor:
+    """The norm of each task's slice over all entries (the task dimension first), in float64, on the device."""
+    return torch.sqrt(sum(t.detach().double().flatten(1).pow(2).sum(1) for t in tensors.values()))

@@ -1,0 +1,70 @@
+"""Meta-gradients of the meta-parameters other than the initial point.
+
+* Tensors the support loss reaches that require grad (the model's parameters that do not adapt,
+  an ANIL body, features or data of the tasks), ``c``: their meta-gradient through the inner loop
+  is ``sum_k d/dc <grad_phi l_k(phi_k, c), w_k>`` with ``w_k = s B_k^T lambda_{k+1}`` (``-s a
+  lambda_{k+1}`` for plain SGD) and the adjoints ``lambda_{k+1}`` at one Hessian factor less, so
+  each kept term has at most ``L`` second-order factors and ``L = K`` is exact. The gradient in
+  ``phi`` is written for one task at one point and lifted over steps and tasks; ``d/dc`` is plain
+  autograd through that lifted call, which reaches ``c`` however the closure got hold of it.
+* Hyperparameters that require grad (learned learning rates): ``sum_k (d step_k / d lr)^T
+  lambda_{k+1}`` with the adjoints at the full order (no Hessian factor in these terms).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch.func import grad
+
+from .batching import Tasks, calls, map_points
+from .oracle import HVPOracle
+from .update_rules import StepTranspose
+
+Tensors = Dict[str, torch.Tensor]
+
+__all__ = ["meta_input_gradients", "hyper_gradients"]
+
+
+def meta_input_gradients(oracle: HVPOracle, weights: Dict[int, Tensors], meta_inputs: List[torch.Tensor]
+                         ) -> List[Optional[torch.Tensor]]:
+    """``sum_k d/dc <grad_phi l_k(phi_k, c), w_k>`` for each ``c`` of ``meta_inputs`` (``None`` if unreached).
+
+    ``weights`` maps steps to ``[B, ...]`` vectors; the points, tasks, options and chunking are the oracle's.
+    """
+    trajectory, tasks, options, chunking = oracle.trajectory, oracle.tasks, oracle.options, oracle.chunking
+    totals: List[Optional[torch.Tensor]] = [None] * len(meta_inputs)
+    if not weights:
+        return totals
+    for lo, hi, loss_fn in trajectory.runs(min(weights), max(weights) + 1):
+        limit = chunking.limit(lambda lo=lo, fn=loss_fn: oracle.measure(fn, lo))
+        span = hi - lo if limit is None else max(1, limit // tasks.size)
+        for start in range(lo, hi, span):  # each chunk's graph is freed before the next one is built
+            stop = min(hi, start + span)
+            stacked = {n: torch.stack([weights[k][n] for k in range(start, stop)]) for n in weights[start]}
+            grads = _directional(loss_fn, trajectory.points(start, stop), stacked, tasks, options, meta_inputs,
+                                 trajectory.stepper.stream, f"the mixed second-order terms at steps {start}..{stop - 1}")
+            totals = [t if d is None else (d if t is None else t + d) for t, d in zip(totals, grads)]
+    return totals
+
+
+def _directional(loss_fn, points: Tensors, weights: Tensors, tasks: Tasks, options, meta_inputs, stream, during):
+    def inner(phi: Tensors, w: Tensors, task) -> torch.Tensor:
+        g = grad(loss_fn)(phi, task)
+        return sum((g[n] * w[n]).sum() for n in g)
+
+    with torch.enable_grad(), calls(options, stream, during):
+        values = map_points(inner, (points, weights), tasks, options.randomness)
+        # retain_graph: the support loss may reuse a graph built outside the closure (features computed
+        # once per task), which later chunks and the rest of the backward differentiate again.
+        return torch.autograd.grad(values.sum(), meta_inputs, allow_unused=True, retain_graph=True)
+
+
+def hyper_gradients(transpose: StepTranspose, adjoints: Dict[int, Tensors]) -> List[torch.Tensor]:
+    """``sum_k (d step_k / d hyper)^T lambda_{k+1}`` for each learned hyperparameter of ``transpose``."""
+    totals = [torch.zeros_like(v) for _, _, v in transpose.learned]
+    for k, adjoint in adjoints.items():
+        cotangents = transpose.vjp(k, adjoint, with_hyper=True)[2]
+        totals = [t + cotangents[n][h] for t, (n, h, _) in zip(totals, transpose.learned)]
+    return totals

@@ -1,0 +1,216 @@
+"""The autograd node whose backward is the estimator: recorded trajectory -> expansion -> ``.grad``.
+
+:class:`Adaptation` maps the meta-parameters (the initial point, the other tensors the support
+loss reaches, learned learning rates) to the adapted parameters ``phi_K`` of every task. Its
+backward, :meth:`Record.backward`, is the one place where a meta-gradient is computed:
+
+1. check the recorded loop can still be replayed (the closure is pure, the initial point unchanged);
+2. run the estimator's expansion with batched HVPs (:mod:`binom_opt.core.expansion`);
+3. apply the NaN policy per task, then the mixed terms of the other meta-parameters
+   (:mod:`binom_opt.core.mixed`);
+4. report the stats.
+
+Everything is checked before anything is returned, so an error leaves the node's inputs without
+a gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .batching import Tasks, calls, over_tasks
+from .estimators import Estimator
+from .expansion import ExpansionResult, expand, task_norms
+from .memory import Chunking
+from .mixed import hyper_gradients, meta_input_gradients
+from .oracle import HVPOracle
+from .stats import make_stats
+from .trajectory import Trajectory
+from .update_rules import Hyper, StepTranspose, UpdateRule
+
+Tensors = Dict[str, torch.Tensor]
+
+__all__ = ["Status", "Record", "Adaptation", "depends_on_adaptation", "leaves_requiring_grad"]
+
+
+@dataclass
+class Status:
+    finished: bool = False  # set once a meta-gradient went through the loop
+
+
+@dataclass
+class Record:
+    """A snapshot of an inner loop: what one meta-gradient needs.
+
+    It must not refer back to the recorder: the recorder holds the node's outputs, the node holds
+    this record, and a cycle through an autograd node is never collected.
+    """
+
+    setup: object  # recorder.Setup
+    estimator: Estimator
+    trajectory: Trajectory
+    tasks: Tasks
+    rules: Dict[str, UpdateRule]
+    hyper: Dict[str, Hyper]
+    meta_inputs: List[torch.Tensor]
+    hyper_inputs: List[Tuple[str, str, torch.Tensor]]
+    status: Status
+    initial: Tensors
+    versions: Dict[str, int]
+
+    def backward(self, g: Tensors) -> Tuple[Tensors, List[Optional[torch.Tensor]], List[torch.Tensor]]:
+        setup, options, K, B = self.setup, self.setup.options, self.trajectory.steps, self.tasks.size
+        if setup.steps is not None and K != setup.steps:
+            raise ValueError(
+                f"This learner was adapted {K} time(s) but steps={setup.steps} was set: adapt exactly {setup.steps} "
+                "times before computing the query loss (or leave steps=None)."
+            )
+        plan = self.estimator.plan(K)
+        changed = [n for n, t in self.initial.items() if t._version != self.versions[n]]
+        if changed:
+            raise RuntimeError(
+                f"The initial parameters {changed} were modified in place after the inner loop started (e.g. by "
+                "optimizer.step()), so the recorded trajectory no longer starts from them. Compute the meta-gradient "
+                "(backward) before changing the parameters."
+            )
+        if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different":
+            self._check_replay()
+        chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B)
+        oracle = HVPOracle(self.trajectory, self.tasks, options, chunking)
+        transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
+        try:
+            with torch.no_grad():
+                result = expand(plan, g, transpose, oracle, steps=K, with_adjoints=bool(self.meta_inputs),
+                                with_full_adjoints=bool(self.hyper_inputs))
+            bad = self._bad_tasks(result)
+            meta_grads, hyper_grads = self._other_gradients(result, bad, oracle, transpose, plan.hessian_scale)
+        finally:
+            self.trajectory.release()
+        self.status.finished = True
+        if setup.on_stats is not None:
+            setup.on_stats(make_stats(self.estimator, plan, task_norms(g), result.contributions, self.trajectory.losses,
+                                      result.hvp_count, chunking, int(bad.sum())))
+        return result.meta_grad, meta_grads, hyper_grads
+
+    def _bad_tasks(self, result: ExpansionResult) -> torch.Tensor:
+        """The tasks whose meta-gradient is not finite; raises for them under ``nan_policy="raise"``,
+        and zeroes them (and their adjoints) under ``"skip_task"``."""
+        vectors = [result.meta_grad, *result.adjoints.values(), *result.full_adjoints.values()]
+        bad = torch.zeros(self.tasks.size, dtype=torch.bool, device=next(iter(result.meta_grad.values())).device)
+        for tensors in vectors:
+            for t in tensors.values():
+                bad |= ~torch.isfinite(t.flatten(1)).all(1)
+        if not bool(bad.any()):
+            return bad
+        if self.setup.options.nan_policy == "raise":
+            rounds = [r + 1 for r, c in enumerate(result.contributions) if not bool(torch.isfinite(c).all())]
+            where = f"in HVP round {rounds[0]}" if rounds else "in the outer-loss gradient"
+            raise FloatingPointError(
+                f"The meta-gradient is not finite{self._naming(bad)} (first seen {where}): the Hessian-vector products "
+                "overflowed or the query loss is NaN/Inf. Lower the inner learning rate, use a smaller L, or check the "
+                "data (nan_policy='skip_task' drops such tasks)."
+            )
+        for tensors in vectors:
+            for n, t in tensors.items():
+                tensors[n] = torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), t)
+        return bad
+
+    def _other_gradients(self, result, bad, oracle, transpose, scale):
+        weights = {k: {n: t * scale for n, t in transpose.vjp(k, adjoint)[1].items()} for k, adjoint in result.adjoints.items()}
+        meta_grads = meta_input_gradients(oracle, weights, self.meta_inputs)
+        hyper_grads = hyper_gradients(transpose, result.full_adjoints)
+        finite = all(t is None or bool(torch.isfinite(t).all()) for t in [*meta_grads, *hyper_grads])
+        if not finite and self.setup.options.nan_policy == "skip_task":
+            for b in range(self.tasks.size):  # which tasks: one at a time (a rare path)
+                if not bool(bad[b]):
+                    only = {k: {n: t * (torch.arange(len(t), device=t.device) == b).view(-1, *[1] * (t.dim() - 1))
+                                for n, t in w.items()} for k, w in weights.items()}
+                    bad[b] = not all(t is None or bool(torch.isfinite(t).all()) for t in meta_input_gradients(oracle, only, self.meta_inputs))
+            result.meta_grad = {n: torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
+            keep = {k: {n: t * (~bad).view(-1, *[1] * (t.dim() - 1)) for n, t in w.items()} for k, w in weights.items()}
+            meta_grads = meta_input_gradients(oracle, keep, self.meta_inputs)
+            finite = all(t is None or bool(torch.isfinite(t).all()) for t in [*meta_grads, *hyper_grads])
+        if not finite:
+            raise FloatingPointError(
+                "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
+                "or a learned learning rate) is not finite: lower the inner learning rate or check the data."
+            )
+        return meta_grads, hyper_grads
+
+    def _check_replay(self) -> None:
+        """Raise if the support loss replayed now differs from its value in the inner loop.
+
+        The estimators replay the support loss at recorded points; a closure that reads a variable that has
+        changed since (a loop variable captured by a lambda, a later batch) would silently differentiate
+        another loss. One forward per distinct support loss catches that.
+        """
+        trajectory, options = self.trajectory, self.setup.options
+        firsts: Dict[int, int] = {}
+        for k, fn in enumerate(trajectory.loss_fns):
+            firsts.setdefault(id(fn), k)
+        replayed = []
+        for k in firsts.values():
+            with torch.no_grad(), calls(options, trajectory.stepper.stream, f"the replay check at step {k}"):
+                replayed.append(over_tasks(trajectory.loss_fns[k], self.tasks, options.randomness)(trajectory.point(k)))
+        now, then = torch.stack(replayed), trajectory.losses[list(firsts.values())]
+        tolerance = 1e-9 if then.dtype == torch.float64 else 1e-5
+        if bool(torch.isclose(now, then, rtol=tolerance, atol=tolerance).all()):
+            return
+        row = int(torch.nonzero(~torch.isclose(now, then, rtol=tolerance, atol=tolerance))[0, 0])
+        pure = "(learner, task)" if self.tasks.batched else "the learner"
+        raise RuntimeError(
+            f"The support loss replayed for the meta-gradient is {now[row].tolist()}, but it was {then[row].tolist()} at "
+            f"inner step {list(firsts.values())[row]}: the closure is not a pure function of {pure}. Either it reads a "
+            "variable that changed after the inner loop, such as a loop variable captured by a lambda (bind the data "
+            "when you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)), or it draws random numbers, "
+            "e.g. dropout (make it deterministic, or pass randomness='same' or 'different')."
+        )
+
+    def _naming(self, bad: torch.Tensor) -> str:
+        return f" for task(s) {torch.nonzero(bad).flatten().tolist()}" if self.tasks.batched else ""
+
+
+class Adaptation(torch.autograd.Function):
+    """Node ``(phi_0 [B, ...], other meta-parameters) -> phi_K [B, ...]`` whose backward is the estimator."""
+
+    @staticmethod
+    def forward(ctx, record: Record, *inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        ctx.record = record
+        # Aliases, not the record's own tensors: an output refers to this node, and the node must
+        # not refer back to its outputs (a reference cycle through autograd is never collected).
+        return tuple(t.detach() for t in record.trajectory.final.values())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs: Optional[torch.Tensor]):
+        record: Record = ctx.record
+        final = record.trajectory.final
+        g = {n: torch.zeros_like(t) if go is None else go for (n, t), go in zip(final.items(), grad_outputs)}
+        meta_grad, meta_input_grads, hyper_grads = record.backward(g)
+        return (None, *meta_grad.values(), *meta_input_grads, *hyper_grads)
+
+
+def depends_on_adaptation(loss: torch.Tensor) -> bool:
+    """Whether the autograd graph of ``loss`` contains an :class:`Adaptation` node (a learner's parameters)."""
+    return any(isinstance(node, Adaptation._backward_cls) for node in _nodes(loss))
+
+
+def leaves_requiring_grad(loss: torch.Tensor, exclude: frozenset = frozenset()) -> List[torch.Tensor]:
+    """The leaf tensors requiring grad that ``loss`` depends on, except those in ``exclude`` (ids)."""
+    found = (getattr(node, "variable", None) for node in _nodes(loss))
+    return [v for v in found if v is not None and id(v) not in exclude]
+
+
+def _nodes(loss: torch.Tensor):
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions)

@@ -1,0 +1,128 @@
+"""Modules called inside binom_opt: what normalisation layers do, and no buffer written in forward.
+
+The support loss is replayed at recorded points after the inner loop, so it must be a pure
+function of the adapted parameters. Two kinds of module break that, and :func:`module_policy`
+(a context that every support-loss and learner call runs in) handles both, whatever module
+runs, with global forward hooks, so models and plain functions of dicts alike are covered:
+
+* normalisation layers with running statistics (BatchNorm, InstanceNorm) update them in place in
+  train mode. Policies (``bn=``): ``"auto"`` (default) follows each layer's own mode, as higher,
+  learn2learn and plain PyTorch do: in train mode batch statistics (its running buffers neither
+  read nor updated), in eval mode the running statistics; ``"transductive"``: batch statistics
+  in both modes; ``"frozen"``: running statistics in both modes, never updated; ``"error"``:
+  refuse layers that track running statistics. Layers built with ``track_running_stats=False``
+  always use batch statistics.
+* any other module that writes one of its buffers during forward (``spectral_norm``'s power
+  iteration in train mode, a running average) would make every replay differentiate another
+  loss than the inner loop did: that is a ``RuntimeError`` naming the module and the buffer.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    >>> before = model[1].running_mean.clone()
+    >>> with module_policy("auto"):
+    ...     _ = model(torch.randn(8, 3))
+    >>> torch.equal(model[1].running_mean, before)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+__all__ = ["NORM_POLICIES", "module_policy", "check_no_tracking"]
+
+NORM_POLICIES = ("auto", "transductive", "frozen", "error")
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class _Policy:
+    """The policy in force, and what it changed (restored when its context ends)."""
+
+    def __init__(self, bn: str):
+        self.bn = bn
+        self.touched: Dict[int, Tuple[nn.Module, dict, bool]] = {}
+        self.versions: Dict[int, Dict[str, int]] = {}
+
+
+_active: List[_Policy] = []  # nested contexts keep the outermost
+_hooks: list = []  # installed once: hooks that come and go would make torch.compile recompile at every call
+
+
+@contextlib.contextmanager
+def module_policy(bn: str) -> Iterator[None]:
+    """Run every module forward inside under the normalisation policy ``bn``, refusing buffer writes."""
+    if _active:
+        yield
+        return
+    if not _hooks:
+        _hooks.extend([register_module_forward_pre_hook(_before), register_module_forward_hook(_after)])
+    policy = _Policy(bn)
+    _active.append(policy)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # attention's fused eval path has no derivative and no vmap rule
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        _active.pop()
+        for module, buffers, training in policy.touched.values():
+            module._buffers.update(buffers)
+            module.training = training
+
+
+def _before(module: nn.Module, args) -> None:
+    if not _active:
+        return
+    policy = _active[0]
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        _apply(policy.bn, module, policy.touched)
+    if module._buffers and not torch.compiler.is_compiling():
+        policy.versions[id(module)] = {n: b._version for n, b in module._buffers.items() if b is not None}
+
+
+def _after(module: nn.Module, args, output) -> None:
+    seen = _active[0].versions.pop(id(module), None) if _active else None
+    if not seen:
+        return
+    written = [n for n, v in seen.items() if module._buffers.get(n) is not None and module._buffers[n]._version != v]
+    if written:
+        raise RuntimeError(
+            f"{type(module).__name__} wrote its buffer(s) {written} during forward (in train mode, spectral_norm's "
+            "power iteration and running averages do). binom_opt replays the support loss after the inner loop, "
+            "so such a module would make every replay differentiate another loss. Put that module in eval mode "
+            "(module.eval()) for the adaptation, or make its forward leave its buffers unchanged."
+        )
+
+
+def check_no_tracking(model: nn.Module) -> None:
+    """``bn="error"``: refuse normalisation layers that track running statistics."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            _apply("error", module, {})
+
+
+def _apply(policy: str, module: nn.Module, touched: Dict[int, Tuple[nn.Module, dict, bool]]) -> None:
+    tracks = module.track_running_stats and module._buffers.get("running_mean") is not None
+    if policy == "error" and tracks:
+        raise ValueError(
+            f"bn='error': layers such as this {type(module).__name__} track running statistics. Choose bn='auto' (follow "
+            "each layer's train/eval mode), bn='transductive' (batch statistics) or bn='frozen' (running statistics), "
+            "or build the layers with track_running_stats=False."
+        )
+    hide = tracks and (policy == "transductive" or (policy == "auto" and module.training))
+    mode = {"transductive": True, "frozen": False}.get(policy, module.training)
+    if not hide and mode == module.training:
+        return
+    if id(module) not in touched:
+        touched[id(module)] = (module, {k: module._buffers[k] for k in _STATS if k in module._buffers}, module.training)
+    if hide:  # _NormBase.forward then normalises with batch statistics and updates nothing
+        for k in _STATS:
+            if k in module._buffers:
+                module._buffers[k] = None
+    module.training = mode

@@ -1,0 +1,109 @@
+"""Every setting besides the estimator, in one frozen object validated once.
+
+Each entry point (``MetaGradientEngine``, ``MAML``, ``innerloop_ctx``, the functional API) takes
+``options=bo.Options(...)`` and, as sugar, the same fields as keyword arguments:
+
+    >>> import binom_opt as bo
+    >>> bo.Options(memory_budget="512MiB", randomness="same").memory_budget
+    '512MiB'
+    >>> bo.Options.resolve(bo.Options(hvp="rev"), chunk_size=4)
+    Options(hvp='rev', chunk_size=4, memory_budget=None, compile_hvps=False, randomness='error', bn='auto', nan_policy='raise', checkpoint_every=None)
+    >>> bo.Options(randomness="fresh")
+    Traceback (most recent call last):
+    ...
+    ValueError: randomness must be one of ('error', 'same', 'different') (torch.func.vmap's), got 'fresh'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from .memory import check_chunk_size, parse_memory_budget
+from .norm_layers import NORM_POLICIES
+
+__all__ = ["Options", "HVP_MODES", "RANDOMNESS", "NAN_POLICIES"]
+
+HVP_MODES = ("auto", "rev", "fwd")
+RANDOMNESS = ("error", "same", "different")
+NAN_POLICIES = ("raise", "skip_task")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How meta-gradients are computed, apart from the estimator (see docs/design.md).
+
+    Attributes:
+        hvp: Hessian-vector products by ``"rev"`` (reverse-over-reverse, ``vjp`` of ``grad``),
+            ``"fwd"`` (forward-over-reverse, ``jvp`` of ``grad``) or ``"auto"`` (``"rev"``, which
+            works through every loss; forward mode is broken for some, e.g. ``F.mse_loss`` in torch 2.13).
+        chunk_size: at most this many HVPs (trajectory points x tasks) at once; ``None``: a round at once.
+        memory_budget: bytes (or ``"512MiB"``) for the activations of the HVPs run at once, measured
+            for one HVP (:mod:`binom_opt.core.memory`); ``"inner_step"``: no more than the inner step's.
+        compile_hvps: run the HVP rounds through ``torch.compile`` (the graph is reused across tasks).
+        randomness: random ops (dropout) in the support loss: ``"error"`` (refused under the batched
+            HVPs), ``"same"`` (every inner step and every replay of a task draws the same random
+            numbers, so the meta-gradient is that of the fixed-mask loss; tasks of ``adapt_batch`` draw
+            different ones) or ``"different"`` (replays draw new random numbers).
+        bn: normalisation layers with running statistics (BatchNorm, InstanceNorm): ``"auto"``
+            follows each layer's own mode (train: batch statistics, eval: running statistics; the
+            running buffers are never updated), ``"transductive"`` (batch statistics everywhere),
+            ``"frozen"`` (running statistics everywhere) or ``"error"`` (refuse such layers).
+        nan_policy: ``"raise"`` (a NaN/Inf meta-gradient is a ``FloatingPointError`` naming where it
+            appeared) or ``"skip_task"`` (the tasks whose meta-gradient is not finite contribute zero,
+            counted in ``stats.skipped``).
+        checkpoint_every: store only every m-th point of the inner loop and recompute the others
+            (bitwise the same) when the estimator needs them: about ``K/m + m`` stored points instead
+            of ``K``, for one more gradient per inner step; ``m`` near ``sqrt(K)`` stores the fewest.
+    """
+
+    hvp: str = "auto"
+    chunk_size: Optional[int] = None
+    memory_budget: Union[None, int, str] = None
+    compile_hvps: bool = False
+    randomness: str = "error"
+    bn: str = "auto"
+    nan_policy: str = "raise"
+    checkpoint_every: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("hvp", self.hvp, HVP_MODES)
+        check_chunk_size(self.chunk_size)
+        parse_memory_budget(self.memory_budget)
+        if not isinstance(self.compile_hvps, bool):
+            raise TypeError(f"compile_hvps must be True or False, got {self.compile_hvps!r}.")
+        _check_choice("randomness", self.randomness, RANDOMNESS, " (torch.func.vmap's)")
+        _check_choice("bn", self.bn, NORM_POLICIES)
+        _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        every = self.checkpoint_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"checkpoint_every must be None or an integer >= 1 (store every m-th point), got {every!r}.")
+        if every is not None and every > 1 and self.randomness == "different":
+            raise ValueError(
+                "checkpoint_every recomputes inner steps, which randomness='different' cannot reproduce: use "
+                "randomness='same' (one random stream per task) or leave checkpoint_every=None."
+            )
+
+    @property
+    def hvp_mode(self) -> str:
+        """The concrete backend, ``"rev"`` or ``"fwd"``."""
+        return "rev" if self.hvp == "auto" else self.hvp
+
+    @classmethod
+    def resolve(cls, options: Optional["Options"] = None, **keywords) -> "Options":
+        """``options`` (or the defaults) with ``keywords`` replacing fields, validated."""
+        if options is not None and not isinstance(options, Options):
+            raise TypeError(f"options must be a binom_opt.Options, got {type(options).__name__}.")
+        unknown = sorted(set(keywords) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(
+                f"Unknown option(s) {unknown}; the options are {[f.name for f in dataclasses.fields(cls)]} "
+                "(see binom_opt.Options)."
+            )
+        return dataclasses.replace(options or cls(), **keywords)
+
+
+def _check_choice(name: str, value: object, choices: tuple, note: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}{note}, got {value!r}.")

@@ -1,0 +1,78 @@
+"""Hessian-vector products at recorded trajectory points, over steps x tasks in one call.
+
+Two ways to differentiate twice with ``torch.func`` (``Options.hvp``):
+
+* ``"rev"``: reverse-over-reverse, ``vjp`` of ``grad``. Works through every loss we know of.
+* ``"fwd"``: forward-over-reverse, ``jvp`` of ``grad``. Forward-mode AD is missing or broken for
+  some operators (in torch 2.13, ``F.mse_loss`` fails with "ZeroTensors are immutable").
+
+``"auto"`` is ``"rev"``. An :class:`HVPOracle` answers ``oracle(steps, vectors)`` with the stacked
+``H_j v_j`` of every task: one HVP written for one task at one point, lifted over the requested
+points and the tasks (:func:`~binom_opt.core.batching.map_points`), chunked by
+:class:`~binom_opt.core.memory.Chunking`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+from torch.func import grad, jvp, vjp
+
+from .batching import Tasks, calls, map_points
+from .memory import Chunking, activation_bytes
+from .options import Options
+from .trajectory import Trajectory
+
+Tensors = Dict[str, torch.Tensor]
+LossFn = Callable[[Tensors, object], torch.Tensor]
+
+__all__ = ["hvp_function", "HVPOracle"]
+
+
+def hvp_function(loss_fn: LossFn, mode: str) -> Callable[[Tensors, Tensors, object], Tensors]:
+    """``hvp(point, vector, task) -> H(point) @ vector`` for the scalar ``loss_fn(point, task)`` of one task.
+
+    Example:
+        >>> f = lambda p, task: (p["w"] ** 3).sum()           # Hessian diag(6 w)
+        >>> hvp_function(f, "rev")({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}, None)["w"]
+        tensor([ 6., 12.])
+    """
+    if mode == "rev":
+        return lambda point, vector, task: vjp(lambda p: grad(loss_fn)(p, task), point)[1](vector)[0]
+    return lambda point, vector, task: jvp(lambda p: grad(loss_fn)(p, task), (point,), (vector,))[1]
+
+
+class HVPOracle:
+    """``oracle(steps, vectors)``: ``H_j v_j`` for each step ``j`` of the ``range`` and every task.
+
+    ``vectors`` and the result are stacked ``[len(steps), B, ...]``. Consecutive steps with the same
+    support loss run in one lifted call; ``chunking`` caps how many HVPs run at once (its
+    ``used``, ``per_hvp_bytes`` and ``fallbacks`` tell what ran).
+    """
+
+    def __init__(self, trajectory: Trajectory, tasks: Tasks, options: Options, chunking: Chunking):
+        self.trajectory, self.tasks, self.options, self.chunking = trajectory, tasks, options, chunking
+        self._hvps: Dict[int, Callable] = {}
+
+    def __call__(self, steps: range, vectors: Tensors) -> Tensors:
+        parts = []
+        for lo, hi, loss_fn in self.trajectory.runs(steps.start, steps.stop):
+            hvp = self._hvps.setdefault(id(loss_fn), hvp_function(loss_fn, self.options.hvp_mode))
+            at = {n: t[lo - steps.start : hi - steps.start] for n, t in vectors.items()}
+
+            def call(limit, lo=lo, hi=hi, hvp=hvp, at=at):
+                with calls(self.options, self.trajectory.stepper.stream, f"the Hessian-vector products at steps {lo}..{hi - 1}"):
+                    return map_points(hvp, (self.trajectory.points(lo, hi), at), self.tasks, self.options.randomness,
+                                      limit, self.options.compile_hvps)
+
+            measure = lambda lo=lo, fn=loss_fn: self.measure(fn, lo)
+            parts.append(self.chunking.run((hi - lo) * self.tasks.size, measure, call))
+        return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+    def measure(self, loss_fn: LossFn, step: int):
+        """The activation bytes of one gradient and one HVP of the first task at ``step``."""
+        task = self.tasks.first()
+        point = {n: t[0] for n, t in self.trajectory.point(step).items()}
+        with calls(self.options, self.trajectory.stepper.stream, "the measurement of one HVP's memory"):
+            return activation_bytes(lambda p: loss_fn(p, task), point)

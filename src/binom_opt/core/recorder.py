@@ -1,0 +1,249 @@
+"""The inner loop, recorded step by step without a graph: one recorder for one task or a meta-batch.
+
+:class:`InnerLoop` takes inner steps on a support loss ``loss(phi, task)`` written for one task:
+one by one as a drop-in's ``adapt``/``diffopt.step`` calls come (different closures at different
+steps are fine), or ``K`` at once for ``engine.adapt``/``adapt_batch``. All ``B`` tasks step
+together, vmapped over the task dimension; a single task without task data takes plain autograd
+steps instead (faster than ``torch.func`` on small kernels). Its :meth:`InnerLoop.outputs` are
+the adapted parameters as outputs of the autograd node of :mod:`binom_opt.core.node`.
+
+Tensors other than the adapted parameters that the support loss depends on and that require
+grad (the model's other parameters, features from a body, data tensors of the tasks) are found by
+walking the loss's autograd graph the first time a closure runs; they become inputs of the node
+and get their meta-gradient through the inner loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.func import grad_and_value
+
+from .batching import RandomStream, Tasks, add_note, calls, over_tasks
+from .estimators import Estimator
+from .node import Adaptation, Record, Status, leaves_requiring_grad
+from .options import Options
+from .trajectory import Stored, Trajectory
+from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
+
+Tensors = Dict[str, torch.Tensor]
+LossFn = Callable[[Tensors, object], torch.Tensor]
+
+__all__ = ["Setup", "Stepper", "InnerLoop", "check_scalar_loss"]
+
+
+@dataclass
+class Setup:
+    """What stays fixed across the adaptations of one engine or drop-in.
+
+    Attributes:
+        estimator, options: how meta-gradients are computed.
+        make_loss: turns a user closure into the support loss ``loss(phi, task)`` of one task.
+        steps: the number of inner steps every adaptation must take before backward (``None``: any).
+        allow_unused: adapted parameters the support loss does not use get zero gradients.
+        on_stats: called with the :class:`~binom_opt.MetaGradientStats` of every meta-gradient.
+    """
+
+    estimator: Estimator
+    options: Options
+    make_loss: Callable[[Callable], LossFn]
+    steps: Optional[int] = None
+    allow_unused: bool = False
+    on_stats: Optional[Callable] = None
+
+
+@dataclass
+class Stepper:
+    """Takes inner steps for ``B`` tasks: the gradient of a support loss, and the update rules.
+
+    It holds no reference to the recorder, so the trajectory can keep it to recompute gradients
+    and checkpointed segments.
+    """
+
+    rules: Dict[str, UpdateRule]
+    hyper: Dict[str, Hyper]  # detached values
+    tasks: Tasks
+    options: Options
+    allow_unused: bool = False
+    stream: Optional[RandomStream] = None
+
+    def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False
+                 ) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
+        """``(grads [B, ...], losses [B], leaves found)`` at ``phi``; ``probe`` validates the closure
+        with plain autograd on the first task and walks its graph for meta-parameters."""
+        found: List[torch.Tensor] = []
+        if probe or not self.tasks.batched:
+            with calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
+                one = {n: t[0] for n, t in phi.items()}
+                grads, value, found = _plain_gradient(loss_fn, one, self.tasks.first(), step, self.allow_unused, probe)
+            if not self.tasks.batched:
+                return {n: g.unsqueeze(0) for n, g in grads.items()}, value.unsqueeze(0), found
+        with torch.no_grad(), calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
+            grads, losses = over_tasks(grad_and_value(loss_fn), self.tasks, self.options.randomness)(phi)
+        return grads, losses, found
+
+    def update(self, k: int, phi: Tensors, state: Dict[str, Tensors], grads: Tensors) -> Tuple[Tensors, Dict[str, Tensors]]:
+        with torch.no_grad():
+            new = {n: rule.update(k, phi[n], state.get(n, {}), grads[n], self.hyper[n]) for n, rule in self.rules.items()}
+        return {n: v[0] for n, v in new.items()}, {n: v[1] for n, v in new.items()}
+
+
+_CLOSURE_HINT = "Check that the data, the model and the adapted parameters share one dtype and one device."
+
+
+def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool):
+    with torch.enable_grad():
+        leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
+        loss = check_scalar_loss(loss_fn(leaves, task), "The support-loss closure")
+        if not loss.requires_grad:
+            raise ValueError(_NO_DEPENDENCE)
+        found = leaves_requiring_grad(loss, exclude={id(t) for t in leaves.values()}) if probe else []
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    unused = [n for n, g in zip(leaves, grads) if g is None]
+    if len(unused) == len(leaves):
+        raise ValueError(_NO_DEPENDENCE)
+    if unused and not allow_unused:
+        raise ValueError(
+            f"The support loss does not depend on the adapted parameter(s) {unused}. Adapt only parameters the "
+            "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
+        )
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}, loss.detach(), found
+
+
+_NO_DEPENDENCE = (
+    "The support loss does not depend on the adapted parameters: the closure must compute it from the learner it "
+    "is given, e.g. lambda m: F.cross_entropy(m(x), y), not from a loss computed beforehand or from the model itself."
+)
+
+
+def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
+    """Raise a clear error unless ``loss`` is a real floating-point scalar tensor."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{what} must return a scalar torch.Tensor, got {type(loss).__name__}.")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"{what} must return a scalar loss, got a tensor of shape {tuple(loss.shape)}. Reduce it, e.g. with .mean() or .sum()."
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"{what} must return a floating-point loss, got dtype {loss.dtype}.")
+    return loss
+
+
+class InnerLoop:
+    """One adaptation of ``B`` tasks (or one task), recorded so that its meta-gradient can be estimated later.
+
+    Args:
+        setup: the shared :class:`Setup`.
+        initial: the initial point of the adapted parameters (the meta-parameters, by name).
+        rules, hyper: the update rule of each adapted parameter and its hyperparameters (``{"lr": ...}``;
+            tensors that require grad are meta-parameters).
+        tasks: the task axis (:class:`~binom_opt.core.batching.Tasks`).
+    """
+
+    def __init__(self, setup: Setup, initial: Tensors, rules: Dict[str, UpdateRule], hyper: Dict[str, Hyper], tasks: Tasks):
+        check_hyper(hyper, initial)
+        self.setup, self.initial, self.rules, self.hyper, self.tasks = setup, dict(initial), rules, hyper, tasks
+        options = setup.options
+        self.stepper = Stepper(rules, {n: detached(h) for n, h in hyper.items()}, tasks, options, setup.allow_unused)
+        transpose = StepTranspose(rules, hyper)
+        self._every = options.checkpoint_every or 1
+        self._keep_state = any(r.state_names for r in rules.values()) and (transpose.needs_values or self._every > 1)
+        B = tasks.size
+        self._phi = {n: t.detach().unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
+        self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
+        self._stored: List[Optional[Stored]] = []
+        self._loss_fns: List[LossFn] = []
+        self._losses: List[torch.Tensor] = []
+        self._bad: List[torch.Tensor] = []  # per step, [1 + entries, B]: loss, then each gradient not finite
+        self._checked = 0
+        self._closures: Dict[int, Tuple[Callable, LossFn]] = {}
+        self._meta_inputs: Dict[int, torch.Tensor] = {}
+        self._versions = {n: t._version for n, t in self.initial.items()}
+        self._sealed: Optional[Tensors] = None
+        self._status = Status()
+
+    @property
+    def steps_taken(self) -> int:
+        return len(self._loss_fns)
+
+    @property
+    def finished(self) -> bool:
+        """Whether a meta-gradient already went through this loop."""
+        return self._status.finished
+
+    def step(self, closure: Callable) -> None:
+        """One inner step on the support loss of ``closure``; records the point, keeps no graph."""
+        if self.finished:
+            raise RuntimeError(
+                "This adaptation's meta-gradient was already computed (backward ran through it): adapting it further "
+                "would count its steps twice. Start a new one for the next task (maml.clone(), a new innerloop_ctx, "
+                "or engine.adapt)."
+            )
+        if isinstance(closure, torch.Tensor) or not callable(closure):
+            raise TypeError(
+                "Pass a closure learner -> support loss, e.g. lambda m: F.cross_entropy(m(x), y), not "
+                f"{type(closure).__name__}: binom_opt replays the support loss at recorded points to take "
+                "Hessian-vector products after the inner loop, so it needs the function, not one value."
+            )
+        if self.setup.options.randomness == "same" and self.stepper.stream is None:
+            self.stepper.stream = RandomStream.capture(list(self._phi.values()))
+        known = self._closures.get(id(closure))
+        loss_fn = known[1] if known else self.setup.make_loss(closure)
+        k = self.steps_taken
+        grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None)
+        self._closures[id(closure)] = (closure, loss_fn)
+        for t in found:
+            self._meta_inputs.setdefault(id(t), t)
+        with torch.no_grad():
+            self._bad.append(torch.stack([~torch.isfinite(losses), *(~torch.isfinite(g.flatten(1)).all(1) for g in grads.values())]))
+        self._stored.append(Stored(self._phi, self._state if self._keep_state else None) if k % self._every == 0 else None)
+        self._loss_fns.append(loss_fn)
+        self._losses.append(losses)
+        self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
+        self._sealed = None
+
+    def outputs(self, estimator: Optional[Estimator] = None) -> Tensors:
+        """The adapted parameters after the steps so far, ``[B, ...]``, differentiable with respect to the
+        meta-parameters: their backward is ``estimator`` (the setup's by default; several estimators
+        may read one recorded loop). ``initial_inputs`` holds the ``[B, ...]`` initial point they start from."""
+        B = self.tasks.size
+        initial = {n: t.unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
+        if not self._loss_fns:
+            self.initial_inputs = initial
+            return initial
+        if self._sealed is None or estimator is not None:
+            self._check_finite()
+            trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi,
+                                    self.stepper, self._every)
+            record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, self.hyper, list(self._meta_inputs.values()),
+                            learned(self.hyper), self._status, dict(self.initial), dict(self._versions))
+            outputs = Adaptation.apply(record, *initial.values(), *record.meta_inputs, *(v for _, _, v in record.hyper_inputs))
+            self.initial_inputs = initial
+            if estimator is not None:
+                return dict(zip(self.initial, outputs))
+            self._sealed = dict(zip(self.initial, outputs))
+        return self._sealed
+
+    def _check_finite(self) -> None:
+        """One check for the steps since the last one: the first non-finite inner loss or gradient, named."""
+        pending = self._bad[self._checked:]
+        self._checked = len(self._bad)
+        if not pending or not bool(torch.stack(pending).any()):
+            return
+        first = next(i for i, bad in enumerate(pending) if bool(bad.any()))
+        k, bad = self._checked - len(pending) + first, pending[first]
+        tasks = "" if not self.tasks.batched else f" for task(s) {torch.nonzero(bad.any(0)).flatten().tolist()}"
+        if bool(bad[0].any()):
+            value = float(self._losses[k][int(torch.nonzero(bad[0])[0])])
+            raise FloatingPointError(
+                f"The inner loss is {value} at inner step {k}{tasks}: the inner loop diverged or the support data holds "
+                "NaN/Inf (or is empty). Lower the inner learning rate or check the support set."
+            )
+        names = [n for n, row in zip(self.initial, bad[1:]) if bool(row.any())]
+        raise FloatingPointError(
+            f"The inner gradient of {names} is not finite at inner step {k}{tasks} although the loss is finite: an "
+            "operation in the support loss has an infinite derivative there (e.g. sqrt or log at 0). Clamp its input "
+            "away from the singularity."
+        )

@@ -1,0 +1,130 @@
+"""What one meta-gradient computation did, and the warning when a binomial series diverges."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .estimators import Estimator, ExpansionPlan
+
+__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "make_stats"]
+
+
+@dataclass(frozen=True)
+class MetaGradientStats:
+    """Counts and norms of the last meta-gradient (of one task, or of a meta-batch).
+
+    Attributes:
+        estimator: the estimator used.
+        steps: ``K``, the number of inner steps.
+        levels: ``L``, the most Hessian factors a kept term may have.
+        hvp_count: Hessian-vector products computed, over all tasks (the dominant cost).
+        rounds: sequential HVP rounds (each one batched call).
+        contributions: one norm per round, over all tasks; for Binomial/Hybrid, round ``l``'s entry is
+            the norm of the terms with exactly ``l`` Hessian factors (over the steps the recursion has
+            at that round, see :class:`binom_opt.core.expansion.ExpansionResult`). Entries that grow
+            with ``l`` mean the expansion diverges (``alpha * ||H||`` too large for it).
+        inner_losses: the support loss at each inner step (the mean over the tasks).
+        schedule: ``"binomial"`` (batched rounds) or ``"sequential"`` (one HVP per round).
+        g_norm: the norm of the outer gradient ``g``, the order-0 term, over all tasks.
+        tasks: how many tasks the meta-gradient covers.
+        diverging_tasks: the tasks whose own series grows with the order (see :attr:`diverging`).
+        chunk_fallbacks: chunk sizes the HVPs were retried with after running out of memory.
+        skipped: tasks whose meta-gradient was not finite and that ``nan_policy="skip_task"`` zeroed.
+        hvps_at_once: the most HVPs (points x tasks) one call ran at once (``None`` when no HVP ran),
+            after ``chunk_size``, ``memory_budget`` and fallbacks.
+        per_hvp_bytes: one HVP's measured activation bytes, when a ``memory_budget`` needed it.
+    """
+
+    estimator: Estimator
+    steps: int
+    levels: int
+    hvp_count: int
+    rounds: int
+    contributions: List[float] = field(default_factory=list)
+    inner_losses: List[float] = field(default_factory=list)
+    schedule: str = "sequential"
+    g_norm: float = 0.0
+    tasks: int = 1
+    diverging_tasks: Tuple[int, ...] = ()
+    chunk_fallbacks: List[int] = field(default_factory=list)
+    skipped: int = 0
+    hvps_at_once: Optional[int] = None
+    per_hvp_bytes: Optional[int] = None
+
+    @property
+    def diverging(self) -> bool:
+        """Whether the binomial series of some task grows with the order instead of shrinking.
+
+        True when, for some task, some order's norm exceeds the previous one's, starting from
+        ``||g||``: the dropped higher orders are then not small and the estimate can be far off.
+        Always False for the sequential estimators, whose per-round norms measure single factors.
+        """
+        return bool(self.diverging_tasks)
+
+
+def make_stats(estimator: Estimator, plan: ExpansionPlan, g_norms: torch.Tensor, contributions: Sequence[torch.Tensor],
+               losses: torch.Tensor, hvp_count: int, chunking, skipped: int) -> MetaGradientStats:
+    """The stats from per-task norms (``[B]`` tensors, on the device), read back in one transfer."""
+    B, rounds = g_norms.shape[0], len(contributions)
+    per_task = torch.stack([g_norms, *contributions]).double()  # [1 + rounds, B]
+    flat = torch.cat([per_task.flatten(), per_task.pow(2).sum(1).sqrt(), losses.double().mean(1)]).tolist()
+    count = (rounds + 1) * B
+    norms = [flat[r * B:(r + 1) * B] for r in range(rounds + 1)]
+    totals, inner_losses = flat[count:count + rounds + 1], flat[count + rounds + 1:]
+    growing = tuple(b for b in range(B) if any(norms[r + 1][b] > norms[r][b] for r in range(rounds)))
+    return MetaGradientStats(
+        estimator=estimator, steps=losses.shape[0], levels=plan.levels, hvp_count=hvp_count * B, rounds=rounds,
+        contributions=totals[1:], inner_losses=inner_losses, schedule=plan.schedule, g_norm=totals[0],
+        tasks=B, diverging_tasks=growing if plan.schedule == "binomial" else (),
+        chunk_fallbacks=list(chunking.fallbacks), skipped=skipped, hvps_at_once=chunking.used,
+        per_hvp_bytes=chunking.per_hvp_bytes,
+    )
+
+
+class ExpansionDivergenceWarning(RuntimeWarning):
+    """The binomial series of a meta-gradient grows with the order (see ``MetaGradientStats.diverging``)."""
+
+
+class DivergenceMonitor:
+    """Keeps the last stats of one engine or drop-in and warns once when a binomial series diverges."""
+
+    def __init__(self) -> None:
+        self.last_stats: Optional[MetaGradientStats] = None
+        self.skipped_tasks = 0
+        self._warned = False
+
+    def __call__(self, stats: MetaGradientStats) -> None:
+        self.last_stats = stats
+        self.skipped_tasks += stats.skipped
+        if stats.diverging and not self._warned:
+            self._warned = True
+            norms = ", ".join(f"{n:.3g}" for n in [stats.g_norm, *stats.contributions])
+            remedies = ["a smaller L", "Truncated(L)", "a smaller inner learning rate", "or Exact()"]
+            if getattr(stats.estimator, "hessian_scale", "paper") != "paper":
+                remedies.insert(0, "hessian_scale='paper'")
+            where = f" on {len(stats.diverging_tasks)} of {stats.tasks} tasks" if stats.tasks > 1 else ""
+            warnings.warn(
+                f"{stats.estimator!r}: the binomial series is diverging{where}: its terms of order 0..{stats.levels} have "
+                f"norms [{norms}], growing instead of shrinking (inner lr * ||Hessian|| is too large for this expansion, "
+                f"so the estimate can be far from the exact meta-gradient). Consider {', '.join(remedies)}. Shown once "
+                "per engine; last_stats.diverging tells for each meta-gradient.",
+                ExpansionDivergenceWarning,
+                stacklevel=_user_stacklevel(),
+            )
+
+
+_LIBRARIES = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside binom_opt and torch: the user's line that ran backward."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1  # backward on another thread (CUDA): no user frame above

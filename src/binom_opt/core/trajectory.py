@@ -1,0 +1,123 @@
+"""A recorded inner loop: the points the estimators take Hessian-vector products at.
+
+One point per inner step is stored (``[B, ...]`` per adapted parameter: all tasks at once), plus
+the optimizer state where the transposed step needs it (Adam, learned learning rates) or where
+checkpointing recomputes from it. No gradient and no autograd graph is kept: gradients are
+recomputed where they are needed. With ``checkpoint_every=m`` only every m-th point is stored
+and a segment of ``m`` steps is recomputed from its first point when asked for (bitwise the same
+points, checked against the next stored point), so a horizon of ``K`` steps keeps about
+``K/m + m`` points instead of ``K``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+Tensors = Dict[str, torch.Tensor]
+States = Dict[str, Tensors]
+LossFn = Callable
+
+__all__ = ["Trajectory", "Stored"]
+
+
+@dataclass
+class Stored:
+    """A stored point ``phi_k`` and, when kept, the optimizer state there."""
+
+    phi: Tensors
+    state: Optional[States] = None
+
+
+class Trajectory:
+    """A finished inner loop of ``B`` tasks: what one meta-gradient reads.
+
+    Args:
+        stored: per step, a :class:`Stored` point (every step, or every ``every``-th one).
+        loss_fns: the support loss of each step, ``loss(phi, task)`` for one task.
+        losses: the support loss of every task at every step, ``[K, B]``.
+        final: ``phi_K``.
+        stepper: what took the steps; recomputes gradients and, with checkpoints, whole segments.
+        every: the checkpoint interval (1: every point is stored).
+    """
+
+    def __init__(self, stored: List[Optional[Stored]], loss_fns: List[LossFn], losses: torch.Tensor,
+                 final: Tensors, stepper, every: int = 1):
+        self.stored, self.loss_fns, self.losses, self.final = stored, loss_fns, losses, final
+        self.stepper, self.every = stepper, every
+        self._segments: Dict[int, List[Tuple[Tensors, States, Tensors]]] = {}
+        self._grads: Dict[int, Tensors] = {}
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss_fns)
+
+    def point(self, k: int) -> Tensors:
+        stored = self.stored[k]
+        return stored.phi if stored is not None else self._segment(k)[k % self.every][0]
+
+    def points(self, lo: int, hi: int) -> Tensors:
+        """``phi_lo .. phi_{hi-1}`` stacked, ``[hi - lo, B, ...]`` per entry."""
+        at = [self.point(k) for k in range(lo, hi)]
+        return {n: torch.stack([p[n] for p in at]) for n in at[0]}
+
+    def values(self, k: int) -> Tuple[Tensors, States, Tensors]:
+        """``(phi_k, state_k, grad_k)``; the gradient is recomputed (and kept until :meth:`release`)."""
+        if self.every > 1:
+            return self._segment(k)[k % self.every]
+        if k not in self._grads:
+            self._grads[k] = self.stepper.gradient(self.loss_fns[k], self.stored[k].phi, k)[0]
+        return self.stored[k].phi, self.stored[k].state or {}, self._grads[k]
+
+    def runs(self, lo: int, hi: int) -> List[Tuple[int, int, LossFn]]:
+        """``(start, stop, loss_fn)`` for each run of consecutive steps in ``[lo, hi)`` sharing a support loss."""
+        out: List[Tuple[int, int, LossFn]] = []
+        for k in range(lo, hi):
+            if out and out[-1][2] is self.loss_fns[k]:
+                out[-1] = (out[-1][0], k + 1, out[-1][2])
+            else:
+                out.append((k, k + 1, self.loss_fns[k]))
+        return out
+
+    def release(self) -> None:
+        """Drop what was recomputed for one meta-gradient."""
+        self._segments.clear()
+        self._grads.clear()
+
+    def _segment(self, k: int) -> List[Tuple[Tensors, States, Tensors]]:
+        start = k - k % self.every
+        if start not in self._segments:
+            if len(self._segments) >= 2:  # the estimators walk the steps in order: two segments suffice
+                del self._segments[next(iter(self._segments))]
+            self._segments[start] = self._recompute(start)
+        return self._segments[start]
+
+    def _recompute(self, start: int) -> List[Tuple[Tensors, States, Tensors]]:
+        stop = min(start + self.every, self.steps)
+        phi, state = self.stored[start].phi, self.stored[start].state or {}
+        out = []
+        for k in range(start, stop):
+            grads, losses, _ = self.stepper.gradient(self.loss_fns[k], phi, k)
+            out.append((phi, state, grads))
+            if not _same(losses, self.losses[k]):
+                raise _not_reproduced(start, stop, f"support loss at step {k}")
+            phi, state = self.stepper.update(k, phi, state, grads)
+        expected = self.final if stop == self.steps else self.stored[stop].phi
+        if not all(_same(phi[n], expected[n]) for n in phi):
+            raise _not_reproduced(start, stop, f"point {stop}")
+        return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal on the CPU; elsewhere equal up to the order of floating-point sums (GPU atomics)."""
+    return torch.equal(a, b) if a.device.type == "cpu" else torch.allclose(a, b, rtol=1e-5, atol=0.0, equal_nan=True)
+
+
+def _not_reproduced(start: int, stop: int, what: str) -> RuntimeError:
+    return RuntimeError(
+        f"Recomputing inner steps {start}..{stop - 1} from their checkpoint (checkpoint_every) gave another {what} "
+        "than the inner loop: the support loss is not deterministic (random ops, or data that changed after the "
+        "inner loop). Make it deterministic, pass randomness='same' for dropout, or leave checkpoint_every=None."
+    )

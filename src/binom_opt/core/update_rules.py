@@ -1,0 +1,259 @@
+"""Inner-loop update rules (SGD with momentum, Adam, AdamW) as pure functions, and their transposes.
+
+A rule maps ``(phi_k, state_k, grad_k)`` to ``(phi_{k+1}, state_{k+1})`` with elementwise
+operations only, so it applies to a whole meta-batch (``[B, ...]`` tensors) as it is. Its step
+Jacobian is ``D_k + B_k H_k``: a cheap direct part ``D_k`` (the new point and state as functions
+of the old ones, the gradient held fixed) and the part through the gradient, where the Hessian
+enters. The estimators count Hessian factors exactly as for plain SGD and apply ``D_k^T`` and
+``B_k^T`` exactly (:class:`StepTranspose`, by ``torch.func.vjp`` of the rule).
+
+Hyperparameters (the learning rate, per group or elementwise as in Meta-SGD) may be tensors that
+require grad: they are meta-parameters, and their meta-gradient comes from the same vjp.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.func import vjp
+
+Tensors = Dict[str, torch.Tensor]
+Hyper = Dict[str, Union[float, torch.Tensor]]
+StepValues = Tuple[Tensors, Dict[str, Tensors], Tensors]  # (phi_k, state_k, grad_k), by parameter
+
+__all__ = ["SUPPORTED_OPTIMIZERS", "UpdateRule", "SGDRule", "AdamRule", "read_optimizer", "sgd_rules", "StepTranspose"]
+
+SUPPORTED_OPTIMIZERS = ("torch.optim.SGD (momentum, dampening, nesterov, weight_decay)", "torch.optim.Adam", "torch.optim.AdamW")
+
+
+class UpdateRule:
+    """``update(k, phi, state, grad, hyper) -> (phi', state')`` for one parameter tensor, elementwise."""
+
+    state_names: Tuple[str, ...] = ()
+    identity_direct = False  # D_k = I, no state, B_k = -lr: the transpose needs no vjp
+    linear = False  # the update is linear in (phi, state, grad): its Jacobians need no recorded values
+
+    def init_state(self, phi: torch.Tensor) -> Tensors:
+        return {s: torch.zeros_like(phi) for s in self.state_names}
+
+    def update(self, k: int, phi, state: Tensors, grad, hyper: Hyper):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SGDRule(UpdateRule):
+    """``torch.optim.SGD``: ``d = g + wd phi``; momentum buffer ``b = d`` at the first step, then
+    ``b = mu b + (1 - dampening) d``; the step is ``b`` (or ``d + mu b`` with nesterov); ``phi -= lr step``."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    linear = True
+
+    @property
+    def state_names(self) -> Tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum else ()
+
+    @property
+    def identity_direct(self) -> bool:
+        return not self.momentum and not self.weight_decay
+
+    def update(self, k, phi, state, grad, hyper):
+        d = grad + self.weight_decay * phi if self.weight_decay else grad
+        if not self.momentum:
+            return phi - hyper["lr"] * d, {}
+        buf = d if k == 0 else self.momentum * state["momentum_buffer"] + (1 - self.dampening) * d
+        direction = d + self.momentum * buf if self.nesterov else buf
+        return phi - hyper["lr"] * direction, {"momentum_buffer": buf}
+
+
+@dataclass(frozen=True)
+class AdamRule(UpdateRule):
+    """``torch.optim.Adam`` / ``AdamW`` (``decoupled``), without amsgrad:
+    ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``,
+    ``phi -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)``; weight decay adds ``wd phi``
+    to ``g`` (Adam) or scales ``phi`` by ``1 - lr wd`` first (AdamW)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+    state_names: Tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+
+    def update(self, k, phi, state, grad, hyper):
+        lr, t = hyper["lr"], k + 1
+        if self.weight_decay and self.decoupled:
+            phi = phi * (1 - lr * self.weight_decay)
+        elif self.weight_decay:
+            grad = grad + self.weight_decay * phi
+        m = self.beta1 * state["exp_avg"] + (1 - self.beta1) * grad
+        v = self.beta2 * state["exp_avg_sq"] + (1 - self.beta2) * grad * grad
+        denom = _sqrt_flat_at_zero(v) / (1 - self.beta2**t) ** 0.5 + self.eps
+        return phi - lr / (1 - self.beta1**t) * m / denom, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def _sqrt_flat_at_zero(v: torch.Tensor) -> torch.Tensor:
+    """``sqrt(v)`` whose derivative is 0 where ``v == 0`` rather than inf.
+
+    Adam's ``v`` is exactly 0 for an entry whose gradients have all been 0 (a bias right before a
+    BatchNorm): there ``d sqrt(v) = inf * 0`` would make the meta-gradient NaN, while the step's
+    true derivative only needs the slope of ``sqrt(v)`` there to be finite (it multiplies ``g = 0``).
+    """
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+def sgd_rules(lr: Union[float, Mapping[str, object]], names: Sequence[str]) -> Tuple[Dict[str, UpdateRule], Dict[str, Hyper]]:
+    """Plain SGD with step size ``lr`` (one value, or a dict with one per name) for every name."""
+    per_name = dict(lr) if isinstance(lr, Mapping) else {n: lr for n in names}
+    missing = sorted(set(names) - set(per_name))
+    if missing:
+        raise ValueError(f"lr gives no step size for {missing}.")
+    return {n: SGDRule() for n in names}, {n: {"lr": per_name[n]} for n in names}
+
+
+def read_optimizer(
+    named: Mapping[str, torch.Tensor], opt: torch.optim.Optimizer, override: Optional[Mapping[str, Sequence]] = None,
+    modules: bool = True,
+) -> Tuple[List[str], Dict[str, UpdateRule], Dict[str, Hyper]]:
+    """``(adapted names, rule per name, hyperparameters per name)`` of a ``torch.optim`` instance built
+    over (some of) the tensors ``named``.
+
+    ``override={"lr": [...]}`` gives one learning rate per adapted parameter (in the optimizer's
+    order), as in ``higher``: floats, or tensors (scalar or the parameter's shape) that may require
+    grad, as in Meta-SGD. Learning rates are read now, so schedulers apply. ``modules=False`` (dicts of
+    plain tensors) does not ask the tensors to require grad.
+    """
+    kind = type(opt)
+    if kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        raise TypeError(
+            f"Unsupported inner optimizer {kind.__name__}; supported: {', '.join(SUPPORTED_OPTIMIZERS)}. "
+            "Pass the torch.optim instance built over the parameters that adapt."
+        )
+    names = {id(p): n for n, p in named.items()}
+    adapted: List[str] = []
+    rules: Dict[str, UpdateRule] = {}
+    hyper: Dict[str, Hyper] = {}
+    for group in opt.param_groups:
+        rule = _rule_for_group(kind, group)
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError(
+                    f"inner_opt holds a parameter of shape {tuple(p.shape)} that is not a parameter of "
+                    "the model: build inner_opt over (a subset of) model.parameters()."
+                )
+            name = names[id(p)]
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"Parameter {name!r} has dtype {p.dtype}: only real floating-point parameters can adapt. Leave it "
+                    "out of inner_opt (complex parameters: adapt the real and imaginary parts as two real parameters)."
+                )
+            if modules and not p.requires_grad:
+                raise ValueError(
+                    f"Parameter {name!r} is in inner_opt but has requires_grad=False: "
+                    "it cannot adapt. Remove it from inner_opt or set requires_grad=True."
+                )
+            adapted.append(name)
+            rules[name] = rule
+            hyper[name] = {"lr": group["lr"]}
+    if not adapted:
+        raise ValueError("inner_opt holds no parameters: give it the parameters that adapt in the inner loop.")
+    for key, values in (override or {}).items():
+        if key != "lr":
+            raise ValueError(f"override supports only 'lr', got {key!r}.")
+        if len(values) != len(adapted):
+            raise ValueError(f"override['lr'] needs one learning rate per adapted parameter ({len(adapted)}), got {len(values)}.")
+        hyper.update({name: {"lr": lr} for name, lr in zip(adapted, values)})
+    return adapted, rules, hyper
+
+
+def check_hyper(hyper: Mapping[str, Hyper], named: Mapping[str, torch.Tensor]) -> None:
+    """Learning rates must be finite and >= 0, scalars or of their parameter's shape."""
+    for name, h in hyper.items():
+        lr = h["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.dim() and lr.shape != named[name].shape:
+                raise ValueError(
+                    f"The learning rate of {name!r} has shape {tuple(lr.shape)}; it must be a scalar or the "
+                    f"parameter's shape {tuple(named[name].shape)}."
+                )
+            if not torch.isfinite(lr).all() or (lr < 0).any():
+                raise ValueError(f"The learning rate of {name!r} must be finite and >= 0.")
+        elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (0 <= lr < float("inf")):
+            raise ValueError(f"The inner learning rate must be a finite float >= 0, got {lr!r} for {name!r}.")
+
+
+def _rule_for_group(kind, group) -> UpdateRule:
+    if group.get("maximize", False):
+        raise ValueError("inner_opt has maximize=True, which is not supported: minimise the negated loss instead.")
+    if kind is torch.optim.SGD:
+        return SGDRule(group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"])
+    if group.get("amsgrad", False):
+        raise ValueError("inner_opt has amsgrad=True, which is not supported (its max is not differentiable in a useful way).")
+    beta1, beta2 = group["betas"]
+    return AdamRule(float(beta1), float(beta2), group["eps"], group["weight_decay"], kind is torch.optim.AdamW)
+
+
+def learned(hyper: Mapping[str, Hyper]) -> List[Tuple[str, str, torch.Tensor]]:
+    """``(parameter, hyperparameter, tensor)`` for every hyperparameter that requires grad."""
+    return [(n, h, v) for n, hs in hyper.items() for h, v in hs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
+def detached(hyper: Hyper) -> Hyper:
+    return {h: v.detach() if isinstance(v, torch.Tensor) else v for h, v in hyper.items()}
+
+
+class StepTranspose:
+    """The transposed step Jacobians of a recorded inner loop, for :func:`binom_opt.core.expansion.expand`.
+
+    Adjoint vectors are dicts with an entry per adapted parameter (its name) and per state tensor
+    (``"name/state"``), each with the task dimension first. For step ``k`` and such a vector ``z``
+    (the gradient of the outer loss with respect to ``(phi_{k+1}, state_{k+1})``), :meth:`vjp` returns
+    the direct part ``D_k^T z``, the vector ``B_k^T z`` that the Hessian ``H_k`` multiplies, and the
+    hyperparameter cotangents. ``values(k)`` gives the recorded ``(phi_k, state_k, grad_k)``; linear
+    rules without learned hyperparameters never ask for them.
+
+    Example (plain SGD: ``D = I``, ``B = -lr``):
+        >>> t = StepTranspose({"w": SGDRule()}, {"w": {"lr": 0.5}})
+        >>> t.vjp(0, {"w": torch.ones(2)})[1]["w"]
+        tensor([-0.5000, -0.5000])
+    """
+
+    def __init__(self, rules: Mapping[str, UpdateRule], hyper: Mapping[str, Hyper],
+                 values: Optional[Callable[[int], StepValues]] = None):
+        self.rules, self.hyper, self.values = dict(rules), dict(hyper), values
+        self.learned = learned(hyper)
+        self.identity = not self.learned and all(r.identity_direct for r in self.rules.values())
+        self.needs_values = bool(self.learned) or not all(r.linear for r in self.rules.values())
+
+    def extend(self, g: Tensors) -> Tensors:
+        """``(g, 0)``: the outer gradient with zero cotangents for the final optimizer state."""
+        return {**g, **{f"{n}/{s}": torch.zeros_like(g[n]) for n, r in self.rules.items() for s in r.state_names}}
+
+    def vjp(self, k: int, z: Tensors, with_hyper: bool = False) -> Tuple[Tensors, Tensors, Dict[str, Hyper]]:
+        if self.identity:
+            return {n: z[n] for n in self.rules}, {n: -self.hyper[n]["lr"] * z[n] for n in self.rules}, {}
+        phi, state, grad = self.values(k) if self.needs_values else (z, {}, z)
+        direct: Tensors = {}
+        through_grad: Tensors = {}
+        hyper_grads: Dict[str, Hyper] = {}
+        for n, rule in self.rules.items():
+            tensors = {h: v.detach() for h, v in self.hyper[n].items() if with_hyper and isinstance(v, torch.Tensor) and v.requires_grad}
+            fixed = {h: v for h, v in detached(self.hyper[n]).items() if h not in tensors}
+
+            def step(p, st, gr, hy, rule=rule, fixed=fixed):
+                return rule.update(k, p, st, gr, {**fixed, **hy})
+
+            states = {s: state[n][s] if n in state else torch.zeros_like(z[n]) for s in rule.state_names}
+            _, pullback = vjp(step, phi[n], states, grad[n], tensors)
+            d_phi, d_state, d_grad, d_hyper = pullback((z[n], {s: z[f"{n}/{s}"] for s in rule.state_names}))
+            direct[n] = d_phi
+            direct.update({f"{n}/{s}": d_state.get(s, torch.zeros_like(z[n])) for s in rule.state_names})
+            through_grad[n] = d_grad
+            hyper_grads[n] = d_hyper
+        return direct, through_grad, hyper_grads
