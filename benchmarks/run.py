@@ -62,6 +62,7 @@ import argparse
 import fnmatch
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -83,8 +84,9 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import binom_opt as bo  # noqa: E402
-from fewshot.models import Conv4  # noqa: E402
+from fewshot.models import Conv4
+
+import binom_opt as bo
 
 MIB = 2**20
 
@@ -110,11 +112,14 @@ class Config:
     hybrid: Tuple[int, int]  # (L, C)
     repeats: int
     ks: Tuple[int, ...]  # K values of the memory-vs-K table
+    network: str = "conv4"  # or "mlp": input -> hidden -> hidden -> ways, ReLU
 
     def describe(self) -> str:
         side = f"{self.in_channels}x{self.image_size}x{self.image_size}"
+        net = (f"MLP {self.in_channels * self.image_size ** 2}-{self.hidden}-{self.hidden}-{self.ways}" if self.network == "mlp"
+               else f"Conv4-{self.hidden}")
         return (
-            f"Conv4-{self.hidden} on {side}, {self.ways}-way {self.shots}-shot ({self.ways * self.shots} support), "
+            f"{net} on {side}, {self.ways}-way {self.shots}-shot ({self.ways * self.shots} support), "
             f"{self.queries} queries per class ({self.ways * self.queries} query), K={self.steps} inner SGD steps "
             f"at lr {self.lr}, meta-batch B={self.meta_batch}"
         )
@@ -123,6 +128,8 @@ class Config:
 CONFIGS: Dict[str, Config] = {
     "omniglot": Config("omniglot", 1, 28, 64, 5, 1, 15, 5, 0.4, 32, (1, 2, 3), (1, 3), 3, (5, 10, 20)),
     "miniimagenet": Config("miniimagenet", 3, 84, 32, 5, 5, 15, 10, 0.01, 4, (1, 2, 3), (2, 5), 3, (5, 10, 20)),
+    # the memory-vs-K table of a model whose parameters outweigh its activations (1.9M parameters)
+    "mlp": Config("mlp", 1, 28, 1024, 5, 1, 15, 5, 0.1, 1, (1, 2), (1, 3), 3, (5, 25, 100, 1000), "mlp"),
     # for the smoke test; not listed in --help
     "tiny": Config("tiny", 1, 28, 8, 5, 1, 3, 2, 0.4, 2, (1,), (1, 2), 1, ()),
 }
@@ -132,6 +139,7 @@ QUICK = {
     # 3x42x42 and Conv4-16: at 84x84 with Conv4-32 one Binomial meta-step alone takes about a
     # minute on a 2-core CPU, so the quick run keeps K, the task shapes and the methods, not the images
     "miniimagenet": dict(meta_batch=2, hidden=16, image_size=42, repeats=1, levels=(1, 2), ks=(5, 10)),
+    "mlp": dict(repeats=1, ks=(5, 25, 100)),
     "tiny": {},
 }
 
@@ -161,6 +169,7 @@ class Method:
     estimator: str  # "Exact", "FirstOrder", "Truncated", "Binomial" or "Hybrid"
     L: Optional[int] = None
     C: Optional[int] = None
+    checkpoint: bool = False  # checkpoint_every = round(sqrt(K)): the trajectory stores about 2 sqrt(K) points
 
     @property
     def exact(self) -> bool:
@@ -187,6 +196,7 @@ def all_methods(cfg: Config) -> List[Method]:
     for how, suffix in (("per-task", "task"), ("batched", "batch")):
         for slug, label, estimator, L, C in estimator_specs(cfg):
             methods.append(Method(f"{slug}-{suffix}", f"{label} ({how})", how, estimator, L, C))
+    methods.append(Method("exact-ckpt-task", "Exact, checkpointed (per-task)", "per-task", "Exact", cfg.steps, checkpoint=True))
     return methods
 
 
@@ -226,6 +236,11 @@ Batch = Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tenso
 
 def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
+    if cfg.network == "mlp":
+        nn = torch.nn
+        width = cfg.in_channels * cfg.image_size**2
+        return nn.Sequential(nn.Flatten(), nn.Linear(width, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden),
+                             nn.ReLU(), nn.Linear(cfg.hidden, cfg.ways)).to(device)
     model = Conv4(in_channels=cfg.in_channels, out_features=cfg.ways, hidden=cfg.hidden, image_size=cfg.image_size)
     return model.to(device)
 
@@ -288,6 +303,8 @@ def make_autograd_step(model: torch.nn.Module, batch: Batch, cfg: Config) -> Met
 def make_engine(model: torch.nn.Module, cfg: Config, method: Method, engine_options: dict) -> bo.MetaGradientEngine:
     """``engine_options``: extra keyword arguments of the engines (``memory_budget``, ``compile_hvps``)."""
     inner_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    if method.checkpoint:
+        engine_options = {**engine_options, "checkpoint_every": max(1, round(math.sqrt(cfg.steps)))}
     return bo.MetaGradientEngine(model, inner_opt, steps=cfg.steps, estimator=make_estimator(method), **engine_options)
 
 
@@ -582,23 +599,43 @@ def add_ratios(rows: List[dict]) -> None:
             ratios["time_vs_truncated"] = row["seconds"] / same_l["seconds"]
 
 
+MEMORY_VS_K = ("higher", "fo-task", "exact-task", "exact-ckpt-task", "exact-batch")
+PEER_MAX_K = 100  # higher keeps every step's graph: beyond this K it takes too long to measure here
+
+
 def memory_vs_k(rows: List[dict], methods: List[Method], cfg: Config, args: argparse.Namespace, workdir: Path) -> List[dict]:
-    """Peak memory of the exact methods at each K of ``cfg.ks`` (one meta-step each; K = cfg.steps reuses the rows)."""
-    chosen = [m for m in methods if m.slug in ("higher", "exact-task", "exact-batch")]
+    """Peak memory of the methods of ``MEMORY_VS_K`` that were selected, at each K of ``cfg.ks`` (one meta-step
+    each; K = cfg.steps reuses the rows)."""
+    chosen = [m for m in methods if m.slug in MEMORY_VS_K]
     table = []
     for k in cfg.ks:
         for method in chosen:
+            if method.how == "peer" and k > PEER_MAX_K:
+                continue
             if k == cfg.steps:
                 row = next(r for r in rows if r["slug"] == method.slug)
                 peak, error = row["peak_mib"], row["error"]
             else:
-                result = run_job(replace(method, L=k), replace(cfg, steps=k), args, workdir, repeats=0, with_grad=False,
+                level = k if method.exact else method.L
+                result = run_job(replace(method, L=level), replace(cfg, steps=k), args, workdir, repeats=0, with_grad=False,
                                  for_memory=args.device == "cpu")
                 peak = None if "error" in result else result["peak_bytes"] / MIB
                 error = result.get("error")
                 log(f"  memory at K={k}: {method.name}: " + (f"FAILED ({error})" if error else f"peak {peak:.1f} MiB"))
             table.append({"K": k, "method": method.name, "slug": method.slug, "peak_mib": peak, "error": error})
     return table
+
+
+def growth_per_step(ks_table: List[dict], parameter_mib: float) -> Dict[str, dict]:
+    """Per method, the peak's growth per inner step between its two largest K, in MiB and in parameter copies."""
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in ks_table):
+        points = sorted((r["K"], r["peak_mib"]) for r in ks_table if r["method"] == name and not r["error"])
+        if len(points) >= 2:
+            (k0, m0), (k1, m1) = points[-2], points[-1]
+            mib = (m1 - m0) / (k1 - k0)
+            out[name] = {"from_K": k0, "to_K": k1, "mib_per_step": mib, "copies_per_step": mib / parameter_mib}
+    return out
 
 
 # --------------------------------------------------------------------------- reporting
@@ -651,7 +688,8 @@ def table_line(row: dict) -> str:
     hvps = "—" if row["hvp_count"] is None else str(row["hvp_count"])
     cells = [
         row["method"], fmt_number(row["seconds"] * 1e3), fmt_ratio(r.get("time_vs_higher")),
-        fmt_ratio(r.get("time_vs_first_order")), fmt_ratio(r.get("time_vs_truncated")), fmt_number(row["peak_mib"]), fmt_ratio(r.get("peak_vs_higher")),
+        fmt_ratio(r.get("time_vs_first_order")), fmt_ratio(r.get("time_vs_truncated")), fmt_number(row["peak_mib"]),
+        fmt_ratio(r.get("peak_vs_higher")),
         hvps, fmt_error(row),
     ]
     return "| " + " | ".join(cells) + " |"
@@ -665,7 +703,8 @@ def memory_note(device: str) -> str:
             f"memory then, with MALLOC_MMAP_THRESHOLD_={threshold} so that freed tensors leave the resident set")
 
 
-def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[dict], ks_table: List[dict], command: str) -> str:
+def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[dict], ks_table: List[dict], command: str,
+             growth: Dict[str, dict], parameter_mib: float) -> str:
     lines = [
         f"# {cfg.name}{' (quick)' if args.quick else ''} on {args.device}: {machine_text(machine)}",
         "",
@@ -680,28 +719,34 @@ def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[di
         "create_graph=True; \"series grows\": binom_opt's monitor saw the terms of the binomial series grow "
         "with the order (last_stats.diverging) on some task. HVPs: per meta-step (all tasks).",
         "",
-        "| method | ms per meta-step | vs higher exact | vs our FirstOrder | vs our Truncated(L) | peak MiB | vs higher exact peak | HVPs | rel. error vs exact |",
+        "| method | ms per meta-step | vs higher exact | vs our FirstOrder | vs our Truncated(L) | peak MiB "
+        "| vs higher exact peak | HVPs | rel. error vs exact |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[table_line(row) for row in rows],
     ]
     if not all(row.get("_peak_reset", True) for row in rows):
         lines += ["", "Note: the peak could not be reset before the first call; it may include the set-up of the model."]
     if ks_table:
-        lines += ["", *memory_vs_k_lines(ks_table)]
+        lines += ["", *memory_vs_k_lines(ks_table, growth, parameter_mib)]
     return "\n".join(lines) + "\n"
 
 
-def memory_vs_k_lines(ks_table: List[dict]) -> List[str]:
+def memory_vs_k_lines(ks_table: List[dict], growth: Dict[str, dict], parameter_mib: float) -> List[str]:
     names = list(dict.fromkeys(r["method"] for r in ks_table))
     lines = [
-        "Peak memory (MiB) vs the number of inner steps K (one meta-step each):",
+        f"Peak memory (MiB) vs the number of inner steps K (one meta-step each; one copy of the parameters is "
+        f"{parameter_mib:.2f} MiB; checkpointed: checkpoint_every = round(sqrt(K)); higher up to K = {PEER_MAX_K}):",
         "",
         "| K | " + " | ".join(names) + " |",
         "|---:|" + "---:|" * len(names),
     ]
     for k in dict.fromkeys(r["K"] for r in ks_table):
         cells = {r["method"]: ("failed" if r["error"] else fmt_number(r["peak_mib"])) for r in ks_table if r["K"] == k}
-        lines.append(f"| {k} | " + " | ".join(cells.get(n, "") for n in names) + " |")
+        lines.append(f"| {k} | " + " | ".join(cells.get(n, "—") for n in names) + " |")
+    if growth:
+        cells = [(f"{g['mib_per_step']:.2f} MiB = {g['copies_per_step']:.2f} copies (K {g['from_K']}→{g['to_K']})"
+                  if (g := growth.get(n)) else "") for n in names]
+        lines.append("| growth per step | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -757,7 +802,7 @@ def write_outputs(out: Path, stem: str, document: dict, text: str, rows: List[di
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=sorted(CONFIGS), default="omniglot", metavar="{omniglot,miniimagenet}")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="omniglot", metavar="{omniglot,miniimagenet,mlp}")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="a smaller meta-batch (and network), fewer repeats, L in (1, 2)")
     p.add_argument("--levels", type=int, nargs="+", help="the L values of Truncated and Binomial")
@@ -793,7 +838,9 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         ks_table = memory_vs_k(rows, methods, cfg, args, Path(tmp))
     add_ratios(rows)
     machine = machine_info(args)
-    text = markdown(cfg, args, machine, rows, ks_table, command)
+    parameter_mib = sum(p.numel() * p.element_size() for p in build_model(cfg, torch.device("cpu")).parameters()) / MIB
+    growth = growth_per_step(ks_table, parameter_mib)
+    text = markdown(cfg, args, machine, rows, ks_table, command, growth, parameter_mib)
     for row in rows:
         row.pop("_grad", None)
         row.pop("_peak_reset", None)
@@ -806,6 +853,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         "machine": machine,
         "rows": rows,
         "memory_vs_k": ks_table,
+        "parameter_mib": parameter_mib,
+        "growth_per_step": growth,
     }
     stem = f"{cfg.name}_{args.device}" + ("_quick" if args.quick else "") + ("_compiled" if args.compile else "")
     title = f"{cfg.describe()} ({args.device}: {machine_text(machine)})"

@@ -23,8 +23,8 @@ from binom_opt.bounds import measured_errors, sample_hessians, theorem_3_6, theo
 K, ALPHA, H, SMALL_H, M, DIM = 5, 0.25, 1.0, 0.1, 1, 4
 ESTIMATORS = ("fo", "truncated", "binomial")
 PANELS = {  # title -> (bound as a function of L, L values, assumption for sample_hessians)
-    "Thm 3.6 (||H_k|| <= H)": (lambda L: theorem_3_6(K, L, ALPHA, H), range(0, K + 1), "3.6"),
-    "Thm 3.8 (convex)": (lambda L: theorem_3_8(K, L, ALPHA, H), range(0, K + 1), "3.8"),
+    "Thm 3.6 (||H_k|| <= H)": (lambda L: theorem_3_6(K, L, ALPHA, H), range(K + 1), "3.6"),
+    "Thm 3.8 (convex)": (lambda L: theorem_3_8(K, L, ALPHA, H), range(K + 1), "3.8"),
     "Thm 3.10 (strongly convex, last M=1)": (
         lambda L: theorem_3_10(K, L, ALPHA, H, SMALL_H, M),
         range(M, K - M + 1),
@@ -78,7 +78,8 @@ def plot(results, path):
             # Zero errors (exact at L = K) have no place on a log axis.
             points = [(L, bound(L)[i], worst[L][i]) for L in Ls]
             ax.plot([L for L, b, _ in points if b > 0], [b for _, b, _ in points if b > 0], "-", color=colors[name], label=f"{labels[name]} bound")
-            ax.plot([L for L, _, w in points if w > 0], [w for _, _, w in points if w > 0], "o", mfc="none", color=colors[name], label=f"{labels[name]} measured max")
+            measured = [(L, w) for L, _, w in points if w > 0]
+            ax.plot(*zip(*measured), "o", mfc="none", color=colors[name], label=f"{labels[name]} measured max")
         ax.set(title=title, xlabel="L", yscale="log", xticks=list(Ls))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("error / ||g||")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fewshot.training import ANIL, MAML, build_parser, parse_args, run  # noqa: E402
+from fewshot.training import ANIL, MAML, build_parser, parse_args, run
 
 METHODS = {"maml": MAML, "anil": ANIL}
 COMPARED = ("hybrid", "binom", "trunc")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fewshot.training import ANIL, entry_point  # noqa: E402
+from fewshot.training import ANIL, entry_point
 
 # Sized for about 15 minutes on a 2-core CPU (see the README's Results section for the measurement).
 # Measured: 0.21 s/iteration with 1 thread; a small meta-batch with many iterations learned fastest per second,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fewshot.training import MAML, entry_point  # noqa: E402
+from fewshot.training import MAML, entry_point
 
 # Full MAML takes HVPs through the whole network: a CPU run is kept short (meta-batch 4, 5 queries).
 CPU_DEFAULTS = dict(iterations=300, meta_batch=4, queries=5, eval_every=100, checkpoint_every=100,

@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import binom_opt as bo  # noqa: E402
-from fewshot.sine import mean_errors, meta_gradient_errors_per_batch, sample_sine_tasks, sine_mlp, squared_error  # noqa: E402
+from fewshot.sine import mean_errors, meta_gradient_errors_per_batch, sample_sine_tasks, sine_mlp, squared_error
+
+import binom_opt as bo
 
 
 def progress(iterable, **kwargs):

@@ -3,14 +3,14 @@
 import math
 
 import pytest
+import references as R
 import torch
 import torch.nn.functional as F
+from cases import BodyHead, conv_bn
+from torch.func import functional_call
 
 import binom_opt as bo
-import references as R
 from binom_opt.core.memory import activation_bytes, parse_memory_budget
-from torch.func import functional_call
-from cases import BodyHead, conv_bn
 
 B, K, LR = 3, 4, 0.1
 # Some estimators diverge at this step size (the point is equality with the loop, not accuracy).
@@ -142,7 +142,7 @@ def test_chunked_equals_unchunked(limits):
 def test_batched_learner_calls_and_indexing():
     model = conv_bn().model
     engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=2)
-    xs, ys, xq, yq = image_tasks()
+    xs, ys, xq, _ = image_tasks()
     learners = engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]), t[1]), (xs, ys))
     assert len(learners) == B and learners(xq).shape == (B, 9, 3)
     assert torch.allclose(learners[1](xq[1]), learners(xq)[1])
@@ -214,7 +214,7 @@ def test_non_finite_tasks_are_named_or_skipped():
 
 
 def test_a_closure_that_reads_changed_state_is_caught_at_backward():
-    engine, model = bad_engine(estimator=bo.Binomial(1))
+    engine, _ = bad_engine(estimator=bo.Binomial(1))
     xs, ys, xq, yq = image_tasks()
     temperature = {"value": 1.0}
     learners = engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]) / temperature["value"], t[1]), (xs, ys))

@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import conv_bn, mlp_sine
 from torch.func import functional_call
 
 import binom_opt as bo
 from binom_opt.functional import meta_gradient, meta_gradient_batched
-
-from cases import conv_bn, mlp_sine
 
 B = 4
 

@@ -1,12 +1,12 @@
 """compile_hvps=True: the same meta-gradients through torch.compile, the graph reused across tasks."""
 
 import pytest
+import references as R
 import torch
 import torch.nn.functional as F
+from cases import mlp_sine
 
 import binom_opt as bo
-import references as R
-from cases import mlp_sine
 
 torch_dynamo = pytest.importorskip("torch._dynamo")
 

@@ -5,15 +5,14 @@ from pathlib import Path
 
 import higher
 import pytest
+import references as R
 import torch
 import torch.nn.functional as F
+from l2l_reference import l2l
 from torch import nn
 from torch.func import functional_call
 
 import binom_opt as bo
-
-import references as R
-from l2l_reference import l2l
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 TOL = 1e-10
@@ -208,7 +207,7 @@ def test_higher_copy_initial_weights_true_is_refused():
 
 
 def test_higher_track_higher_grads_false_is_plain_evaluation():
-    (xs, ys, xq, yq), = tasks(1)
+    (xs, ys, xq, _), = tasks(1)
     model = small_model()
     with bo.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), track_higher_grads=False) as (fmodel, diffopt):
         diffopt.step(lambda m: F.cross_entropy(m(xs), ys))

@@ -1,14 +1,13 @@
 """MetaGradientEngine as users drive it: autograd composition, stats, BatchNorm, bad input."""
 
 import pytest
+import references as R
 import torch
 import torch.nn.functional as F
+from cases import conv_bn, frozen_body, mlp_sine
 from torch import nn
 
 import binom_opt as bo
-
-import references as R
-from cases import conv_bn, frozen_body, mlp_sine
 
 TOL = 1e-10
 

@@ -9,16 +9,15 @@ force and against higher in test_exactness.py and test_update_rules.py), ``engin
 import math
 
 import pytest
+import references as R
 import torch
 import torch.nn.functional as F
+from cases import BodyHead
 from torch import nn
 from torch.func import functional_call
 
 import binom_opt as bo
 from binom_opt.functional import meta_gradient, meta_gradient_batched
-
-import references as R
-from cases import BodyHead
 
 K, LR, TOL = 3, 0.3, 1e-10
 ENTRIES = ["adapt", "adapt_batch", "maml", "innerloop_ctx", "meta_gradient", "meta_gradient_batched"]
@@ -60,9 +59,9 @@ def meta_grads(entry, optimizer="sgd", estimator=bo.Exact(), learned=False, mode
     B = len(xs)
     scale = query_scale if query_scale is not None else torch.ones(B, dtype=torch.float64)
     lrs = {n: torch.tensor(LR, dtype=torch.float64, requires_grad=True) for n in adapted} if learned else None
-    make_opt = lambda params: OPTIMIZERS[optimizer](params)  # noqa: E731
+    make_opt = lambda params: OPTIMIZERS[optimizer](params)
     override = {"lr": list(lrs.values())} if learned else None
-    closure = lambda m, x, y: F.cross_entropy(m(x), y)  # noqa: E731
+    closure = lambda m, x, y: F.cross_entropy(m(x), y)
     if entry in ("adapt", "adapt_batch"):
         engine = bo.MetaGradientEngine(model, make_opt(adapted.values()), K, estimator, override=override, **options)
         if entry == "adapt":
@@ -98,7 +97,7 @@ def functional_grads(entry, model, adapted, named, optimizer, estimator, lrs, ta
     others = {n: p for n, p in named.items() if n not in adapted}  # meta-parameters the losses reach
     meta = {**others, **({f"lr:{n}": t for n, t in lrs.items()} if lrs else {})}
     step = {"lr": lrs or LR} if optimizer == "sgd" else {"inner_opt": OPTIMIZERS[optimizer](list(params.values()))}
-    loss = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)  # noqa: E731
+    loss = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)
     xs, ys, xq, yq = tasks
     if entry == "meta_gradient_batched":
         grads = meta_gradient_batched(lambda p, t: loss(p, t[0], t[1]), lambda p, t: t[4] * loss(p, t[2], t[3]), params,
@@ -198,7 +197,7 @@ def test_randomness_same_in_a_meta_batch_equals_the_unrolled_vmapped_loop():
     torch.manual_seed(5)
     state = torch.get_rng_state()
     phi = {n: p.unsqueeze(0).expand(3, *p.shape) for n, p in theta.items()}
-    support = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)  # noqa: E731
+    support = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)
     for _ in range(K):
         with torch.random.fork_rng():
             torch.set_rng_state(state)

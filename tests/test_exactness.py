@@ -8,13 +8,12 @@ from __future__ import annotations
 import functools
 
 import pytest
+import references as R
+from cases import CASES
 from torch.func import functional_call
 
 import binom_opt as bo
 from binom_opt.functional import meta_gradient
-
-import references as R
-from cases import CASES
 
 TOL = 1e-10
 # Several of these settings make the binomial series diverge on purpose: exactness still holds.
@@ -31,7 +30,7 @@ def all_estimators(K):
             yield bo.Hybrid(L, C)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(case_name, K):
     case = CASES[case_name]()
     unrolled = R.unroll(case.model, case.adapted, case.lrs, case.support, case.query, K)
@@ -101,7 +100,7 @@ def test_zero_order_estimators_are_first_order(K):
         assert R.relative_error(got, first_order) == 0.0, estimator
 
 
-@pytest.mark.parametrize("L", range(0, 5))
+@pytest.mark.parametrize("L", range(5))
 def test_hybrid_limits_are_binomial_and_truncated(L):
     K = 4
     case, _ = problem("mlp_sine", K)

@@ -3,15 +3,15 @@
 import itertools
 
 import pytest
+import references as R
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import binom_opt as bo
 from binom_opt.bounds import matrix_hvp_oracle
 from binom_opt.core.expansion import expand
 from binom_opt.core.update_rules import SGDRule, StepTranspose
-
-import references as R
 
 
 def matrix_oracle(hessians, calls):

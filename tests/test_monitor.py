@@ -11,7 +11,7 @@ from torch import nn
 import binom_opt as bo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from fewshot.sine import sample_sine_tasks, sine_mlp, squared_error  # noqa: E402
+from fewshot.sine import sample_sine_tasks, sine_mlp, squared_error
 
 
 def quadratic_engine(lr, estimator, steps=5):

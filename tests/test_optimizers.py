@@ -4,16 +4,15 @@ import functools
 
 import higher
 import pytest
+import references as R
 import torch
 import torch.nn.functional as F
+from cases import frozen_body
 from torch import nn
 from torch.func import functional_call
 
 import binom_opt as bo
 from binom_opt.core.update_rules import read_optimizer
-
-import references as R
-from cases import frozen_body
 
 TOL = 1e-10
 K = 3
@@ -64,7 +63,7 @@ def test_full_order_equals_higher(name):
         assert R.relative_error(got, reference) < TOL, (name, estimator)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def brute_force(name, estimator):
     model = mlp()
     xs, ys, xq, yq = data()

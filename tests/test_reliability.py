@@ -4,15 +4,14 @@ import sys
 
 import higher
 import pytest
+import references as R
 import torch
 import torch.nn.functional as F
+from cases import conv_bn, frozen_body, mlp_sine
 from torch import nn
 
 import binom_opt as bo
 import binom_opt.core.batching as hvp_module
-
-import references as R
-from cases import conv_bn, frozen_body, mlp_sine
 
 TOL = 1e-10
 

@@ -13,7 +13,7 @@ import pytest
 import binom_opt as bo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from fewshot.sine import mean_meta_gradient_errors  # noqa: E402
+from fewshot.sine import mean_meta_gradient_errors
 
 K = 5
 ESTIMATORS = [bo.FirstOrder()] + [bo.Truncated(L) for L in range(1, K)] + [bo.Binomial(L) for L in range(1, K)]

@@ -75,7 +75,7 @@ def theorem_3_6(K: int, L: int, alpha: float, H: float, *, g_norm: float = 1.0) 
     return Bounds(
         fo=((1 + x) ** K - 1) * g_norm,
         truncated=((1 + x) ** K - (1 + x) ** L) * g_norm,
-        binomial=sum(math.comb(K, l) * x**l for l in range(L + 1, K + 1)) * g_norm,
+        binomial=sum(math.comb(K, level) * x**level for level in range(L + 1, K + 1)) * g_norm,
     )
 
 
@@ -132,8 +132,8 @@ def theorem_3_10(
             f"Theorem 3.10 needs 1 <= M <= min(L, K - L) (Assumption 3.9), got M={M} with K={K}, L={L}."
         )
     x, s = alpha * H, 1 - alpha * h
-    last_hessians = x ** (L + 1) * sum(math.comb(K - l, L) * s ** (l - 1) for l in range(1, M + 1))
-    remainder = s**M * sum(math.comb(K - M, l) * x**l for l in range(L + 1, K - M + 1))
+    last_hessians = x ** (L + 1) * sum(math.comb(K - i, L) * s ** (i - 1) for i in range(1, M + 1))
+    remainder = s**M * sum(math.comb(K - M, i) * x**i for i in range(L + 1, K - M + 1))
     return Bounds(
         fo=max((1 + x) ** (K - M) * s**M - 1, 1 - (1 - x) ** K) * g_norm,
         truncated=((1 + x) ** (K - M) - (1 + x) ** (L - M)) * s**M * g_norm,

@@ -24,6 +24,8 @@ Tensors = Dict[str, torch.Tensor]
 
 __all__ = ["meta_gradient", "meta_gradients", "meta_gradient_batched"]
 
+_MONITOR = DivergenceMonitor()  # functions have no object to warn once for: the divergence warning is once per process
+
 
 def meta_gradient(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor], *, steps: int,
                   lr: Union[None, float, Mapping[str, object]] = None, inner_opt: Optional[torch.optim.Optimizer] = None,
@@ -141,9 +143,10 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
             raise ValueError(f"inner_opt must be built over every tensor of params ({sorted(params)}), got {sorted(adapted)}.")
     extra = dict(meta_params or {})
     leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
-    monitor = DivergenceMonitor()
+    monitor = _MONITOR
     make = (lambda fn: fn) if tasks.batched else (lambda fn: lambda phi, task: fn(phi))
-    loop = InnerLoop(Setup(estimators[0], options, make, on_stats=monitor), leaves, rules, hyper, tasks)
+    keep = estimators[0] if len(estimators) == 1 else Exact()  # several estimators read every point
+    loop = InnerLoop(Setup(keep, options, make, on_stats=monitor), leaves, rules, hyper, tasks)
     for _ in range(steps):
         loop.step(inner_loss)
     out = {}
@@ -152,7 +155,7 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
             final = loop.outputs(estimator)
             with calls(options, None, "the outer loss"):
                 if tasks.batched:
-                    one = lambda p, task: check_scalar_loss(outer_loss(p, task), "outer_loss")  # noqa: E731
+                    one = lambda p, task: check_scalar_loss(outer_loss(p, task), "outer_loss")
                     outer = vmap(one, randomness="different")(final, tasks.data).sum()
                 else:
                     outer = check_scalar_loss(outer_loss({n: t.squeeze(0) for n, t in final.items()}), "outer_loss")

@@ -86,7 +86,7 @@ class MAML(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def clone(self) -> "MAMLLearner":
+    def clone(self) -> MAMLLearner:
         """A learner for one task, starting at the model's current parameters."""
         named = dict(self.module.named_parameters())
         adapted, rules, hyper = self._rules()

@@ -83,7 +83,7 @@ class RandomStream:
     cuda: Dict[int, torch.Tensor]
 
     @classmethod
-    def capture(cls, tensors: Sequence[torch.Tensor]) -> "RandomStream":
+    def capture(cls, tensors: Sequence[torch.Tensor]) -> RandomStream:
         devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
         return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices})
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 __all__ = [
     "Estimator",
@@ -79,10 +79,16 @@ def _check_steps(steps: object) -> int:
 
 
 class Estimator:
-    """Base class of the estimators; subclasses only say how to :meth:`plan` for ``K`` steps."""
+    """Base class of the estimators; subclasses say how to :meth:`plan` for ``K`` steps."""
 
     def plan(self, steps: int) -> ExpansionPlan:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def window(self) -> Optional[int]:
+        """How many final inner steps keep their Hessians whatever ``K`` (``None``: all): the points
+        before them are never read, so an inner loop need not keep them."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,10 @@ class FirstOrder(Estimator):
     def plan(self, steps: int) -> ExpansionPlan:
         _check_steps(steps)
         return ExpansionPlan(0, steps, "sequential", 1.0)
+
+    @property
+    def window(self) -> Optional[int]:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,10 @@ class Truncated(Estimator):
         steps = _check_steps(steps)
         _check_not_above_steps(self, "L", self.L, steps)
         return ExpansionPlan(self.L, steps - self.L, "sequential", 1.0)
+
+    @property
+    def window(self) -> Optional[int]:
+        return self.L
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,10 @@ class Hybrid(Estimator):
         steps = _check_steps(steps)
         _check_not_above_steps(self, "C", self.C, steps)
         return _binomial_plan(self.L, self.C, steps, self.hessian_scale)
+
+    @property
+    def window(self) -> Optional[int]:
+        return self.C
 
 
 def _binomial_plan(levels: int, window: int, steps: int, hessian_scale: HessianScale) -> ExpansionPlan:

@@ -64,7 +64,7 @@ class Record:
 
     def backward(self, g: Tensors) -> Tuple[Tensors, List[Optional[torch.Tensor]], List[torch.Tensor]]:
         setup, options, K, B = self.setup, self.setup.options, self.trajectory.steps, self.tasks.size
-        if setup.steps is not None and K != setup.steps:
+        if setup.steps is not None and setup.steps != K:
             raise ValueError(
                 f"This learner was adapted {K} time(s) but steps={setup.steps} was set: adapt exactly {setup.steps} "
                 "times before computing the query loss (or leave steps=None)."
@@ -149,9 +149,12 @@ class Record:
         another loss. One forward per distinct support loss catches that.
         """
         trajectory, options = self.trajectory, self.setup.options
-        firsts: Dict[int, int] = {}
+        firsts: Dict[int, int] = {}  # the first step of each support loss whose point is kept
         for k, fn in enumerate(trajectory.loss_fns):
-            firsts.setdefault(id(fn), k)
+            if trajectory.available(k):
+                firsts.setdefault(id(fn), k)
+        if not firsts:
+            return
         replayed = []
         for k in firsts.values():
             with torch.no_grad(), calls(options, trajectory.stepper.stream, f"the replay check at step {k}"):

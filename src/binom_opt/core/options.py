@@ -91,7 +91,7 @@ class Options:
         return "rev" if self.hvp == "auto" else self.hvp
 
     @classmethod
-    def resolve(cls, options: Optional["Options"] = None, **keywords) -> "Options":
+    def resolve(cls, options: Optional[Options] = None, **keywords) -> Options:
         """``options`` (or the defaults) with ``keywords`` replacing fields, validated."""
         if options is not None and not isinstance(options, Options):
             raise TypeError(f"options must be a binom_opt.Options, got {type(options).__name__}.")

@@ -21,11 +21,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.func import grad_and_value
 
-from .batching import RandomStream, Tasks, add_note, calls, over_tasks
+from .batching import RandomStream, Tasks, calls, over_tasks
 from .estimators import Estimator
 from .node import Adaptation, Record, Status, leaves_requiring_grad
 from .options import Options
-from .trajectory import Stored, Trajectory
+from .trajectory import DROPPED, Stored, Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
 
 Tensors = Dict[str, torch.Tensor]
@@ -150,6 +150,8 @@ class InnerLoop:
         transpose = StepTranspose(rules, hyper)
         self._every = options.checkpoint_every or 1
         self._keep_state = any(r.state_names for r in rules.values()) and (transpose.needs_values or self._every > 1)
+        # points before the estimator's window are never read (unless the transposes read every step)
+        self._window = None if transpose.needs_values or self._every > 1 else setup.estimator.window
         B = tasks.size
         self._phi = {n: t.detach().unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
@@ -199,6 +201,8 @@ class InnerLoop:
         with torch.no_grad():
             self._bad.append(torch.stack([~torch.isfinite(losses), *(~torch.isfinite(g.flatten(1)).all(1) for g in grads.values())]))
         self._stored.append(Stored(self._phi, self._state if self._keep_state else None) if k % self._every == 0 else None)
+        if self._window is not None and k >= self._window:
+            self._stored[k - self._window] = DROPPED
         self._loss_fns.append(loss_fn)
         self._losses.append(losses)
         self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
@@ -206,25 +210,25 @@ class InnerLoop:
 
     def outputs(self, estimator: Optional[Estimator] = None) -> Tensors:
         """The adapted parameters after the steps so far, ``[B, ...]``, differentiable with respect to the
-        meta-parameters: their backward is ``estimator`` (the setup's by default; several estimators
-        may read one recorded loop). ``initial_inputs`` holds the ``[B, ...]`` initial point they start from."""
+        meta-parameters: their backward is ``estimator`` (the setup's by default; several estimators may
+        read one recorded loop). ``initial_inputs`` is then the ``[B, ...]`` initial point they start from."""
+        if self._sealed is not None and estimator is None:
+            return self._sealed
         B = self.tasks.size
-        initial = {n: t.unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
+        self.initial_inputs = {n: t.unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
         if not self._loss_fns:
-            self.initial_inputs = initial
-            return initial
-        if self._sealed is None or estimator is not None:
-            self._check_finite()
-            trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi,
-                                    self.stepper, self._every)
-            record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, self.hyper, list(self._meta_inputs.values()),
-                            learned(self.hyper), self._status, dict(self.initial), dict(self._versions))
-            outputs = Adaptation.apply(record, *initial.values(), *record.meta_inputs, *(v for _, _, v in record.hyper_inputs))
-            self.initial_inputs = initial
-            if estimator is not None:
-                return dict(zip(self.initial, outputs))
-            self._sealed = dict(zip(self.initial, outputs))
-        return self._sealed
+            return self.initial_inputs
+        self._check_finite()
+        trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
+                                self._every)
+        record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, self.hyper,
+                        list(self._meta_inputs.values()), learned(self.hyper), self._status, dict(self.initial),
+                        dict(self._versions))
+        hyper_inputs = (v for _, _, v in record.hyper_inputs)
+        outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *record.meta_inputs, *hyper_inputs)))
+        if estimator is None:
+            self._sealed = outputs
+        return outputs
 
     def _check_finite(self) -> None:
         """One check for the steps since the last one: the first non-finite inner loss or gradient, named."""

@@ -20,7 +20,7 @@ Tensors = Dict[str, torch.Tensor]
 States = Dict[str, Tensors]
 LossFn = Callable
 
-__all__ = ["Trajectory", "Stored"]
+__all__ = ["Trajectory", "Stored", "DROPPED"]
 
 
 @dataclass
@@ -29,6 +29,9 @@ class Stored:
 
     phi: Tensors
     state: Optional[States] = None
+
+
+DROPPED = Stored({})  # a point before the estimator's window: never stored, never read
 
 
 class Trajectory:
@@ -56,7 +59,12 @@ class Trajectory:
 
     def point(self, k: int) -> Tensors:
         stored = self.stored[k]
+        assert stored is not DROPPED, f"point {k} is outside the estimator's window"
         return stored.phi if stored is not None else self._segment(k)[k % self.every][0]
+
+    def available(self, k: int) -> bool:
+        """Whether point ``k`` can be read (points before the estimator's window are not kept)."""
+        return self.stored[k] is not DROPPED
 
     def points(self, lo: int, hi: int) -> Tensors:
         """``phi_lo .. phi_{hi-1}`` stacked, ``[hi - lo, B, ...]`` per entry."""
