@@ -27,10 +27,11 @@ from torch.func import functional_call, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fewshot.models import Conv4
 from run import machine_info, machine_text
 
 from binom_opt.hvp import hvp_function
+
+from fewshot.models import Conv4
 
 
 def parse_args(argv=None):

@@ -84,9 +84,9 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from fewshot.models import Conv4
-
 import binom_opt as bo
+
+from fewshot.models import Conv4
 
 MIB = 2**20
 

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fewshot.sine import mean_errors, meta_gradient_errors_per_batch, sample_sine_tasks, sine_mlp, squared_error
-
 import binom_opt as bo
+
+from fewshot.sine import mean_errors, meta_gradient_errors_per_batch, sample_sine_tasks, sine_mlp, squared_error
 
 
 def progress(iterable, **kwargs):

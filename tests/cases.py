@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import binom_opt as bo
+
 
 @dataclass
 class Case:
@@ -99,3 +101,56 @@ def frozen_body(seed: int = 0) -> Case:
 
 
 CASES = {"mlp_sine": mlp_sine, "conv_bn": conv_bn, "frozen_body": frozen_body}
+
+
+# --- small models and meta-batches shared by the tests ----------------------------------------
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def tasks(count=2, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        xs, xq = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen, dtype=torch.float64)
+        out.append((xs, torch.arange(6) % 3, xq, torch.arange(9) % 3))
+    return out
+
+
+def dropout_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+
+
+def image_tasks(seed=0, B=3):
+    gen = torch.Generator().manual_seed(seed)
+    xs, xq = (torch.randn(B, n, 1, 6, 6, generator=gen, dtype=torch.float64) for n in (6, 9))
+    return xs, (torch.arange(6) % 3).repeat(B, 1), xq, (torch.arange(9) % 3).repeat(B, 1)
+
+
+def body_head_tasks(seed=1, B=3):
+    gen = torch.Generator().manual_seed(seed)
+    xs, xq = (torch.randn(B, n, 4, generator=gen, dtype=torch.float64) for n in (6, 9))
+    return xs, (torch.arange(6) % 3).repeat(B, 1), xq, (torch.arange(9) % 3).repeat(B, 1)
+
+
+def grads(model):
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def adapt_and_backward(case, estimator=bo.Exact(), steps=3, **options):
+    case.model.zero_grad(set_to_none=True)
+    engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps, estimator, **options)
+    engine.meta_backward(case.query(engine.adapt(case.support)))
+    return engine, {n: p.grad.clone() for n, p in case.model.named_parameters()}
+
+
+def sine_engine(estimator=None, steps=3):
+    """An engine on the sine case (Binomial(1) unless told), and the case."""
+    case = mlp_sine()
+    return bo.MetaGradientEngine(case.model, case.inner_opt(), steps=steps, estimator=estimator or bo.Binomial(1)), case

@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from cases import conv_bn
 
 import binom_opt as bo
+
+from cases import conv_bn
 
 TASKS = 4
 

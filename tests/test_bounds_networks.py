@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from cases import conv_bn, mlp_sine
 from torch.func import functional_call
 
 import binom_opt as bo
 from binom_opt.bounds import hessian_norms, theorem_3_6
 from binom_opt.functional import meta_gradients
+
+from cases import conv_bn, mlp_sine
 
 K = 5
 

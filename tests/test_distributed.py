@@ -1,12 +1,13 @@
 """Meta-batches sharded over 2 gloo processes: same step as one process, and no hang when a rank fails."""
 
 import pytest
-import references as R
 import torch
 import torch.multiprocessing as mp
-from distributed_worker import meta_step, run_rank
 
 import binom_opt as bo
+
+import references as R
+from distributed_worker import meta_step, run_rank
 
 WORLD = 2
 

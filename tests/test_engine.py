@@ -1,15 +1,23 @@
-"""MetaGradientEngine as users drive it: autograd composition, stats, BatchNorm, bad input."""
+"""MetaGradientEngine as users drive it: adapt and adapt_batch (B = 1 and 3), autograd composition, stats, bad input."""
+
 
 import pytest
-import references as R
 import torch
 import torch.nn.functional as F
-from cases import conv_bn, frozen_body, mlp_sine
-from torch import nn
+from torch.func import functional_call
 
 import binom_opt as bo
+from binom_opt.core.memory import activation_bytes, parse_memory_budget
+
+import references as R
+from cases import BodyHead, body_head_tasks, conv_bn, frozen_body, grads, image_tasks, mlp_sine, sine_engine
 
 TOL = 1e-10
+B, K, LR = 3, 4, 0.1
+ESTIMATORS = [bo.FirstOrder(), bo.Truncated(2), bo.Binomial(1), bo.Binomial(3), bo.Hybrid(2, 3), bo.Exact()]
+
+# Some estimators diverge at these step sizes (the point is equality, not accuracy).
+pytestmark = pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning")
 
 
 def grads_of(model):
@@ -60,33 +68,6 @@ def test_last_stats_count_the_work(estimator, hvps, rounds):
     assert stats.inner_losses[-1] < stats.inner_losses[0]
 
 
-def test_forward_mode_through_mse_loss_gives_a_clear_error_and_auto_avoids_it():
-    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
-    closure = lambda m: F.mse_loss(m(x), y)
-    for hvp in ("auto", "rev"):
-        engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, estimator=bo.Binomial(1), hvp=hvp)
-        engine.meta_backward(F.mse_loss(engine.adapt(closure)(x), y))
-    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, estimator=bo.Binomial(1), hvp="fwd")
-    with pytest.raises(bo.HVPBackendError, match="hvp='rev'"):
-        engine.meta_backward(F.mse_loss(engine.adapt(closure)(x), y))
-
-
-@pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning")  # lr 0.2 diverges; exactness holds
-def test_batchnorm_with_running_stats_is_transductive_and_leaves_buffers_untouched():
-    tracked, untracked = conv_bn(track_running_stats=True), conv_bn(track_running_stats=False)
-    untracked.model.load_state_dict(tracked.model.state_dict(), strict=False)
-    buffers = {n: b.clone() for n, b in tracked.model.named_buffers()}
-    results = []
-    for case in (tracked, untracked):
-        engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=4, estimator=bo.Binomial(2))
-        engine.meta_backward(case.query(engine.adapt(case.support)))
-        results.append(grads_of(case.model))
-    assert R.relative_error(results[0], results[1]) < TOL
-    for name, value in tracked.model.named_buffers():
-        assert torch.equal(value, buffers[name]), name
-
-
 def test_learner_is_callable_like_the_model():
     case = frozen_body()
     engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=2, estimator=bo.Exact())
@@ -96,12 +77,161 @@ def test_learner_is_callable_like_the_model():
     assert sorted(learner.params) == ["head.bias", "head.weight"] and "Learner" in repr(learner)
 
 
-# --- bad input: a clear error, raised before anything changes ----------------------------------
+def per_task_loop(engine, model, tasks):
+    xs, ys, xq, yq = tasks
+    for b in range(xs.shape[0]):
+        learner = engine.adapt(lambda m, x=xs[b], y=ys[b]: F.cross_entropy(m(x), y))
+        (F.cross_entropy(learner(xq[b]), yq[b]) / xs.shape[0]).backward()
+    return grads(model)
 
 
-def make_engine():
-    case = mlp_sine()
-    return bo.MetaGradientEngine(case.model, case.inner_opt(), steps=3, estimator=bo.Binomial(1)), case
+def batched(engine, model, tasks):
+    xs, ys, xq, yq = tasks
+    learners = engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]), t[1]), (xs, ys))
+    engine.meta_backward(F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()))
+    return grads(model)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_batched_meta_step_equals_the_per_task_loop(estimator, B):
+    model = conv_bn().model  # BatchNorm with batch statistics, per task
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=K, estimator=estimator)
+    tasks = image_tasks(B=B)
+    expected = per_task_loop(engine, model, tasks)
+    got = batched(engine, model, tasks)
+    assert got.keys() == expected.keys()
+    assert R.relative_error(got, expected) < 1e-12
+    assert engine.last_stats.hvp_count == B * estimator_hvps(estimator, K)
+
+
+def estimator_hvps(estimator, steps):
+    plan = estimator.plan(steps)
+    if plan.schedule == "sequential":
+        return steps - plan.first_active if plan.levels else 0
+    return sum(steps - level - max(plan.levels - level, plan.first_active) + 1 for level in range(1, plan.levels + 1))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_batched_exact_equals_unrolled_autograd(B):
+    model = conv_bn().model
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=K, estimator=bo.Exact())
+    xs, ys, xq, yq = tasks = image_tasks(B=B)
+    got = batched(engine, model, tasks)
+    names = [n for n, _ in model.named_parameters()]
+    expected = {n: torch.zeros_like(t) for n, t in got.items()}
+    for b in range(B):
+        one = R.unrolled_autograd(model, names, dict.fromkeys(names, LR), lambda m: F.cross_entropy(m(xs[b]), ys[b]),
+                                  lambda m: F.cross_entropy(m(xq[b]), yq[b]) / B, K)
+        expected = {n: expected[n] + one[n] for n in expected}
+    assert R.relative_error(got, expected) < 1e-10
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("estimator", [bo.FirstOrder(), bo.Binomial(2), bo.Exact()], ids=repr)
+def test_frozen_body_run_in_the_closure_gets_its_meta_gradient(estimator, B):
+    torch.manual_seed(0)
+    model = BodyHead().double()
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.head.parameters(), lr=5 * LR), steps=K, estimator=estimator)
+    tasks = body_head_tasks(B=B)
+    expected = per_task_loop(engine, model, tasks)
+    got = batched(engine, model, tasks)
+    assert {"body.0.weight", "head.weight"} <= got.keys()
+    assert R.relative_error(got, expected) < 1e-12
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("estimator", [bo.Truncated(1), bo.Binomial(2), bo.Exact()], ids=repr)
+def test_features_passed_in_tasks_get_their_meta_gradient(estimator, B):
+    """ANIL's usual form: the body runs once per task before the inner loop, the head adapts."""
+    torch.manual_seed(0)
+    model = BodyHead().double()
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.head.parameters(), lr=5 * LR), steps=K, estimator=estimator)
+    xs, ys, xq, yq = body_head_tasks(B=B)
+    head = lambda m, features: F.linear(features, m.params["head.weight"], m.params["head.bias"])
+    for b in range(B):
+        features = model.body(xs[b])
+        learner = engine.adapt(lambda m, f=features, y=ys[b]: F.cross_entropy(head(m, f), y))
+        (F.cross_entropy(learner(xq[b]), yq[b]) / B).backward()
+    expected = grads(model)
+    learners = engine.adapt_batch(lambda m, t: F.cross_entropy(head(m, t[0]), t[1]), (model.body(xs), ys))
+    F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()).backward()
+    got = grads(model)
+    assert R.relative_error(got, expected) < 1e-12
+
+
+@pytest.mark.parametrize("limits", [{"chunk_size": 1}, {"chunk_size": 2}, {"chunk_size": 5}, {"memory_budget": 1}, {"memory_budget": "64KiB"},
+     {"memory_budget": "inner_step"}])
+def test_chunked_equals_unchunked(limits):
+    model = conv_bn().model
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    tasks = image_tasks()
+    whole = bo.MetaGradientEngine(model, opt, steps=K, estimator=bo.Binomial(2))
+    expected = batched(whole, model, tasks)
+    assert whole.last_stats.hvps_at_once == (K - 1) * B  # a round's points x tasks at once
+    chunked = bo.MetaGradientEngine(model, opt, steps=K, estimator=bo.Binomial(2), **limits)
+    got = batched(chunked, model, tasks)
+    assert R.relative_error(got, expected) < 1e-13
+    stats = chunked.last_stats
+    if "chunk_size" in limits:
+        assert stats.hvps_at_once == min(limits["chunk_size"], (K - 1) * B)
+    else:
+        budget = limits["memory_budget"]
+        sizes = activation_bytes(lambda p: F.cross_entropy(functional_call(model, p, (tasks[0][0],)), tasks[1][0]),
+                                 {n: p.detach() for n, p in model.named_parameters()})
+        budget = B * sizes.gradient if budget == "inner_step" else parse_memory_budget(budget)
+        assert stats.per_hvp_bytes == sizes.hvp
+        assert stats.hvps_at_once == min(max(1, budget // sizes.hvp), (K - 1) * B)
+
+
+def test_batched_learner_calls_and_indexing():
+    model = conv_bn().model
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=2)
+    xs, ys, xq, _ = image_tasks()
+    learners = engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]), t[1]), (xs, ys))
+    assert len(learners) == B and learners(xq).shape == (B, 9, 3)
+    assert torch.allclose(learners[1](xq[1]), learners(xq)[1])
+    with pytest.raises(ValueError, match="leading task dimension of 3"):
+        learners(xq[:2])
+
+
+def bad_engine(**options):
+    model = conv_bn().model
+    opt = options.pop("opt", None) or torch.optim.SGD(model.parameters(), lr=LR)
+    return bo.MetaGradientEngine(model, opt, steps=2, **options), model
+
+
+def test_bad_batched_input_is_refused_before_anything_runs():
+    xs, ys, *_ = image_tasks()
+    closure = lambda m, t: F.cross_entropy(m(t[0]), t[1])
+    engine, model = bad_engine()
+    with pytest.raises(ValueError, match="same leading task dimension"):
+        engine.adapt_batch(closure, (xs, ys[:2]))
+    with pytest.raises(TypeError, match="tasks must be"):
+        engine.adapt_batch(closure, "tasks")
+    with pytest.raises(TypeError, match="Pass a closure"):
+        engine.adapt_batch(F.cross_entropy(model(xs[0]), ys[0]), (xs, ys))
+    with pytest.raises(ValueError, match="scalar"):
+        engine.adapt_batch(lambda m, t: m(t[0]), (xs, ys))
+
+
+def test_captured_differentiable_tensors_get_their_meta_gradient():
+    """A tensor the closure captures (neither a model parameter nor in tasks) is a meta-parameter too."""
+    scale = torch.full((), 1.5, dtype=torch.float64, requires_grad=True)
+    xs, ys, xq, yq = image_tasks()
+    results = []
+    for batched_call in (False, True):
+        engine, model = bad_engine(estimator=bo.Binomial(1))
+        if batched_call:
+            learners = engine.adapt_batch(lambda m, t: F.cross_entropy(scale * m(t[0]), t[1]), (xs, ys))
+            F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()).backward()
+        else:
+            for b in range(B):
+                learner = engine.adapt(lambda m, x=xs[b], y=ys[b]: F.cross_entropy(scale * m(x), y))
+                (F.cross_entropy(learner(xq[b]), yq[b]) / B).backward()
+        results.append({**grads(model), "scale": scale.grad.clone()})
+        scale.grad = None
+    assert R.relative_error(results[1], results[0]) < 1e-12 and float(results[0]["scale"].abs()) > 0
 
 
 @pytest.mark.parametrize(
@@ -122,48 +252,8 @@ def test_bad_engine_options(options, error, message):
         bo.MetaGradientEngine(case.model, case.inner_opt(), **{"steps": 3, "estimator": bo.Binomial(1), **options})
 
 
-def test_bad_inner_optimizers():
-    case = mlp_sine()
-    params = list(case.model.parameters())
-    with pytest.raises(TypeError, match="Unsupported inner optimizer RMSprop; supported: torch.optim.SGD.*Adam.*AdamW"):
-        bo.MetaGradientEngine(case.model, torch.optim.RMSprop(params, lr=0.1), steps=2)
-    with pytest.raises(ValueError, match="maximize=True"):
-        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1, maximize=True), steps=2)
-    with pytest.raises(ValueError, match="amsgrad=True"):
-        bo.MetaGradientEngine(case.model, torch.optim.Adam(params, lr=0.1, amsgrad=True), steps=2)
-    with pytest.raises(ValueError, match="one learning rate per adapted parameter"):
-        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2, override={"lr": [0.1]})
-    with pytest.raises(ValueError, match="shape"):
-        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2,
-                              override={"lr": [torch.ones(2, 2)] * len(params)})
-    with pytest.raises(ValueError, match="not a parameter of the model"):
-        bo.MetaGradientEngine(case.model, torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1), steps=2)
-    frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
-    model = nn.Linear(2, 2)
-    model.extra = frozen
-    with pytest.raises(ValueError, match="requires_grad=False"):
-        bo.MetaGradientEngine(model, torch.optim.SGD([model.weight, frozen], lr=0.1), steps=2)
-
-
-@pytest.mark.parametrize(
-    "closure, error, message",
-    [
-        (lambda m: m(torch.ones(4, 1, dtype=torch.float64)), ValueError, r"scalar loss.*shape \(4, 1\)"),
-        (lambda m: 3.0, TypeError, "scalar torch.Tensor"),
-        (lambda m: torch.tensor(1.0, dtype=torch.float64), ValueError, "does not depend"),
-        (lambda m: m(torch.ones(1, 1, dtype=torch.float64)).sum() * float("nan"), FloatingPointError, "inner step 0"),
-    ],
-)
-def test_bad_closures_change_nothing(closure, error, message):
-    engine, case = make_engine()
-    before = {n: p.detach().clone() for n, p in case.model.named_parameters()}
-    with pytest.raises(error, match=message):
-        engine.adapt(closure)
-    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in case.model.named_parameters())
-
-
 def test_outer_loss_without_graph_is_rejected():
-    engine, case = make_engine()
+    engine, case = sine_engine()
     learner = engine.adapt(case.support)
     with torch.no_grad():
         loss = case.query(learner)
@@ -171,42 +261,10 @@ def test_outer_loss_without_graph_is_rejected():
         engine.meta_backward(loss)
 
 
-def test_divergent_inner_loop_is_an_error_not_a_result():
+def test_outer_loss_that_ignores_the_learner_is_refused():
     case = mlp_sine()
-    engine = bo.MetaGradientEngine(case.model, torch.optim.SGD(case.model.parameters(), lr=1e200), steps=3)
-    with pytest.raises(FloatingPointError, match="inner step"):
-        engine.adapt(case.support)
-
-
-def closure_over(x, y):
-    return lambda m: F.cross_entropy(m(x), y)
-
-
-@pytest.mark.parametrize("shell", ["engine", "maml"])
-def test_adaptations_are_freed_without_the_cycle_collector(shell):
-    """A reference cycle through the autograd node would keep every task's data alive."""
-    import gc
-    import weakref
-
-    case = frozen_body()
-    gc.collect()
-    gc.disable()
-    try:
-        support_x = torch.randn(6, 4, dtype=torch.float64)
-        alive = weakref.ref(support_x)
-        closure = closure_over(support_x, torch.arange(6) % 3)
-        del support_x  # from here on only the closure, and what records it, hold the data
-        if shell == "engine":
-            engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=2, estimator=bo.Binomial(1))
-            learner = engine.adapt(closure)
-        else:
-            learner = bo.MAML(case.model, lr=0.1, estimator=bo.Binomial(1)).clone()
-            for _ in range(2):
-                learner.adapt(closure)
-        del closure
-        case.query(learner).backward()
-        assert alive() is not None  # still reachable through the learner
-        del learner
-        assert alive() is None
-    finally:
-        gc.enable()
+    engine = bo.MetaGradientEngine(case.model, case.inner_opt(), 2)
+    engine.adapt(case.support)
+    with pytest.raises(ValueError, match="does not depend on an adapted learner"):
+        engine.meta_backward(case.query(case.model))
+    assert all(p.grad is None for p in case.model.parameters())

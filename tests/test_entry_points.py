@@ -9,15 +9,16 @@ force and against higher in test_exactness.py and test_update_rules.py), ``engin
 import math
 
 import pytest
-import references as R
 import torch
 import torch.nn.functional as F
-from cases import BodyHead
 from torch import nn
 from torch.func import functional_call
 
 import binom_opt as bo
 from binom_opt.functional import meta_gradient, meta_gradient_batched
+
+import references as R
+from cases import BodyHead
 
 K, LR, TOL = 3, 0.3, 1e-10
 ENTRIES = ["adapt", "adapt_batch", "maml", "innerloop_ctx", "meta_gradient", "meta_gradient_batched"]

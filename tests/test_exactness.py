@@ -8,12 +8,13 @@ from __future__ import annotations
 import functools
 
 import pytest
-import references as R
-from cases import CASES
 from torch.func import functional_call
 
 import binom_opt as bo
 from binom_opt.functional import meta_gradient
+
+import references as R
+from cases import CASES
 
 TOL = 1e-10
 # Several of these settings make the binomial series diverge on purpose: exactness still holds.

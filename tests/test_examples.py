@@ -19,11 +19,11 @@ import torch.nn.functional as F
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import binom_opt as bo  # noqa: E402
+
 from fewshot.models import Conv4  # noqa: E402
 from fewshot.omniglot import find_omniglot_root  # noqa: E402
 from fewshot.training import ANIL  # noqa: E402
-
-import binom_opt as bo  # noqa: E402
 
 DATA = Path(os.environ.get("OMNIGLOT_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot")
 

@@ -3,7 +3,6 @@
 import itertools
 
 import pytest
-import references as R
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +11,8 @@ import binom_opt as bo
 from binom_opt.bounds import matrix_hvp_oracle
 from binom_opt.core.expansion import expand
 from binom_opt.core.update_rules import SGDRule, StepTranspose
+
+import references as R
 
 
 def matrix_oracle(hessians, calls):

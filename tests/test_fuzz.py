@@ -4,7 +4,6 @@ Invariant: either a clear library error (a ValueError/TypeError naming the probl
 finite meta-gradient equal, in float64, to the brute-force expansion of the same estimator.
 """
 
-import references as R
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +12,8 @@ from torch import nn
 
 import binom_opt as bo
 from binom_opt.core.update_rules import read_optimizer
+
+import references as R
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.2),

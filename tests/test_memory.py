@@ -1,13 +1,14 @@
 """Memory control: budgets parse, one HVP's activations are measured, budgets pick the chunking."""
 
 import pytest
-import references as R
 import torch
 import torch.nn.functional as F
-from cases import conv_bn, mlp_sine
 
 import binom_opt as bo
 from binom_opt.core.memory import ActivationBytes, Chunking, activation_bytes, parse_memory_budget
+
+import references as R
+from cases import conv_bn, mlp_sine
 
 
 @pytest.mark.parametrize(

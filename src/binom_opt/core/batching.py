@@ -112,7 +112,7 @@ def calls(options, stream: Optional[RandomStream], during: str, hint: str = "") 
         with module_policy(options.bn), (stream.replay() if stream is not None else contextlib.nullcontext()):
             yield
     except RuntimeError as error:
-        if "randomness" in str(error) and options.randomness == "error":
+        if "randomness error mode" in str(error) and options.randomness == "error":  # vmap's own message
             raise RuntimeError(
                 "The support loss draws random numbers (dropout or another random op) under torch.func.vmap. Pass "
                 "randomness='same' or 'different' ('same': every replay of a task draws the same numbers, so the "

@@ -152,6 +152,7 @@ class InnerLoop:
         self._keep_state = any(r.state_names for r in rules.values()) and (transpose.needs_values or self._every > 1)
         # points before the estimator's window are never read (unless the transposes read every step)
         self._window = None if transpose.needs_values or self._every > 1 else setup.estimator.window
+        self._needs_values = transpose.needs_values
         B = tasks.size
         self._phi = {n: t.detach().unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
@@ -220,7 +221,7 @@ class InnerLoop:
             return self.initial_inputs
         self._check_finite()
         trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
-                                self._every)
+                                self._every, keep_grads=self._needs_values)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, self.hyper,
                         list(self._meta_inputs.values()), learned(self.hyper), self._status, dict(self.initial),
                         dict(self._versions))

@@ -44,12 +44,13 @@ class Trajectory:
         final: ``phi_K``.
         stepper: what took the steps; recomputes gradients and, with checkpoints, whole segments.
         every: the checkpoint interval (1: every point is stored).
+        keep_grads: whether recomputed segments keep their gradients (for transposes that read them).
     """
 
     def __init__(self, stored: List[Optional[Stored]], loss_fns: List[LossFn], losses: torch.Tensor,
-                 final: Tensors, stepper, every: int = 1):
+                 final: Tensors, stepper, every: int = 1, keep_grads: bool = True):
         self.stored, self.loss_fns, self.losses, self.final = stored, loss_fns, losses, final
-        self.stepper, self.every = stepper, every
+        self.stepper, self.every, self.keep_grads = stepper, every, keep_grads
         self._segments: Dict[int, List[Tuple[Tensors, States, Tensors]]] = {}
         self._grads: Dict[int, Tensors] = {}
 
@@ -97,8 +98,7 @@ class Trajectory:
     def _segment(self, k: int) -> List[Tuple[Tensors, States, Tensors]]:
         start = k - k % self.every
         if start not in self._segments:
-            if len(self._segments) >= 2:  # the estimators walk the steps in order: two segments suffice
-                del self._segments[next(iter(self._segments))]
+            self._segments.clear()  # the estimators walk the steps in order: one segment at a time
             self._segments[start] = self._recompute(start)
         return self._segments[start]
 
@@ -108,7 +108,7 @@ class Trajectory:
         out = []
         for k in range(start, stop):
             grads, losses, _ = self.stepper.gradient(self.loss_fns[k], phi, k)
-            out.append((phi, state, grads))
+            out.append((phi, state, grads if self.keep_grads else {}))
             if not _same(losses, self.losses[k]):
                 raise _not_reproduced(start, stop, f"support loss at step {k}")
             phi, state = self.stepper.update(k, phi, state, grads)

@@ -1,14 +1,50 @@
-"""compile_hvps=True: the same meta-gradients through torch.compile, the graph reused across tasks."""
+"""The HVP oracle: backends, out-of-memory retries, and torch.compile reusing one graph across tasks."""
+
 
 import pytest
-import references as R
 import torch
 import torch.nn.functional as F
-from cases import mlp_sine
+from torch import nn
 
 import binom_opt as bo
+import binom_opt.core.batching as batching_module
+
+import references as R
+from cases import adapt_and_backward, mlp_sine
 
 torch_dynamo = pytest.importorskip("torch._dynamo")
+
+
+def test_forward_mode_through_mse_loss_gives_a_clear_error_and_auto_avoids_it():
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    closure = lambda m: F.mse_loss(m(x), y)
+    for hvp in ("auto", "rev"):
+        engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, estimator=bo.Binomial(1), hvp=hvp)
+        engine.meta_backward(F.mse_loss(engine.adapt(closure)(x), y))
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=3, estimator=bo.Binomial(1), hvp="fwd")
+    with pytest.raises(bo.HVPBackendError, match="hvp='rev'"):
+        engine.meta_backward(F.mse_loss(engine.adapt(closure)(x), y))
+
+
+def test_out_of_memory_in_a_batched_round_retries_with_smaller_chunks(monkeypatch):
+    real_vmap = batching_module.vmap
+
+    def vmap_that_fits_one_at_a_time(fn, chunk_size=None, **kwargs):
+        batched = real_vmap(fn, chunk_size=chunk_size, **kwargs)
+
+        def call(points, vectors):
+            if chunk_size is None or chunk_size > 1:
+                raise torch.OutOfMemoryError("injected: out of memory")
+            return batched(points, vectors)
+
+        return call
+
+    expected = adapt_and_backward(mlp_sine(), bo.Binomial(2), steps=5)[1]
+    monkeypatch.setattr(batching_module, "vmap", vmap_that_fits_one_at_a_time)
+    engine, got = adapt_and_backward(mlp_sine(), bo.Binomial(2), steps=5)
+    assert R.relative_error(got, expected) < 1e-14
+    assert engine.last_stats.chunk_fallbacks == [2, 1]
 
 
 def run(case, tasks, **options):

@@ -1,18 +1,20 @@
 """Inner optimizers with state and learned learning rates, against higher and the generalised brute force."""
 
+
 import functools
 
 import higher
 import pytest
-import references as R
 import torch
 import torch.nn.functional as F
-from cases import frozen_body
 from torch import nn
 from torch.func import functional_call
 
 import binom_opt as bo
 from binom_opt.core.update_rules import read_optimizer
+
+import references as R
+from cases import frozen_body, mlp_sine
 
 TOL = 1e-10
 K = 3
@@ -195,3 +197,35 @@ def test_adam_through_a_parameter_whose_gradient_is_always_zero():
     assert torch.equal(full["0.weight"][:, 0], torch.zeros(4, dtype=torch.float64))
     full["0.weight"] = full["0.weight"][:, 1:]
     assert R.relative_error(full, reduced) < 1e-12
+
+
+def test_complex_or_integer_parameters_cannot_adapt():
+    model = nn.Linear(2, 2)
+    model.z = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="dtype torch.complex64.*real floating-point"):
+        bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 2)
+    with pytest.raises(RuntimeError):  # torch itself refuses integer tensors that require grad
+        nn.Parameter(torch.zeros(2, dtype=torch.int64))
+
+
+def test_bad_inner_optimizers():
+    case = mlp_sine()
+    params = list(case.model.parameters())
+    with pytest.raises(TypeError, match="Unsupported inner optimizer RMSprop; supported: torch.optim.SGD.*Adam.*AdamW"):
+        bo.MetaGradientEngine(case.model, torch.optim.RMSprop(params, lr=0.1), steps=2)
+    with pytest.raises(ValueError, match="maximize=True"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1, maximize=True), steps=2)
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        bo.MetaGradientEngine(case.model, torch.optim.Adam(params, lr=0.1, amsgrad=True), steps=2)
+    with pytest.raises(ValueError, match="one learning rate per adapted parameter"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2, override={"lr": [0.1]})
+    with pytest.raises(ValueError, match="shape"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2,
+                              override={"lr": [torch.ones(2, 2)] * len(params)})
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1), steps=2)
+    frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+    model = nn.Linear(2, 2)
+    model.extra = frozen
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        bo.MetaGradientEngine(model, torch.optim.SGD([model.weight, frozen], lr=0.1), steps=2)

@@ -1,0 +1,122 @@
+"""bo.MAML, learn2learn style: the same meta-gradients as the engine, learn2learn's flags, clear errors."""
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import binom_opt as bo
+
+import references as R
+from cases import small_model, tasks
+
+TOL = 1e-10
+STEPS = 3
+
+
+@pytest.mark.parametrize("estimator", [bo.FirstOrder(), bo.Truncated(2), bo.Binomial(1), bo.Binomial(2), bo.Hybrid(1, 2)])
+def test_dropins_equal_the_engine_for_every_estimator(estimator):
+    results = []
+    for shell in ("engine", "maml", "higher"):
+        model = small_model()
+        for xs, ys, xq, yq in tasks():
+            closure = lambda m, x=xs, y=ys: F.cross_entropy(m(x), y)
+            if shell == "engine":
+                engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), STEPS, estimator)
+                F.cross_entropy(engine.adapt(closure)(xq), yq).backward()
+            elif shell == "maml":
+                learner = bo.MAML(model, lr=0.1, steps=STEPS, estimator=estimator).clone()
+                for _ in range(STEPS):
+                    learner.adapt(closure)
+                F.cross_entropy(learner(xq), yq).backward()
+            else:
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                with bo.innerloop_ctx(model, opt, estimator=estimator, steps=STEPS) as (fmodel, diffopt):
+                    for _ in range(STEPS):
+                        diffopt.step(closure)
+                    F.cross_entropy(fmodel(xq), yq).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert R.relative_error(results[1], results[0]) < TOL
+    assert R.relative_error(results[2], results[0]) < TOL
+
+
+def test_maml_first_order_flag_and_stats():
+    (xs, ys, xq, yq), = tasks(1)
+    grads = []
+    for kwargs in ({"first_order": True, "estimator": bo.Exact()}, {"estimator": bo.FirstOrder()}):
+        model = small_model()
+        maml = bo.MAML(model, lr=0.1, **kwargs)
+        learner = maml.clone()
+        for _ in range(STEPS):
+            learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+        F.cross_entropy(learner(xq), yq).backward()
+        assert maml.last_stats.hvp_count == 0 and learner.steps_taken == STEPS
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert R.relative_error(grads[0], grads[1]) == 0
+
+
+def test_maml_steps_taken_at_each_forward_define_the_meta_gradient():
+    """learn2learn code evaluates the learner between steps; each output differentiates its own prefix."""
+    (xs, ys, xq, yq), = tasks(1)
+    model = small_model()
+    learner = bo.MAML(model, lr=0.1, estimator=bo.Exact()).clone()
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    after_one = F.cross_entropy(learner(xq), yq)
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    after_one.backward()
+    via_engine = small_model()
+    engine = bo.MetaGradientEngine(via_engine, torch.optim.SGD(via_engine.parameters(), lr=0.1), 1, bo.Exact())
+    F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(xs), ys))(xq), yq).backward()
+    expected = {n: p.grad for n, p in via_engine.named_parameters()}
+    assert R.relative_error({n: p.grad for n, p in model.named_parameters()}, expected) < TOL
+
+
+def test_adapt_after_backward_needs_a_new_clone():
+    (xs, ys, xq, yq), = tasks(1)
+    maml = bo.MAML(small_model(), lr=0.1)
+    learner = maml.clone()
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    F.cross_entropy(learner(xq), yq).backward()
+    with pytest.raises(RuntimeError, match="already computed.*maml.clone"):
+        learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    maml.clone().adapt(lambda m: F.cross_entropy(m(xs), ys))  # a new clone is fine
+
+
+def test_wrong_number_of_adapt_calls_when_steps_is_set():
+    (xs, ys, xq, yq), = tasks(1)
+    learner = bo.MAML(small_model(), lr=0.1, steps=3, estimator=bo.Binomial(2)).clone()
+    for _ in range(2):
+        learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    with pytest.raises(ValueError, match="adapted 2 time.*steps=3"):
+        F.cross_entropy(learner(xq), yq).backward()
+
+
+def test_estimator_above_the_number_of_steps_taken():
+    (xs, ys, xq, yq), = tasks(1)
+    learner = bo.MAML(small_model(), lr=0.1, estimator=bo.Binomial(3)).clone()
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    with pytest.raises(ValueError, match="L=3 > K=1"):
+        F.cross_entropy(learner(xq), yq).backward()
+
+
+def test_frozen_and_unused_parameters_follow_learn2learn_flags():
+    (xs, ys, xq, yq), = tasks(1)
+    model = small_model()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['0.weight'\].*allow_nograd=True"):
+        bo.MAML(model, lr=0.1)
+    learner = bo.MAML(model, lr=0.1, allow_nograd=True).clone()
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    assert "0.weight" not in learner.params
+    F.cross_entropy(learner(xq), yq).backward()
+    assert model[0].weight.grad is None and model[2].weight.grad is not None
+
+    model = small_model()
+    model.unused = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="does not depend on the adapted parameter.*unused.*allow_unused=True"):
+        bo.MAML(model, lr=0.1).clone().adapt(lambda m: F.cross_entropy(m(xs), ys))
+    learner = bo.MAML(model, lr=0.1, allow_unused=True, estimator=bo.Exact()).clone()
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    F.cross_entropy(learner(xq), yq).backward()
+    assert torch.equal(model.unused.grad, torch.zeros(2, dtype=torch.float64))

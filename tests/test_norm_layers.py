@@ -1,0 +1,97 @@
+"""Normalisation layers follow their policy, and modules that write their buffers in forward are refused."""
+
+import sys
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import binom_opt as bo
+
+import references as R
+from cases import adapt_and_backward, conv_bn, grads
+
+TOL = 1e-10
+
+
+def warmed_up_batchnorm_case():
+    case = conv_bn(track_running_stats=True)
+    with torch.no_grad():  # running statistics away from their (0, 1) initialisation
+        for _ in range(3):
+            case.model(2 + 3 * torch.randn(16, 1, 6, 6, dtype=torch.float64))
+    return case
+
+
+def test_frozen_batchnorm_uses_running_statistics_exactly_like_higher_in_eval_mode():
+    case = warmed_up_batchnorm_case()
+    buffers = {n: b.clone() for n, b in case.model.named_buffers()}
+    _, got = adapt_and_backward(case, bn="frozen")
+    assert all(torch.equal(b, buffers[n]) for n, b in case.model.named_buffers())  # not updated
+    reference = warmed_up_batchnorm_case()
+    reference.model[1].eval()
+    expected = R.unrolled_higher(reference.model, reference.inner_opt(), reference.support, reference.query, 3)
+    assert R.relative_error(got, expected) < TOL
+    _, transductive = adapt_and_backward(warmed_up_batchnorm_case())
+    assert R.relative_error(transductive, expected) > 1e-3  # the policies really differ
+
+
+def test_batchnorm_error_policy_refuses_tracking_layers_and_accepts_others():
+    case = conv_bn(track_running_stats=True)
+    with pytest.raises(ValueError, match="bn='error'.*track running statistics.*bn='transductive'"):
+        bo.MetaGradientEngine(case.model, case.inner_opt(), 2, bn="error")
+    adapt_and_backward(conv_bn(track_running_stats=False), bn="error")
+
+
+@pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning")  # lr 0.2 diverges; exactness holds
+def test_batchnorm_with_running_stats_is_transductive_and_leaves_buffers_untouched():
+    tracked, untracked = conv_bn(track_running_stats=True), conv_bn(track_running_stats=False)
+    untracked.model.load_state_dict(tracked.model.state_dict(), strict=False)
+    buffers = {n: b.clone() for n, b in tracked.model.named_buffers()}
+    results = []
+    for case in (tracked, untracked):
+        engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=4, estimator=bo.Binomial(2))
+        engine.meta_backward(case.query(engine.adapt(case.support)))
+        results.append(grads(case.model))
+    assert R.relative_error(results[0], results[1]) < TOL
+    for name, value in tracked.model.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+
+
+def test_model_in_eval_mode_still_adapts_and_dropout_is_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 3, bo.Exact())
+    engine.meta_backward(F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(x), y))(x), y))
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False) as (f, opt):
+        for _ in range(3):
+            opt.step(F.cross_entropy(f(x), y))
+        expected = torch.autograd.grad(F.cross_entropy(f(x), y), list(model.parameters()))
+    got = [p.grad for p in model.parameters()]
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(got, expected))
+
+
+class InPlaceScratch(nn.Module):
+    """Writes batch data into a buffer in place: fine eagerly, impossible under vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2).double()
+        self.register_buffer("scratch", torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x):
+        self.scratch.copy_(x.mean(0))
+        return self.linear(x)
+
+
+def test_in_place_state_changes_in_the_model_fail_with_context():
+    model = InPlaceScratch()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 3, bo.Binomial(1))
+    with pytest.raises(RuntimeError, match=r"InPlaceScratch wrote its buffer\(s\) \['scratch'\].*eval mode") as error:
+        engine.adapt(lambda m: F.cross_entropy(m(x), y))
+    if sys.version_info >= (3, 11):
+        assert "inner step 0" in "\n".join(error.value.__notes__)
+    assert all(p.grad is None for p in model.parameters())

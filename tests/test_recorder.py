@@ -1,0 +1,73 @@
+"""The recorded inner loop: bad closures and bad data are clear errors at the step they happen, before anything changes."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import binom_opt as bo
+
+from cases import mlp_sine, sine_engine, small_model, tasks
+
+
+@pytest.mark.parametrize(
+    "closure, error, message",
+    [
+        (lambda m: m(torch.ones(4, 1, dtype=torch.float64)), ValueError, r"scalar loss.*shape \(4, 1\)"),
+        (lambda m: 3.0, TypeError, "scalar torch.Tensor"),
+        (lambda m: torch.tensor(1.0, dtype=torch.float64), ValueError, "does not depend"),
+        (lambda m: m(torch.ones(1, 1, dtype=torch.float64)).sum() * float("nan"), FloatingPointError, "inner step 0"),
+    ],
+)
+def test_bad_closures_change_nothing(closure, error, message):
+    engine, case = sine_engine()
+    before = {n: p.detach().clone() for n, p in case.model.named_parameters()}
+    with pytest.raises(error, match=message):
+        engine.adapt(closure)
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in case.model.named_parameters())
+
+
+def test_divergent_inner_loop_is_an_error_not_a_result():
+    case = mlp_sine()
+    engine = bo.MetaGradientEngine(case.model, torch.optim.SGD(case.model.parameters(), lr=1e200), steps=3)
+    with pytest.raises(FloatingPointError, match="inner step"):
+        engine.adapt(case.support)
+
+
+def test_data_of_another_dtype_fails_at_the_first_step_with_context():
+    case = mlp_sine()
+    engine = bo.MetaGradientEngine(case.model, case.inner_opt(), 2)
+    x = torch.randn(5, 1)  # float32 data for a float64 model
+    with pytest.raises(RuntimeError) as error:
+        engine.adapt(lambda m: (m(x) ** 2).mean())
+    if sys.version_info >= (3, 11):
+        assert "share one dtype and one device" in "\n".join(error.value.__notes__)
+    assert all(p.grad is None for p in case.model.parameters())
+
+
+def test_empty_support_set_is_a_clear_error():
+    case = mlp_sine()
+    engine = bo.MetaGradientEngine(case.model, case.inner_opt(), 2)
+    x = torch.zeros(0, 1, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="inner loss is nan at inner step 0"):
+        engine.adapt(lambda m: ((m(x) - 1) ** 2).mean())
+
+
+def test_non_finite_inner_gradient_is_named_at_its_step():
+    case = mlp_sine()
+    engine = bo.MetaGradientEngine(case.model, case.inner_opt(), 3)
+    x = torch.zeros(4, 1, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"inner gradient of .* not finite at inner step 0"):
+        engine.adapt(lambda m: torch.sqrt(((m(x) - m(x).detach()) ** 2).sum()))
+
+
+def test_adapt_with_a_loss_tensor_explains_the_closure():
+    (xs, ys, _, _), = tasks(1)
+    learner = bo.MAML(small_model(), lr=0.1).clone()
+    with pytest.raises(TypeError, match="closure.*Hessian-vector products"):
+        learner.adapt(F.cross_entropy(learner(xs), ys))
+    model = small_model()
+    with bo.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        with pytest.raises(TypeError, match="closure"):
+            diffopt.step(F.cross_entropy(fmodel(xs), ys))

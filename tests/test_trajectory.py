@@ -1,0 +1,129 @@
+"""The recorded trajectory: one stored point per step, only the points an estimator reads, checkpointing."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import binom_opt as bo
+from binom_opt.core.batching import Tasks
+from binom_opt.core.learner import module_loss
+from binom_opt.core.options import Options
+from binom_opt.core.recorder import InnerLoop, Setup
+from binom_opt.core.trajectory import DROPPED
+from binom_opt.core.update_rules import read_optimizer
+
+from cases import dropout_model, mlp_sine, small_model, tasks
+
+K = 7
+
+
+def recorded(estimator, optimizer=torch.optim.SGD, steps=K, **options):
+    """The trajectory of a finished inner loop of the sine case."""
+    case = mlp_sine()
+    named = dict(case.model.named_parameters())
+    adapted, rules, hyper = read_optimizer(named, optimizer(case.model.parameters(), lr=0.01))
+    opts = Options(**options)
+    loop = InnerLoop(Setup(estimator, opts, module_loss(case.model, opts.bn, False)), {n: named[n] for n in adapted}, rules,
+                     hyper, Tasks())
+    for _ in range(steps):
+        loop.step(case.support)
+    loop.outputs()
+    return loop, case
+
+
+def stored(loop):
+    return [k for k, s in enumerate(loop._stored) if s is not None and s is not DROPPED]
+
+
+@pytest.mark.parametrize("estimator, kept", [(bo.Exact(), range(K)), (bo.Binomial(2), range(K)), (bo.FirstOrder(), []),
+                                              (bo.Truncated(2), [5, 6]), (bo.Hybrid(1, 3), [4, 5, 6])])
+def test_only_the_points_the_estimator_reads_are_kept(estimator, kept):
+    loop, _ = recorded(estimator)
+    assert stored(loop) == list(kept)
+
+
+def test_adam_keeps_every_point_and_its_state():
+    loop, _ = recorded(bo.Truncated(1), torch.optim.Adam)
+    assert stored(loop) == list(range(K))  # the transposes of Adam's steps read every step's values
+    assert all(set(s.state[n]) == {"exp_avg", "exp_avg_sq"} for s in loop._stored for n in s.phi)
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_checkpointing_stores_every_mth_point(every):
+    loop, _ = recorded(bo.Exact(), checkpoint_every=every)
+    assert stored(loop) == list(range(0, K, every))
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+@pytest.mark.parametrize("estimator", [bo.Exact(), bo.Binomial(2), bo.Truncated(3), bo.Hybrid(2, 4)], ids=repr)
+def test_recomputed_segments_give_bitwise_the_same_meta_gradient(estimator, optimizer):
+    results = []
+    for every in (None, 2, 3, K):
+        case = mlp_sine()
+        engine = bo.MetaGradientEngine(case.model, optimizer(case.model.parameters(), lr=0.01), K, estimator,
+                                       checkpoint_every=every)
+        case.query(engine.adapt(case.support)).backward()
+        results.append([p.grad for p in case.model.parameters()])
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+
+
+def test_a_support_loss_that_changes_between_runs_is_caught_when_a_segment_is_recomputed():
+    """A support loss that is random away from the initial point (where the replay check looks) cannot be
+    recomputed: that is an error, not another trajectory."""
+    (xs, ys, xq, yq), = tasks(1)
+    model = small_model()
+    start = model[0].weight.detach().clone()
+
+    def support(m):
+        moved = not torch.equal(m.params["0.weight"], start)
+        return F.cross_entropy(m(xs), ys) + (1e-3 * torch.rand((), dtype=torch.float64) if moved else 0)
+
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 4, bo.Truncated(1), checkpoint_every=2)
+    learner = engine.adapt(support)
+    with pytest.raises(RuntimeError, match="checkpoint_every.*not deterministic"):
+        F.cross_entropy(learner(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_checkpointing_with_randomness_same_replays_the_masks():
+    (xs, ys, xq, yq), = tasks(1)
+    results = []
+    for every in (None, 2):
+        model = dropout_model()
+        torch.manual_seed(3)
+        engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 4, bo.Exact(), randomness="same",
+                                       checkpoint_every=every)
+        learner = engine.adapt(lambda m: F.cross_entropy(m(xs), ys))
+        F.cross_entropy(learner(xq), yq).backward()  # the query's masks come from the global stream, as in both runs
+        results.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_checkpointing_refuses_resampled_randomness():
+    with pytest.raises(ValueError, match="checkpoint_every.*randomness='different'"):
+        bo.Options(checkpoint_every=3, randomness="different")
+
+
+def test_stored_points_grow_like_the_square_root_of_k():
+    for steps in (16, 100):
+        every = math.isqrt(steps)
+        loop, _ = recorded(bo.Exact(), steps=steps, checkpoint_every=every)
+        assert len(stored(loop)) == math.ceil(steps / every)
+
+
+def test_learners_between_steps_keep_their_own_prefix():
+    """A learner evaluated after some steps keeps the points it needs even when later steps drop them."""
+    (xs, ys, xq, yq), = tasks(1)
+    model = small_model()
+    maml = bo.MAML(model, lr=0.1, estimator=bo.Truncated(1))
+    learner = maml.clone()
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    after_one = F.cross_entropy(learner(xq), yq)
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    after_one.backward()  # Truncated(1) over the first step only: exact for one step
+    reference = small_model()
+    engine = bo.MetaGradientEngine(reference, torch.optim.SGD(reference.parameters(), lr=0.1), 1, bo.Exact())
+    F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(xs), ys))(xq), yq).backward()
+    assert all(torch.allclose(a.grad, b.grad, rtol=1e-12, atol=0) for a, b in zip(model.parameters(), reference.parameters()))
