@@ -1,7 +1,7 @@
 """The paper's error bounds (BinomGBML, section 3.2 and appendix B) as code.
 
 Each theorem bounds ``||exact - estimate||`` for FirstOrder, Truncated(L) and Binomial(L), where
-the exact meta-gradient is ``P g`` with ``P = (I - a H_0) ... (I - a H_{K-1})`` (DESIGN.md 2).
+the exact meta-gradient is ``P g`` with ``P = (I - a H_0) ... (I - a H_{K-1})`` (docs/design.md).
 The bounds are plain float functions of ``K, L, alpha, H`` (and ``h, M``), scaled by ``||g||``:
 
 * :func:`theorem_3_6`: ``||H_k|| <= H``, any sign (Assumption 3.5, Lipschitz gradient).

@@ -1,18 +1,12 @@
 """Write it for one task at one point, lift it over trajectory points and tasks with ``vmap``.
 
-Every function of the support loss that binom_opt evaluates (an inner step, an HVP, a mixed
-second-order term, a replay) is written for ONE task at ONE point, ``fn(*args, task)``, and
-lifted here: over the tasks of a meta-batch (a leading task dimension ``B``) and over the
-trajectory points of an estimator round (a leading step dimension before it, ``[n, B, ...]``).
-A single task without task data (``engine.adapt``, the drop-ins) keeps a task dimension of 1
-but runs without ``vmap`` over it, and chunks of one point run as a plain loop, which is faster
-than vmap's batching rules on small kernels.
-
-Random ops (dropout) follow ``randomness``: ``"error"`` refuses them under vmap, ``"different"``
-draws new numbers at every call, and ``"same"`` replays one random stream per task: every call
-restarts the generator from the state captured at the first inner step (:class:`RandomStream`),
-the step dimension draws the same numbers for every point and the task dimension different ones
-(so the tasks of a meta-batch draw as a loop over them would, from one stream).
+Every function of the support loss (an inner step, an HVP, a mixed term, a replay) is written as
+``fn(*args, task)`` for ONE task at ONE point and lifted here over the tasks of a meta-batch
+(``[B, ...]``) and the points of an estimator round (``[n, B, ...]``). One task without task data
+keeps ``B = 1`` but runs without vmap, and chunks of one point run as a plain loop (both faster
+on small kernels). ``randomness="same"`` restarts one random stream (:class:`RandomStream`) at
+every call: the step dimension draws the same numbers for every point, the task dimension
+different ones. See docs/design.md.
 """
 
 from __future__ import annotations
@@ -172,10 +166,15 @@ def vmap_or_loop(fn: Callable, randomness: str, chunk: Optional[int] = None, sam
                 _looped.append(True)
                 warnings.warn(f"binom_opt: {error} Running it in a Python loop over the batch instead (slower).",
                               RuntimeWarning, stacklevel=2)
-            outs = [fn(*pytree.tree_map(lambda t: t[i], args)) for i in range(pytree.tree_leaves(args)[0].shape[0])]
-            return pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+            return _loop(fn, args)
 
     return call
+
+
+def _loop(fn: Callable, args: tuple) -> Any:
+    """``fn`` over dimension 0 of its arguments in a Python loop, outputs stacked."""
+    outs = [fn(*pytree.tree_map(lambda t: t[i], args)) for i in range(pytree.tree_leaves(args)[0].shape[0])]
+    return pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
 
 
 _looped: list = []  # the loop fallback warns once per process
@@ -198,9 +197,7 @@ def map_points(
         task_chunk = limit if limit < B and randomness != "same" else None
     per_point = over_tasks(fn, tasks, randomness, task_chunk)
     if n == 1 or step_chunk == 1:  # a loop over points skips vmap's batching rules
-        one = compiled(per_point, compile_fn)
-        outs = [one(*pytree.tree_map(lambda t: t[i], args)) for i in range(n)]
-        return pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+        return _loop(compiled(per_point, compile_fn), args)
     return compiled(vmap_or_loop(per_point, randomness, step_chunk, same=randomness == "same"), compile_fn)(*args)
 
 

@@ -1,24 +1,14 @@
-"""The estimators' arithmetic: the binomial recursion, a pure function of ``g``, the step transposes and an HVP oracle.
+"""The estimators' arithmetic: the binomial recursion (paper Algorithm 2), generalised to any inner optimizer.
 
-Notation (docs/design.md): with ``D_j + B_j H_j`` the Jacobian of inner step ``j`` (``I - a H_j``
-for plain SGD, see :mod:`binom_opt.core.update_rules`) and ``s`` the plan's Hessian scale,
-``u_j^(l)`` is the sum of the kept terms with at most ``l`` Hessian factors, all at steps ``>= j``:
+With ``D_j + B_j H_j`` the Jacobian of inner step ``j`` and ``s`` the plan's Hessian scale,
+``u_j^(l)`` (the kept terms with at most ``l`` Hessian factors, all at steps ``>= j``) satisfies
 
-    u_K^(l) = g,    u_j^(0) = D_j^T u_{j+1}^(0),
-    u_j^(l) = D_j^T u_{j+1}^(l) + H_j (s B_j^T u_{j+1}^(l-1)).
+    u_K^(l) = g,    u_j^(0) = D_j^T u_{j+1}^(0),    u_j^(l) = D_j^T u_{j+1}^(l) + H_j (s B_j^T u_{j+1}^(l-1)).
 
-For ``j >= K - l`` nothing is dropped, so those entries are the exact tail products and are
-reused. Round ``l`` therefore needs the HVPs ``H_j (s B_j^T u_{j+1}^(l-1))`` only for
-``j = L-l .. K-l``: independent products at different points, asked of the oracle in ONE call,
-after which ``u_j^(l)`` for those ``j`` follows from the exact tail downwards (for plain SGD, a
-reverse cumulative sum: the paper's lower-triangular matrix). The answer is ``u_0^(L)``; Hessians
-of steps before ``plan.first_active`` are zero (Hybrid). The sequential schedule (FirstOrder,
-Truncated, Exact: the kept terms form one product) applies one factor per round instead.
-
-Nothing here knows about models or autograd: ``hvp(steps, vectors)`` returns ``H_j v_j`` for each
-``j`` of the ``range`` ``steps``, vectors and results stacked along a leading step dimension. Every
-entry of ``g`` has a task dimension first (``[B, ...]``; ``B = 1`` for one task), which the
-contribution norms keep apart.
+Round ``l`` needs the HVPs at ``j = L-l .. K-l`` only, asked of the oracle in ONE call; the answer
+is ``u_0^(L)`` (docs/design.md). Nothing here knows about models: ``hvp(steps, vectors)`` returns
+``H_j v_j`` for each ``j`` of the ``range``, stacked, and every entry of ``g`` has the task dimension
+first (``[B, ...]``), which the contribution norms keep apart.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Meta-gradients of the meta-parameters other than the initial point.
+"""Meta-gradients of the meta-parameters other than the initial point (docs/design.md).
 
 * Tensors the support loss reaches that require grad (the model's parameters that do not adapt,
   an ANIL body, features or data of the tasks), ``c``: their meta-gradient through the inner loop

@@ -1,4 +1,4 @@
-"""The autograd node whose backward is the estimator: recorded trajectory -> expansion -> ``.grad``.
+"""The autograd node whose backward is the estimator: recorded trajectory -> expansion -> ``.grad`` (docs/design.md).
 
 :class:`Adaptation` maps the meta-parameters (the initial point, the other tensors the support
 loss reaches, learned learning rates) to the adapted parameters ``phi_K`` of every task. Its

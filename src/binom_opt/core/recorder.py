@@ -1,4 +1,4 @@
-"""The inner loop, recorded step by step without a graph: one recorder for one task or a meta-batch.
+"""The inner loop, recorded step by step without a graph: one recorder for one task or a meta-batch (docs/design.md).
 
 :class:`InnerLoop` takes inner steps on a support loss ``loss(phi, task)`` written for one task:
 one by one as a drop-in's ``adapt``/``diffopt.step`` calls come (different closures at different

@@ -1,4 +1,4 @@
-"""A recorded inner loop: the points the estimators take Hessian-vector products at.
+"""A recorded inner loop: the points the estimators take Hessian-vector products at (docs/design.md).
 
 One point per inner step is stored (``[B, ...]`` per adapted parameter: all tasks at once), plus
 the optimizer state where the transposed step needs it (Adam, learned learning rates) or where
