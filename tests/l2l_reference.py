@@ -20,8 +20,9 @@ class MAML(nn.Module):
     def forward(self, *args):
         return self.module(*args)
 
-    def clone(self):
-        return _Learner(self.module, dict(self.module.named_parameters()), self.lr, self.first_order)
+    def clone(self, first_order=None):
+        first_order = self.first_order if first_order is None else first_order
+        return _Learner(self.module, dict(self.module.named_parameters()), self.lr, first_order)
 
 
 class _Learner:
@@ -31,9 +32,13 @@ class _Learner:
     def __call__(self, *args):
         return functional_call(self.module, self.params, args)
 
-    def adapt(self, loss):
-        grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=not self.first_order)
+    def adapt(self, loss, first_order=None):
+        first_order = self.first_order if first_order is None else first_order
+        grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=not first_order)
         self.params = {n: p - self.lr * g for (n, p), g in zip(self.params.items(), grads)}
+
+    def parameters(self):
+        return iter(self.params.values())
 
 
 l2l = SimpleNamespace(algorithms=SimpleNamespace(MAML=MAML))

@@ -28,7 +28,14 @@ OPTIMIZERS = {
     "dampening": lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.5, dampening=0.3),
     "adam+wd": lambda ps: torch.optim.Adam(ps, lr=0.05, eps=1e-3, weight_decay=0.05),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, eps=1e-3, weight_decay=0.1),
+    "two-groups": lambda ps: two_groups(list(ps)),
 }
+
+
+def two_groups(params):
+    return torch.optim.SGD([{"params": params[:2], "lr": LR}, {"params": params[2:], "lr": 0.1}])
+
+
 ESTIMATORS = [bo.FirstOrder(), bo.Truncated(2), bo.Binomial(1), bo.Binomial(2, "paper"), bo.Hybrid(1, 2), bo.Exact()]
 pytestmark = pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning")
 

@@ -88,7 +88,7 @@ def test_random_problems_give_a_clear_error_or_the_brute_force_meta_gradient(pro
     if not problem["dropout_eval"]:  # active dropout is only accepted where nothing is replayed
         assert engine.last_stats.levels == 0
         return
-    adapted_names, rules, hyper = read_optimizer(dict(model.named_parameters()), OPTIMIZERS[problem["optimizer"]](adapted))
+    adapted_names, rules, hyper, _ = read_optimizer(dict(model.named_parameters()), OPTIMIZERS[problem["optimizer"]](adapted))
     reference, _, support, query = build(problem)
     expected = R.brute_force_with_rule(reference, adapted_names, rules, hyper, support, query, K, estimator)
     got = {n: grads[n] for n in adapted_names}

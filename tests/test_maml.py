@@ -10,6 +10,7 @@ import binom_opt as bo
 
 import references as R
 from cases import small_model, tasks
+from l2l_reference import l2l
 
 TOL = 1e-10
 STEPS = 3
@@ -120,3 +121,77 @@ def test_frozen_and_unused_parameters_follow_learn2learn_flags():
     learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
     F.cross_entropy(learner(xq), yq).backward()
     assert torch.equal(model.unused.grad, torch.zeros(2, dtype=torch.float64))
+
+
+# --- learn2learn's names mean what they mean in learn2learn ------------------------------------
+
+
+def l2l_and_bo(adapt_flags, clone_flags=None):
+    """The meta-gradients of the l2l stand-in and of bo.MAML with the same per-clone and per-adapt flags."""
+    (xs, ys, xq, yq), = tasks(1)
+    results = []
+    for library in (l2l.algorithms, bo):
+        model = small_model()
+        maml = library.MAML(model, lr=0.1)
+        learner = maml.clone(**(clone_flags or {}))
+        for flags in adapt_flags:
+            if library is bo:
+                learner.adapt(lambda m: F.cross_entropy(m(xs), ys), **flags)
+            else:
+                learner.adapt(F.cross_entropy(learner(xs), ys), **flags)
+        F.cross_entropy(learner(xq), yq).backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    return results
+
+
+def test_first_order_per_adapt_call_drops_that_steps_hessian_as_learn2learn_does():
+    for pattern in ([True, False, False], [False, True, False], [False, False, True], [True, True, False]):
+        original, ours = l2l_and_bo([{"first_order": f} for f in pattern])
+        assert R.relative_error(ours, original) < TOL, pattern
+    exact, _ = l2l_and_bo([{}] * 3)
+    assert R.relative_error(l2l_and_bo([{"first_order": True}, {}, {}])[0], exact) > 1e-4  # the flag matters
+
+
+def test_clone_first_order_overrides_the_wrapper():
+    original, ours = l2l_and_bo([{}] * 3, clone_flags={"first_order": True})
+    assert R.relative_error(ours, original) < TOL
+    maml = bo.MAML(small_model(), lr=0.1, first_order=True)
+    assert isinstance(maml.clone()._loop.setup.estimator, bo.FirstOrder)
+    assert isinstance(maml.clone(first_order=False)._loop.setup.estimator, bo.Exact)
+
+
+def test_learner_module_is_the_adapted_model_and_parameters_are_the_adapted_ones():
+    (xs, ys, xq, yq), = tasks(1)
+    model = small_model()
+    learner = bo.MAML(model, lr=0.1).clone()
+    for _ in range(2):
+        learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    adapted = learner.module
+    assert adapted is not model and torch.allclose(adapted(xq), learner(xq))
+    assert torch.equal(adapted[0].weight, learner.params["0.weight"])  # a submodule runs with the adapted weight
+    assert not torch.allclose(adapted[0](xq), model[0](xq))
+    parameters = list(learner.parameters())
+    assert len(parameters) == len(list(model.parameters())) and all(p.grad_fn is not None for p in parameters)
+    F.cross_entropy(adapted(xq), yq).backward()  # the meta-gradient flows through the adapted module too
+    expected = small_model()
+    engine = bo.MetaGradientEngine(expected, torch.optim.SGD(expected.parameters(), lr=0.1), 2)
+    F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(xs), ys))(xq), yq).backward()
+    assert R.relative_error({n: p.grad for n, p in model.named_parameters()},
+                            {n: p.grad for n, p in expected.named_parameters()}) < TOL
+
+
+def test_allow_unused_and_allow_nograd_per_adapt_call():
+    (xs, ys, _, _), = tasks(1)
+    model = small_model()
+    model.unused = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    learner = bo.MAML(model, lr=0.1).clone()
+    with pytest.raises(ValueError, match=r"does not depend on the adapted parameter\(s\) \['unused'\]"):
+        learner.adapt(lambda m: F.cross_entropy(m(xs), ys))
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys), allow_unused=True)
+    assert learner.steps_taken == 1
+    model = small_model()
+    model[0].bias.requires_grad_(False)
+    learner = bo.MAML(model, lr=0.1, allow_nograd=True).clone()
+    learner.adapt(lambda m: F.cross_entropy(m(xs), ys), allow_nograd=True)
+    with pytest.raises(ValueError, match=r"\['0.bias'\].*allow_nograd=False"):
+        learner.adapt(lambda m: F.cross_entropy(m(xs), ys), allow_nograd=False)

@@ -71,3 +71,18 @@ def test_adapt_with_a_loss_tensor_explains_the_closure():
     with bo.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
         with pytest.raises(TypeError, match="closure"):
             diffopt.step(F.cross_entropy(fmodel(xs), ys))
+
+
+def test_a_closure_that_ignores_its_learner_is_told_to_use_it():
+    """The usual slips when switching: a loss computed before the step, or the model (or fnet) used directly."""
+    (xs, ys, _, _), = tasks(1)
+    model = small_model()
+    spt_loss = F.cross_entropy(model(xs), ys)
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), 2)
+    for closure in (lambda m: spt_loss, lambda m: F.cross_entropy(model(xs), ys)):
+        with pytest.raises(ValueError, match="compute it from the learner it is given"):
+            engine.adapt(closure)
+    with bo.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fnet, diffopt):
+        with pytest.raises(ValueError, match="compute it from the learner it is given"):
+            diffopt.step(lambda m: F.cross_entropy(fnet(xs), ys))
+    assert all(p.grad is None for p in model.parameters())

@@ -23,7 +23,7 @@ def recorded(estimator, optimizer=torch.optim.SGD, steps=K, **options):
     """The trajectory of a finished inner loop of the sine case."""
     case = mlp_sine()
     named = dict(case.model.named_parameters())
-    adapted, rules, hyper = read_optimizer(named, optimizer(case.model.parameters(), lr=0.01))
+    adapted, rules, hyper, _ = read_optimizer(named, optimizer(case.model.parameters(), lr=0.01))
     opts = Options(**options)
     loop = InnerLoop(Setup(estimator, opts, module_loss(case.model, opts.bn, False)), {n: named[n] for n in adapted}, rules,
                      hyper, Tasks())

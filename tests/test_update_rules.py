@@ -69,7 +69,7 @@ def test_full_order_equals_higher(name):
 def brute_force(name, estimator):
     model = mlp()
     xs, ys, xq, yq = data()
-    adapted, rules, hyper = read_optimizer(dict(model.named_parameters()), OPTIMIZERS[name](model.parameters()))
+    adapted, rules, hyper, _ = read_optimizer(dict(model.named_parameters()), OPTIMIZERS[name](model.parameters()))
     support = lambda m: F.cross_entropy(m(xs), ys)
     query = lambda m: F.cross_entropy(m(xq), yq)
     return R.brute_force_with_rule(model, adapted, rules, hyper, support, query, K, estimator)
@@ -145,7 +145,7 @@ def test_meta_sgd_scalar_learning_rate_tensor_in_the_optimizer_group():
         model = mlp()
         lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.SGD(model.parameters(), lr=0.3)
-        kwargs = {"override": {"lr": [lr]}} if use_higher else {"override": {"lr": [lr] * len(list(model.parameters()))}}
+        kwargs = {"override": {"lr": [lr]}}  # higher's form: one value for every parameter group
         grads = (higher_grads if use_higher else lambda *a, **k: engine_grads(a[0], a[1], bo.Binomial(K), *a[2:], **k))(
             model, opt, xs, ys, xq, yq, **kwargs
         )
@@ -217,8 +217,10 @@ def test_bad_inner_optimizers():
         bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1, maximize=True), steps=2)
     with pytest.raises(ValueError, match="amsgrad=True"):
         bo.MetaGradientEngine(case.model, torch.optim.Adam(params, lr=0.1, amsgrad=True), steps=2)
-    with pytest.raises(ValueError, match="one learning rate per adapted parameter"):
-        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2, override={"lr": [0.1]})
+    with pytest.raises(ValueError, match=r"one per parameter group \(1\) or one per adapted parameter \(6\), got 3"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2, override={"lr": [0.1] * 3})
+    with pytest.raises(ValueError, match="override supports only 'lr'"):
+        bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2, override={"momentum": [0.9]})
     with pytest.raises(ValueError, match="shape"):
         bo.MetaGradientEngine(case.model, torch.optim.SGD(params, lr=0.1), steps=2,
                               override={"lr": [torch.ones(2, 2)] * len(params)})

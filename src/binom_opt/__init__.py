@@ -17,6 +17,7 @@ from . import bounds, distributed, functional
 from .core.batching import HVPBackendError
 from .core.estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
 from .core.learner import BatchedLearner, Learner
+from .core.node import meta_backward
 from .core.options import Options
 from .core.stats import ExpansionDivergenceWarning, MetaGradientStats
 from .engine import MetaGradientEngine
@@ -44,4 +45,5 @@ __all__ = [
     "distributed",
     "functional",
     "innerloop_ctx",
+    "meta_backward",
 ]

@@ -17,9 +17,9 @@ from torch import nn
 from .core.batching import Tasks
 from .core.estimators import Estimator, Exact, check_estimator
 from .core.learner import BatchedLearner, Learner, module_loss
-from .core.node import depends_on_adaptation, leaves_requiring_grad
+from .core.node import meta_backward
 from .core.options import Options
-from .core.recorder import InnerLoop, Setup, check_scalar_loss
+from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor, MetaGradientStats
 from .core.update_rules import check_hyper, read_optimizer
 
@@ -62,7 +62,7 @@ class MetaGradientEngine:
         self.plan = check_estimator(estimator).plan(steps)
         self.options = Options.resolve(options, **option_keywords)
         named = dict(model.named_parameters())
-        check_hyper(read_optimizer(named, inner_opt, override)[2], named)  # validates now
+        check_hyper(read_optimizer(named, inner_opt, override).hyper, named)  # validates now
         self.model, self.inner_opt, self.steps, self.estimator, self.override = model, inner_opt, int(steps), estimator, override
         self._monitor = DivergenceMonitor()
         self._skipped_losses = 0
@@ -117,7 +117,7 @@ class MetaGradientEngine:
 
     def _loop(self, tasks: Tasks) -> InnerLoop:
         named = dict(self.model.named_parameters())
-        adapted, rules, hyper = read_optimizer(named, self.inner_opt, self.override)
+        adapted, rules, hyper, _ = read_optimizer(named, self.inner_opt, self.override)
         return InnerLoop(self._setups[tasks.batched], {n: named[n] for n in adapted}, rules, hyper, tasks)
 
     @property
@@ -137,29 +137,13 @@ class MetaGradientEngine:
         an error (or, under ``nan_policy="skip_task"``, a non-finite gradient of the query loss
         itself) leaves every ``.grad`` as it was.
         """
-        loss = check_scalar_loss(outer_loss, "meta_backward")
-        if not loss.requires_grad:
-            raise ValueError(
-                "meta_backward got a loss with no autograd graph: compute it from the learner that engine.adapt "
-                "returned, outside torch.no_grad()."
-            )
-        if not depends_on_adaptation(loss):
-            raise ValueError(
-                "meta_backward got a loss that does not depend on an adapted learner (no engine.adapt output in its "
-                "graph): compute the query loss from the learner engine.adapt returned, e.g. "
-                "F.cross_entropy(learner(x_query), y_query), not from the model itself."
-            )
-        leaves = leaves_requiring_grad(loss)
         skipped_before = self._monitor.skipped_tasks
-        finite = bool(torch.isfinite(loss.detach()))
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if finite or self.options.nan_policy == "raise" else None
-        if self.options.nan_policy == "skip_task" and (
-            grads is None or self._monitor.skipped_tasks > skipped_before
-            or not all(g is None or bool(torch.isfinite(g).all()) for g in grads)
-        ):
+        if self.options.nan_policy == "raise":
+            meta_backward(outer_loss)
+            return
+        # skip_task: the loss is dropped whole when any part of its gradient is not finite
+        accumulate = meta_backward(outer_loss, accumulate=False)
+        if accumulate is None or self._monitor.skipped_tasks > skipped_before or not accumulate.finite:
             self._skipped_losses += 1
             return
-        with torch.no_grad():
-            for leaf, g in zip(leaves, grads):
-                if g is not None:
-                    leaf.grad = g.clone() if leaf.grad is None else leaf.grad.add_(g)
+        accumulate()

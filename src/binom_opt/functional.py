@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.func import vmap
 
-from .core.batching import Tasks, calls
+from .core.batching import Tasks, autograd_through_vmap, calls, vmap_or_loop
 from .core.estimators import Estimator, Exact, check_estimator
+from .core.node import check_scalar_loss
 from .core.options import Options
-from .core.recorder import InnerLoop, Setup, check_scalar_loss
+from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor, MetaGradientStats
 from .core.update_rules import read_optimizer, sgd_rules
 
@@ -138,7 +138,7 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
     if inner_opt is None:
         rules, hyper = sgd_rules(lr, list(params))
     else:
-        adapted, rules, hyper = read_optimizer(params, inner_opt, modules=False)
+        adapted, rules, hyper, _ = read_optimizer(params, inner_opt, modules=False)
         if sorted(adapted) != sorted(params):
             raise ValueError(f"inner_opt must be built over every tensor of params ({sorted(params)}), got {sorted(adapted)}.")
     extra = dict(meta_params or {})
@@ -153,10 +153,10 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
     for estimator in estimators:
         with torch.enable_grad():
             final = loop.outputs(estimator)
-            with calls(options, None, "the outer loss"):
+            with calls(options, None, "the outer loss"), autograd_through_vmap():
                 if tasks.batched:
                     one = lambda p, task: check_scalar_loss(outer_loss(p, task), "outer_loss")
-                    outer = vmap(one, randomness="different")(final, tasks.data).sum()
+                    outer = vmap_or_loop(one, "different")(final, tasks.data).sum()
                 else:
                     outer = check_scalar_loss(outer_loss({n: t.squeeze(0) for n, t in final.items()}), "outer_loss")
             if not outer.requires_grad:

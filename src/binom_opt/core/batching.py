@@ -22,7 +22,8 @@ from torch.utils import _pytree as pytree
 
 from .norm_layers import module_policy
 
-__all__ = ["Tasks", "RandomStream", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "map_points", "compiled"]
+__all__ = ["Tasks", "RandomStream", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "map_points", "compiled",
+           "autograd_through_vmap"]
 
 # vmap's randomness for the step and the task dimension, per user setting
 _TASK_RANDOMNESS = {"error": "error", "same": "different", "different": "different"}
@@ -146,15 +147,16 @@ def over_tasks(fn: Callable, tasks: Tasks, randomness: str, chunk: Optional[int]
 
 def vmap_or_loop(fn: Callable, randomness: str, chunk: Optional[int] = None, same: bool = False) -> Callable:
     """``vmap(fn)`` over dimension 0 of every argument or, where torch has no batching rule for an operator
-    of ``fn`` (``nn.LSTM``, ``nn.GRU``), the same function in a Python loop over that dimension (slower,
-    warned once). ``same``: ``randomness="same"``, whose streams a loop cannot replay, is then an error."""
+    of ``fn`` (``nn.LSTM``, ``nn.GRU``, a ``channels_last`` conversion), the same function in a Python loop over
+    that dimension (slower, warned once). ``same``: ``randomness="same"``, whose streams a loop cannot replay,
+    is then an error."""
     batched = vmap(fn, randomness=randomness, chunk_size=chunk)
 
     def call(*args):
         try:
             return batched(*args)
         except RuntimeError as error:
-            if "Batching rule not implemented" not in str(error):
+            if not any(gap in str(error) for gap in _VMAP_GAPS):
                 raise
             if same:
                 raise RuntimeError(
@@ -178,6 +180,8 @@ def _loop(fn: Callable, args: tuple) -> Any:
 
 
 _looped: list = []  # the loop fallback warns once per process
+# torch.func.vmap's own messages for what it cannot batch (not errors of the user's code)
+_VMAP_GAPS = ("Batching rule not implemented", "inside of vmap for memory_format")
 
 
 def map_points(
@@ -199,6 +203,34 @@ def map_points(
     if n == 1 or step_chunk == 1:  # a loop over points skips vmap's batching rules
         return _loop(compiled(per_point, compile_fn), args)
     return compiled(vmap_or_loop(per_point, randomness, step_chunk, same=randomness == "same"), compile_fn)(*args)
+
+
+class _AutogradThroughVmap(torch.overrides.TorchFunctionMode):
+    """Routes around torch operators whose gradient is wrong when plain autograd (not ``torch.func``)
+    differentiates through ``vmap``: ``F.embedding(padding_idx=p)`` then gives row ``p`` a gradient
+    (found by the zoo tests: 0.33 relative error). Its forward is the plain lookup, so the lookup of
+    a weight whose row ``p`` is detached computes the same values with the right gradient."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.nn.functional.embedding:
+            names = ("input", "weight", "padding_idx")
+            bound = {**dict(zip(names, args)), **kwargs}
+            padding = bound.get("padding_idx")
+            if padding is not None:
+                weight = bound["weight"]
+                row = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+                row[padding] = True
+                bound.update(weight=torch.where(row, weight.detach(), weight), padding_idx=None)
+                rest = {k: v for k, v in bound.items() if k not in names}
+                return func(bound["input"], bound["weight"], None, **rest)
+        return func(*args, **kwargs)
+
+
+def autograd_through_vmap() -> contextlib.AbstractContextManager:
+    """The context of a call whose vmapped outputs plain autograd differentiates (a batched query, the
+    mixed terms): known torch gaps there are routed through operators that are right (:class:`_AutogradThroughVmap`)."""
+    return _AutogradThroughVmap()
 
 
 def compiled(fn: Callable, enabled: bool) -> Callable:

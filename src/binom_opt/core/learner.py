@@ -8,19 +8,20 @@ into the support loss ``loss(phi, task)`` the recorder replays.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import contextlib
+from typing import Callable, Dict, Iterator, List
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from .batching import vmap_or_loop
+from .batching import autograd_through_vmap, vmap_or_loop
 from .norm_layers import check_no_tracking, module_policy
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["Learner", "BatchedLearner", "module_loss"]
+__all__ = ["Learner", "BatchedLearner", "module_loss", "adapted_module"]
 
 
 class Learner:
@@ -77,7 +78,7 @@ class BatchedLearner:
         def one(params, a, kw):
             return functional_call(self.module, params, a, kw)
 
-        with module_policy(self.bn):
+        with module_policy(self.bn), autograd_through_vmap():
             return vmap_or_loop(one, "different")(self.params, args, kwargs)
 
     def __repr__(self) -> str:
@@ -87,14 +88,55 @@ class BatchedLearner:
 def module_loss(model: nn.Module, bn: str, batched: bool) -> Callable[[Callable], Callable]:
     """``make_loss`` for a model: ``closure(learner)`` (or ``closure(learner, task)``) as ``loss(phi, task)``.
 
-    ``bn="error"`` refuses a model with normalisation layers that track running statistics now.
+    Each loss runs the model in the train/eval modes its modules had when the inner step took it, so a
+    replay after ``model.eval()`` still differentiates the loss of the inner loop. ``bn="error"`` refuses
+    a model with normalisation layers that track running statistics now.
     """
     if bn == "error":
         check_no_tracking(model)
 
     def make(closure: Callable) -> Callable:
-        if batched:
-            return lambda phi, task: closure(Learner(model, phi, bn), task)
-        return lambda phi, task: closure(Learner(model, phi, bn))
+        modes = [m.training for m in model.modules()]
+
+        def loss(phi: Tensors, task) -> torch.Tensor:
+            with _modes(model, modes):
+                return closure(Learner(model, phi, bn), task) if batched else closure(Learner(model, phi, bn))
+
+        return loss
 
     return make
+
+
+@contextlib.contextmanager
+def _modes(model: nn.Module, modes: List[bool]) -> Iterator[None]:
+    now = [m.training for m in model.modules()]
+    if now == modes:  # the usual case: nothing to set, nothing for torch.compile to trace
+        yield
+        return
+    try:
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+        yield
+    finally:
+        for module, mode in zip(model.modules(), now):
+            module.training = mode
+
+
+def adapted_module(model: nn.Module, params: Tensors) -> nn.Module:
+    """A shallow copy of ``model`` whose parameters named in ``params`` are those tensors (learn2learn's
+    cloned module): every submodule and method of it runs with the adapted parameters, buffers are shared.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> adapted_module(net, {"0.bias": torch.ones(2)})[0].bias
+    tensor([1., 1.])
+    """
+    by_id = {id(p): params[n] for n, p in model.named_parameters() if n in params}
+
+    def copy(module: nn.Module, prefix: str) -> nn.Module:
+        clone = module.__new__(type(module))
+        clone.__dict__ = module.__dict__.copy()
+        clone._parameters = {n: by_id.get(id(p), p) if p is not None else None for n, p in module._parameters.items()}
+        clone._modules = {n: None if m is None else copy(m, f"{prefix}{n}.") for n, m in module._modules.items()}
+        return clone
+
+    return copy(model, "")

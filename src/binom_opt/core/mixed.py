@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 from torch.func import grad
 
-from .batching import Tasks, calls, map_points
+from .batching import Tasks, autograd_through_vmap, calls, map_points
 from .oracle import HVPOracle
 from .update_rules import StepTranspose
 
@@ -37,7 +37,10 @@ def meta_input_gradients(oracle: HVPOracle, weights: Dict[int, Tensors], meta_in
     totals: List[Optional[torch.Tensor]] = [None] * len(meta_inputs)
     if not weights:
         return totals
-    for lo, hi, loss_fn in trajectory.runs(min(weights), max(weights) + 1):
+    skipped = frozenset(range(min(weights), max(weights))) - set(weights)  # first-order steps: no mixed term
+    for lo, hi, loss_fn in trajectory.runs(min(weights), max(weights) + 1, split=skipped):
+        if lo in skipped:
+            continue
         limit = chunking.limit(lambda lo=lo, fn=loss_fn: oracle.measure(fn, lo))
         span = hi - lo if limit is None else max(1, limit // tasks.size)
         for start in range(lo, hi, span):  # each chunk's graph is freed before the next one is built
@@ -54,7 +57,7 @@ def _directional(loss_fn, points: Tensors, weights: Tensors, tasks: Tasks, optio
         g = grad(loss_fn)(phi, task)
         return sum((g[n] * w[n]).sum() for n in g)
 
-    with torch.enable_grad(), calls(options, stream, during):
+    with torch.enable_grad(), calls(options, stream, during), autograd_through_vmap():
         values = map_points(inner, (points, weights), tasks, options.randomness)
         # retain_graph: the support loss may reuse a graph built outside the closure (features computed
         # once per task), which later chunks and the rest of the backward differentiate again.
@@ -63,8 +66,8 @@ def _directional(loss_fn, points: Tensors, weights: Tensors, tasks: Tasks, optio
 
 def hyper_gradients(transpose: StepTranspose, adjoints: Dict[int, Tensors]) -> List[torch.Tensor]:
     """``sum_k (d step_k / d hyper)^T lambda_{k+1}`` for each learned hyperparameter of ``transpose``."""
-    totals = [torch.zeros_like(v) for _, _, v in transpose.learned]
+    totals = {id(v): torch.zeros_like(v) for _, _, v in transpose.learned}
     for k, adjoint in adjoints.items():
-        cotangents = transpose.vjp(k, adjoint, with_hyper=True)[2]
-        totals = [t + cotangents[n][h] for t, (n, h, _) in zip(totals, transpose.learned)]
-    return totals
+        for key, cotangent in transpose.vjp(k, adjoint, with_hyper=True)[2].items():
+            totals[key] = totals[key] + cotangent
+    return list(totals.values())

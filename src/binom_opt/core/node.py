@@ -34,7 +34,7 @@ from .update_rules import Hyper, StepTranspose, UpdateRule
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["Status", "Record", "Adaptation", "depends_on_adaptation", "leaves_requiring_grad"]
+__all__ = ["Status", "Record", "Adaptation", "meta_backward", "check_scalar_loss", "depends_on_adaptation", "leaves_requiring_grad"]
 
 
 @dataclass
@@ -55,12 +55,13 @@ class Record:
     trajectory: Trajectory
     tasks: Tasks
     rules: Dict[str, UpdateRule]
-    hyper: Dict[str, Hyper]
+    hyper: List[Dict[str, Hyper]]  # per step
     meta_inputs: List[torch.Tensor]
     hyper_inputs: List[Tuple[str, str, torch.Tensor]]
     status: Status
     initial: Tensors
     versions: Dict[str, int]
+    first_order: frozenset = frozenset()  # steps whose Hessians are dropped
 
     def backward(self, g: Tensors) -> Tuple[Tensors, List[Optional[torch.Tensor]], List[torch.Tensor]]:
         setup, options, K, B = self.setup, self.setup.options, self.trajectory.steps, self.tasks.size
@@ -80,7 +81,7 @@ class Record:
         if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different":
             self._check_replay()
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B)
-        oracle = HVPOracle(self.trajectory, self.tasks, options, chunking)
+        oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
         transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
         try:
             with torch.no_grad():
@@ -93,7 +94,7 @@ class Record:
         self.status.finished = True
         if setup.on_stats is not None:
             setup.on_stats(make_stats(self.estimator, plan, task_norms(g), result.contributions, self.trajectory.losses,
-                                      result.hvp_count, chunking, int(bad.sum())))
+                                      oracle.computed, chunking, int(bad.sum())))
         return result.meta_grad, meta_grads, hyper_grads
 
     def _bad_tasks(self, result: ExpansionResult) -> torch.Tensor:
@@ -120,7 +121,8 @@ class Record:
         return bad
 
     def _other_gradients(self, result, bad, oracle, transpose, scale):
-        weights = {k: {n: t * scale for n, t in transpose.vjp(k, adjoint)[1].items()} for k, adjoint in result.adjoints.items()}
+        weights = {k: {n: t * scale for n, t in transpose.vjp(k, adjoint)[1].items()}
+                   for k, adjoint in result.adjoints.items() if k not in self.first_order}
         meta_grads = meta_input_gradients(oracle, weights, self.meta_inputs)
         hyper_grads = hyper_gradients(transpose, result.full_adjoints)
         finite = all(t is None or bool(torch.isfinite(t).all()) for t in [*meta_grads, *hyper_grads])
@@ -195,6 +197,71 @@ class Adaptation(torch.autograd.Function):
         g = {n: torch.zeros_like(t) if go is None else go for (n, t), go in zip(final.items(), grad_outputs)}
         meta_grad, meta_input_grads, hyper_grads = record.backward(g)
         return (None, *meta_grad.values(), *meta_input_grads, *hyper_grads)
+
+
+class _Accumulation:
+    """Gradients computed by :func:`meta_backward`, added into ``.grad`` when called."""
+
+    def __init__(self, leaves: List[torch.Tensor], grads):
+        self.leaves, self.grads = leaves, grads
+        self.finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            for leaf, g in zip(self.leaves, self.grads):
+                if g is not None:
+                    leaf.grad = g.clone() if leaf.grad is None else leaf.grad.add_(g)
+
+
+def meta_backward(loss: torch.Tensor, accumulate: bool = True):
+    """``loss.backward()``, all or nothing: the gradients of every leaf are computed first and added into
+    ``.grad`` only when the whole meta-gradient succeeded (with ``loss.backward()`` a tensor the loss reaches
+    without going through an adaptation may already have its ``.grad`` when the meta-gradient fails).
+
+    ``accumulate=False`` returns the computed gradients (``None`` for a non-finite loss) to add later.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, binom_opt as bo
+        >>> maml = bo.MAML(torch.nn.Linear(4, 3), lr=0.1)
+        >>> x, y = torch.randn(6, 4), torch.arange(6) % 3
+        >>> learner = maml.clone()
+        >>> learner.adapt(lambda m: F.cross_entropy(m(x), y))
+        >>> bo.meta_backward(F.cross_entropy(learner(x), y))
+        >>> maml.module.weight.grad.shape
+        torch.Size([3, 4])
+    """
+    loss = check_scalar_loss(loss, "meta_backward")
+    if not loss.requires_grad:
+        raise ValueError(
+            "meta_backward got a loss with no autograd graph: compute it from an adapted learner, outside torch.no_grad()."
+        )
+    if not depends_on_adaptation(loss):
+        raise ValueError(
+            "meta_backward got a loss that does not depend on an adapted learner (no adaptation in its graph): compute the "
+            "query loss from the learner an adaptation returned, e.g. F.cross_entropy(learner(x_query), y_query), not "
+            "from the model itself."
+        )
+    leaves = leaves_requiring_grad(loss)
+    if not accumulate and not bool(torch.isfinite(loss.detach())):
+        return None
+    done = _Accumulation(leaves, torch.autograd.grad(loss, leaves, allow_unused=True))
+    if not accumulate:
+        return done
+    done()
+    return None
+
+
+def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
+    """Raise a clear error unless ``loss`` is a real floating-point scalar tensor."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{what} must return a scalar torch.Tensor, got {type(loss).__name__}.")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"{what} must return a scalar loss, got a tensor of shape {tuple(loss.shape)}. Reduce it, e.g. with .mean() or .sum()."
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"{what} must return a floating-point loss, got dtype {loss.dtype}.")
+    return loss
 
 
 def depends_on_adaptation(loss: torch.Tensor) -> bool:

@@ -1,5 +1,8 @@
 """Modules called inside binom_opt: what normalisation layers do, and no buffer written in forward.
 
+(Inside, attention also runs its math kernel and no fused fast path: the fused kernels have no
+second derivative and no batching rule, and the math kernel computes the same function.)
+
 The support loss is replayed at recorded points after the inner loop, so it must be a pure
 function of the adapted parameters. Two kinds of module break that, and :func:`module_policy`
 (a context that every support-loss and learner call runs in) handles both, whatever module
@@ -33,6 +36,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 __all__ = ["NORM_POLICIES", "module_policy", "check_no_tracking"]
@@ -42,12 +46,24 @@ _STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class _Policy:
-    """The policy in force, and what it changed (restored when its context ends)."""
+    """The policy in force, and what it changed: ``touched[id] = (module, buffers, attributes)`` as they
+    were, restored when its context ends."""
 
     def __init__(self, bn: str):
         self.bn = bn
-        self.touched: Dict[int, Tuple[nn.Module, dict, bool]] = {}
+        self.touched: Dict[int, Tuple[nn.Module, dict, dict]] = {}
         self.versions: Dict[int, Dict[str, int]] = {}
+
+    def change(self, module: nn.Module, buffers: Tuple[str, ...] = (), **attributes) -> None:
+        """Hide ``buffers`` and set ``attributes`` of ``module`` until the context ends."""
+        saved = self.touched.setdefault(id(module), (module, {}, {}))
+        for name in buffers:
+            if name in module._buffers:
+                saved[1].setdefault(name, module._buffers[name])
+                module._buffers[name] = None
+        for name, value in attributes.items():
+            saved[2].setdefault(name, getattr(module, name))
+            setattr(module, name, value)
 
 
 _active: List[_Policy] = []  # nested contexts keep the outermost
@@ -67,13 +83,15 @@ def module_policy(bn: str) -> Iterator[None]:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # attention's fused eval path has no derivative and no vmap rule
     try:
-        yield
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no second derivative
+            yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         _active.pop()
-        for module, buffers, training in policy.touched.values():
+        for module, buffers, attributes in policy.touched.values():
             module._buffers.update(buffers)
-            module.training = training
+            for name, value in attributes.items():
+                setattr(module, name, value)
 
 
 def _before(module: nn.Module, args) -> None:
@@ -81,7 +99,9 @@ def _before(module: nn.Module, args) -> None:
         return
     policy = _active[0]
     if isinstance(module, nn.modules.batchnorm._NormBase):
-        _apply(policy.bn, module, policy.touched)
+        _apply(policy, module)
+    elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+        policy.change(module, sparse=False)  # the same values; dense gradients, which torch.func differentiates
     if module._buffers and not torch.compiler.is_compiling():
         policy.versions[id(module)] = {n: b._version for n, b in module._buffers.items() if b is not None}
 
@@ -104,25 +124,18 @@ def check_no_tracking(model: nn.Module) -> None:
     """``bn="error"``: refuse normalisation layers that track running statistics."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase):
-            _apply("error", module, {})
+            _apply(_Policy("error"), module)
 
 
-def _apply(policy: str, module: nn.Module, touched: Dict[int, Tuple[nn.Module, dict, bool]]) -> None:
+def _apply(policy: _Policy, module: nn.Module) -> None:
     tracks = module.track_running_stats and module._buffers.get("running_mean") is not None
-    if policy == "error" and tracks:
+    if policy.bn == "error" and tracks:
         raise ValueError(
             f"bn='error': layers such as this {type(module).__name__} track running statistics. Choose bn='auto' (follow "
             "each layer's train/eval mode), bn='transductive' (batch statistics) or bn='frozen' (running statistics), "
             "or build the layers with track_running_stats=False."
         )
-    hide = tracks and (policy == "transductive" or (policy == "auto" and module.training))
-    mode = {"transductive": True, "frozen": False}.get(policy, module.training)
-    if not hide and mode == module.training:
-        return
-    if id(module) not in touched:
-        touched[id(module)] = (module, {k: module._buffers[k] for k in _STATS if k in module._buffers}, module.training)
-    if hide:  # _NormBase.forward then normalises with batch statistics and updates nothing
-        for k in _STATS:
-            if k in module._buffers:
-                module._buffers[k] = None
-    module.training = mode
+    hide = tracks and (policy.bn == "transductive" or (policy.bn == "auto" and module.training))
+    mode = {"transductive": True, "frozen": False}.get(policy.bn, module.training)
+    if hide or mode != module.training:  # hidden buffers: _NormBase.forward normalises with batch statistics
+        policy.change(module, _STATS if hide else (), training=mode)

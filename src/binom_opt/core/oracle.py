@@ -51,15 +51,20 @@ class HVPOracle:
     ``used``, ``per_hvp_bytes`` and ``fallbacks`` tell what ran).
     """
 
-    def __init__(self, trajectory: Trajectory, tasks: Tasks, options: Options, chunking: Chunking):
-        self.trajectory, self.tasks, self.options, self.chunking = trajectory, tasks, options, chunking
+    def __init__(self, trajectory: Trajectory, tasks: Tasks, options: Options, chunking: Chunking, zero=frozenset()):
+        self.trajectory, self.tasks, self.options, self.chunking, self.zero = trajectory, tasks, options, chunking, zero
         self._hvps: Dict[int, Callable] = {}
+        self.computed = 0  # HVPs per task actually taken (steps in ``zero`` have H = 0 and cost nothing)
 
     def __call__(self, steps: range, vectors: Tensors) -> Tensors:
         parts = []
-        for lo, hi, loss_fn in self.trajectory.runs(steps.start, steps.stop):
-            hvp = self._hvps.setdefault(id(loss_fn), hvp_function(loss_fn, self.options.hvp_mode))
+        for lo, hi, loss_fn in self.trajectory.runs(steps.start, steps.stop, split=self.zero):
             at = {n: t[lo - steps.start : hi - steps.start] for n, t in vectors.items()}
+            if lo in self.zero:
+                parts.append({n: torch.zeros_like(t) for n, t in at.items()})
+                continue
+            hvp = self._hvps.setdefault(id(loss_fn), hvp_function(loss_fn, self.options.hvp_mode))
+            self.computed += hi - lo
 
             def call(limit, lo=lo, hi=hi, hvp=hvp, at=at):
                 with calls(self.options, self.trajectory.stepper.stream, f"the Hessian-vector products at steps {lo}..{hi - 1}"):

@@ -15,7 +15,8 @@ and get their meta-gradient through the inner loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -23,7 +24,7 @@ from torch.func import grad_and_value
 
 from .batching import RandomStream, Tasks, calls, over_tasks
 from .estimators import Estimator
-from .node import Adaptation, Record, Status, leaves_requiring_grad
+from .node import Adaptation, Record, Status, check_scalar_loss, leaves_requiring_grad
 from .options import Options
 from .trajectory import DROPPED, Stored, Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
@@ -31,7 +32,7 @@ from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detache
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
 
-__all__ = ["Setup", "Stepper", "InnerLoop", "check_scalar_loss"]
+__all__ = ["Setup", "Stepper", "InnerLoop"]
 
 
 @dataclass
@@ -63,21 +64,22 @@ class Stepper:
     """
 
     rules: Dict[str, UpdateRule]
-    hyper: Dict[str, Hyper]  # detached values
     tasks: Tasks
     options: Options
     allow_unused: bool = False
     stream: Optional[RandomStream] = None
+    hyper: List[Dict[str, Hyper]] = field(default_factory=list)  # each step's hyperparameters, detached
 
-    def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False
+    def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None
                  ) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
         """``(grads [B, ...], losses [B], leaves found)`` at ``phi``; ``probe`` validates the closure
         with plain autograd on the first task and walks its graph for meta-parameters."""
         found: List[torch.Tensor] = []
+        unused = self.allow_unused if allow_unused is None else allow_unused
         if probe or not self.tasks.batched:
             with calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
                 one = {n: t[0] for n, t in phi.items()}
-                grads, value, found = _plain_gradient(loss_fn, one, self.tasks.first(), step, self.allow_unused, probe)
+                grads, value, found = _plain_gradient(loss_fn, one, self.tasks.first(), step, unused, probe)
             if not self.tasks.batched:
                 return {n: g.unsqueeze(0) for n, g in grads.items()}, value.unsqueeze(0), found
         with torch.no_grad(), calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
@@ -86,7 +88,7 @@ class Stepper:
 
     def update(self, k: int, phi: Tensors, state: Dict[str, Tensors], grads: Tensors) -> Tuple[Tensors, Dict[str, Tensors]]:
         with torch.no_grad():
-            new = {n: rule.update(k, phi[n], state.get(n, {}), grads[n], self.hyper[n]) for n, rule in self.rules.items()}
+            new = {n: rule.update(k, phi[n], state.get(n, {}), grads[n], self.hyper[k][n]) for n, rule in self.rules.items()}
         return {n: v[0] for n, v in new.items()}, {n: v[1] for n, v in new.items()}
 
 
@@ -94,13 +96,22 @@ _CLOSURE_HINT = "Check that the data, the model and the adapted parameters share
 
 
 def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool):
-    with torch.enable_grad():
+    with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
-        loss = check_scalar_loss(loss_fn(leaves, task), "The support-loss closure")
+        with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT):  # refused now, not in the replays
+            loss = check_scalar_loss(loss_fn(leaves, task), "The support-loss closure")
+        if any("None of the inputs have requires_grad=True" in str(w.message) for w in caught):
+            raise RuntimeError(_CHECKPOINT)  # reentrant checkpointing hides the parameters from the gradient
         if not loss.requires_grad:
             raise ValueError(_NO_DEPENDENCE)
         found = leaves_requiring_grad(loss, exclude={id(t) for t in leaves.values()}) if probe else []
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        try:
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        except RuntimeError as error:
+            raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
+    for w in caught:  # the closure's own warnings, as they would have been shown
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     unused = [n for n, g in zip(leaves, grads) if g is None]
     if len(unused) == len(leaves):
         raise ValueError(_NO_DEPENDENCE)
@@ -112,23 +123,16 @@ def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}, loss.detach(), found
 
 
+_CHECKPOINT = (
+    "The support loss runs torch.utils.checkpoint (or other saved-tensor hooks): torch.func, which takes binom_opt's "
+    "Hessian-vector products, cannot differentiate through it, and its reentrant form hides the parameters from "
+    "torch.autograd.grad. Remove activation checkpointing from the support loss: binom_opt keeps no graph between "
+    "inner steps, and memory_budget bounds what one round of HVPs holds."
+)
 _NO_DEPENDENCE = (
     "The support loss does not depend on the adapted parameters: the closure must compute it from the learner it "
     "is given, e.g. lambda m: F.cross_entropy(m(x), y), not from a loss computed beforehand or from the model itself."
 )
-
-
-def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
-    """Raise a clear error unless ``loss`` is a real floating-point scalar tensor."""
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"{what} must return a scalar torch.Tensor, got {type(loss).__name__}.")
-    if loss.dim() != 0:
-        raise ValueError(
-            f"{what} must return a scalar loss, got a tensor of shape {tuple(loss.shape)}. Reduce it, e.g. with .mean() or .sum()."
-        )
-    if not loss.is_floating_point():
-        raise TypeError(f"{what} must return a floating-point loss, got dtype {loss.dtype}.")
-    return loss
 
 
 class InnerLoop:
@@ -146,13 +150,11 @@ class InnerLoop:
         check_hyper(hyper, initial)
         self.setup, self.initial, self.rules, self.hyper, self.tasks = setup, dict(initial), rules, hyper, tasks
         options = setup.options
-        self.stepper = Stepper(rules, {n: detached(h) for n, h in hyper.items()}, tasks, options, setup.allow_unused)
-        transpose = StepTranspose(rules, hyper)
+        self.stepper = Stepper(rules, tasks, options, setup.allow_unused)
+        self._transpose = StepTranspose(rules, hyper)
         self._every = options.checkpoint_every or 1
-        self._keep_state = any(r.state_names for r in rules.values()) and (transpose.needs_values or self._every > 1)
-        # points before the estimator's window are never read (unless the transposes read every step)
-        self._window = None if transpose.needs_values or self._every > 1 else setup.estimator.window
-        self._needs_values = transpose.needs_values
+        # points before the estimator's window are never read, unless the transposes read every step
+        self._window = None if self._transpose.nonlinear or self._every > 1 else setup.estimator.window
         B = tasks.size
         self._phi = {n: t.detach().unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
@@ -164,6 +166,9 @@ class InnerLoop:
         self._closures: Dict[int, Tuple[Callable, LossFn]] = {}
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._versions = {n: t._version for n, t in self.initial.items()}
+        self._hyper_steps: List[Dict[str, Hyper]] = []  # each step's hyperparameters (``override`` per step)
+        self._values: List[bool] = []  # whether each step's transpose reads its recorded values
+        self._first_order: List[int] = []  # steps whose Hessians are dropped (learn2learn's adapt(first_order=True))
         self._sealed: Optional[Tensors] = None
         self._status = Status()
 
@@ -176,8 +181,13 @@ class InnerLoop:
         """Whether a meta-gradient already went through this loop."""
         return self._status.finished
 
-    def step(self, closure: Callable) -> None:
-        """One inner step on the support loss of ``closure``; records the point, keeps no graph."""
+    def step(self, closure: Callable, hyper: Optional[Dict[str, Hyper]] = None, first_order: bool = False,
+             allow_unused: Optional[bool] = None) -> None:
+        """One inner step on the support loss of ``closure``; records the point, keeps no graph.
+
+        ``hyper`` replaces the hyperparameters from this step on (higher's ``override``); ``first_order`` drops this
+        step's Hessian (its gradient is held constant, learn2learn's ``first_order``); ``allow_unused`` as in
+        :class:`Setup`, for this step."""
         if self.finished:
             raise RuntimeError(
                 "This adaptation's meta-gradient was already computed (backward ran through it): adapting it further "
@@ -192,20 +202,32 @@ class InnerLoop:
             )
         if self.setup.options.randomness == "same" and self.stepper.stream is None:
             self.stepper.stream = RandomStream.capture(list(self._phi.values()))
+        if hyper is not None:
+            check_hyper(hyper, self.initial)
+            if set(hyper) != set(self.initial):
+                raise ValueError(f"A step's hyperparameters need one entry per adapted parameter {list(self.initial)}.")
+            self.hyper = hyper
         known = self._closures.get(id(closure))
         loss_fn = known[1] if known else self.setup.make_loss(closure)
         k = self.steps_taken
-        grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None)
+        grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused)
         self._closures[id(closure)] = (closure, loss_fn)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
         with torch.no_grad():
             self._bad.append(torch.stack([~torch.isfinite(losses), *(~torch.isfinite(g.flatten(1)).all(1) for g in grads.values())]))
-        self._stored.append(Stored(self._phi, self._state if self._keep_state else None) if k % self._every == 0 else None)
-        if self._window is not None and k >= self._window:
+        values = self._transpose.needs_values(self.hyper)  # whether this step's transpose reads its values
+        keep_state = any(r.state_names for r in self.rules.values()) and (values or self._every > 1)
+        self._stored.append(Stored(self._phi, self._state if keep_state else None) if k % self._every == 0 else None)
+        self._values.append(values)
+        if self._window is not None and k >= self._window and not self._values[k - self._window]:
             self._stored[k - self._window] = DROPPED
         self._loss_fns.append(loss_fn)
         self._losses.append(losses)
+        self._hyper_steps.append(self.hyper)
+        self.stepper.hyper.append({n: detached(h) for n, h in self._hyper_steps[-1].items()})
+        if first_order:
+            self._first_order.append(k)
         self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
         self._sealed = None
 
@@ -221,10 +243,11 @@ class InnerLoop:
             return self.initial_inputs
         self._check_finite()
         trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
-                                self._every, keep_grads=self._needs_values)
-        record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, self.hyper,
-                        list(self._meta_inputs.values()), learned(self.hyper), self._status, dict(self.initial),
-                        dict(self._versions))
+                                self._every, keep_grads=any(self._values))
+        hyper = list(self._hyper_steps)
+        record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
+                        list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),
+                        dict(self._versions), frozenset(self._first_order))
         hyper_inputs = (v for _, _, v in record.hyper_inputs)
         outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *record.meta_inputs, *hyper_inputs)))
         if estimator is None:

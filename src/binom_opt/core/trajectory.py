@@ -80,11 +80,12 @@ class Trajectory:
             self._grads[k] = self.stepper.gradient(self.loss_fns[k], self.stored[k].phi, k)[0]
         return self.stored[k].phi, self.stored[k].state or {}, self._grads[k]
 
-    def runs(self, lo: int, hi: int) -> List[Tuple[int, int, LossFn]]:
-        """``(start, stop, loss_fn)`` for each run of consecutive steps in ``[lo, hi)`` sharing a support loss."""
+    def runs(self, lo: int, hi: int, split=frozenset()) -> List[Tuple[int, int, LossFn]]:
+        """``(start, stop, loss_fn)`` for each run of consecutive steps in ``[lo, hi)`` sharing a support loss
+        (and, with ``split``, all in it or all outside it)."""
         out: List[Tuple[int, int, LossFn]] = []
         for k in range(lo, hi):
-            if out and out[-1][2] is self.loss_fns[k]:
+            if out and out[-1][2] is self.loss_fns[k] and ((k - 1) in split) == (k in split):
                 out[-1] = (out[-1][0], k + 1, out[-1][2])
             else:
                 out.append((k, k + 1, self.loss_fns[k]))

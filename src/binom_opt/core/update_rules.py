@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.func import vjp
@@ -24,7 +24,7 @@ Tensors = Dict[str, torch.Tensor]
 Hyper = Dict[str, Union[float, torch.Tensor]]
 StepValues = Tuple[Tensors, Dict[str, Tensors], Tensors]  # (phi_k, state_k, grad_k), by parameter
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "UpdateRule", "SGDRule", "AdamRule", "read_optimizer", "sgd_rules", "StepTranspose"]
+__all__ = ["SUPPORTED_OPTIMIZERS", "UpdateRule", "SGDRule", "AdamRule", "InnerOptimizer", "read_optimizer", "sgd_rules", "StepTranspose"]
 
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD (momentum, dampening, nesterov, weight_decay)", "torch.optim.Adam", "torch.optim.AdamW")
 
@@ -117,17 +117,47 @@ def sgd_rules(lr: Union[float, Mapping[str, object]], names: Sequence[str]) -> T
     return {n: SGDRule() for n in names}, {n: {"lr": per_name[n]} for n in names}
 
 
+class InnerOptimizer(NamedTuple):
+    """What a ``torch.optim`` instance says about the inner loop (:func:`read_optimizer`)."""
+
+    adapted: List[str]  # the names of the parameters it holds, in its order
+    rules: Dict[str, UpdateRule]
+    hyper: Dict[str, Hyper]
+    groups: List[List[str]]  # the names in each parameter group
+
+    def override(self, override: Optional[Mapping[str, Sequence]]) -> Dict[str, Hyper]:
+        """The hyperparameters with higher's ``override``: ``{"lr": [values]}``, one value for every group,
+        one per parameter group, or one per adapted parameter; tensors that require grad are meta-learned."""
+        hyper = {n: dict(h) for n, h in self.hyper.items()}
+        for key, values in (override or {}).items():
+            if key != "lr":
+                raise ValueError(f"override supports only 'lr' (the step size of every inner optimizer), got {key!r}.")
+            values = list(values)
+            if len(values) == 1:
+                per_name = dict.fromkeys(self.adapted, values[0])
+            elif len(values) == len(self.groups):
+                per_name = {n: v for names, v in zip(self.groups, values) for n in names}
+            elif len(values) == len(self.adapted):
+                per_name = dict(zip(self.adapted, values))
+            else:
+                raise ValueError(
+                    f"override['lr'] needs one learning rate, one per parameter group ({len(self.groups)}) or one per "
+                    f"adapted parameter ({len(self.adapted)}), got {len(values)}."
+                )
+            for name, lr in per_name.items():
+                hyper[name]["lr"] = lr
+        return hyper
+
+
 def read_optimizer(
     named: Mapping[str, torch.Tensor], opt: torch.optim.Optimizer, override: Optional[Mapping[str, Sequence]] = None,
     modules: bool = True,
-) -> Tuple[List[str], Dict[str, UpdateRule], Dict[str, Hyper]]:
-    """``(adapted names, rule per name, hyperparameters per name)`` of a ``torch.optim`` instance built
-    over (some of) the tensors ``named``.
+) -> InnerOptimizer:
+    """The adapted names, update rules, hyperparameters and groups of a ``torch.optim`` instance built over
+    (some of) the tensors ``named``, with ``override`` applied (see :meth:`InnerOptimizer.override`).
 
-    ``override={"lr": [...]}`` gives one learning rate per adapted parameter (in the optimizer's
-    order), as in ``higher``: floats, or tensors (scalar or the parameter's shape) that may require
-    grad, as in Meta-SGD. Learning rates are read now, so schedulers apply. ``modules=False`` (dicts of
-    plain tensors) does not ask the tensors to require grad.
+    Learning rates are read now, so schedulers apply. ``modules=False`` (dicts of plain tensors) does not
+    ask the tensors to require grad.
     """
     kind = type(opt)
     if kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
@@ -139,8 +169,10 @@ def read_optimizer(
     adapted: List[str] = []
     rules: Dict[str, UpdateRule] = {}
     hyper: Dict[str, Hyper] = {}
+    groups: List[List[str]] = []
     for group in opt.param_groups:
         rule = _rule_for_group(kind, group)
+        groups.append([])
         for p in group["params"]:
             if id(p) not in names:
                 raise ValueError(
@@ -159,17 +191,13 @@ def read_optimizer(
                     "it cannot adapt. Remove it from inner_opt or set requires_grad=True."
                 )
             adapted.append(name)
+            groups[-1].append(name)
             rules[name] = rule
             hyper[name] = {"lr": group["lr"]}
     if not adapted:
         raise ValueError("inner_opt holds no parameters: give it the parameters that adapt in the inner loop.")
-    for key, values in (override or {}).items():
-        if key != "lr":
-            raise ValueError(f"override supports only 'lr', got {key!r}.")
-        if len(values) != len(adapted):
-            raise ValueError(f"override['lr'] needs one learning rate per adapted parameter ({len(adapted)}), got {len(values)}.")
-        hyper.update({name: {"lr": lr} for name, lr in zip(adapted, values)})
-    return adapted, rules, hyper
+    read = InnerOptimizer(adapted, rules, hyper, groups)
+    return read._replace(hyper=read.override(override))
 
 
 def check_hyper(hyper: Mapping[str, Hyper], named: Mapping[str, torch.Tensor]) -> None:
@@ -199,9 +227,13 @@ def _rule_for_group(kind, group) -> UpdateRule:
     return AdamRule(float(beta1), float(beta2), group["eps"], group["weight_decay"], kind is torch.optim.AdamW)
 
 
-def learned(hyper: Mapping[str, Hyper]) -> List[Tuple[str, str, torch.Tensor]]:
-    """``(parameter, hyperparameter, tensor)`` for every hyperparameter that requires grad."""
-    return [(n, h, v) for n, hs in hyper.items() for h, v in hs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+def learned(*hypers: Mapping[str, Hyper]) -> List[Tuple[str, str, torch.Tensor]]:
+    """``(parameter, hyperparameter, tensor)`` for every distinct hyperparameter tensor that requires grad."""
+    found: Dict[int, Tuple[str, str, torch.Tensor]] = {}
+    for hyper in hypers:
+        for n, hs in hyper.items():
+            found.update({id(v): (n, h, v) for h, v in hs.items() if isinstance(v, torch.Tensor) and v.requires_grad})
+    return list(found.values())
 
 
 def detached(hyper: Hyper) -> Hyper:
@@ -215,8 +247,9 @@ class StepTranspose:
     (``"name/state"``), each with the task dimension first. For step ``k`` and such a vector ``z``
     (the gradient of the outer loss with respect to ``(phi_{k+1}, state_{k+1})``), :meth:`vjp` returns
     the direct part ``D_k^T z``, the vector ``B_k^T z`` that the Hessian ``H_k`` multiplies, and the
-    hyperparameter cotangents. ``values(k)`` gives the recorded ``(phi_k, state_k, grad_k)``; linear
-    rules without learned hyperparameters never ask for them.
+    cotangents of the learned hyperparameters, by ``id``. ``hyper`` holds the hyperparameters of every
+    step (one dict for all, or a sequence with one per step); ``values(k)`` gives the recorded
+    ``(phi_k, state_k, grad_k)``; linear rules without learned hyperparameters never ask for them.
 
     Example (plain SGD: ``D = I``, ``B = -lr``):
         >>> t = StepTranspose({"w": SGDRule()}, {"w": {"lr": 0.5}})
@@ -224,36 +257,44 @@ class StepTranspose:
         tensor([-0.5000, -0.5000])
     """
 
-    def __init__(self, rules: Mapping[str, UpdateRule], hyper: Mapping[str, Hyper],
+    def __init__(self, rules: Mapping[str, UpdateRule], hyper: Union[Mapping[str, Hyper], Sequence[Mapping[str, Hyper]]],
                  values: Optional[Callable[[int], StepValues]] = None):
-        self.rules, self.hyper, self.values = dict(rules), dict(hyper), values
-        self.learned = learned(hyper)
-        self.identity = not self.learned and all(r.identity_direct for r in self.rules.values())
-        self.needs_values = bool(self.learned) or not all(r.linear for r in self.rules.values())
+        self.rules, self.values = dict(rules), values
+        self.hyper = (lambda k: hyper[k]) if isinstance(hyper, (list, tuple)) else (lambda k: hyper)
+        self.learned = learned(*hyper) if isinstance(hyper, (list, tuple)) else learned(hyper)
+        self.nonlinear = not all(r.linear for r in self.rules.values())  # its Jacobians read each step's values
+        self._identity = all(r.identity_direct for r in self.rules.values())
+
+    def needs_values(self, hyper: Mapping[str, Hyper]) -> bool:
+        """Whether a step with these hyperparameters reads its recorded ``(phi, state, grad)``."""
+        return self.nonlinear or bool(learned(hyper))
 
     def extend(self, g: Tensors) -> Tensors:
         """``(g, 0)``: the outer gradient with zero cotangents for the final optimizer state."""
         return {**g, **{f"{n}/{s}": torch.zeros_like(g[n]) for n, r in self.rules.items() for s in r.state_names}}
 
-    def vjp(self, k: int, z: Tensors, with_hyper: bool = False) -> Tuple[Tensors, Tensors, Dict[str, Hyper]]:
-        if self.identity:
-            return {n: z[n] for n in self.rules}, {n: -self.hyper[n]["lr"] * z[n] for n in self.rules}, {}
-        phi, state, grad = self.values(k) if self.needs_values else (z, {}, z)
+    def vjp(self, k: int, z: Tensors, with_hyper: bool = False) -> Tuple[Tensors, Tensors, Dict[int, torch.Tensor]]:
+        hyper = self.hyper(k)
+        needs_values = self.needs_values(hyper)
+        if self._identity and not needs_values:
+            return {n: z[n] for n in self.rules}, {n: -hyper[n]["lr"] * z[n] for n in self.rules}, {}
+        phi, state, grad = self.values(k) if needs_values else (z, {}, z)
         direct: Tensors = {}
         through_grad: Tensors = {}
-        hyper_grads: Dict[str, Hyper] = {}
+        hyper_grads: Dict[int, torch.Tensor] = {}
         for n, rule in self.rules.items():
-            tensors = {h: v.detach() for h, v in self.hyper[n].items() if with_hyper and isinstance(v, torch.Tensor) and v.requires_grad}
-            fixed = {h: v for h, v in detached(self.hyper[n]).items() if h not in tensors}
+            tensors = {h: v for h, v in hyper[n].items() if with_hyper and isinstance(v, torch.Tensor) and v.requires_grad}
+            fixed = {h: v for h, v in detached(hyper[n]).items() if h not in tensors}
 
             def step(p, st, gr, hy, rule=rule, fixed=fixed):
                 return rule.update(k, p, st, gr, {**fixed, **hy})
 
             states = {s: state[n][s] if n in state else torch.zeros_like(z[n]) for s in rule.state_names}
-            _, pullback = vjp(step, phi[n], states, grad[n], tensors)
+            _, pullback = vjp(step, phi[n], states, grad[n], {h: v.detach() for h, v in tensors.items()})
             d_phi, d_state, d_grad, d_hyper = pullback((z[n], {s: z[f"{n}/{s}"] for s in rule.state_names}))
             direct[n] = d_phi
             direct.update({f"{n}/{s}": d_state.get(s, torch.zeros_like(z[n])) for s in rule.state_names})
             through_grad[n] = d_grad
-            hyper_grads[n] = d_hyper
+            for h, v in tensors.items():
+                hyper_grads[id(v)] = hyper_grads[id(v)] + d_hyper[h] if id(v) in hyper_grads else d_hyper[h]
         return direct, through_grad, hyper_grads
