@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import machine_info, machine_text
 
-from binom_opt.hvp import hvp_function
+from binom_opt.core.oracle import hvp_function
 
 from fewshot.models import Conv4
 
@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--points", type=int, default=5)
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -72,27 +73,24 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     gen = torch.Generator().manual_seed(0)
-    model = Conv4(out_features=5, hidden=args.hidden).to(device)
+    model = Conv4(out_features=5, hidden=args.hidden, image_size=args.image_size).to(device)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    x = torch.rand(args.tasks, 5, 1, 28, 28, generator=gen).to(device)
+    x = torch.rand(args.tasks, 5, 1, args.image_size, args.image_size, generator=gen).to(device)
     y = torch.arange(5, device=device).repeat(args.tasks, 1)
 
     def stacked(*lead):
         return {n: (p + 0.01 * torch.randn(*lead, *p.shape, generator=gen).to(device)) for n, p in params.items()}
 
-    def task_loss(task):
-        return lambda p: F.cross_entropy(functional_call(model, p, (x[task],)), y[task])
+    def loss(p, task):  # the support loss of one task, as binom_opt's oracle sees it
+        return F.cross_entropy(functional_call(model, p, (task[0],)), task[1])
 
     def per_task_round(mode):
-        hvp = hvp_function(task_loss(0), mode)
-        return lambda points, vectors: vmap(hvp)(points, vectors)
+        hvp = hvp_function(loss, mode)
+        return lambda points, vectors: vmap(hvp, in_dims=(0, 0, None))(points, vectors, (x[0], y[0]))
 
     def batched_round(mode):
-        def one(point, vector, xt, yt):
-            return hvp_function(lambda p: F.cross_entropy(functional_call(model, p, (xt,)), yt), mode)(point, vector)
-
-        over_tasks = vmap(one)
-        return lambda points, vectors: vmap(over_tasks, in_dims=(0, 0, None, None))(points, vectors, x, y)
+        over_tasks = vmap(hvp_function(loss, mode))
+        return lambda points, vectors: vmap(over_tasks, in_dims=(0, 0, None))(points, vectors, (x, y))
 
     shapes = {"per task": (args.points,), "task-batched": (args.points, args.tasks)}
     rounds = {"per task": per_task_round, "task-batched": batched_round}

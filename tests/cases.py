@@ -12,6 +12,11 @@ from torch import nn
 import binom_opt as bo
 
 
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the device the tests run on (``pytest --device``)."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
 @dataclass
 class Case:
     name: str
@@ -34,7 +39,7 @@ class Case:
 
 def mlp_sine(seed: int = 0, hidden: int = 10) -> Case:
     """Sine regression with a tanh MLP; two parameter groups with different step sizes."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1)).double()
     amp, phase = 0.1 + 4.9 * torch.rand(1, generator=gen, dtype=torch.float64), torch.pi * torch.rand(1, generator=gen, dtype=torch.float64)
@@ -53,7 +58,7 @@ def mlp_sine(seed: int = 0, hidden: int = 10) -> Case:
 
 def conv_bn(seed: int = 0, track_running_stats: bool = False) -> Case:
     """A tiny conv net with BatchNorm on 3-way classification of 6x6 images."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(1, 3, 3, padding=1),
@@ -86,7 +91,7 @@ class BodyHead(nn.Module):
 
 def frozen_body(seed: int = 0) -> Case:
     """ANIL-style: the head adapts, the body is meta-learned through the support features."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     torch.manual_seed(seed)
     model = BodyHead().double()
     xs, xq = (torch.randn(n, 4, generator=gen, dtype=torch.float64) for n in (6, 9))
@@ -112,7 +117,7 @@ def small_model(seed=0):
 
 
 def tasks(count=2, seed=1):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     out = []
     for _ in range(count):
         xs, xq = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen, dtype=torch.float64)
@@ -126,13 +131,13 @@ def dropout_model():
 
 
 def image_tasks(seed=0, B=3):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     xs, xq = (torch.randn(B, n, 1, 6, 6, generator=gen, dtype=torch.float64) for n in (6, 9))
     return xs, (torch.arange(6) % 3).repeat(B, 1), xq, (torch.arange(9) % 3).repeat(B, 1)
 
 
 def body_head_tasks(seed=1, B=3):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     xs, xq = (torch.randn(B, n, 4, generator=gen, dtype=torch.float64) for n in (6, 9))
     return xs, (torch.arange(6) % 3).repeat(B, 1), xq, (torch.arange(9) % 3).repeat(B, 1)
 

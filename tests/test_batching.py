@@ -11,7 +11,7 @@ import binom_opt as bo
 from binom_opt.core.batching import Tasks, map_points, over_tasks
 
 import references as R
-from cases import body_head_tasks, dropout_model, grads, tasks
+from cases import body_head_tasks, dropout_model, generator, grads, tasks
 
 TOL = 1e-10
 STEPS, B, K, LR = 3, 3, 4, 0.1
@@ -68,7 +68,7 @@ def test_randomness_same_is_the_brute_force_expansion_of_the_masked_loss(estimat
     """Dropout active; randomness='same' replays each task's masks, batched HVP rounds included."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     xs, xq = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen, dtype=torch.float64)
     ys, yq = torch.arange(6) % 3, torch.arange(9) % 3
     torch.manual_seed(5)
@@ -123,7 +123,7 @@ def test_modules_without_a_batching_rule_run_in_a_loop_and_stay_exact(kind):
     by one through the same functions, and the meta-gradient is still the unrolled one."""
     torch.manual_seed(0)
     model = RecurrentNet(kind).double()
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     xs, xq = (torch.randn(3, n, 4, 3, generator=gen, dtype=torch.float64) for n in (6, 8))
     ys, yq = (torch.arange(6) % 2).repeat(3, 1), (torch.arange(8) % 2).repeat(3, 1)
     engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), K, bo.Binomial(K))

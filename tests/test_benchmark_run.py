@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
+
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 PER_TASK = ["higher", "autograd", "fo-task", "exact-task"]
 BATCHED_METHODS = ["exact-batch"]

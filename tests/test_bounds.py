@@ -17,6 +17,8 @@ from binom_opt.bounds import (
     theorem_3_10,
 )
 
+from cases import generator
+
 SLACK = 1e-9  # relative; float64 rounding of the estimators is ~1e-15
 
 
@@ -93,7 +95,7 @@ def problems(draw, assumption):
     H = draw(st.sampled_from([0.5, 1.0, 3.0]))
     aH = draw(st.floats(0.01, 0.99) if assumption != "3.6" else st.floats(0.01, 2.0))
     h = draw(st.floats(0.05, 1.0)) * H
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    gen = generator(draw(st.integers(0, 2**16)))
     d = draw(st.integers(1, 4))
     shared = draw(st.booleans())
     hessians = sample_hessians(assumption, K, d, H, h=h, M=M, shared_basis=shared, generator=gen)

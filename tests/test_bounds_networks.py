@@ -8,7 +8,7 @@ import binom_opt as bo
 from binom_opt.bounds import hessian_norms, theorem_3_6
 from binom_opt.functional import meta_gradients
 
-from cases import conv_bn, mlp_sine
+from cases import conv_bn, generator, mlp_sine
 
 K = 5
 
@@ -31,7 +31,7 @@ def test_actual_errors_are_within_theorem_3_6_with_measured_hessian_norm(make_ca
     inner, outer = loss(case.support), loss(case.query)
     points, final = sgd_trajectory(inner, params, lr, K)
     # Power iteration approaches ||H_k|| from below; 1% headroom covers what 300 iterations miss.
-    H = 1.01 * max(hessian_norms(inner, points, iters=300, generator=torch.Generator().manual_seed(0)))
+    H = 1.01 * max(hessian_norms(inner, points, iters=300, generator=generator(0)))
     g = torch.func.grad(outer)(final)
     g_norm = float(torch.sqrt(sum(t.pow(2).sum() for t in g.values())))
     estimators = [bo.Exact(), bo.FirstOrder()] + [e for L in range(1, K) for e in (bo.Truncated(L), bo.Binomial(L))]

@@ -9,6 +9,8 @@ import binom_opt as bo
 import references as R
 from distributed_worker import meta_step, run_rank
 
+pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
+
 WORLD = 2
 
 

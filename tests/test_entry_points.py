@@ -18,7 +18,7 @@ import binom_opt as bo
 from binom_opt.functional import meta_gradient, meta_gradient_batched
 
 import references as R
-from cases import BodyHead
+from cases import BodyHead, generator
 
 K, LR, TOL = 3, 0.3, 1e-10
 ENTRIES = ["adapt", "adapt_batch", "maml", "innerloop_ctx", "meta_gradient", "meta_gradient_batched"]
@@ -51,7 +51,7 @@ def body_head():
 
 
 def make_tasks(B=3, features=3, seed=1):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     xs, xq = (torch.randn(B, n, features, generator=gen, dtype=torch.float64) for n in (6, 8))
     return xs, (torch.arange(6) % 2).repeat(B, 1), xq, (torch.arange(8) % 2).repeat(B, 1)
 
@@ -162,6 +162,7 @@ def test_every_option_everywhere_leaves_the_meta_gradient_as_it_is(entry, option
         assert_equal(meta_grads(entry, optimizer, estimator, **options), meta_grads("adapt", optimizer, estimator))
 
 
+@pytest.mark.cpu_only  # bitwise equality and the example code hold on the CPU
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_checkpointed_trajectories_give_bitwise_the_same_meta_gradient(entry):
     for optimizer, estimator in (("sgd", bo.Exact()), ("adam+wd", bo.Binomial(2))):

@@ -38,7 +38,7 @@ def _has_omniglot() -> bool:
 
 # Tiny untrained models at these settings make the binomial series diverge; the engine's warning
 # about it is tested with the engine, here it would only be noise.
-pytestmark = pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning")
+pytestmark = [pytest.mark.cpu_only, pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning")]
 
 needs_data = pytest.mark.skipif(not _has_omniglot(), reason=f"Omniglot not found at {DATA} (set $OMNIGLOT_ROOT)")
 

@@ -13,6 +13,7 @@ from binom_opt.core.expansion import expand
 from binom_opt.core.update_rules import SGDRule, StepTranspose
 
 import references as R
+from cases import generator
 
 
 def matrix_oracle(hessians, calls):
@@ -37,7 +38,7 @@ def without_meta(hessians, g, step):
 
 
 def random_problem(seed, K, d):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     hessians = []
     for _ in range(K):
         a = torch.randn(d, d, generator=gen, dtype=torch.float64)

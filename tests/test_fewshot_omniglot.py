@@ -38,6 +38,8 @@ from fewshot.omniglot import (
 )
 from fewshot.png import PNG_SIGNATURE, decode_png
 
+pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
+
 DATA = Path(os.environ.get("OMNIGLOT_ROOT") or Path(__file__).resolve().parents[2] / "shared/data/omniglot")
 
 

@@ -8,11 +8,11 @@ from torch.func import functional_call
 import binom_opt as bo
 from binom_opt.functional import meta_gradient, meta_gradient_batched
 
-from cases import conv_bn, mlp_sine
+from cases import conv_bn, generator, mlp_sine
 
 
 def batch_of_tasks(seed=0, B=4):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     xs, xq = torch.randn(B, 6, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randn(B, 9, 1, 6, 6, generator=gen, dtype=torch.float64)
     ys, yq = torch.randint(0, 3, (B, 6), generator=gen), torch.randint(0, 3, (B, 9), generator=gen)
     return {"support": (xs, ys), "query": (xq, yq)}
@@ -41,7 +41,7 @@ def test_batched_equals_per_task_loop(estimator, B):
 def test_batched_chunking_and_stats(B):
     model = mlp_sine().model
     params = {n: p.detach() for n, p in model.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     x = torch.rand(B, 10, 1, generator=gen, dtype=torch.float64) * 10 - 5
     tasks = (x, torch.sin(x))
     loss = lambda p, task: ((functional_call(model, p, (task[0],)) - task[1]) ** 2).mean()

@@ -14,6 +14,7 @@ import binom_opt as bo
 from binom_opt.core.update_rules import read_optimizer
 
 import references as R
+from cases import generator
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.2),
@@ -61,7 +62,7 @@ def build(problem):
     linears = [model[0], model[-1]]
     chosen = [p for layer in linears for p in (layer.weight, layer.bias)]
     adapted = [p for p, keep in zip(chosen, problem["adapt_mask"]) if keep]
-    gen = torch.Generator().manual_seed(problem["seed"] + 1)
+    gen = generator(problem["seed"] + 1)
     xs, xq = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randn(7, 3, generator=gen, dtype=torch.float64)
     ys, yq = torch.arange(6) % 2, torch.arange(7) % 2
     return model, adapted, (lambda m: F.cross_entropy(m(xs), ys)), (lambda m: F.cross_entropy(m(xq), yq))

@@ -89,3 +89,19 @@ def test_sequential_estimators_take_one_hvp_at_once_whatever_k():
         engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=steps, estimator=bo.Exact(), memory_budget=1)
         case.query(engine.adapt(case.support)).backward()
         assert engine.last_stats.hvp_count == steps and engine.last_stats.hvps_at_once == 1
+
+
+def test_auto_budget_is_a_quarter_of_free_cuda_memory_capped(monkeypatch):
+    from binom_opt.core import memory
+
+    free = {"bytes": 8 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    cuda = torch.device("cuda", 0)
+    assert memory.auto_budget(cuda) == memory.AUTO_CUDA_CAP == 512 * 2**20  # 2 GiB free / 4 would be more: capped
+    free["bytes"] = 1 * 2**30
+    assert memory.auto_budget(cuda) == 256 * 2**20  # a quarter of what is free
+    assert memory.auto_budget(torch.device("cpu")) is None  # on the CPU: a round at once
+    sizes = ActivationBytes(gradient=10 * 2**20, hvp=30 * 2**20)
+    assert Chunking(memory_budget="auto", device=cuda).limit(lambda: sizes) == 256 // 30  # HVPs that fit in the budget
+    assert Chunking(memory_budget="auto", device=torch.device("cpu")).limit(lambda: sizes) is None
+    assert bo.Options().memory_budget == "auto"

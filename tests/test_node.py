@@ -83,6 +83,7 @@ def test_non_finite_tasks_are_named_or_skipped():
         engine.adapt_batch(closure, (support, ys))
 
 
+@pytest.mark.cpu_only  # bitwise equality and the example code hold on the CPU
 @pytest.mark.parametrize("estimator", [bo.Binomial(2), bo.Exact()])
 def test_meta_gradients_are_bitwise_reproducible_on_cpu(estimator):
     runs = []

@@ -16,6 +16,8 @@ from cases import small_model, tasks
 from l2l_reference import l2l
 from omniglot_tasks import available, real_tasks
 
+pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
+
 TOL, STEPS = 1e-10, 3
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

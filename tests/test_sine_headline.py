@@ -15,6 +15,8 @@ import binom_opt as bo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from fewshot.sine import mean_meta_gradient_errors
 
+pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
+
 K = 5
 ESTIMATORS = [bo.FirstOrder()] + [bo.Truncated(L) for L in range(1, K)] + [bo.Binomial(L) for L in range(1, K)]
 

@@ -56,6 +56,7 @@ def test_checkpointing_stores_every_mth_point(every):
     assert stored(loop) == list(range(0, K, every))
 
 
+@pytest.mark.cpu_only  # bitwise equality and the example code hold on the CPU
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
 @pytest.mark.parametrize("estimator", [bo.Exact(), bo.Binomial(2), bo.Truncated(3), bo.Hybrid(2, 4)], ids=repr)
 def test_recomputed_segments_give_bitwise_the_same_meta_gradient(estimator, optimizer):
@@ -87,6 +88,7 @@ def test_a_support_loss_that_changes_between_runs_is_caught_when_a_segment_is_re
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.cpu_only  # bitwise equality and the example code hold on the CPU
 def test_checkpointing_with_randomness_same_replays_the_masks():
     (xs, ys, xq, yq), = tasks(1)
     results = []

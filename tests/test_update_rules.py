@@ -14,7 +14,7 @@ import binom_opt as bo
 from binom_opt.core.update_rules import read_optimizer
 
 import references as R
-from cases import frozen_body, mlp_sine
+from cases import frozen_body, generator, mlp_sine
 
 TOL = 1e-10
 K = 3
@@ -26,7 +26,7 @@ def mlp(seed=0):
 
 
 def data(seed=1):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     xs, xq = (torch.randn(n, 3, generator=gen, dtype=torch.float64) for n in (6, 8))
     return xs, torch.arange(6) % 2, xq, torch.arange(8) % 2
 
@@ -175,7 +175,7 @@ def test_adam_through_a_parameter_whose_gradient_is_always_zero():
     """Weights that only ever see a zero input feature get exact-zero gradients, so Adam's second
     moment stays 0 there; the meta-gradient must not be NaN (sqrt's slope at 0) and must equal
     that of the same network without that input feature."""
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     x, y = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.arange(6) % 2
     x[:, 0] = 0.0
 

@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_entry_points import ENTRIES, LR, K, meta_grads
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrizations
@@ -19,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 import binom_opt as bo
 
 import references as R
-from cases import BodyHead
+from cases import BodyHead, generator
+from test_entry_points import ENTRIES, LR, K, meta_grads
 
 pytestmark = [pytest.mark.filterwarnings("ignore::binom_opt.ExpansionDivergenceWarning"),
               pytest.mark.filterwarnings("ignore:binom_opt. Batching rule not implemented:RuntimeWarning")]
@@ -158,7 +158,7 @@ ZOO = {
 
 
 def data(kind, B=3):
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     shapes = {VECTORS: (3,), "vectors4": (4,), IMAGES: (1, 6, 6), SEQUENCES: (4, 3), "sequences4": (4, 4)}
 
     def inputs(n):

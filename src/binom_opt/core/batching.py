@@ -233,10 +233,12 @@ def autograd_through_vmap() -> contextlib.AbstractContextManager:
     return _AutogradThroughVmap()
 
 
-def compiled(fn: Callable, enabled: bool) -> Callable:
-    """``torch.compile(fn)`` when ``enabled``, else ``fn``.
+def compiled(fn: Callable, enabled) -> Callable:
+    """``torch.compile(fn)`` when ``enabled`` (``True`` or a ``torch.compile`` mode name), else ``fn``.
 
     Compiled graphs are cached by code, not by closure: every later task with the same shapes
     reuses the first task's graph, so the compile time is paid once per shape.
     """
-    return torch.compile(fn, dynamic=False) if enabled else fn
+    if not enabled:
+        return fn
+    return torch.compile(fn, dynamic=False, mode=None if enabled is True else enabled)

@@ -80,7 +80,7 @@ class Record:
             )
         if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different":
             self._check_replay()
-        chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B)
+        chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
         oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
         transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
         try:

@@ -6,8 +6,8 @@ Each entry point (``MetaGradientEngine``, ``MAML``, ``innerloop_ctx``, the funct
     >>> import binom_opt as bo
     >>> bo.Options(memory_budget="512MiB", randomness="same").memory_budget
     '512MiB'
-    >>> bo.Options.resolve(bo.Options(hvp="rev"), chunk_size=4)
-    Options(hvp='rev', chunk_size=4, memory_budget=None, compile_hvps=False, randomness='error', bn='auto', nan_policy='raise', checkpoint_every=None)
+    >>> bo.Options.resolve(bo.Options(hvp="rev"), chunk_size=4).chunk_size
+    4
     >>> bo.Options(randomness="fresh")
     Traceback (most recent call last):
     ...
@@ -28,6 +28,7 @@ __all__ = ["Options", "HVP_MODES", "RANDOMNESS", "NAN_POLICIES"]
 HVP_MODES = ("auto", "rev", "fwd")
 RANDOMNESS = ("error", "same", "different")
 NAN_POLICIES = ("raise", "skip_task")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,13 @@ class Options:
             works through every loss; forward mode is broken for some, e.g. ``F.mse_loss`` in torch 2.13).
         chunk_size: at most this many HVPs (trajectory points x tasks) at once; ``None``: a round at once.
         memory_budget: bytes (or ``"512MiB"``) for the activations of the HVPs run at once, measured
-            for one HVP (:mod:`binom_opt.core.memory`); ``"inner_step"``: no more than the inner step's.
-        compile_hvps: run the HVP rounds through ``torch.compile`` (the graph is reused across tasks).
+            for one HVP (:mod:`binom_opt.core.memory`); ``"inner_step"``: no more than the inner step's;
+            ``"auto"`` (default): on CUDA a quarter of the free device memory, at most 512 MiB; on the
+            CPU a round at once; ``None``: a round at once everywhere.
+        compile_hvps: run the HVP rounds, and the inner steps of one task after the first, through
+            ``torch.compile`` (the graph is reused across tasks); ``True`` for its default mode or a mode
+            name, e.g. ``"reduce-overhead"`` (CUDA graphs: for small per-task steps that are launch-bound
+            on a GPU; shapes must not change).
         randomness: random ops (dropout) in the support loss: ``"error"`` (refused under the batched
             HVPs), ``"same"`` (every inner step and every replay of a task draws the same random
             numbers, so the meta-gradient is that of the fixed-mask loss; tasks of ``adapt_batch`` draw
@@ -60,8 +66,8 @@ class Options:
 
     hvp: str = "auto"
     chunk_size: Optional[int] = None
-    memory_budget: Union[None, int, str] = None
-    compile_hvps: bool = False
+    memory_budget: Union[None, int, str] = "auto"
+    compile_hvps: Union[bool, str] = False
     randomness: str = "error"
     bn: str = "auto"
     nan_policy: str = "raise"
@@ -71,8 +77,8 @@ class Options:
         _check_choice("hvp", self.hvp, HVP_MODES)
         check_chunk_size(self.chunk_size)
         parse_memory_budget(self.memory_budget)
-        if not isinstance(self.compile_hvps, bool):
-            raise TypeError(f"compile_hvps must be True or False, got {self.compile_hvps!r}.")
+        if not isinstance(self.compile_hvps, bool) and self.compile_hvps not in COMPILE_MODES:
+            raise ValueError(f"compile_hvps must be True, False or a torch.compile mode {COMPILE_MODES}, got {self.compile_hvps!r}.")
         _check_choice("randomness", self.randomness, RANDOMNESS, " (torch.func.vmap's)")
         _check_choice("bn", self.bn, NORM_POLICIES)
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.func import grad_and_value
 
-from .batching import RandomStream, Tasks, calls, over_tasks
+from .batching import RandomStream, Tasks, calls, compiled, over_tasks
 from .estimators import Estimator
 from .node import Adaptation, Record, Status, check_scalar_loss, leaves_requiring_grad
 from .options import Options
@@ -76,14 +76,16 @@ class Stepper:
         with plain autograd on the first task and walks its graph for meta-parameters."""
         found: List[torch.Tensor] = []
         unused = self.allow_unused if allow_unused is None else allow_unused
-        if probe or not self.tasks.batched:
+        plain = probe or not (self.tasks.batched or self.options.compile_hvps)  # one task: plain autograd is faster
+        if plain:
             with calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
                 one = {n: t[0] for n, t in phi.items()}
                 grads, value, found = _plain_gradient(loss_fn, one, self.tasks.first(), step, unused, probe)
             if not self.tasks.batched:
                 return {n: g.unsqueeze(0) for n, g in grads.items()}, value.unsqueeze(0), found
         with torch.no_grad(), calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
-            grads, losses = over_tasks(grad_and_value(loss_fn), self.tasks, self.options.randomness)(phi)
+            step_fn = over_tasks(grad_and_value(loss_fn), self.tasks, self.options.randomness)
+            grads, losses = compiled(step_fn, self.options.compile_hvps)(phi)
         return grads, losses, found
 
     def update(self, k: int, phi: Tensors, state: Dict[str, Tensors], grads: Tensors) -> Tuple[Tensors, Dict[str, Tensors]]:
@@ -135,6 +137,24 @@ _NO_DEPENDENCE = (
 )
 
 
+def closure_key(closure: Callable) -> tuple:
+    """What makes two closures the same support loss: the same code over the same captured objects and defaults.
+
+    ``lambda m: loss(m(x_s), y_s)`` written inside the inner loop is a new function object at every step,
+    but the same function of the learner; recognising it records one support loss, probes it once and
+    replays it once.
+    """
+    code = getattr(closure, "__code__", None)
+    if code is None:
+        return (id(closure),)
+    try:
+        cells = tuple(id(cell.cell_contents) for cell in closure.__closure__ or ())
+    except ValueError:  # a captured variable not assigned yet
+        return (id(closure),)
+    defaults = tuple(id(v) for v in (closure.__defaults__ or ())) + tuple(id(v) for v in (closure.__kwdefaults__ or {}).values())
+    return (code, cells, defaults, id(getattr(closure, "__self__", None)))
+
+
 class InnerLoop:
     """One adaptation of ``B`` tasks (or one task), recorded so that its meta-gradient can be estimated later.
 
@@ -163,7 +183,7 @@ class InnerLoop:
         self._losses: List[torch.Tensor] = []
         self._bad: List[torch.Tensor] = []  # per step, [1 + entries, B]: loss, then each gradient not finite
         self._checked = 0
-        self._closures: Dict[int, Tuple[Callable, LossFn]] = {}
+        self._closures: Dict[tuple, Tuple[Callable, LossFn]] = {}
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._versions = {n: t._version for n, t in self.initial.items()}
         self._hyper_steps: List[Dict[str, Hyper]] = []  # each step's hyperparameters (``override`` per step)
@@ -207,15 +227,17 @@ class InnerLoop:
             if set(hyper) != set(self.initial):
                 raise ValueError(f"A step's hyperparameters need one entry per adapted parameter {list(self.initial)}.")
             self.hyper = hyper
-        known = self._closures.get(id(closure))
+        key = closure_key(closure)
+        known = self._closures.get(key)
         loss_fn = known[1] if known else self.setup.make_loss(closure)
         k = self.steps_taken
         grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused)
-        self._closures[id(closure)] = (closure, loss_fn)
+        self._closures[key] = (closure, loss_fn)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
         with torch.no_grad():
-            self._bad.append(torch.stack([~torch.isfinite(losses), *(~torch.isfinite(g.flatten(1)).all(1) for g in grads.values())]))
+            sums = [losses.double(), *(g.flatten(1).sum(1, dtype=torch.float64) for g in grads.values())]
+            self._bad.append(~torch.isfinite(torch.stack(sums)))  # a NaN or Inf anywhere makes its sum one too
         values = self._transpose.needs_values(self.hyper)  # whether this step's transpose reads its values
         keep_state = any(r.state_names for r in self.rules.values()) and (values or self._every > 1)
         self._stored.append(Stored(self._phi, self._state if keep_state else None) if k % self._every == 0 else None)
