@@ -177,6 +177,8 @@ class InnerLoop:
         self._window = None if self._transpose.nonlinear or self._every > 1 else setup.estimator.window
         B = tasks.size
         self._phi = {n: t.detach().unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
+        if options.compile_hvps:  # the strides of every later step, so that the compiled step is reused for the first
+            self._phi = {n: t.contiguous() for n, t in self._phi.items()}
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
         self._stored: List[Optional[Stored]] = []
         self._loss_fns: List[LossFn] = []
