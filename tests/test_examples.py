@@ -23,7 +23,6 @@ import binom_opt as bo  # noqa: E402
 
 from fewshot.models import Conv4  # noqa: E402
 from fewshot.omniglot import find_omniglot_root  # noqa: E402
-from fewshot.training import ANIL  # noqa: E402
 
 DATA = Path(os.environ.get("OMNIGLOT_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot")
 
@@ -70,6 +69,12 @@ def tiny(out: Path, cache: Path, iterations: int = 3, *extra: str) -> list:
     ]
 
 
+def _ordinary_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def check_results(results: dict, out: Path, iterations: int) -> None:
     saved = json.loads((out / "results.json").read_text())
     for key in ("config", "history", "test", "train_seconds", "seconds_per_iteration", "machine", "iterations", "estimator"):
@@ -81,14 +86,58 @@ def check_results(results: dict, out: Path, iterations: int) -> None:
     assert saved["machine"]["torch"] == torch.__version__
     assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
     assert (out / "curves.png").is_file() == HAS_MATPLOTLIB
+    assert all(f.stat().st_mode & 0o777 == _ordinary_mode() for f in out.iterdir())
     assert results["test"] == saved["test"]
 
 
 @needs_data
 @pytest.mark.parametrize("name", ["omniglot_anil", "omniglot_maml"])
-def test_omniglot_script_writes_sane_outputs(name, tmp_path, cache_dir):
+def test_omniglot_script_runs_end_to_end_on_the_real_data(name, tmp_path, cache_dir, capsys):
+    """Training, validation, the meta-test, the report, the plot and the table that says how to read them."""
     results = script(name).main(tiny(tmp_path, cache_dir))
     check_results(results, tmp_path, 3)
+    assert results["method"] == {"omniglot_anil": "ANIL", "omniglot_maml": "MAML"}[name]
+    assert results["estimator"] == "Binomial(L=1, hessian_scale='paper')" and results["hvps_per_task"] == 2
+    table = capsys.readouterr().out
+    test = results["test"]
+    assert f"| test accuracy (5 tasks of 5-way 1-shot) | {100 * test['accuracy']:.2f} % ± {100 * test['ci95']:.2f}" in table
+    assert "| training | 3 iterations," in table and "How to read it:" in table
+    assert f"Results: {tmp_path / 'results.json'}" in table
+
+
+@needs_data
+def test_plot_has_its_setup_in_the_title_and_validation_and_test_points(tmp_path, cache_dir, monkeypatch):
+    """The defaults validate during training, and curves.png shows those points and the test point."""
+    figure = pytest.importorskip("matplotlib.figure")
+    anil = script("omniglot_anil")
+    defaults = anil.parse(anil.common_parser("", anil.DEFAULTS, anil.PRESETS), [])
+    assert 0 < defaults.eval_every <= defaults.iterations and defaults.eval_tasks == 600
+    drawn = []
+    monkeypatch.setattr(figure.Figure, "savefig", lambda fig, path, **_: drawn.append(fig))
+    anil.main(tiny(tmp_path, cache_dir))
+    (fig,) = drawn
+    title = fig._suptitle.get_text()
+    assert title.startswith("ANIL Binomial(L=1, hessian_scale='paper'): Omniglot 5-way 1-shot, K=2") and "3 iterations" in title
+    labels = [text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()]
+    assert labels[1] == "validation" and labels[2].startswith("test (5 tasks): ")
+
+
+def test_offline_without_data_is_a_short_error_that_creates_nothing(tmp_path):
+    """No data anywhere and no network: the command ends with the two fixes, no traceback, and no
+    output folder, cache or data folder left behind."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMNIGLOT_ROOT", "no_proxy", "NO_PROXY")}
+    # An unreachable proxy makes every download fail at once, as on a machine without network.
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    done = subprocess.run([sys.executable, str(EXAMPLES / "omniglot_anil.py"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: Omniglot is needed in") and "downloading it failed" in error
+    assert "(1) point --data-root or $OMNIGLOT_ROOT" in error and "(2) run with internet access once" in error
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @needs_data
@@ -167,8 +216,9 @@ def test_anil_feature_shortcut_gives_the_exact_body_meta_gradient():
         F.cross_entropy(learner(x_q), y_q).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    head = script("omniglot_anil").head
     plain = meta_gradient(lambda: (lambda m: F.cross_entropy(m(x_s), y_s)))
-    shortcut = meta_gradient(lambda: (lambda support: (lambda m: support(m.params)))(ANIL.support_loss(model, x_s, y_s)))
+    shortcut = meta_gradient(lambda: (lambda features: (lambda m: F.cross_entropy(head(m, features), y_s)))(model.features(x_s)))
     for name in plain:
         torch.testing.assert_close(shortcut[name], plain[name], rtol=1e-10, atol=1e-12, msg=name)
     assert plain["features.0.weight"].abs().sum() > 0
@@ -180,10 +230,17 @@ def test_error_bounds_runs(tmp_path):
     assert (tmp_path / "error_bounds.png").is_file() == HAS_MATPLOTLIB
 
 
-def test_sinusoid_runs(tmp_path):
+def test_sinusoid_runs(tmp_path, capsys):
     argv = ["--batches", "2", "--tasks", "2", "--alphas", "0.003", "0.01", "--iterations", "2",
             "--eval-tasks", "3", "--out", str(tmp_path)]
     results = script("sinusoid_maml").main(argv)
+    rows = results["training"]
+    assert list(rows) == ["untrained", "Binomial(L=1, hessian_scale='exact')", "Binomial(L=1, hessian_scale='paper')", "Exact()"]
+    assert all(0 <= rows[name]["diverging_meta_steps"] <= 2 for name in list(rows)[1:])
+    printed = capsys.readouterr().out
+    for name, row in rows.items():
+        assert f"| {name} | {row['post_adaptation_mse']:.3f} |" in printed
+    assert printed.count("How to read") == 2
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["errors"]) == {"0.003", "0.01"} and len(saved["errors"]["0.01"]["binomial"]) == 4
     curves = results["errors_per_batch"][0.01]

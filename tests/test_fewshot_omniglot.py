@@ -1,5 +1,5 @@
-"""Tests of examples/fewshot: the PNG decoder, Omniglot loading and caching, the MAML split, task
-sampling and Conv4. Tests marked `needs_data` use the real Omniglot at ``$OMNIGLOT_ROOT`` or, by
+"""Tests of examples/fewshot: Omniglot finding, downloading, decoding and caching, the MAML split,
+task sampling and Conv4. Tests marked `needs_data` use the real Omniglot at ``$OMNIGLOT_ROOT`` or, by
 default, ``../shared/data/omniglot`` next to the repository, and are skipped when it is absent."""
 
 from __future__ import annotations
@@ -9,20 +9,18 @@ import doctest
 import io
 import os
 import shutil
-import struct
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from fewshot import models, omniglot, png
+from fewshot import models, omniglot
 from fewshot.models import Conv4
 from fewshot.omniglot import (
     DRAWINGS,
@@ -30,13 +28,13 @@ from fewshot.omniglot import (
     FewShotSplit,
     OmniglotCharacters,
     OmniglotDataError,
+    OmniglotNotFound,
     TaskSampler,
     cache_file,
-    default_cache_dir,
     find_omniglot_root,
     maml_split,
+    user_cache,
 )
-from fewshot.png import PNG_SIGNATURE, decode_png
 
 pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
 
@@ -80,131 +78,6 @@ def _sampler(split: FewShotSplit, seed: int, ways=5, shots=1, queries=15) -> Tas
     return TaskSampler(split, ways, shots, queries, generator=torch.Generator().manual_seed(seed))
 
 
-# --------------------------------------------------------------------------------------------------- PNG
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _paeth(left: int, up: int, up_left: int) -> int:
-    estimate = left + up - up_left
-    distances = [abs(estimate - left), abs(estimate - up), abs(estimate - up_left)]
-    return (left, up, up_left)[distances.index(min(distances))]
-
-
-def _encode_png(samples: np.ndarray, depth: int, filters: list[int], color_type=0, interlace=0) -> bytes:
-    """Reference encoder: grayscale samples (h, w) below 2**depth, row y filtered with `filters[y]`."""
-    height, width = samples.shape
-    per_byte = 8 // depth
-    padded = np.zeros((height, -(-width // per_byte) * per_byte), np.int64)
-    padded[:, :width] = samples
-    shifts = np.arange(8 - depth, -1, -depth)
-    rows = (padded.reshape(height, -1, per_byte) << shifts).sum(-1).tolist()
-    raw, prev = bytearray(), [0] * len(rows[0])
-    for kind, row in zip(filters, rows):
-        raw.append(kind)
-        for x, (value, up) in enumerate(zip(row, prev)):
-            left, up_left = (row[x - 1], prev[x - 1]) if x else (0, 0)
-            predictor = (0, left, up, (left + up) // 2, _paeth(left, up, up_left))[kind]
-            raw.append((value - predictor) % 256)
-        prev = row
-    header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, interlace)
-    chunks = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(bytes(raw))) + _chunk(b"IEND", b"")
-    return PNG_SIGNATURE + chunks
-
-
-@pytest.mark.parametrize("depth", [1, 2, 4, 8])
-@pytest.mark.parametrize("width", [1, 7, 13, 64])
-def test_png_all_filters_and_depths(depth, width):
-    rng = np.random.default_rng(depth * 100 + width)
-    samples = rng.integers(0, 2**depth, size=(15, width))
-    samples[5:10] = np.add.outer(np.arange(5), np.arange(width)) % 2**depth  # smooth rows too
-    filters = [y % 5 for y in range(15)]  # every filter type three times, after each other type
-    decoded = decode_png(_encode_png(samples, depth, filters))
-    assert decoded.dtype == np.uint8 and decoded.shape == samples.shape
-    np.testing.assert_array_equal(decoded, samples * (255 // (2**depth - 1)))
-
-
-@needs_data
-def test_png_matches_pillow_on_omniglot():
-    Image = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(0)
-    for split in SPLITS:
-        with omniglot._open_split(DATA, split) as (_, names, read):
-            for index in rng.choice(len(names), size=150, replace=False):
-                data = read(names[index])
-                expected = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
-                np.testing.assert_array_equal(decode_png(data), expected, err_msg=names[index])
-    # An ink count from SOURCE.md of the data set, checked without Pillow.
-    with omniglot._open_split(DATA, "images_background") as (_, _, read):
-        assert (decode_png(read("Alphabet_of_the_Magi/character01/0709_01.png")) == 0).sum() == 905
-
-
-def test_png_matches_pillow_on_synthetic_images():
-    Image = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(1)
-    y, x = np.mgrid[0:61, 0:47]
-    walk = np.zeros((61, 47), np.int64)
-    walk[0] = rng.integers(0, 256, 47)
-    for row in range(1, 61):  # each pixel near the mean of the two above it (up and up-left)
-        walk[row] = (walk[row - 1] + np.roll(walk[row - 1], 1)) // 2 + rng.integers(-2, 3, 47)
-    images = {
-        "noise": rng.integers(0, 256, (61, 47)),
-        "horizontal gradient": x * 5,
-        "vertical gradient": y * 4,
-        "diagonal": (x + y) * 3,
-        "rings": np.hypot(x - 20, y - 30) * 7,
-        "waves": 127 + 120 * np.sin(x / 5) * np.cos(y / 7),
-        "walk": walk,
-        "mixed": np.where(y < 30, rng.integers(0, 256, (61, 47)), x * y),
-    }
-    for name, image in images.items():
-        pixels = Image.fromarray((np.asarray(image).astype(np.int64) % 256).astype(np.uint8))
-        for mode in ("L", "1"):  # 8-bit and (dithered) 1-bit grayscale
-            buffer = io.BytesIO()
-            pixels.convert(mode).save(buffer, "PNG")
-            expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("L"))
-            np.testing.assert_array_equal(decode_png(buffer.getvalue()), expected, err_msg=f"{name} {mode}")
-
-
-def _bad_pngs() -> dict[str, tuple[bytes, str]]:
-    """Invalid or unsupported PNGs, each with a pattern its error message must match."""
-    good = _encode_png(np.arange(12).reshape(3, 4), 8, [0, 1, 4])
-    zeros = np.zeros((2, 2), int)
-
-    def png_2x1(idat: bytes, depth: int = 8) -> bytes:
-        header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 1, depth, 0, 0, 0, 0))
-        return PNG_SIGNATURE + header + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-
-    cases = {
-        "bad signature": (b"GIF89a" + good[6:], "signature"),
-        "RGB": (_encode_png(zeros, 8, [0, 0], color_type=2), "color type 2"),
-        "16 bits": (png_2x1(zlib.compress(bytes(5)), depth=16), "bit depth 16"),
-        "interlaced": (_encode_png(zeros, 8, [0, 0], interlace=1), "interlaced"),
-        "IDAT byte flipped": (good[:45] + bytes([good[45] ^ 0xFF]) + good[46:], "CRC mismatch in the IDAT"),
-        "no IEND": (good[: -len(_chunk(b"IEND", b""))], "truncated"),
-        "critical chunk": (good[:33] + _chunk(b"ABCD", b"") + good[33:], "critical chunk"),
-        "IDAT first": (PNG_SIGNATURE + good[33:], "IHDR"),
-        "filter type 7": (png_2x1(zlib.compress(bytes([7, 1, 2]))), "filter type 7"),
-        "short data": (png_2x1(zlib.compress(bytes([0, 1]))), "expected 3"),
-        "not zlib": (png_2x1(b"garbage"), "bad image data"),
-        "cut zlib stream": (png_2x1(zlib.compress(bytes([0, 1, 2]))[:-3]), "truncated"),
-    }
-    for cut in (0, 5, 8, 20, 33, 45, len(good) - 1):
-        cases[f"cut at {cut}"] = (good[:cut], "signature" if cut < 8 else "truncated")
-    return cases
-
-
-BAD_PNGS = _bad_pngs()
-
-
-@pytest.mark.parametrize(("data", "message"), BAD_PNGS.values(), ids=BAD_PNGS.keys())
-def test_png_rejects_unsupported_and_corrupt_files(data, message):
-    with pytest.raises(ValueError, match=message):
-        decode_png(data)
-
-
 # ---------------------------------------------------------------------------------------------- Omniglot
 
 
@@ -225,35 +98,52 @@ def test_all_characters_and_drawings_are_loaded(loaded):
     assert characters.images.float().mean() < 40 and characters.images.amax(dim=(-2, -1)).min() > 0
 
 
+def _lanczos_ink(png: bytes, size: int) -> np.ndarray:
+    """The preprocessing of Finn et al. (2017) and learn2learn: Pillow's Lanczos resize, then ink = 1 - pixel."""
+    with Image.open(io.BytesIO(png)) as image:
+        return 255 - np.asarray(image.convert("L").resize((size, size), Image.Resampling.LANCZOS), dtype=np.int64)
+
+
 @needs_data
-def test_cached_images_are_area_averaged_drawings_in_order(loaded):
+def test_cached_images_are_the_drawings_resized_in_order(loaded):
     characters, _, _ = loaded
     index = characters.characters.index("character03", characters.alphabets.index("Latin"))
     assert (characters.alphabets[index], characters.origins[index]) == ("Latin", "images_background")
     with omniglot._open_split(DATA, "images_background") as (_, names, read):
         files = [name for name in names if name.startswith("Latin/character03/")]
-        drawings = np.stack([decode_png(read(name)) for name in files])
+        reference = np.stack([_lanczos_ink(read(name), 28) for name in files])
     assert [name[-6:-4] for name in files] == [f"{d:02d}" for d in range(1, DRAWINGS + 1)]
-    ink = torch.from_numpy(1 - drawings / 255)[:, None]
-    reference = F.interpolate(ink, size=(28, 28), mode="area")[:, 0] * 255
-    # Within rounding of torch's area interpolation (ties are rounded up, exactly).
-    assert (characters.images[index].double() - reference).abs().max() <= 0.5 + 1e-9
+    assert np.array_equal(characters.images[index].numpy(), reference)
+    # Ink is white on black: the strokes' pixels are bright, the frame is background.
+    assert characters.images[index][:, 0].max() == 0 and characters.images[index].amax(dim=(-2, -1)).min() > 100
 
 
-def test_area_resize_matches_torch_at_other_sizes():
-    rng = np.random.default_rng(0)
-    drawings = rng.integers(0, 256, size=(3, 105, 105), dtype=np.uint8)
-    for size in (28, 84, 105, 33):
-        ink = torch.from_numpy(1 - drawings / 255)[:, None]
-        reference = F.interpolate(ink, size=(size, size), mode="area")[:, 0] * 255
-        resized = torch.from_numpy(omniglot._to_ink(drawings, size)).double()
-        assert (resized - reference).abs().max() <= 0.5 + 1e-9
+@pytest.mark.parametrize("size", [28, 84, 33])
+@pytest.mark.parametrize("mode", ["L", "1", "RGB"])
+def test_decoding_reads_any_png_mode_and_size(size, mode):
+    drawing = np.random.default_rng(size).integers(0, 256, size=(105, 105), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(drawing).convert(mode).save(encoded, format="PNG")
+    decoded = omniglot._decode(Path("x.zip"), "a/b/c.png", encoded.getvalue(), size)
+    assert decoded.shape == (size, size) and decoded.dtype == np.uint8
+    assert np.array_equal(decoded, _lanczos_ink(encoded.getvalue(), size))
+
+
+@pytest.mark.parametrize(("data", "message"), [(b"not a png", "cannot decode"), (None, r"is \(20, 20\), expected 105x105")])
+def test_bad_drawings_name_the_file(data, message):
+    if data is None:
+        encoded = io.BytesIO()
+        Image.new("L", (20, 20)).save(encoded, format="PNG")
+        data = encoded.getvalue()
+    with pytest.raises(OmniglotDataError, match=message) as error:
+        omniglot._decode(Path("images_background.zip"), "Latin/character01/0683_01.png", data, 28)
+    assert "images_background.zip" in str(error.value)
 
 
 @needs_data
 def test_cache_is_built_once_per_image_size(loaded):
     characters, cache_dir, log = loaded
-    assert "Decoding 32,460 Omniglot PNGs" in log and str(cache_dir) in log
+    assert "Decoding the 32,460 Omniglot drawings once" in log and str(cache_dir) in log
     assert {p.name for p in cache_dir.iterdir()} == {cache_file(cache_dir, s, 28).name for s in SPLITS}
     assert cache_file(cache_dir, "images_background", 84) != cache_file(cache_dir, "images_background", 28)
     quiet = io.StringIO()
@@ -272,12 +162,21 @@ def test_unreadable_cache_is_rebuilt(tmp_path):
     assert "rebuilding" in log.getvalue() and str(path) in log.getvalue()
 
 
-def test_default_cache_dir_avoids_read_only_roots(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
-    assert default_cache_dir(tmp_path) == tmp_path / ".binom_opt_cache"
-    read_only = tmp_path / "read_only"
-    read_only.mkdir(mode=0o555)
-    assert default_cache_dir(read_only) == tmp_path / "user_cache" / "binom_opt" / "omniglot_cache"
+def test_user_cache_is_the_xdg_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert user_cache("omniglot") == tmp_path / "binom_opt" / "omniglot"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert user_cache() == Path.home() / ".cache" / "binom_opt"
+
+
+def test_cache_files_have_ordinary_modes(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = cache_file(tmp_path / "new", "images_evaluation", 28)
+        omniglot._write_cache(path, np.zeros((1, DRAWINGS, 28, 28), np.uint8), ["Angelic/character01"])
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644 and [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def test_maml_split_sizes_disjoint_and_seeded():
@@ -417,26 +316,72 @@ def test_missing_root_names_path_and_expected_files(tmp_path, monkeypatch):
         find_omniglot_root(missing)
 
 
+class _Response(io.BytesIO):
+    """What urlopen returns, enough for the download: a readable body with a Content-Length header."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+
+@pytest.fixture
+def user_cache_dir(tmp_path, monkeypatch):
+    """An empty user cache, and no $OMNIGLOT_ROOT: where the download goes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
+    return tmp_path / "xdg"
+
+
 @needs_zips
-def test_download_fetches_and_checks_the_release(tmp_path, monkeypatch):
+def test_download_fetches_and_checks_the_release_into_the_user_cache(user_cache_dir, monkeypatch):
     """The download path, offline: urlopen is replaced by reading the local copies of the zips."""
     requested = []
 
     def fake_urlopen(url, timeout):
         requested.append(url)
-        return open(DATA / url.rsplit("/", 1)[1], "rb")
+        return _Response((DATA / url.rsplit("/", 1)[1]).read_bytes())
 
     monkeypatch.setattr(omniglot.urllib.request, "urlopen", fake_urlopen)
-    root = tmp_path / "downloaded"
     log = io.StringIO()
     with contextlib.redirect_stderr(log):
-        assert find_omniglot_root(root, download=True) == root
-    assert requested == [omniglot._URL.format(split) for split in SPLITS]
-    assert requested[0] == (
-        "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background.zip"
-    )
+        root = find_omniglot_root(download=True)
+    assert root == user_cache_dir / "binom_opt" / "omniglot"
+    assert requested == [omniglot.URL.format(split) for split in SPLITS]
+    assert requested[0] == "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background.zip"
     assert sorted(p.name for p in root.iterdir()) == ["images_background.zip", "images_evaluation.zip"]
-    assert "Downloading" in log.getvalue()
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~_umask() for p in root.iterdir())
+    assert "downloading images_background.zip" in log.getvalue()
+    assert find_omniglot_root() == root  # found there from now on, without downloading
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@pytest.mark.parametrize("failure", ["offline", "truncated"])
+def test_failed_download_gives_the_fixes_and_leaves_nothing(user_cache_dir, monkeypatch, failure):
+    def fake_urlopen(url, timeout):
+        if failure == "offline":
+            raise omniglot.urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        return _Response(b"PK\x03\x04 only the start of a zip")
+
+    monkeypatch.setattr(omniglot.urllib.request, "urlopen", fake_urlopen)
+    with pytest.raises(OmniglotNotFound) as error:
+        OmniglotCharacters.load(download=True, verbose=False)
+    message = str(error.value)
+    assert "downloading it failed" in message and "(1) point --data-root or $OMNIGLOT_ROOT" in message
+    assert "(2) run with internet access once" in message
+    assert ("name resolution" if failure == "offline" else "corrupt or truncated") in message
+    assert not user_cache_dir.exists()  # neither the data folder nor the image cache
+
+
+def test_no_download_gives_the_fixes_without_touching_the_network(user_cache_dir, monkeypatch):
+    monkeypatch.setattr(omniglot.urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download was asked for"))
+    with pytest.raises(OmniglotNotFound, match=r"it is not there\. Either \(1\)"):
+        find_omniglot_root(download=False)
+    assert not user_cache_dir.exists()
 
 
 def _root_with_background(tmp_path: Path, background: Path) -> Path:
@@ -529,7 +474,7 @@ def test_conv4_rejects_too_small_images():
         Conv4(image_size=15)
 
 
-@pytest.mark.parametrize("module", [png, omniglot, models], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [omniglot, models], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

@@ -29,7 +29,7 @@ def code_blocks(language):
 def test_readme_opens_with_the_two_commands():
     first = code_blocks("bash")[0].strip().splitlines()
     assert len(first) == 2
-    assert first[0].startswith("pip install torch==2.13.0") and "examples/sinusoid_maml.py" in first[0]
+    assert first[0].startswith("pip install torch==2.13.0") and first[0].endswith("python examples/omniglot_anil.py")
     assert first[1].startswith("pip install torch==2.13.0") and first[1].endswith("python -m pytest -q")
     assert README.index("```bash") < README.index("\n## ")
 

@@ -1,15 +1,14 @@
-"""Omniglot for few-shot learning: finding and caching the data, the MAML split, and task sampling.
+"""Omniglot for few-shot learning: finding (or downloading) the data, caching it, the MAML split, task sampling.
 
 Omniglot (Lake et al., 2015) has 1623 handwritten characters from 50 alphabets, 20 drawings each,
-shipped as ``images_background.zip`` (964 characters) and ``images_evaluation.zip`` (659).
-The first load decodes all 32,460 PNGs once and caches them resized (default 28x28) as uint8;
-later loads read the cache. Typical use, with 4400 / 400 / 1692 classes (1100 / 100 / 423
-characters in four rotations) in the train / val / test splits (needs the data, see
-:func:`find_omniglot_root`):
+shipped as ``images_background.zip`` (964 characters) and ``images_evaluation.zip`` (659). The
+first load decodes all 32,460 PNGs once with Pillow, resized (default 28x28, Lanczos, as Finn et
+al. 2017 and learn2learn do) and cached as uint8 in ``~/.cache/binom_opt`` (``$XDG_CACHE_HOME`` is
+honoured); later loads read the cache. With 4400 / 400 / 1692 classes (1100 / 100 / 423 characters
+in four rotations) in the train / val / test splits:
 
 >>> chars = OmniglotCharacters.load()  # doctest: +SKIP
->>> splits = chars.splits(seed=0)  # doctest: +SKIP
->>> sampler = TaskSampler(splits["train"], ways=5, shots=1, queries=15,
+>>> sampler = TaskSampler(chars.splits()["train"], ways=5, shots=1, queries=15,
 ...                       generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
 >>> x_support, y_support, x_query, y_query = sampler.sample_batch(32)  # doctest: +SKIP
 """
@@ -17,12 +16,13 @@ characters in four rotations) in the train / val / test splits (needs the data, 
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import shutil
 import sys
 import tempfile
-import time
+import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -32,26 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
-from .png import decode_png
-
-try:  # optional progress bar
-    from tqdm.auto import tqdm
-except ImportError:
-    tqdm = None
-
-__all__ = [
-    "DRAWINGS",
-    "SPLITS",
-    "FewShotSplit",
-    "OmniglotCharacters",
-    "OmniglotDataError",
-    "TaskSampler",
-    "cache_file",
-    "default_cache_dir",
-    "find_omniglot_root",
-    "maml_split",
-]
+__all__ = ["DRAWINGS", "SPLITS", "FewShotSplit", "OmniglotCharacters", "OmniglotDataError", "OmniglotNotFound", "TaskSampler",
+           "cache_file", "find_omniglot_root", "maml_split", "user_cache"]
 
 SPLITS = {"images_background": (30, 964), "images_evaluation": (20, 659)}
 """The two parts of the release: name -> (number of alphabets, number of characters)."""
@@ -61,8 +46,8 @@ SOURCE_SIZE = 105
 """Side of every Omniglot PNG, in pixels."""
 MAML_SIZES = {"train": 1100, "val": 100, "test": 423}
 """Characters per split in the MAML protocol, in the order they are taken from the shuffled 1623."""
-CACHE_VERSION = 1  # bump when the preprocessing changes, so that old cache files are not reused
-_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
+CACHE_VERSION = 3  # bump when the preprocessing changes, so that old cache files are not reused
+URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
 # What zipfile raises for a truncated or damaged archive (bad headers, names, data or CRC).
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError, NotImplementedError)
 
@@ -71,70 +56,85 @@ class OmniglotDataError(RuntimeError):
     """The Omniglot files exist but are corrupt, truncated or incomplete."""
 
 
-def _user_cache(name: str) -> Path:
+class OmniglotNotFound(FileNotFoundError):
+    """Omniglot is neither where it was looked for nor downloadable; the message gives the fixes."""
+
+
+def user_cache(name: str = "") -> Path:
+    """``~/.cache/binom_opt/<name>`` (or under ``$XDG_CACHE_HOME``)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "binom_opt" / name
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _has_splits(root: Path) -> bool:
+    return all((root / f"{s}.zip").is_file() or (root / s).is_dir() for s in SPLITS)
 
 
 def find_omniglot_root(data_root: str | os.PathLike | None = None, *, download: bool = False) -> Path:
     """The Omniglot folder: `data_root`, else ``$OMNIGLOT_ROOT``, else ``~/.cache/binom_opt/omniglot``.
 
-    The folder must hold ``images_background.zip`` and ``images_evaluation.zip``, or the same
-    extracted as folders ``images_background/`` and ``images_evaluation/``. Only the first of the
-    three places that is given is looked at, so a wrong path is reported instead of silently replaced.
-    With ``download=True`` missing zips are fetched from the canonical release
-    (github.com/brendenlake/omniglot) and their structure is checked; this needs internet access and
-    is not covered by the tests. Raises FileNotFoundError naming the path and the expected files.
+    The folder holds ``images_background.zip`` and ``images_evaluation.zip`` (the canonical release), or
+    the same extracted as folders. A path given (argument or environment) must hold them: it is
+    reported, never silently replaced. With nothing given and nothing in the user cache,
+    ``download=True`` fetches the release there (with a progress bar); nothing is created unless the
+    download succeeds. Raises :class:`OmniglotNotFound` with the fixes otherwise.
 
     >>> find_omniglot_root("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    FileNotFoundError: Omniglot not found in /nonexistent (given as data_root): ...
+    fewshot.omniglot.OmniglotNotFound: Omniglot not found in /nonexistent (given as data_root): ...
     """
-    if data_root is not None:
-        root, origin = Path(data_root), "given as data_root"
-    elif os.environ.get("OMNIGLOT_ROOT"):
-        root, origin = Path(os.environ["OMNIGLOT_ROOT"]), "from $OMNIGLOT_ROOT"
-    else:
-        root, origin = _user_cache("omniglot"), "the default location"
-    root = root.expanduser()
-    missing = [s for s in SPLITS if not (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
-    if missing and download:
-        _download(root, missing)
-    elif missing:
-        raise FileNotFoundError(
-            f"Omniglot not found in {root} ({origin}): expected images_background.zip and "
-            f"images_evaluation.zip (or the folders images_background/ and images_evaluation/ "
-            f"extracted from them), missing {', '.join(missing)}. Pass data_root=..., set "
-            f"$OMNIGLOT_ROOT, or use download=True to fetch them into {_user_cache('omniglot')}."
-        )
+    given = [(data_root, "given as data_root"), (os.environ.get("OMNIGLOT_ROOT") or None, "from $OMNIGLOT_ROOT")]
+    for path, origin in given:
+        if path is not None:
+            root = Path(path).expanduser()
+            if not _has_splits(root):
+                raise OmniglotNotFound(
+                    f"Omniglot not found in {root} ({origin}): expected images_background.zip and images_evaluation.zip "
+                    "(or the folders extracted from them). Point --data-root / $OMNIGLOT_ROOT at the folder that holds them."
+                )
+            return root
+    root = user_cache("omniglot")
+    if _has_splits(root):
+        return root
+    if not download:
+        raise OmniglotNotFound(_fixes(root, "it is not there"))
+    _download(root)
     return root
 
 
-def _download(root: Path, splits: list[str]) -> None:
-    """Fetch the canonical zips into `root` (written atomically), then check their structure."""
-    root.mkdir(parents=True, exist_ok=True)
-    for split in splits:
-        url, target = _URL.format(split), root / f"{split}.zip"
-        _log(f"Downloading {url} to {target}")
-        partial = target.with_name(target.name + ".part")
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out)
-        os.replace(partial, target)
-        with _open_split(root, split) as (source, names, _):
-            _check_counts(split, source, names)
+def _fixes(root: Path, why: str) -> str:
+    return (
+        f"Omniglot is needed in {root}, but {why}. Either (1) point --data-root or $OMNIGLOT_ROOT at a folder "
+        f"holding images_background.zip and images_evaluation.zip (the canonical release, {URL.format('...')}), "
+        f"or (2) run with internet access once, and the examples download them into {root} (--download)."
+    )
+
+
+def _download(root: Path) -> None:
+    """Fetch the canonical zips into `root`: into a temporary folder first, moved into place once all arrived
+    and were checked, so that a failed download leaves nothing behind."""
+    with tempfile.TemporaryDirectory(prefix="omniglot_download_") as tmp:
+        for split in SPLITS:
+            url, target = URL.format(split), Path(tmp) / f"{split}.zip"
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {split}.zip", leave=False) as bar:
+                        for block in iter(lambda: response.read(1 << 16), b""):
+                            out.write(block)
+                            bar.update(len(block))
+                with _open_split(Path(tmp), split) as (source, names, _):
+                    _check_counts(split, source, names)
+            except (urllib.error.URLError, OSError, OmniglotDataError) as error:
+                raise OmniglotNotFound(_fixes(root, f"downloading it failed ({error})")) from None
+        root.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            shutil.move(str(Path(tmp) / f"{split}.zip"), root / f"{split}.zip")
 
 
 @contextlib.contextmanager
 def _open_split(root: Path, split: str):
-    """Yield ``(source, names, read)`` for one split.
-
-    `source` is the zip or folder read, `names` the sorted ``Alphabet/characterNN/IIII_DD.png``
-    paths and ``read(name)`` returns a file's bytes. The zip is preferred to an extracted folder
-    because a zip is complete or unreadable, while a folder may be a half-finished extraction.
-    """
+    """Yield ``(source, names, read)`` for one split: the zip (preferred: complete or unreadable) or the
+    extracted folder, the sorted ``Alphabet/characterNN/IIII_DD.png`` names, and ``read(name) -> bytes``."""
     zip_path = root / f"{split}.zip"
     if not zip_path.is_file():
         folder = root / split
@@ -144,14 +144,12 @@ def _open_split(root: Path, split: str):
     try:
         with zipfile.ZipFile(zip_path) as archive:
             prefix = f"{split}/"
-            names = [n[len(prefix) :] for n in archive.namelist() if n.startswith(prefix)]
+            names = [n[len(prefix):] for n in archive.namelist() if n.startswith(prefix)]
             names = [n for n in names if n.endswith(".png") and n.count("/") == 2]  # skips folder entries
             yield zip_path, sorted(names, key=_path_key), lambda name: archive.read(prefix + name)
     except _ZIP_ERRORS as e:
-        raise OmniglotDataError(
-            f"{zip_path} is corrupt or truncated ({type(e).__name__}: {e}). "
-            f"Delete it and download it again (e.g. find_omniglot_root(download=True))."
-        ) from e
+        raise OmniglotDataError(f"{zip_path} is corrupt or truncated ({type(e).__name__}: {e}). Delete it and download "
+                                "it again.") from e
 
 
 def _path_key(name: str) -> list[str]:
@@ -167,13 +165,11 @@ def _check_counts(split: str, source: Path, names: list[str]) -> None:
     per_character = Counter(_character_of(n) for n in names)
     alphabets = {c.split("/")[0] for c in per_character}
     n_alphabets, n_characters = SPLITS[split]
-    found = (len(alphabets), len(per_character), set(per_character.values()))
-    if found != (n_alphabets, n_characters, {DRAWINGS}):
+    if (len(alphabets), len(per_character), set(per_character.values())) != (n_alphabets, n_characters, {DRAWINGS}):
         raise OmniglotDataError(
-            f"{source} does not hold the complete Omniglot {split}: expected {n_alphabets} alphabets and "
-            f"{n_characters} characters with {DRAWINGS} drawings each ({n_characters * DRAWINGS} PNGs), "
-            f"found {len(alphabets)} alphabets, {len(per_character)} characters and {len(names)} PNGs. "
-            f"Delete it and download it again."
+            f"{source} does not hold the complete Omniglot {split}: expected {n_alphabets} alphabets and {n_characters} "
+            f"characters with {DRAWINGS} drawings each, found {len(alphabets)} alphabets, {len(per_character)} "
+            f"characters and {len(names)} PNGs. Delete it and download it again."
         )
 
 
@@ -181,74 +177,38 @@ def _decode_split(root: Path, split: str, image_size: int, progress: bool) -> tu
     """Decode one split to (characters, 20, size, size) uint8 with 255 = ink, and the character names."""
     with _open_split(root, split) as (source, names, read):
         _check_counts(split, source, names)
-        groups = itertools.groupby(names, key=_character_of)
-        if progress and tqdm is not None:
-            groups = tqdm(groups, total=SPLITS[split][1], desc=split, unit="character", leave=False)
+        groups = tqdm(itertools.groupby(names, key=_character_of), total=SPLITS[split][1], desc=f"decoding {split}",
+                      unit="character", leave=False, disable=not progress)
         characters, images = [], []
         for character, files in groups:
             characters.append(character)
-            images.append(_to_ink(np.stack([_decode(source, f, read(f)) for f in files]), image_size))
+            images.append(np.stack([_decode(source, f, read(f), image_size) for f in files]))
     return np.stack(images), characters
 
 
-def _decode(source: Path, name: str, data: bytes) -> np.ndarray:
+def _decode(source: Path, name: str, data: bytes, image_size: int) -> np.ndarray:
+    """One drawing as ink (255 = ink) at ``image_size``: Pillow's Lanczos resize, the preprocessing of Finn et al.
+    (2017) and learn2learn, inverted so that the background is 0."""
     try:
-        image = decode_png(data)
-    except ValueError as e:
-        message = f"{source}: cannot decode {name} ({e}). Delete it and download it again."
-        raise OmniglotDataError(message) from e
-    if image.shape != (SOURCE_SIZE, SOURCE_SIZE):
-        raise OmniglotDataError(f"{source}: {name} is {image.shape}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
-    return image
-
-
-def _to_ink(pngs: np.ndarray, image_size: int) -> np.ndarray:
-    """Black-on-white 0..255 drawings (n, h, w) -> ink resized by area averaging, uint8 (255 = ink).
-
-    The averaging windows are those of ``F.interpolate(mode="area")`` (adaptive average pooling).
-    Window sums of integers are exact in float32 and are rounded (half up) in integer arithmetic,
-    so the cache is bit-identical on every platform; torch's float result can differ by 1 at ties.
-    Plain numpy also avoids torch's thread pool, whose start-up costs dominate on such small arrays.
-    """
-    rows, cols = _area_windows(pngs.shape[1], image_size), _area_windows(pngs.shape[2], image_size)
-    sums = rows @ (255 - pngs).astype(np.float32) @ cols.T
-    areas = np.outer(rows.sum(1), cols.sum(1))
-    return ((2 * sums + areas) // (2 * areas)).astype(np.uint8)
-
-
-def _area_windows(n_in: int, n_out: int) -> np.ndarray:
-    """The (n_out, n_in) 0/1 matrix whose row i selects the inputs averaged into output i:
-    those in [floor(i * n_in / n_out), ceil((i + 1) * n_in / n_out))."""
-    i = np.arange(n_out)
-    starts, ends = i * n_in // n_out, -(-(i + 1) * n_in // n_out)
-    j = np.arange(n_in)
-    return ((j >= starts[:, None]) & (j < ends[:, None])).astype(np.float32)
-
-
-def default_cache_dir(root: str | os.PathLike) -> Path:
-    """``<root>/.binom_opt_cache`` if `root` is writable, else ``~/.cache/binom_opt/omniglot_cache``.
-
-    A folder with no write permission bit counts as read-only even where the user (root) could
-    write to it anyway, so that a data folder deliberately marked read-only is left alone.
-    """
-    root = Path(root)
-    if os.access(root, os.W_OK) and root.stat().st_mode & 0o222:
-        return root / ".binom_opt_cache"
-    return _user_cache("omniglot_cache")
+        with Image.open(io.BytesIO(data)) as image:
+            if image.size != (SOURCE_SIZE, SOURCE_SIZE):
+                raise OmniglotDataError(f"{source}: {name} is {image.size}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
+            resized = image.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
+            return 255 - np.asarray(resized, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise OmniglotDataError(f"{source}: cannot decode {name} ({e}). Delete it and download it again.") from e
 
 
 def cache_file(cache_dir: str | os.PathLike, split: str, image_size: int) -> Path:
     """The cache file of one split at one image size.
 
     >>> cache_file("/tmp/cache", "images_background", 28).name
-    'images_background_28px_v1.npz'
+    'omniglot_images_background_28px_v3.npz'
     """
-    return Path(cache_dir) / f"{split}_{image_size}px_v{CACHE_VERSION}.npz"
+    return Path(cache_dir) / f"omniglot_{split}_{image_size}px_v{CACHE_VERSION}.npz"
 
 
-def _read_cache(
-    path: Path, split: str, image_size: int, verbose: bool
-) -> tuple[np.ndarray, list[str]] | None:
+def _read_cache(path: Path, split: str, image_size: int, verbose: bool) -> tuple[np.ndarray, list[str]] | None:
     """The cached ``(images, character names)`` of one split, or None if absent or unreadable."""
     if not path.is_file():
         return None
@@ -260,21 +220,22 @@ def _read_cache(
             raise ValueError(f"holds {images.dtype} {images.shape}, expected uint8 {expected}")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         if verbose:
-            _log(f"Ignoring unreadable cache file {path} ({e}); rebuilding it.")
+            print(f"Ignoring unreadable cache file {path} ({e}); rebuilding it.", file=sys.stderr)
         return None
     return images, characters
 
 
 def _write_cache(path: Path, images: np.ndarray, characters: list[str]) -> None:
-    """Write atomically (temporary file, then rename), so an interrupted run leaves no broken cache."""
+    """Write an ordinary file (the umask's mode) under a temporary name, then rename it: a crash never leaves
+    half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    temporary = path.with_name(path.name + ".tmp")
     try:
-        with os.fdopen(handle, "wb") as out:
+        with open(temporary, "wb") as out:
             np.savez_compressed(out, images=images, characters=np.array(characters))
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        temporary.unlink(missing_ok=True)
         raise
 
 
@@ -298,8 +259,7 @@ class OmniglotCharacters:
     """All 1623 Omniglot characters, background ones first, each part sorted by alphabet and character.
 
     `images` is uint8 (1623, 20, size, size) with 255 = ink, 0 = background; per character,
-    `alphabets` and `characters` give its folder names and `origins` its part of the release
-    (``"images_background"`` or ``"images_evaluation"``).
+    `alphabets` and `characters` give its folder names and `origins` its part of the release.
     """
 
     images: torch.Tensor
@@ -312,41 +272,28 @@ class OmniglotCharacters:
         return f"OmniglotCharacters({count} characters x {drawings} drawings, {height}x{width})"
 
     @classmethod
-    def load(
-        cls,
-        data_root: str | os.PathLike | None = None,
-        *,
-        image_size: int = 28,
-        cache_dir: str | os.PathLike | None = None,
-        download: bool = False,
-        verbose: bool = True,
-    ) -> OmniglotCharacters:
-        """Load from the cache in `cache_dir` (default :func:`default_cache_dir`), building it on first use.
+    def load(cls, data_root: str | os.PathLike | None = None, *, image_size: int = 28, cache_dir: str | os.PathLike | None = None,
+             download: bool = False, verbose: bool = True) -> OmniglotCharacters:
+        """Load from the cache in `cache_dir` (default ``~/.cache/binom_opt``), building it on first use.
 
-        `data_root` and `download` are as in :func:`find_omniglot_root`. Building the cache decodes
-        every PNG once and says so on stderr (with a tqdm progress bar when tqdm is installed).
-        Raises OmniglotDataError for corrupt, truncated or incomplete data.
+        `data_root` and `download` are as in :func:`find_omniglot_root`. Building the cache decodes every
+        PNG once (with a progress bar when `verbose`). Raises OmniglotDataError for corrupt, truncated
+        or incomplete data.
         """
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        root = find_omniglot_root(data_root, download=download)
-        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+        cache_dir = Path(cache_dir) if cache_dir is not None else user_cache()
         paths = {split: cache_file(cache_dir, split, image_size) for split in SPLITS}
         parts = {split: _read_cache(path, split, image_size, verbose) for split, path in paths.items()}
         todo = [split for split, part in parts.items() if part is None]
         if todo:
+            root = find_omniglot_root(data_root, download=download)
             if verbose:
-                count = sum(SPLITS[split][1] for split in todo) * DRAWINGS
-                _log(
-                    f"Decoding {count:,} Omniglot PNGs from {root} once, "
-                    f"caching {image_size}x{image_size} images to {cache_dir}"
-                )
-            start = time.perf_counter()
+                print(f"Decoding the {sum(SPLITS[s][1] for s in todo) * DRAWINGS:,} Omniglot drawings once into {cache_dir} "
+                      "(later runs read them from there)", file=sys.stderr)
             for split in todo:
                 parts[split] = _decode_split(root, split, image_size, progress=verbose)
                 _write_cache(paths[split], *parts[split])
-            if verbose:
-                _log(f"Omniglot cache built in {time.perf_counter() - start:.1f} s")
         names = [(name, split) for split in SPLITS for name in parts[split][1]]
         return cls(
             images=torch.from_numpy(np.concatenate([parts[split][0] for split in SPLITS])),
@@ -357,10 +304,8 @@ class OmniglotCharacters:
 
     def splits(self, seed: int = 0, rotations: bool = True) -> dict[str, FewShotSplit]:
         """The ``"train"``, ``"val"`` and ``"test"`` :class:`FewShotSplit` of :func:`maml_split`."""
-        return {
-            name: FewShotSplit(self.images[indices], rotations=rotations, characters=indices)
-            for name, indices in maml_split(seed).items()
-        }
+        return {name: FewShotSplit(self.images[indices], rotations=rotations, characters=indices)
+                for name, indices in maml_split(seed).items()}
 
 
 class FewShotSplit:
@@ -368,8 +313,7 @@ class FewShotSplit:
     180 and 270 degrees as further classes (the augmentation of Santoro et al. 2016 and Finn et al. 2017).
 
     `images` is uint8 (characters, drawings, size, size); class ``c`` is character ``c // 4`` turned
-    counter-clockwise ``c % 4`` times (``c`` itself without rotations). `characters` optionally
-    records where each character comes from (indices into :class:`OmniglotCharacters`).
+    counter-clockwise ``c % 4`` times (``c`` itself without rotations).
 
     >>> split = FewShotSplit(torch.zeros(3, 20, 28, 28, dtype=torch.uint8))
     >>> split.num_classes, split.drawings
@@ -378,13 +322,9 @@ class FewShotSplit:
 
     def __init__(self, images: torch.Tensor, rotations: bool = True, characters: np.ndarray | None = None):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != images.shape[-2]:
-            raise ValueError(
-                "images must be uint8 of shape (characters, drawings, size, size), "
-                f"got {images.dtype} {tuple(images.shape)}"
-            )
-        self.images = images
-        self.turns = 4 if rotations else 1
-        self.characters = characters
+            raise ValueError(f"images must be uint8 of shape (characters, drawings, size, size), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        self.images, self.turns, self.characters = images, 4 if rotations else 1, characters
 
     @property
     def num_classes(self) -> int:
@@ -395,11 +335,8 @@ class FewShotSplit:
         return self.images.shape[1]
 
     def class_images(self, classes: torch.Tensor, drawings: torch.Tensor) -> torch.Tensor:
-        """uint8 (len(classes), drawings.shape[1], size, size): drawings ``drawings[i]`` of ``classes[i]``.
-
-        The pixels are moved in numpy: on a task's few images, torch's intra-op thread pool costs
-        far more than it saves (up to 100x on a busy 2-core machine).
-        """
+        """uint8 (len(classes), drawings.shape[1], size, size): drawings ``drawings[i]`` of ``classes[i]``
+        (moved in numpy: on a task's few images torch's thread pool costs more than it saves)."""
         characters, turns = (classes // self.turns).numpy(), (classes % self.turns).numpy()
         images = self.images.numpy()[characters[:, None], drawings.numpy()]
         for k in range(1, self.turns):
@@ -410,10 +347,10 @@ class FewShotSplit:
 class TaskSampler:
     """N-way K-shot tasks from a :class:`FewShotSplit`, with all randomness from `generator`.
 
-    Each task draws `ways` distinct classes and, per class, `shots + queries` distinct drawings,
-    so support and query never share an image. Class ``i`` of the task gets label ``i``. Images are
-    float32 in [0, 1] (1 = ink) of shape (1, size, size), laid out class by class. The generator is
-    advanced in place; :meth:`state_dict` / :meth:`load_state_dict` save and restore it for resuming.
+    Each task draws `ways` distinct classes and, per class, `shots + queries` distinct drawings, so
+    support and query never share an image. Class ``i`` of the task gets label ``i``. Images are
+    float32 in [0, 1] (1 = ink) of shape (1, size, size), laid out class by class.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator for resuming.
 
     >>> split = FewShotSplit(torch.randint(0, 256, (10, 20, 28, 28), dtype=torch.uint8))
     >>> sampler = TaskSampler(split, ways=5, shots=1, queries=15, generator=torch.Generator().manual_seed(0))
@@ -430,9 +367,7 @@ class TaskSampler:
         if ways > split.num_classes:
             raise ValueError(f"ways={ways} exceeds the {split.num_classes} classes of the split")
         if shots + queries > split.drawings:
-            raise ValueError(
-                f"shots + queries = {shots + queries} exceeds the {split.drawings} drawings per class"
-            )
+            raise ValueError(f"shots + queries = {shots + queries} exceeds the {split.drawings} drawings per class")
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.split, self.generator = split, generator
@@ -450,20 +385,14 @@ class TaskSampler:
         return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*tasks))
 
     def _task(self) -> tuple[np.ndarray, ...]:
-        """One task as numpy arrays (see :meth:`FewShotSplit.class_images` for why numpy)."""
         g, ways, shots = self.generator, self.ways, self.shots
         classes = torch.randperm(self.split.num_classes, generator=g)[:ways]
-        per_class, available = shots + self.queries, self.split.drawings
-        drawings = torch.stack([torch.randperm(available, generator=g)[:per_class] for _ in range(ways)])
+        drawings = torch.stack([torch.randperm(self.split.drawings, generator=g)[:shots + self.queries] for _ in range(ways)])
         images = self.split.class_images(classes, drawings).numpy()[:, :, None].astype(np.float32) / 255
         labels = np.broadcast_to(np.arange(ways, dtype=np.int64)[:, None], drawings.shape)
         size = images.shape[-1]
-        return (
-            images[:, :shots].reshape(-1, 1, size, size),
-            labels[:, :shots].flatten(),
-            images[:, shots:].reshape(-1, 1, size, size),
-            labels[:, shots:].flatten(),
-        )
+        return (images[:, :shots].reshape(-1, 1, size, size), labels[:, :shots].flatten(),
+                images[:, shots:].reshape(-1, 1, size, size), labels[:, shots:].flatten())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
