@@ -11,7 +11,8 @@ Methods (``--methods`` takes shell-style patterns over these names, e.g. ``'*-ta
 * ``higher``: ``higher.innerloop_ctx`` exact MAML, a Python loop over the tasks;
 * ``autograd``: unrolled ``torch.func.functional_call`` + ``torch.autograd.grad(create_graph=True)``
   (the learn2learn way), a loop over the tasks; also the reference of the error column;
-* ``fo``, ``trunc<L>``, ``binom<L>``, ``hybrid<L>.<C>``, ``exact``: binom_opt's estimators through
+* ``fo``, ``trunc<L>``, ``binom<L>``, ``hybrid<L>.<C>``, ``exact``, ``imaml<L>`` (``Implicit(L, reg=1)``, L
+  conjugate-gradient steps), ``reptile``: binom_opt's estimators through
   ``MetaGradientEngine``, with the suffix ``-task`` (``engine.adapt`` in a loop over the tasks) or
   ``-batch`` (``engine.adapt_batch``, the tasks vmapped).
 
@@ -89,6 +90,8 @@ import binom_opt as bo
 from fewshot.models import Conv4
 
 MIB = 2**20
+IMPLICIT_REG = 1.0  # iMAML's lambda: it changes the meta-gradient, not the cost of one
+OTHER_OBJECTIVES = ("Implicit", "Reptile")  # not estimates of MAML's meta-gradient: no error against it
 
 
 # --------------------------------------------------------------------------- configs
@@ -166,7 +169,7 @@ class Method:
     slug: str  # the name --methods matches
     name: str  # the name in the table
     how: str  # "peer", "per-task" or "batched"
-    estimator: str  # "Exact", "FirstOrder", "Truncated", "Binomial" or "Hybrid"
+    estimator: str  # "Exact", "FirstOrder", "Truncated", "Binomial", "Hybrid", "Implicit" or "Reptile"
     L: Optional[int] = None
     C: Optional[int] = None
     checkpoint: bool = False  # checkpoint_every = round(sqrt(K)): the trajectory stores about 2 sqrt(K) points
@@ -185,6 +188,8 @@ def estimator_specs(cfg: Config) -> List[Tuple[str, str, str, Optional[int], Opt
         *[(f"binom{L}", f"Binomial({L})", "Binomial", L, None) for L in cfg.levels],
         (f"hybrid{hl}.{hc}", f"Hybrid({hl}, {hc})", "Hybrid", hl, hc),
         ("exact", "Exact", "Exact", cfg.steps, None),
+        *[(f"imaml{L}", f"Implicit({L}, reg={IMPLICIT_REG:g})", "Implicit", L, None) for L in cfg.levels],
+        ("reptile", "Reptile", "Reptile", 0, None),
     ]
 
 
@@ -226,6 +231,10 @@ def make_estimator(method: Method) -> bo.Estimator:
         return bo.Binomial(method.L)
     if method.estimator == "Hybrid":
         return bo.Hybrid(method.L, method.C)
+    if method.estimator == "Implicit":
+        return bo.Implicit(method.L, IMPLICIT_REG)
+    if method.estimator == "Reptile":
+        return bo.Reptile()
     return bo.Exact()
 
 
@@ -595,7 +604,7 @@ def add_ratios(rows: List[dict]) -> None:
         if row["how"] in first_order:
             ratios["time_vs_first_order"] = row["seconds"] / first_order[row["how"]]["seconds"]
         same_l = truncated.get((row["how"], row["L"]))
-        if row["estimator"] in ("Binomial", "Hybrid") and same_l is not None:
+        if row["estimator"] in ("Binomial", "Hybrid", "Implicit") and same_l is not None:
             ratios["time_vs_truncated"] = row["seconds"] / same_l["seconds"]
 
 
@@ -676,6 +685,8 @@ def fmt_number(value: Optional[float]) -> str:
 def fmt_error(row: dict) -> str:
     if row["slug"] == "autograd":
         return "0 (reference)"
+    if row["estimator"] in OTHER_OBJECTIVES:
+        return "other objective"
     if row["rel_error"] is None:
         return "—"
     return f"{row['rel_error']:.1e}" + (" (series grows)" if row["diverging"] else "")
@@ -717,7 +728,8 @@ def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[di
         f"Rel. error: ||g - g_exact|| / ||g_exact|| over all parameters, in float64 on {args.device}, "
         f"on the {args.error_tasks or cfg.meta_batch} task(s) of the fixed meta-batch; exact = autograd unrolled with "
         "create_graph=True; \"series grows\": binom_opt's monitor saw the terms of the binomial series grow "
-        "with the order (last_stats.diverging) on some task. HVPs: per meta-step (all tasks).",
+        "with the order (last_stats.diverging) on some task; Implicit (iMAML, proximal inner loop) and Reptile are "
+        "meta-gradients of other objectives, so they have no error against MAML's. HVPs: per meta-step (all tasks).",
         "",
         "| method | ms per meta-step | vs higher exact | vs our FirstOrder | vs our Truncated(L) | peak MiB "
         "| vs higher exact peak | HVPs | rel. error vs exact |",
@@ -751,7 +763,8 @@ def memory_vs_k_lines(ks_table: List[dict], growth: Dict[str, dict], parameter_m
 
 
 def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
-    """Time and peak memory against L: lines for Truncated and Binomial, horizontal lines for the rest."""
+    """Time and peak memory against L (the paper's Figure 4): lines for Truncated, Binomial and Implicit (L = its
+    conjugate-gradient steps), from FirstOrder at L = 0; horizontal lines for exact MAML (ours and higher's)."""
     try:
         import matplotlib
 
@@ -763,18 +776,18 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
     ok = [r for r in rows if not r["error"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, key, label in ((axes[0], "seconds", "seconds per meta-step"), (axes[1], "peak_mib", "peak MiB")):
-        for estimator, color in (("Truncated", "tab:blue"), ("Binomial", "tab:orange")):
+        for estimator, color in (("Truncated", "tab:blue"), ("Binomial", "tab:orange"), ("Implicit", "tab:purple")):
             for how, style in (("per-task", "-o"), ("batched", "--s")):
+                start = [(0, r[key]) for r in ok if r["estimator"] == "FirstOrder" and r["how"] == how]
                 points = sorted((r["L"], r[key]) for r in ok if r["estimator"] == estimator and r["how"] == how)
                 if points:
-                    ax.plot(*zip(*points), style, color=color, label=f"{estimator} ({how})")
-        flat = [("higher", "black"), ("fo-task", "tab:green"), ("fo-batch", "tab:green"),
-                ("exact-task", "tab:red"), ("exact-batch", "tab:red")]
+                    ax.plot(*zip(*(start + points)), style, color=color, label=f"{estimator} ({how})")
+        flat = [("higher", "black"), ("exact-task", "tab:red"), ("exact-batch", "tab:red")]
         for slug, color in flat:
             row = next((r for r in ok if r["slug"] == slug), None)
             if row is not None:
                 ax.axhline(row[key], color=color, linestyle=":" if slug.endswith("batch") else "-.", label=row["method"])
-        ax.set_xticks(sorted({r["L"] for r in ok if r["estimator"] in ("Truncated", "Binomial")}))
+        ax.set_xticks(sorted({0} | {r["L"] for r in ok if r["estimator"] in ("Truncated", "Binomial", "Implicit")}))
         ax.set_xlabel("L (Hessian factors kept)")
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)

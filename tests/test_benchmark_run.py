@@ -11,8 +11,8 @@ import pytest
 pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
 
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-PER_TASK = ["higher", "autograd", "fo-task", "exact-task"]
-BATCHED_METHODS = ["exact-batch"]
+PER_TASK = ["higher", "autograd", "fo-task", "exact-task", "imaml1-task", "reptile-task"]
+BATCHED_METHODS = ["exact-batch", "imaml1-batch"]
 
 
 def load_run_module():
@@ -45,6 +45,8 @@ def check_row(row):
         assert row["hvp_count"] is None
     elif row["estimator"] == "Exact":
         assert row["hvp_count"] == 2 * 2, row  # K = 2 HVPs for each of the B = 2 tasks
+    if row["estimator"] in ("Implicit", "Reptile"):  # other objectives: no error against MAML's meta-gradient
+        assert row["hvp_count"] == {"Implicit": 2 * 1, "Reptile": 0}[row["estimator"]], row
 
 
 def test_outputs_written(run):
@@ -56,6 +58,7 @@ def test_outputs_written(run):
     table = (out / "tiny_cpu.md").read_text()
     assert "| method | ms per meta-step |" in table and "--config tiny" in table
     assert all(f"| {r['method']} |" in table for r in rows)
+    assert "| Implicit(1, reg=1) (per-task) |" in table and table.count("| other objective |") == 3
 
 
 def test_per_task_and_peer_rows(run):

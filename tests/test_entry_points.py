@@ -151,6 +151,18 @@ def test_frozen_body_is_a_meta_parameter_everywhere(entry):
             assert_equal(got, meta_grads("adapt", optimizer, estimator, model_fn=body_head, adapt="head"))
 
 
+@pytest.mark.parametrize("entry", ENTRIES[1:])
+def test_implicit_and_reptile_everywhere(entry):
+    """iMAML's and Reptile's meta-gradients (references: test_implicit.py) through every entry point, an ANIL body
+    included for Implicit."""
+    for optimizer in ("sgd", "adam+wd"):
+        for estimator in (bo.Implicit(2, 1.0), bo.Reptile()):
+            assert_equal(meta_grads(entry, optimizer, estimator), meta_grads("adapt", optimizer, estimator))
+        got = meta_grads(entry, optimizer, bo.Implicit(3, 0.5), model_fn=body_head, adapt="head")
+        assert {"body.0.weight", "head.weight"} <= got.keys()
+        assert_equal(got, meta_grads("adapt", optimizer, bo.Implicit(3, 0.5), model_fn=body_head, adapt="head"))
+
+
 OPTIONS = [{"chunk_size": 1}, {"chunk_size": 2}, {"memory_budget": "inner_step"}, {"memory_budget": 1},
            {"hvp": "fwd"}, {"checkpoint_every": 2}, {"nan_policy": "skip_task"}, {"bn": "transductive"}]
 
@@ -158,7 +170,8 @@ OPTIONS = [{"chunk_size": 1}, {"chunk_size": 2}, {"memory_budget": "inner_step"}
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_every_option_everywhere_leaves_the_meta_gradient_as_it_is(entry, options):
-    for optimizer, estimator in (("sgd", bo.Binomial(2)), ("adam+wd", bo.Hybrid(1, 2)), ("momentum+nesterov+wd", bo.Exact())):
+    for optimizer, estimator in (("sgd", bo.Binomial(2)), ("adam+wd", bo.Hybrid(1, 2)), ("momentum+nesterov+wd", bo.Exact()),
+                                 ("sgd", bo.Implicit(2, 1.0))):
         assert_equal(meta_grads(entry, optimizer, estimator, **options), meta_grads("adapt", optimizer, estimator))
 
 

@@ -106,6 +106,16 @@ def test_omniglot_script_runs_end_to_end_on_the_real_data(name, tmp_path, cache_
 
 
 @needs_data
+@pytest.mark.filterwarnings("ignore::binom_opt.ImplicitSolveWarning")  # an untrained BatchNorm net has negative curvature
+@pytest.mark.parametrize(("estimator", "hvps"), [(["--estimator", "reptile"], 0),
+                                                 (["--estimator", "imaml", "--L", "2", "--nan-policy", "skip_task"], 2)])
+def test_reptile_and_imaml_train_through_the_maml_example(estimator, hvps, tmp_path, cache_dir):
+    results = script("omniglot_maml").main(tiny(tmp_path, cache_dir, 3, *estimator))
+    check_results(results, tmp_path, 3)
+    assert results["hvps_per_task"] == hvps and results["estimator"] in ("Reptile()", "Implicit(cg_steps=2, reg=2.0, tol=None)")
+
+
+@needs_data
 def test_plot_has_its_setup_in_the_title_and_validation_and_test_points(tmp_path, cache_dir, monkeypatch):
     """The defaults validate during training, and curves.png shows those points and the test point."""
     figure = pytest.importorskip("matplotlib.figure")
@@ -193,6 +203,8 @@ def test_hybrid_table(tmp_path, cache_dir):
         (["--estimator", "trunc", "--L", "6", "--steps", "5"], "--L"),
         (["--estimator", "hybrid", "--L", "3", "--C", "2"], "--C"),
         (["--shots", "10", "--queries", "15"], "--queries"),
+        (["--estimator", "imaml", "--L", "0"], "cg_steps"),
+        (["--estimator", "reptile"], "omniglot_maml.py"),
     ],
 )
 def test_bad_flags_are_argparse_errors(argv, flag, capsys):
@@ -222,6 +234,23 @@ def test_anil_feature_shortcut_gives_the_exact_body_meta_gradient():
     for name in plain:
         torch.testing.assert_close(shortcut[name], plain[name], rtol=1e-10, atol=1e-12, msg=name)
     assert plain["features.0.weight"].abs().sum() > 0
+
+
+@needs_data
+def test_compare_runs_writes_table_1_and_figure_5a(tmp_path, cache_dir):
+    maml = script("omniglot_maml")
+    runs = {name: tmp_path / name for name in ("exact", "binom", "fo", "trunc")}
+    results = {name: maml.main(tiny(out, cache_dir, 2, "--estimator", name)) for name, out in runs.items()}
+    text = script("compare_runs").main([*map(str, runs.values()), "--out", str(tmp_path / "compare")])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0] for row in rows] == ["| FOMAML", "| TruncMAML", "| BinomMAML (paper scale)", "| MAML"]
+    delta = 100 * (results["fo"]["test"]["accuracy"] - results["exact"]["test"]["accuracy"])
+    assert rows[0].split(" | ")[3] == f"{delta:+.2f}" and rows[-1].split(" | ")[3] == ""
+    assert "### Omniglot 5-way 1-shot (MAML, K=2" in text
+    assert (tmp_path / "compare" / "table.md").read_text() == text
+    assert (tmp_path / "compare" / "curves.png").is_file() == HAS_MATPLOTLIB
+    with pytest.raises(SystemExit, match="results.json not found"):
+        script("compare_runs").main([str(tmp_path / "nothing")])
 
 
 def test_error_bounds_runs(tmp_path):

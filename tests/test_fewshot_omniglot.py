@@ -281,7 +281,7 @@ def test_task_shapes_and_labels(loaded, ways, shots, queries):
     ("ways", "shots", "queries", "message"),
     [
         (41, 1, 1, "ways=41 exceeds the 40 classes"),
-        (5, 10, 11, "exceeds the 20 drawings"),
+        (5, 10, 11, "exceeds the 20 images of the smallest class"),
         (0, 1, 1, "ways"),
         (5, -1, 1, "shots"),
         (5, 1, 0, "queries"),

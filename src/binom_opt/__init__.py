@@ -6,6 +6,8 @@ One dial, the estimator, goes from first-order through truncated and binomial to
     >>> [type(e).__name__ for e in (bo.FirstOrder(), bo.Truncated(2), bo.Binomial(2), bo.Hybrid(1, 3), bo.Exact())]
     ['FirstOrder', 'Truncated', 'Binomial', 'Hybrid', 'Exact']
 
+and, besides that dial, iMAML's ``bo.Implicit(cg_steps, reg)`` and ``bo.Reptile()``.
+
 Entry points, all thin shells over one pipeline (docs/design.md): :class:`MetaGradientEngine`
 (``adapt`` per task, ``adapt_batch`` per meta-batch), the drop-ins :class:`MAML` (learn2learn)
 and :func:`innerloop_ctx` (higher), and :mod:`binom_opt.functional` for pure functions of dicts
@@ -15,9 +17,9 @@ has the paper's error bounds and :mod:`binom_opt.distributed` shards meta-batche
 
 from . import bounds, distributed, functional
 from .core.batching import HVPBackendError
-from .core.estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Truncated
+from .core.estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Implicit, Reptile, Truncated
 from .core.learner import BatchedLearner, Learner
-from .core.node import meta_backward
+from .core.node import ImplicitSolveWarning, meta_backward
 from .core.options import Options
 from .core.stats import ExpansionDivergenceWarning, MetaGradientStats
 from .engine import MetaGradientEngine
@@ -35,11 +37,14 @@ __all__ = [
     "FirstOrder",
     "HVPBackendError",
     "Hybrid",
+    "Implicit",
+    "ImplicitSolveWarning",
     "Learner",
     "MAML",
     "MetaGradientEngine",
     "MetaGradientStats",
     "Options",
+    "Reptile",
     "Truncated",
     "bounds",
     "distributed",

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .core.batching import Tasks, autograd_through_vmap, calls, vmap_or_loop
-from .core.estimators import Estimator, Exact, check_estimator
+from .core.estimators import Estimator, Exact, Implicit, check_estimator
 from .core.node import check_scalar_loss
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
@@ -133,6 +133,9 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
     options = Options.resolve(options, **option_keywords)
     for estimator in estimators:  # validated before anything runs
         check_estimator(estimator).plan(steps)
+    if len(estimators) > 1 and any(isinstance(e, Implicit) for e in estimators):
+        raise ValueError("Implicit(...) adapts with its own proximal inner loop, which the other estimators do not share: "
+                         "compute it in a call of its own (meta_gradient(..., estimator=bo.Implicit(...))).")
     if (lr is None) == (inner_opt is None):
         raise ValueError("Give the inner step as exactly one of lr= (plain SGD) and inner_opt= (a torch.optim instance).")
     if inner_opt is None:

@@ -10,7 +10,13 @@ Every estimator keeps a subset of the terms of that product's expansion:
 ``Binomial(L)``           every term with at most ``L`` Hessian factors
 ``Hybrid(L, C)``          ``Binomial(L)`` with ``H_k := 0`` for ``k < K - C``
 ``Exact()``               the whole product (graph-free exact MAML)
+``Implicit(L, reg)``      iMAML: ``(I + H(phi_K)/reg)^-1 g`` by ``L`` conjugate-gradient steps
+``Reptile()``             Reptile's direction ``theta - phi_K`` (no Hessian, no query gradient)
 ========================  ===========================================================
+
+The last two are not expansions of that product: ``Implicit`` differentiates the fixed point of a
+proximal inner loop (its support loss gets ``reg/2 ||phi - theta||^2``), and ``Reptile`` is the
+update of Nichol et al. (2018) in the form of a gradient.
 
 All of them reduce to one :class:`ExpansionPlan` for a given number of inner steps ``K``:
 how many Hessian factors a term may have (``levels``), the first step whose Hessian counts
@@ -39,6 +45,8 @@ __all__ = [
     "Binomial",
     "Hybrid",
     "Exact",
+    "Implicit",
+    "Reptile",
     "check_estimator",
 ]
 
@@ -53,14 +61,16 @@ class ExpansionPlan:
         levels: the most Hessian factors a kept term may have (``L``).
         first_active: ``K - C``: Hessians of steps before it are treated as zero.
         schedule: ``"sequential"`` when each round needs a single HVP (the kept terms form a
-            plain product of factors), ``"binomial"`` for the batched level recursion.
+            plain product of factors), ``"binomial"`` for the batched level recursion,
+            ``"implicit"`` for conjugate gradient at ``phi_K`` (``levels`` iterations), ``"reptile"``
+            for ``theta - phi_K``.
         hessian_scale: factor on the step size inside the estimator (``L/K`` for the
             paper's ``alpha' = L alpha / K``, else 1).
     """
 
     levels: int
     first_active: int
-    schedule: Literal["sequential", "binomial"]
+    schedule: Literal["sequential", "binomial", "implicit", "reptile"]
     hessian_scale: float
 
 
@@ -204,6 +214,70 @@ def _binomial_plan(levels: int, window: int, steps: int, hessian_scale: HessianS
     return ExpansionPlan(levels, steps - window, schedule, scale)
 
 
+@dataclass(frozen=True)
+class Implicit(Estimator):
+    """iMAML (Rajeswaran et al., 2019): the meta-gradient of the inner loop's proximal fixed point.
+
+    With this estimator the inner loop minimises the support loss plus ``reg/2 * ||phi - theta||^2``
+    (the library adds the term; ``theta`` is the initial point), as iMAML defines it. If ``phi_K``
+    is that minimiser, ``d phi_K / d theta = (I + H/reg)^-1`` with ``H`` the support loss's Hessian at
+    ``phi_K``, and the meta-gradient ``(I + H/reg)^-1 g`` is solved for with ``cg_steps`` iterations of
+    conjugate gradient, one HVP each, whatever ``K``: the trajectory is never read, only ``phi_K``.
+    Other meta-parameters ``c`` the support loss uses (an ANIL body) get ``-d/dc <grad l(phi_K, c), x> / reg``
+    with ``x`` the solution. ``MetaGradientStats.cg_residual`` reports how well ``x`` solves the
+    system; negative curvature (``H + reg I`` not positive definite) or, with ``tol``, a residual
+    above it is an error under ``nan_policy="raise"`` and a warning otherwise.
+
+    Args:
+        cg_steps: conjugate-gradient iterations (HVPs per task), the "L" of iMAML's tables.
+        reg: the proximal regularisation ``lambda > 0``: larger keeps ``phi`` near ``theta`` and
+            makes the system better conditioned.
+        tol: the largest relative residual ``||g - (I + H/reg) x|| / ||g||`` accepted after
+            ``cg_steps`` iterations (``None``: any; a few iterations are an approximation by design,
+            and CG's residual need not fall at every iteration).
+    """
+
+    cg_steps: int
+    reg: float
+    tol: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check_level("cg_steps", self.cg_steps)
+        if self.cg_steps < 1:
+            raise ValueError(f"Implicit needs cg_steps >= 1 conjugate-gradient iterations, got {self.cg_steps}.")
+        if isinstance(self.reg, bool) or not isinstance(self.reg, numbers.Real) or not 0 < self.reg < float("inf"):
+            raise ValueError(f"Implicit needs a finite proximal regularisation reg > 0, got {self.reg!r}.")
+        if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not self.tol > 0):
+            raise ValueError(f"Implicit's tol must be a residual > 0 (or None), got {self.tol!r}.")
+
+    def plan(self, steps: int) -> ExpansionPlan:
+        return ExpansionPlan(self.cg_steps, _check_steps(steps), "implicit", 1.0)
+
+    @property
+    def window(self) -> Optional[int]:
+        return 1  # the last point only, for the check that the support loss replays as recorded
+
+
+@dataclass(frozen=True)
+class Reptile(Estimator):
+    """Reptile (Nichol et al., 2018) as a meta-gradient: ``theta - phi_K`` for each task.
+
+    The query loss only carries it: its value and gradient are not used (any loss of the adapted
+    learner works, e.g. the query loss you log). With ``torch.optim.SGD(lr=eps)`` as the outer
+    optimizer, one task's step is Reptile's ``theta <- theta + eps * (phi_K - theta)``; the directions
+    of a meta-batch's tasks add up (``lr = eps / n`` for the mean over ``n`` tasks). Only the adapted
+    parameters get one: a support loss that uses other meta-parameters (an ANIL body), or learned
+    learning rates, is an error.
+    """
+
+    def plan(self, steps: int) -> ExpansionPlan:
+        return ExpansionPlan(0, _check_steps(steps), "reptile", 1.0)
+
+    @property
+    def window(self) -> Optional[int]:
+        return 0
+
+
 def _check_hessian_scale(value: object) -> None:
     if value not in ("exact", "paper"):
         raise ValueError(f"hessian_scale must be 'exact' or 'paper', got {value!r}.")
@@ -221,6 +295,7 @@ def check_estimator(estimator: object) -> Estimator:
     """``estimator`` if it is one, else a clear error."""
     if not isinstance(estimator, Estimator):
         raise TypeError(
-            f"estimator must be one of FirstOrder(), Truncated(L), Binomial(L), Hybrid(L, C), Exact(); got {estimator!r}."
+            "estimator must be one of FirstOrder(), Truncated(L), Binomial(L), Hybrid(L, C), Exact(), Implicit(cg_steps, "
+            f"reg), Reptile(); got {estimator!r}."
         )
     return estimator

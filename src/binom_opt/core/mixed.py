@@ -18,13 +18,13 @@ from typing import Dict, List, Optional
 import torch
 from torch.func import grad
 
-from .batching import Tasks, autograd_through_vmap, calls, map_points
+from .batching import autograd_through_vmap, calls, map_points
 from .oracle import HVPOracle
 from .update_rules import StepTranspose
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["meta_input_gradients", "hyper_gradients"]
+__all__ = ["meta_input_gradients", "directional_gradients", "hyper_gradients"]
 
 
 def meta_input_gradients(oracle: HVPOracle, weights: Dict[int, Tensors], meta_inputs: List[torch.Tensor]
@@ -33,7 +33,7 @@ def meta_input_gradients(oracle: HVPOracle, weights: Dict[int, Tensors], meta_in
 
     ``weights`` maps steps to ``[B, ...]`` vectors; the points, tasks, options and chunking are the oracle's.
     """
-    trajectory, tasks, options, chunking = oracle.trajectory, oracle.tasks, oracle.options, oracle.chunking
+    trajectory, tasks, chunking = oracle.trajectory, oracle.tasks, oracle.chunking
     totals: List[Optional[torch.Tensor]] = [None] * len(meta_inputs)
     if not weights:
         return totals
@@ -46,13 +46,18 @@ def meta_input_gradients(oracle: HVPOracle, weights: Dict[int, Tensors], meta_in
         for start in range(lo, hi, span):  # each chunk's graph is freed before the next one is built
             stop = min(hi, start + span)
             stacked = {n: torch.stack([weights[k][n] for k in range(start, stop)]) for n in weights[start]}
-            grads = _directional(loss_fn, trajectory.points(start, stop), stacked, tasks, options, meta_inputs,
-                                 trajectory.stepper.stream, f"the mixed second-order terms at steps {start}..{stop - 1}")
+            grads = directional_gradients(oracle, loss_fn, trajectory.points(start, stop), stacked, meta_inputs,
+                                          f"the mixed second-order terms at steps {start}..{stop - 1}")
             totals = [t if d is None else (d if t is None else t + d) for t, d in zip(totals, grads)]
     return totals
 
 
-def _directional(loss_fn, points: Tensors, weights: Tensors, tasks: Tasks, options, meta_inputs, stream, during):
+def directional_gradients(oracle: HVPOracle, loss_fn, points: Tensors, weights: Tensors, meta_inputs: List[torch.Tensor],
+                          during: str) -> List[Optional[torch.Tensor]]:
+    """``d/dc sum <grad_phi loss_fn(phi, c), w>`` over the ``[n, B, ...]`` ``points`` and ``weights``, for each ``c``
+    of ``meta_inputs`` (``None`` if unreached), with the oracle's tasks and options."""
+    tasks, options, stream = oracle.tasks, oracle.options, oracle.trajectory.stepper.stream
+
     def inner(phi: Tensors, w: Tensors, task) -> torch.Tensor:
         g = grad(loss_fn)(phi, task)
         return sum((g[n] * w[n]).sum() for n in g)

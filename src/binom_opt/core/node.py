@@ -16,6 +16,7 @@ a gradient.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -25,8 +26,9 @@ from torch.autograd.function import once_differentiable
 from .batching import Tasks, calls, over_tasks
 from .estimators import Estimator
 from .expansion import ExpansionResult, expand, task_norms
+from .implicit import conjugate_gradient
 from .memory import Chunking
-from .mixed import hyper_gradients, meta_input_gradients
+from .mixed import directional_gradients, hyper_gradients, meta_input_gradients
 from .oracle import HVPOracle
 from .stats import make_stats
 from .trajectory import Trajectory
@@ -34,7 +36,12 @@ from .update_rules import Hyper, StepTranspose, UpdateRule
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["Status", "Record", "Adaptation", "meta_backward", "check_scalar_loss", "depends_on_adaptation", "leaves_requiring_grad"]
+__all__ = ["ImplicitSolveWarning", "Status", "Record", "Adaptation", "meta_backward", "check_scalar_loss", "depends_on_adaptation",
+           "leaves_requiring_grad"]
+
+
+class ImplicitSolveWarning(RuntimeWarning):
+    """Conjugate gradient for an implicit meta-gradient met negative curvature or did not reduce the residual."""
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Record:
     initial: Tensors
     versions: Dict[str, int]
     first_order: frozenset = frozenset()  # steps whose Hessians are dropped
+    proximal: Optional[float] = None  # the reg of the proximal term the inner loop added (Implicit)
 
     def backward(self, g: Tensors) -> Tuple[Tensors, List[Optional[torch.Tensor]], List[torch.Tensor]]:
         setup, options, K, B = self.setup, self.setup.options, self.trajectory.steps, self.tasks.size
@@ -78,24 +86,105 @@ class Record:
                 "optimizer.step()), so the recorded trajectory no longer starts from them. Compute the meta-gradient "
                 "(backward) before changing the parameters."
             )
+        self._check_proximal(plan)
+        if plan.schedule == "reptile":
+            return self._reptile(g, plan)
         if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different":
             self._check_replay()
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
         oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
         transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
+        residual = None
         try:
-            with torch.no_grad():
-                result = expand(plan, g, transpose, oracle, steps=K, with_adjoints=bool(self.meta_inputs),
-                                with_full_adjoints=bool(self.hyper_inputs))
-            bad = self._bad_tasks(result)
-            meta_grads, hyper_grads = self._other_gradients(result, bad, oracle, transpose, plan.hessian_scale)
+            if plan.schedule == "implicit":
+                result, residual = self._implicit(g, oracle)
+                bad = self._bad_tasks(result)
+                meta_grads, hyper_grads = self._implicit_others(result, bad, oracle), []
+            else:
+                with torch.no_grad():
+                    result = expand(plan, g, transpose, oracle, steps=K, with_adjoints=bool(self.meta_inputs),
+                                    with_full_adjoints=bool(self.hyper_inputs))
+                bad = self._bad_tasks(result)
+                meta_grads, hyper_grads = self._other_gradients(result, bad, oracle, transpose, plan.hessian_scale)
         finally:
             self.trajectory.release()
         self.status.finished = True
         if setup.on_stats is not None:
             setup.on_stats(make_stats(self.estimator, plan, task_norms(g), result.contributions, self.trajectory.losses,
-                                      oracle.computed, chunking, int(bad.sum())))
+                                      oracle.computed, chunking, int(bad.sum()), residual))
         return result.meta_grad, meta_grads, hyper_grads
+
+    def _check_proximal(self, plan) -> None:
+        wanted = self.estimator.reg if plan.schedule == "implicit" else None
+        if self.proximal != wanted:
+            recorded = "without the proximal term" if self.proximal is None else f"with Implicit's proximal term (reg={self.proximal})"
+            raise ValueError(
+                f"This inner loop was recorded {recorded}, but its meta-gradient was asked of {self.estimator!r}: Implicit's "
+                "inner loop minimises the support loss plus reg/2 ||phi - theta||^2, so it is a different loop. Adapt with the "
+                "estimator the meta-gradient uses."
+            )
+        if plan.schedule in ("implicit", "reptile") and self.hyper_inputs:
+            raise ValueError(
+                f"{self.estimator!r} has no meta-gradient for learned learning rates: at the fixed point Implicit "
+                "differentiates they do not matter, and Reptile is not a gradient. Use another estimator, or leave the "
+                "learning rates fixed (requires_grad=False)."
+            )
+
+    def _reptile(self, g: Tensors, plan):
+        """``theta - phi_K`` per task; the query gradient ``g`` only carries it."""
+        if self.meta_inputs:
+            raise ValueError(
+                "Reptile() gives a direction to the adapted parameters only, but the support loss also uses "
+                f"{len(self.meta_inputs)} other tensor(s) that require grad (the model's parameters that do not adapt, such "
+                "as an ANIL body, or features computed outside the closure). Adapt every parameter the support loss uses, "
+                "detach the others, or use another estimator."
+            )
+        final = self.trajectory.final
+        result = ExpansionResult({n: self.initial[n].detach().unsqueeze(0) - final[n] for n in final})
+        bad = self._bad_tasks(result)
+        self.status.finished = True
+        if self.setup.on_stats is not None:
+            chunking = Chunking(inner_batch=self.tasks.size)
+            self.setup.on_stats(make_stats(self.estimator, plan, task_norms(g), [], self.trajectory.losses, 0, chunking,
+                                           int(bad.sum())))
+        return result.meta_grad, [None] * len(self.meta_inputs), []
+
+    def _implicit(self, g: Tensors, oracle: HVPOracle):
+        """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; raise or warn when it breaks down."""
+        reg, options = self.estimator.reg, self.setup.options
+        with torch.no_grad():  # the recorded loss is the proximal one: its Hessian is H + reg I
+            cg = conjugate_gradient(lambda v: {n: t / reg for n, t in oracle.at_final(v).items()}, g, self.estimator.cg_steps)
+        result = ExpansionResult(cg.x, contributions=cg.residuals)
+        tol = self.estimator.tol
+        failed = cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol))
+        if bool(failed.any()):
+            residual = float(cg.residual[failed].max())
+            why = ("met negative curvature (H + reg I is not positive definite at the adapted point)"
+                   if bool(cg.negative_curvature.any()) else f"left a residual above tol={tol}")
+            message = (f"{self.estimator!r}: conjugate gradient {why}{self._naming(failed)}; relative residual "
+                       f"||g - (I + H/reg) x|| / ||g|| = {residual:.3g}, so the implicit meta-gradient is unreliable. Raise "
+                       "reg or cg_steps, take more inner steps (the inner loop must reach the proximal minimum), or use "
+                       "another estimator.")
+            if options.nan_policy == "raise":
+                raise FloatingPointError(message + " (with nan_policy='skip_task' this is a warning)")
+            warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
+        return result, float(cg.residual.max())
+
+    def _implicit_others(self, result: ExpansionResult, bad: torch.Tensor, oracle: HVPOracle):
+        """``-d/dc <grad F(phi_K, c), x> / reg`` for the other meta-parameters ``c`` (the proximal term has no ``c``)."""
+        if not self.meta_inputs:
+            return []
+        weight = {n: torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), -t / self.estimator.reg)
+                  for n, t in result.meta_grad.items()}
+        final = {n: t.unsqueeze(0) for n, t in self.trajectory.final.items()}
+        grads = directional_gradients(oracle, self.trajectory.loss_fns[-1], final, {n: t.unsqueeze(0) for n, t in weight.items()},
+                                      self.meta_inputs, "the mixed second-order terms at the adapted point")
+        if not all(t is None or bool(torch.isfinite(t).all()) for t in grads):
+            raise FloatingPointError(
+                "The implicit meta-gradient of a meta-parameter other than the initialisation is not finite: raise reg or "
+                "check the data."
+            )
+        return grads
 
     def _bad_tasks(self, result: ExpansionResult) -> torch.Tensor:
         """The tasks whose meta-gradient is not finite; raises for them under ``nan_policy="raise"``,

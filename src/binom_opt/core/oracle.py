@@ -63,17 +63,29 @@ class HVPOracle:
             if lo in self.zero:
                 parts.append({n: torch.zeros_like(t) for n, t in at.items()})
                 continue
-            hvp = self._hvps.setdefault(id(loss_fn), hvp_function(loss_fn, self.options.hvp_mode))
-            self.computed += hi - lo
-
-            def call(limit, lo=lo, hi=hi, hvp=hvp, at=at):
-                with calls(self.options, self.trajectory.stepper.stream, f"the Hessian-vector products at steps {lo}..{hi - 1}"):
-                    return map_points(hvp, (self.trajectory.points(lo, hi), at), self.tasks, self.options.randomness,
-                                      limit, self.options.compile_hvps)
-
-            measure = lambda lo=lo, fn=loss_fn: self.measure(fn, lo)
-            parts.append(self.chunking.run((hi - lo) * self.tasks.size, measure, call))
+            parts.append(self._lifted(loss_fn, lo, lambda lo=lo, hi=hi: self.trajectory.points(lo, hi), at,
+                                      f"the Hessian-vector products at steps {lo}..{hi - 1}"))
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+    def at_final(self, vectors: Tensors) -> Tensors:
+        """``H(phi_K) v`` for every task (``[B, ...]`` in and out), with the last step's support loss."""
+        K = self.trajectory.steps
+        final = {n: t.unsqueeze(0) for n, t in self.trajectory.final.items()}
+        out = self._lifted(self.trajectory.loss_fns[-1], K - 1, lambda: final, {n: v.unsqueeze(0) for n, v in vectors.items()},
+                           "the Hessian-vector products at the adapted point")
+        return {n: t.squeeze(0) for n, t in out.items()}
+
+    def _lifted(self, loss_fn, measured_at: int, points, at: Tensors, during: str) -> Tensors:
+        """One lifted, chunked call of the HVP of ``loss_fn`` over ``points()`` x tasks (``[n, B, ...]``)."""
+        hvp = self._hvps.setdefault(id(loss_fn), hvp_function(loss_fn, self.options.hvp_mode))
+        count = next(iter(at.values())).shape[0]
+        self.computed += count
+
+        def call(limit):
+            with calls(self.options, self.trajectory.stepper.stream, during):
+                return map_points(hvp, (points(), at), self.tasks, self.options.randomness, limit, self.options.compile_hvps)
+
+        return self.chunking.run(count * self.tasks.size, lambda: self.measure(loss_fn, measured_at), call)
 
     def measure(self, loss_fn: LossFn, step: int):
         """The activation bytes of one gradient and one HVP of the first task at ``step``."""

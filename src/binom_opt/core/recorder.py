@@ -23,7 +23,8 @@ import torch
 from torch.func import grad_and_value
 
 from .batching import RandomStream, Tasks, calls, compiled, over_tasks
-from .estimators import Estimator
+from .estimators import Estimator, Implicit
+from .implicit import proximal
 from .node import Adaptation, Record, Status, check_scalar_loss, leaves_requiring_grad
 from .options import Options
 from .trajectory import DROPPED, Stored, Trajectory
@@ -231,7 +232,7 @@ class InnerLoop:
             self.hyper = hyper
         key = closure_key(closure)
         known = self._closures.get(key)
-        loss_fn = known[1] if known else self.setup.make_loss(closure)
+        loss_fn = known[1] if known else self._support_loss(closure)
         k = self.steps_taken
         grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused)
         self._closures[key] = (closure, loss_fn)
@@ -255,6 +256,12 @@ class InnerLoop:
         self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
         self._sealed = None
 
+    def _support_loss(self, closure: Callable) -> LossFn:
+        """The support loss of a closure; with :class:`~binom_opt.Implicit`, plus its proximal term."""
+        loss_fn = self.setup.make_loss(closure)
+        estimator = self.setup.estimator
+        return proximal(loss_fn, self.initial, estimator.reg) if isinstance(estimator, Implicit) else loss_fn
+
     def outputs(self, estimator: Optional[Estimator] = None) -> Tensors:
         """The adapted parameters after the steps so far, ``[B, ...]``, differentiable with respect to the
         meta-parameters: their backward is ``estimator`` (the setup's by default; several estimators may
@@ -271,7 +278,8 @@ class InnerLoop:
         hyper = list(self._hyper_steps)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
                         list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),
-                        dict(self._versions), frozenset(self._first_order))
+                        dict(self._versions), frozenset(self._first_order),
+                        self.setup.estimator.reg if isinstance(self.setup.estimator, Implicit) else None)
         hyper_inputs = (v for _, _, v in record.hyper_inputs)
         outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *record.meta_inputs, *hyper_inputs)))
         if estimator is None:

@@ -28,9 +28,11 @@ class MetaGradientStats:
         contributions: one norm per round, over all tasks; for Binomial/Hybrid, round ``l``'s entry is
             the norm of the terms with exactly ``l`` Hessian factors (over the steps the recursion has
             at that round, see :class:`binom_opt.core.expansion.ExpansionResult`). Entries that grow
-            with ``l`` mean the expansion diverges (``alpha * ||H||`` too large for it).
+            with ``l`` mean the expansion diverges (``alpha * ||H||`` too large for it). For Implicit,
+            the relative residual after each conjugate-gradient iteration.
         inner_losses: the support loss at each inner step (the mean over the tasks).
-        schedule: ``"binomial"`` (batched rounds) or ``"sequential"`` (one HVP per round).
+        schedule: ``"binomial"`` (batched rounds), ``"sequential"`` (one HVP per round), ``"implicit"``
+            or ``"reptile"``.
         g_norm: the norm of the outer gradient ``g``, the order-0 term, over all tasks.
         tasks: how many tasks the meta-gradient covers.
         diverging_tasks: the tasks whose own series grows with the order (see :attr:`diverging`).
@@ -39,6 +41,9 @@ class MetaGradientStats:
         hvps_at_once: the most HVPs (points x tasks) one call ran at once (``None`` when no HVP ran),
             after ``chunk_size``, ``memory_budget`` and fallbacks.
         per_hvp_bytes: one HVP's measured activation bytes, when a ``memory_budget`` needed it.
+        cg_residual: for :class:`~binom_opt.Implicit`, the largest relative residual
+            ``||g - (I + H/reg) x|| / ||g||`` over the tasks after the conjugate-gradient iterations
+            (``contributions`` then holds it per iteration); ``None`` for the other estimators.
     """
 
     estimator: Estimator
@@ -56,6 +61,7 @@ class MetaGradientStats:
     skipped: int = 0
     hvps_at_once: Optional[int] = None
     per_hvp_bytes: Optional[int] = None
+    cg_residual: Optional[float] = None
 
     @property
     def diverging(self) -> bool:
@@ -69,7 +75,8 @@ class MetaGradientStats:
 
 
 def make_stats(estimator: Estimator, plan: ExpansionPlan, g_norms: torch.Tensor, contributions: Sequence[torch.Tensor],
-               losses: torch.Tensor, hvp_count: int, chunking, skipped: int) -> MetaGradientStats:
+               losses: torch.Tensor, hvp_count: int, chunking, skipped: int, cg_residual: Optional[float] = None
+               ) -> MetaGradientStats:
     """The stats from per-task norms (``[B]`` tensors, on the device), read back in one transfer."""
     B, rounds = g_norms.shape[0], len(contributions)
     per_task = torch.stack([g_norms, *contributions]).double()  # [1 + rounds, B]
@@ -83,7 +90,7 @@ def make_stats(estimator: Estimator, plan: ExpansionPlan, g_norms: torch.Tensor,
         contributions=totals[1:], inner_losses=inner_losses, schedule=plan.schedule, g_norm=totals[0],
         tasks=B, diverging_tasks=growing if plan.schedule == "binomial" else (),
         chunk_fallbacks=list(chunking.fallbacks), skipped=skipped, hvps_at_once=chunking.used,
-        per_hvp_bytes=chunking.per_hvp_bytes,
+        per_hvp_bytes=chunking.per_hvp_bytes, cg_residual=cg_residual,
     )
 
 

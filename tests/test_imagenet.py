@@ -1,0 +1,192 @@
+"""examples/fewshot/imagenet.py on small data sets written here in every form it reads, and
+examples/miniimagenet_maml.py end to end on them (the real sets cannot be downloaded)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from fewshot.imagenet import DataNotFound, ImageSplit, load_miniimagenet, load_tieredimagenet
+from fewshot.omniglot import TaskSampler
+
+pytestmark = pytest.mark.cpu_only  # files and example scripts on the host
+
+SIZE = 84
+COUNTS = {"train": [5, 7, 6], "val": [4, 4, 5], "test": [6, 4, 4]}  # images per class (tieredImageNet's differ)
+
+
+def colour(split: str, c: int, i: int) -> tuple:
+    """A distinct flat colour per image, far enough apart to survive JPEG."""
+    return (40 * c + 20, 30 * i + 10, {"train": 30, "val": 130, "test": 230}[split])
+
+
+def image(split: str, c: int, i: int, size=(SIZE, SIZE)) -> np.ndarray:
+    return np.broadcast_to(np.array(colour(split, c, i), np.uint8), (*size[::-1], 3)).copy()
+
+
+def interleaved(split: str):
+    """(class, index within class) of each image, classes interleaved as files often are."""
+    order = [(c, i) for i in range(max(COUNTS[split])) for c, n in enumerate(COUNTS[split]) if i < n]
+    return order
+
+
+def write_mini_csv(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    for split in COUNTS:
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["filename", "label"])
+            for c, i in interleaved(split):
+                wnid = f"n0{split}{c}"
+                name = f"{wnid}{i:08d}.jpg"
+                Image.fromarray(image(split, c, i, size=(100, 90))).save(root / "images" / name, quality=95)
+                writer.writerow([name, wnid])
+    return root
+
+
+def write_mini_pickles(root: Path) -> Path:
+    root.mkdir(parents=True)
+    for split in COUNTS:
+        order = interleaved(split)
+        classes = {f"n0{split}{c}": [k for k, (cc, _) in enumerate(order) if cc == c] for c in range(len(COUNTS[split]))}
+        data = {"image_data": np.stack([image(split, c, i) for c, i in order]), "class_dict": classes}
+        with open(root / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+            pickle.dump(data, f)
+    return root
+
+
+def write_tiered(root: Path, form: str) -> Path:
+    root.mkdir(parents=True)
+    offset = {"train": 0, "val": 3, "test": 6}  # the labels of a split need not start at 0
+    for split in COUNTS:
+        order = interleaved(split)
+        labels = {"label_specific": np.array([offset[split] + c for c, _ in order]),
+                  "label_general": np.zeros(len(order), dtype=np.int64),
+                  "label_specific_str": [f"class{k}" for k in range(9)]}
+        with open(root / f"{split}_labels.pkl", "wb") as f:
+            pickle.dump(labels, f)
+        images = [image(split, c, i) for c, i in order]
+        if form == "png":
+            encoded = []
+            for im in images:
+                buffer = io.BytesIO()
+                Image.fromarray(im).save(buffer, format="PNG")
+                encoded.append(buffer.getvalue())
+            with open(root / f"{split}_images_png.pkl", "wb") as f:
+                pickle.dump(encoded, f)
+        else:
+            np.savez(root / f"{split}_images.npz", images=np.stack(images))
+    return root
+
+
+LOADERS = {
+    "mini-csv": lambda tmp: (lambda split: load_miniimagenet(write_once(tmp, write_mini_csv), split, cache_dir=tmp / "cache")),
+    "mini-pickle": lambda tmp: (lambda split: load_miniimagenet(write_once(tmp, write_mini_pickles), split)),
+    "tiered-png": lambda tmp: (lambda split: load_tieredimagenet(write_once(tmp, lambda r: write_tiered(r, "png")), split)),
+    "tiered-npz": lambda tmp: (lambda split: load_tieredimagenet(write_once(tmp, lambda r: write_tiered(r, "npz")), split)),
+}
+
+
+def write_once(tmp: Path, writer) -> Path:
+    root = tmp / "data"
+    return root if root.exists() else writer(root)
+
+
+@pytest.mark.parametrize("form", sorted(LOADERS))
+def test_every_form_loads_every_class_and_image_in_order(form, tmp_path):
+    load = LOADERS[form](tmp_path)
+    for split, counts in COUNTS.items():
+        data = load(split)
+        assert data.num_classes == len(counts) and data.counts.tolist() == counts
+        for c, n in enumerate(counts):
+            got = data.class_images(torch.tensor([c]), torch.arange(n)[None])
+            assert got.shape == (1, n, 3, SIZE, SIZE) and got.dtype == torch.uint8
+            expected = torch.tensor([colour(split, c, i) for i in range(n)], dtype=torch.float64)
+            tolerance = 3 if form == "mini-csv" else 0  # JPEG
+            assert (got[0, :, :, SIZE // 2, SIZE // 2].double() - expected).abs().max() <= tolerance, (split, c)
+
+
+def test_csv_images_are_decoded_once_into_the_cache(tmp_path):
+    load = LOADERS["mini-csv"](tmp_path)
+    first = load("val")
+    cached = tmp_path / "cache" / "miniimagenet_val_84px.npz"
+    assert cached.is_file()
+    for f in (tmp_path / "data" / "images").iterdir():
+        f.unlink()  # the cache alone serves the second load
+    again = load("val")
+    assert np.array_equal(first.images, again.images)
+
+
+def test_python2_pickles_load(tmp_path):
+    """The original tieredImageNet labels were pickled by Python 2: str objects that are not ASCII."""
+    from fewshot.imagenet import _unpickle
+
+    raw = b"\x80\x02}q\x00(U\x0elabel_specificq\x01]q\x02(K\x00K\x01eU\x12label_specific_strq\x03]q\x04(U\x04caf\xe9q\x05U\x01bq\x06eu."
+    path = tmp_path / "labels.pkl"
+    path.write_bytes(raw)
+    assert _unpickle(path) == {"label_specific": [0, 1], "label_specific_str": ["café", "b"]}
+
+
+def test_tasks_sample_from_classes_of_different_sizes(tmp_path):
+    data = LOADERS["tiered-png"](tmp_path)("train")
+    sampler = TaskSampler(data, ways=3, shots=1, queries=3, generator=torch.Generator().manual_seed(0))
+    x_s, y_s, x_q, y_q = sampler.sample_batch(5)
+    assert x_s.shape == (5, 3, 3, SIZE, SIZE) and x_q.shape == (5, 9, 3, SIZE, SIZE)
+    assert y_s.tolist() == [[0, 1, 2]] * 5 and y_q.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2]] * 5
+    assert x_s.dtype == torch.float32 and float(x_s.min()) >= 0 and float(x_s.max()) <= 1
+    with pytest.raises(ValueError, match="exceeds the 5 images of the smallest class"):
+        TaskSampler(data, ways=3, shots=2, queries=4, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("loader", [load_miniimagenet, load_tieredimagenet])
+def test_missing_data_says_it_cannot_be_downloaded(loader, tmp_path):
+    with pytest.raises(DataNotFound, match="cannot be downloaded automatically: it is a subset of ImageNet") as error:
+        loader(tmp_path, "train")
+    assert str(tmp_path) in str(error.value)
+    with pytest.raises(ValueError, match="split must be one of"):
+        loader(tmp_path, "training")
+
+
+def test_image_split_checks_its_labels():
+    with pytest.raises(ValueError, match="3 images but 2 labels"):
+        ImageSplit(np.zeros((3, 84, 84, 3), np.uint8), np.array([0, 1]), ["a", "b"])
+    with pytest.raises(ValueError, match="labels must lie in 0..1"):
+        ImageSplit(np.zeros((2, 84, 84, 3), np.uint8), np.array([0, 2]), ["a", "b"])
+
+
+def tiny(root: Path, out: Path, *extra: str) -> list:
+    return ["--data-root", str(root), "--out", str(out), "--ways", "3", "--shots", "1", "--queries", "2", "--steps", "1",
+            "--eval-steps", "2", "--meta-batch", "2", "--iterations", "3", "--hidden", "4", "--eval-every", "1",
+            "--val-tasks", "2", "--eval-tasks", "4", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize(("dataset", "form"), [("mini", "mini-pickle"), ("tiered", "tiered-npz")])
+def test_the_example_runs_end_to_end_with_early_stopping(dataset, form, tmp_path):
+    import miniimagenet_maml
+
+    root = tmp_path / "data"
+    (write_mini_pickles if form == "mini-pickle" else lambda r: write_tiered(r, "npz"))(root)
+    results = miniimagenet_maml.main(tiny(root, tmp_path / "out", "--dataset", dataset, "--estimator", "binom"))
+    assert results["dataset"] == {"mini": "miniImageNet", "tiered": "tieredImageNet"}[dataset]
+    assert results["config"]["early_stopping"] and results["test"]["tasks"] == 4
+    best = max(results["history"]["val"], key=lambda r: r["accuracy"])  # the first of equals
+    assert results["tested_iteration"] == best["iteration"]
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_the_example_without_data_is_a_short_error(tmp_path):
+    import miniimagenet_maml
+
+    with pytest.raises(SystemExit, match="error: miniImageNet not found in .*cannot be downloaded"):
+        miniimagenet_maml.main(tiny(tmp_path, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
