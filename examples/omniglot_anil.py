@@ -86,7 +86,10 @@ def evaluate(model, tasks, count, steps, lr, device):
 
 
 def main(argv=None):
-    args = parse(common_parser(__doc__, DEFAULTS, PRESETS), argv)
+    parser = common_parser(__doc__, DEFAULTS, PRESETS)
+    args = parse(parser, argv)
+    if args.estimator == "reptile":
+        parser.error("--estimator reptile moves only what adapts, and in ANIL the body does not: use omniglot_maml.py")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -98,7 +101,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = Conv4(out_features=args.ways, hidden=args.hidden).to(device)
     inner_opt = torch.optim.SGD(model.head.parameters(), lr=args.inner_lr)  # what adapts: the head
-    engine = bo.MetaGradientEngine(model, inner_opt, steps=args.steps, estimator=estimator)
+    engine = bo.MetaGradientEngine(model, inner_opt, steps=args.steps, estimator=estimator, nan_policy=args.nan_policy)
     meta_opt = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
     train = sampler(splits["train"], args, args.seed)
     if args.resume:
@@ -107,7 +110,7 @@ def main(argv=None):
     evaluate_on = functools.partial(evaluate, model, steps=args.eval_steps, lr=args.inner_lr, device=device)
     run.train(model, meta_opt, train, lambda batch: meta_step(model, engine, meta_opt, batch, args, rank, world), evaluate_on,
               device)
-    return run.finish(evaluate_on)  # the meta-test, results.json, curves.png and the summary table
+    return run.finish(evaluate_on, model)  # the meta-test, results.json, curves.png and the summary table
 
 
 if __name__ == "__main__":

@@ -75,16 +75,20 @@ def main(argv=None):
     args = parse(common_parser(__doc__, DEFAULTS, PRESETS), argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    rank, world = bo.distributed.init_from_env(device)
-    splits = load_tasks(args)
-    estimator = make_estimator(args)
-    run = Run(args, "MAML", estimator, splits, rank, world)
-
+    rank, world = bo.distributed.init_from_env(torch.device(args.device))
+    splits = load_tasks(args)  # the data, or a short error that says how to get it
     torch.manual_seed(args.seed)
-    model = Conv4(out_features=args.ways, hidden=args.hidden).to(device)
-    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=args.inner_lr), steps=args.steps,
-                                   estimator=estimator)  # what adapts: every parameter
+    return meta_train(Conv4(out_features=args.ways, hidden=args.hidden), splits, args, rank, world)
+
+
+def meta_train(model, splits, args, rank=0, world=1, dataset="Omniglot"):
+    """MAML: meta-train ``model`` on tasks of ``splits`` with the estimator the flags name, then meta-test it."""
+    device = torch.device(args.device)
+    model = model.to(device)
+    estimator = make_estimator(args)
+    run = Run(args, "MAML", estimator, splits, rank, world, dataset)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=args.inner_lr)  # what adapts: every parameter
+    engine = bo.MetaGradientEngine(model, inner_opt, steps=args.steps, estimator=estimator, nan_policy=args.nan_policy)
     meta_opt = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
     train = sampler(splits["train"], args, args.seed)
     if args.resume:
@@ -93,8 +97,7 @@ def main(argv=None):
     evaluate_on = functools.partial(evaluate, model, steps=args.eval_steps, lr=args.inner_lr, device=device)
     run.train(model, meta_opt, train, lambda batch: meta_step(model, engine, meta_opt, batch, args, rank, world), evaluate_on,
               device)
-    return run.finish(evaluate_on)  # the meta-test, results.json, curves.png and the summary table
-
+    return run.finish(evaluate_on, model)  # the meta-test, results.json, curves.png and the summary table
 
 if __name__ == "__main__":
     main()

@@ -334,6 +334,11 @@ class FewShotSplit:
     def drawings(self) -> int:
         return self.images.shape[1]
 
+    @property
+    def counts(self) -> np.ndarray:
+        """Drawings per class: 20 for every class."""
+        return np.full(self.num_classes, self.drawings)
+
     def class_images(self, classes: torch.Tensor, drawings: torch.Tensor) -> torch.Tensor:
         """uint8 (len(classes), drawings.shape[1], size, size): drawings ``drawings[i]`` of ``classes[i]``
         (moved in numpy: on a task's few images torch's thread pool costs more than it saves)."""
@@ -345,11 +350,12 @@ class FewShotSplit:
 
 
 class TaskSampler:
-    """N-way K-shot tasks from a :class:`FewShotSplit`, with all randomness from `generator`.
+    """N-way K-shot tasks from a :class:`FewShotSplit` (or an ``ImageSplit`` of :mod:`fewshot.imagenet`), with
+    all randomness from `generator`.
 
     Each task draws `ways` distinct classes and, per class, `shots + queries` distinct drawings, so
     support and query never share an image. Class ``i`` of the task gets label ``i``. Images are
-    float32 in [0, 1] (1 = ink) of shape (1, size, size), laid out class by class.
+    float32 in [0, 1] (for Omniglot 1 = ink) of shape (channels, size, size), laid out class by class.
     :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator for resuming.
 
     >>> split = FewShotSplit(torch.randint(0, 256, (10, 20, 28, 28), dtype=torch.uint8))
@@ -366,8 +372,8 @@ class TaskSampler:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if ways > split.num_classes:
             raise ValueError(f"ways={ways} exceeds the {split.num_classes} classes of the split")
-        if shots + queries > split.drawings:
-            raise ValueError(f"shots + queries = {shots + queries} exceeds the {split.drawings} drawings per class")
+        if shots + queries > split.counts.min():
+            raise ValueError(f"shots + queries = {shots + queries} exceeds the {split.counts.min()} images of the smallest class")
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.split, self.generator = split, generator
@@ -387,12 +393,14 @@ class TaskSampler:
     def _task(self) -> tuple[np.ndarray, ...]:
         g, ways, shots = self.generator, self.ways, self.shots
         classes = torch.randperm(self.split.num_classes, generator=g)[:ways]
-        drawings = torch.stack([torch.randperm(self.split.drawings, generator=g)[:shots + self.queries] for _ in range(ways)])
-        images = self.split.class_images(classes, drawings).numpy()[:, :, None].astype(np.float32) / 255
+        counts = self.split.counts[classes.numpy()]
+        drawings = torch.stack([torch.randperm(int(n), generator=g)[:shots + self.queries] for n in counts])
+        images = self.split.class_images(classes, drawings).numpy()
+        images = (images[:, :, None] if images.ndim == 4 else images).astype(np.float32) / 255  # grayscale: add a channel
         labels = np.broadcast_to(np.arange(ways, dtype=np.int64)[:, None], drawings.shape)
-        size = images.shape[-1]
-        return (images[:, :shots].reshape(-1, 1, size, size), labels[:, :shots].flatten(),
-                images[:, shots:].reshape(-1, 1, size, size), labels[:, shots:].flatten())
+        shape = images.shape[2:]
+        return (images[:, :shots].reshape(-1, *shape), labels[:, :shots].flatten(),
+                images[:, shots:].reshape(-1, *shape), labels[:, shots:].flatten())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}

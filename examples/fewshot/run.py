@@ -1,4 +1,4 @@
-"""Running and reporting an Omniglot meta-training run: the common flags, checkpoints, the report.
+"""Running and reporting a few-shot meta-training run: the common flags, checkpoints, the report.
 
 The example scripts keep the model, the task sampling, the meta-training loop and the evaluation
 in view; what is the same for all of them lives here: :func:`common_parser` and :func:`parse`
@@ -30,14 +30,15 @@ from .omniglot import OmniglotCharacters, OmniglotDataError, OmniglotNotFound, T
 
 __all__ = ["common_parser", "parse", "make_estimator", "load_tasks", "sampler", "confidence", "meta_batch_numbers", "Run"]
 
-ESTIMATORS = ("fo", "trunc", "binom", "hybrid", "exact")
+ESTIMATORS = ("fo", "reptile", "imaml", "trunc", "binom", "hybrid", "exact")
 # Settings that define the model and the task stream: a checkpoint resumes only with the same ones.
-RESUME_KEYS = ("ways", "shots", "queries", "steps", "inner_lr", "estimator", "L", "C", "hessian_scale", "meta_batch",
+RESUME_KEYS = ("ways", "shots", "queries", "steps", "inner_lr", "estimator", "L", "C", "hessian_scale", "reg", "meta_batch",
                "meta_lr", "hidden", "seed")
 
 
-def common_parser(description: str, defaults: dict, presets: Dict[str, dict]) -> argparse.ArgumentParser:
-    """The flags every Omniglot example takes; ``defaults`` are the script's (its CPU budget)."""
+def common_parser(description: str, defaults: dict, presets: Dict[str, dict], omniglot: bool = True) -> argparse.ArgumentParser:
+    """The flags every few-shot example takes; ``defaults`` are the script's (its CPU budget). ``omniglot``: the data
+    flags find or download Omniglot; otherwise ``--data-root`` is the data set's folder and must be given."""
     p = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
     a = p.add_argument
     a("--ways", type=_positive, default=5, help="classes per task")
@@ -47,10 +48,13 @@ def common_parser(description: str, defaults: dict, presets: Dict[str, dict]) ->
     a("--eval-steps", type=_positive, default=None, help="inner steps at evaluation (default: --steps)")
     a("--inner-lr", type=_positive_float, default=0.4, help="inner SGD step size alpha")
     a("--estimator", choices=ESTIMATORS, default="binom", help="meta-gradient estimator")
-    a("--L", type=_non_negative, default=1, help="expansion order of trunc / binom / hybrid")
+    a("--L", type=_non_negative, default=1, help="expansion order of trunc / binom / hybrid; CG steps of imaml")
     a("--C", type=_non_negative, default=None, help="hybrid: last steps that keep Hessians (default K - 1)")
     a("--hessian-scale", choices=("exact", "paper"), default="paper",
       help="alpha inside binom/hybrid: 'paper' uses L*alpha/K, as the paper does on real data")
+    a("--reg", type=_positive_float, default=2.0, help="imaml: the proximal regularisation lambda")
+    a("--nan-policy", choices=("raise", "skip_task"), default="raise",
+      help="a non-finite meta-gradient (or imaml's CG meeting negative curvature): stop, or drop the task and warn")
     a("--meta-batch", type=_positive, default=32, help="tasks per meta-gradient")
     a("--iterations", type=_non_negative, default=60000, help="meta-training iterations")
     a("--meta-lr", type=_positive_float, default=1e-3, help="Adam step size")
@@ -60,9 +64,12 @@ def common_parser(description: str, defaults: dict, presets: Dict[str, dict]) ->
     a("--preset", choices=sorted(presets), default=None, help="a whole setting (flags given explicitly still win)")
     a("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     a("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's, one per core)")
-    a("--data-root", type=Path, default=None, help="the Omniglot folder (default: $OMNIGLOT_ROOT, then ~/.cache/binom_opt/omniglot)")
-    a("--download", action=argparse.BooleanOptionalAction, default=True,
-      help="download Omniglot into ~/.cache/binom_opt/omniglot when it is found nowhere")
+    if omniglot:
+        a("--data-root", type=Path, default=None, help="the Omniglot folder (default: $OMNIGLOT_ROOT, then ~/.cache/binom_opt/omniglot)")
+        a("--download", action=argparse.BooleanOptionalAction, default=True,
+          help="download Omniglot into ~/.cache/binom_opt/omniglot when it is found nowhere")
+    else:
+        a("--data-root", type=Path, required=True, help="the data set's folder")
     a("--cache-dir", type=Path, default=None, help="decoded-image cache (default ~/.cache/binom_opt)")
     a("--out", type=Path, default=Path("runs/omniglot"), help="output folder")
     a("--eval-every", type=_non_negative, default=1000, help="validate every N iterations (0: never)")
@@ -70,9 +77,11 @@ def common_parser(description: str, defaults: dict, presets: Dict[str, dict]) ->
     a("--eval-tasks", type=_positive, default=600, help="meta-test tasks of the final evaluation")
     a("--checkpoint-every", type=_positive, default=1000, help="checkpoint every N iterations")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    a("--early-stopping", action=argparse.BooleanOptionalAction, default=False,
+      help="meta-test the model of the best validation, not the last one")
     a("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(**defaults)
-    p.presets = presets
+    p.presets, p.images_per_class = presets, 20 if omniglot else None
     return p
 
 
@@ -84,8 +93,9 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
         args = parser.parse_args(argv)
     args.eval_steps = args.eval_steps or args.steps
     args.C = max(args.L, args.steps - 1) if args.C is None else args.C
-    if args.shots + args.queries > 20:
-        parser.error(f"--shots + --queries must be at most 20 (drawings per character), got {args.shots + args.queries}")
+    if parser.images_per_class and args.shots + args.queries > parser.images_per_class:
+        parser.error(f"--shots + --queries must be at most {parser.images_per_class} (images per class), got "
+                     f"{args.shots + args.queries}")
     try:
         make_estimator(args).plan(args.steps)
     except ValueError as e:
@@ -97,6 +107,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
 def make_estimator(args: argparse.Namespace) -> bo.Estimator:
     """The estimator the flags name."""
     return {"fo": lambda: bo.FirstOrder(), "exact": lambda: bo.Exact(), "trunc": lambda: bo.Truncated(args.L),
+            "reptile": lambda: bo.Reptile(), "imaml": lambda: bo.Implicit(args.L, args.reg),
             "binom": lambda: bo.Binomial(args.L, hessian_scale=args.hessian_scale),
             "hybrid": lambda: bo.Hybrid(args.L, args.C, hessian_scale=args.hessian_scale)}[args.estimator]()
 
@@ -128,12 +139,13 @@ class Run:
     ``Run(args, method, estimator, splits, rank, world)``; ``restore(model, meta_opt, sampler)`` after
     ``--resume``; ``train(...)`` runs the iterations and validates; ``finish(evaluate)`` runs the meta-test,
     writes ``results.json`` and ``curves.png`` and prints the summary table. Under torchrun only rank 0
-    validates, tests and writes.
+    validates, tests and writes. With ``--early-stopping`` the meta-test takes the model of the best validation.
     """
 
     def __init__(self, args: argparse.Namespace, method: str, estimator: bo.Estimator, splits: dict, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, dataset: str = "Omniglot"):
         self.args, self.method, self.estimator, self.splits, self.rank, self.world = args, method, estimator, splits, rank, world
+        self.dataset, self.best = dataset, None  # best: (validation accuracy, iteration, model state)
         self.config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         self.history: dict = {"train": [], "val": []}
         self.iteration, self.train_seconds, self.start = 0, 0.0, time.perf_counter()
@@ -154,6 +166,7 @@ class Run:
         train.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         self.iteration, self.history, self.train_seconds = state["iteration"], state["history"], state["train_seconds"]
+        self.best = state.get("best")
 
     def log(self, iteration: int, seconds: float, **step) -> None:
         self.iteration, self.train_seconds = iteration, self.train_seconds + seconds
@@ -165,7 +178,7 @@ class Run:
             return
         state = {"model": model.state_dict(), "meta_opt": meta_opt.state_dict(), "sampler": train.state_dict(),
                  "torch_rng": torch.get_rng_state(), "iteration": self.iteration, "history": self.history,
-                 "train_seconds": self.train_seconds, "config": self.config}
+                 "train_seconds": self.train_seconds, "config": self.config, "best": self.best}
         temporary = self.checkpoint.with_suffix(".tmp")  # an ordinary file (the umask's mode), renamed in one step
         torch.save(state, temporary)
         os.replace(temporary, self.checkpoint)
@@ -186,16 +199,22 @@ class Run:
             if self.rank == 0 and args.eval_every and iteration % args.eval_every == 0:
                 validation = sampler(self.splits["val"], args, args.seed + 1)  # the same tasks every time
                 self.history["val"].append({"iteration": iteration, **evaluate(validation, args.val_tasks)})
-                bar.set_postfix(val=f"{self.history['val'][-1]['accuracy']:.3f}")
+                accuracy = self.history["val"][-1]["accuracy"]
+                if args.early_stopping and (self.best is None or accuracy > self.best[0]):
+                    self.best = (accuracy, iteration, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                bar.set_postfix(val=f"{accuracy:.3f}")
             if iteration % args.checkpoint_every == 0 or iteration == args.iterations:
                 self.save(model, meta_opt, train)
 
-    def finish(self, evaluate) -> dict:
-        """The meta-test (``evaluate(tasks, count)`` on --eval-tasks test tasks), ``results.json``, ``curves.png``
-        and the summary table; the results (on ranks other than 0, only the iteration count)."""
+    def finish(self, evaluate, model=None) -> dict:
+        """The meta-test (``evaluate(tasks, count)`` on --eval-tasks test tasks; with --early-stopping, of ``model``
+        at its best validation), ``results.json``, ``curves.png`` and the summary table; the results (on ranks
+        other than 0, only the iteration count)."""
         args, trained = self.args, len(self.history["train"])
         if self.rank != 0:
             return {"rank": self.rank, "iterations": self.iteration}
+        if args.early_stopping and self.best is not None and model is not None:
+            model.load_state_dict(self.best[2])
         test = evaluate(sampler(self.splits["test"], args, args.seed + 2), args.eval_tasks)
         last = self.history["train"][-1] if trained else {}
         results = {
@@ -203,12 +222,13 @@ class Run:
             "test": test, "hvps_per_task": last.get("hvps_per_task", 0), "diverging_fraction": _mean(self.history, "diverging"),
             "train_seconds": self.train_seconds, "seconds_per_iteration": self.train_seconds / trained if trained else float("nan"),
             "wall_seconds_this_process": time.perf_counter() - self.start, "machine": machine(args.device),
-            "world_size": self.world, "history": self.history,
+            "world_size": self.world, "history": self.history, "dataset": self.dataset,
+            "tested_iteration": self.best[1] if args.early_stopping and self.best is not None else trained,
         }
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
-        title = (f"{self.method} {self.estimator!r}: Omniglot {args.ways}-way {args.shots}-shot, K={args.steps}, "
+        title = (f"{self.method} {self.estimator!r}: {self.dataset} {args.ways}-way {args.shots}-shot, K={args.steps}, "
                  f"alpha={args.inner_lr}, meta-batch {args.meta_batch}, {trained} iterations")
-        plot(self.history, test, args.out / "curves.png", title)
+        plot(self.history, test, args.out / "curves.png", title, results["tested_iteration"])
         print(summary(results, args), flush=True)
         return results
 
@@ -231,7 +251,9 @@ def summary(results: dict, args: argparse.Namespace) -> str:
     test, diverging = results["test"], results["diverging_fraction"]
     lines = [
         "", f"| {results['method']} | {results['estimator']} |", "|---|---|",
-        f"| test accuracy ({test['tasks']} tasks of {args.ways}-way {args.shots}-shot) | "
+        f"| test accuracy ({test['tasks']} tasks of {args.ways}-way {args.shots}-shot"
+        + (f", the model of iteration {results['tested_iteration']}, the best validation" if args.early_stopping else "")
+        + ") | "
         f"{100 * test['accuracy']:.2f} % ± {100 * test['ci95']:.2f} (95% CI) |",
         f"| training | {results['iterations']} iterations, {results['seconds_per_iteration']:.3f} s each, "
         f"{results['train_seconds'] / 60:.1f} min |",
@@ -266,7 +288,7 @@ def machine(device) -> dict:
     return info
 
 
-def plot(history: dict, test: dict, path: Path, title: str) -> Optional[Path]:
+def plot(history: dict, test: dict, path: Path, title: str, tested: Optional[int] = None) -> Optional[Path]:
     """Training loss and accuracy (moving average), validation and test accuracy; None without matplotlib."""
     try:
         import matplotlib
@@ -292,7 +314,7 @@ def plot(history: dict, test: dict, path: Path, title: str) -> Optional[Path]:
         ax_acc.errorbar([r["iteration"] for r in history["val"]], [r["accuracy"] for r in history["val"]],
                         yerr=[r["ci95"] for r in history["val"]], fmt="o-", label="validation")
     if its:
-        ax_acc.errorbar([its[-1]], [test["accuracy"]], yerr=[test["ci95"]], fmt="s", color="black",
+        ax_acc.errorbar([tested or its[-1]], [test["accuracy"]], yerr=[test["ci95"]], fmt="s", color="black",
                         label=f"test ({test['tasks']} tasks): {100 * test['accuracy']:.1f} %")
     ax_acc.set(xlabel="meta-iteration", ylabel="accuracy", ylim=(0, 1))
     ax_acc.legend(loc="lower right", fontsize=8)

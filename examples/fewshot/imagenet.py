@@ -1,0 +1,180 @@
+"""miniImageNet and tieredImageNet for few-shot learning, in the forms they are shared in.
+
+Neither set can be downloaded here: both are subsets of ImageNet, whose licence does not allow
+redistribution, so every copy comes from ImageNet itself (with the split files) or from the
+pre-processed files that research groups pass around. Point ``--data-root`` at a folder holding one
+of these forms:
+
+miniImageNet (Vinyals et al., 2016; the split of Ravi & Larochelle, 2017: 64 / 16 / 20 classes of
+600 images):
+
+* ``train.csv``, ``val.csv``, ``test.csv`` (header ``filename,label``) beside an ``images/`` folder,
+  as Ravi & Larochelle's script makes them; images of any size are resized (Lanczos);
+* ``mini-imagenet-cache-{train,val,test}.pkl``: a dict with ``image_data`` (uint8, N x 84 x 84 x 3)
+  and ``class_dict`` (class name -> list of indices), the form learn2learn and others read.
+
+tieredImageNet (Ren et al., 2018: 351 / 97 / 160 classes, 608 categories in 34 groups):
+
+* ``{split}_images_png.pkl`` (a list of PNG-encoded images) or ``{split}_images.npz`` (key ``images``,
+  uint8 N x 84 x 84 x 3), with ``{split}_labels.pkl`` (a dict whose ``label_specific`` gives each
+  image's class).
+
+>>> split = ImageSplit(np.zeros((6, 84, 84, 3), np.uint8), np.array([0, 0, 1, 1, 2, 2]), ["a", "b", "c"])
+>>> split.num_classes, split.counts.tolist()
+(3, [2, 2, 2])
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .omniglot import user_cache
+
+__all__ = ["ImageSplit", "DataNotFound", "load_miniimagenet", "load_tieredimagenet", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+NOT_SHAREABLE = ("{name} cannot be downloaded automatically: it is a subset of ImageNet, whose licence does not allow "
+                 "redistribution. Build it from ImageNet with the split files, or get the pre-processed files your group "
+                 "uses, and point --data-root at the folder ({forms}).")
+
+
+class DataNotFound(FileNotFoundError):
+    """The data set is not where it was looked for; the message says what was expected."""
+
+
+class ImageSplit:
+    """The classes of one split: uint8 colour images ``[N, H, W, 3]`` (or PNG bytes, decoded when sampled),
+    each image's class in ``labels`` (``0 .. num_classes - 1``) and the class names.
+
+    The interface :class:`~fewshot.omniglot.TaskSampler` samples from: ``num_classes``, ``counts`` (images per
+    class, which may differ) and ``class_images(classes, drawings)``.
+    """
+
+    def __init__(self, images: Union[np.ndarray, Sequence[bytes]], labels: np.ndarray, names: Sequence[str],
+                 image_size: int = 84):
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+            raise ValueError(f"labels must lie in 0..{len(names) - 1}, got {labels.min()}..{labels.max()}")
+        self.images, self.names, self.image_size = images, list(names), image_size
+        order = np.argsort(labels, kind="stable")  # each class's images in their file order
+        self.counts = np.bincount(labels, minlength=len(names))
+        self._starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self._order = order
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def class_images(self, classes: torch.Tensor, drawings: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(len(classes), drawings.shape[1], 3, S, S)``: image ``drawings[i, j]`` of class ``classes[i]``."""
+        index = self._order[self._starts[classes.numpy()][:, None] + drawings.numpy()]
+        picked = np.stack([self._image(i) for i in index.flatten()])
+        return torch.from_numpy(picked.reshape(*index.shape, *picked.shape[1:])).permute(0, 1, 4, 2, 3)
+
+    def _image(self, i: int) -> np.ndarray:
+        image = self.images[i]
+        if isinstance(image, (bytes, bytearray)):
+            image = _resized(Image.open(io.BytesIO(image)), self.image_size)
+        elif image.shape[:2] != (self.image_size, self.image_size):
+            image = _resized(Image.fromarray(image), self.image_size)
+        return image
+
+
+def _resized(image: Image.Image, size: int) -> np.ndarray:
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_miniimagenet(root: Union[str, os.PathLike], split: str, image_size: int = 84,
+                      cache_dir: Optional[Union[str, os.PathLike]] = None, verbose: bool = True) -> ImageSplit:
+    """One split of miniImageNet from ``root`` (the pickle form, else the CSV form; see the module docstring).
+
+    The CSV form's images are decoded once and cached as uint8 in ``cache_dir`` (default ``~/.cache/binom_opt``).
+    """
+    root, split = Path(root).expanduser(), _check_split(split)
+    cache = root / f"mini-imagenet-cache-{split}.pkl"
+    if cache.is_file():
+        data = _unpickle(cache)
+        if not {"image_data", "class_dict"} <= set(data):
+            raise ValueError(f"{cache}: expected a dict with 'image_data' and 'class_dict', got keys {sorted(data)}")
+        names = sorted(data["class_dict"])
+        labels = np.empty(len(data["image_data"]), dtype=np.int64)
+        for c, name in enumerate(names):
+            labels[np.asarray(data["class_dict"][name])] = c
+        return ImageSplit(np.asarray(data["image_data"], dtype=np.uint8), labels, names, image_size)
+    table = root / f"{split}.csv"
+    if not table.is_file() or not (root / "images").is_dir():
+        raise DataNotFound(f"miniImageNet not found in {root}: expected mini-imagenet-cache-{split}.pkl, or {split}.csv "
+                           "beside an images/ folder. " + NOT_SHAREABLE.format(
+                               name="miniImageNet", forms="Ravi & Larochelle's CSV files and images/, or the pickles"))
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"filename", "label"} <= set(rows[0]):
+        raise ValueError(f"{table}: expected the header 'filename,label'")
+    names = sorted({r["label"] for r in rows})
+    labels = np.array([names.index(r["label"]) for r in rows])
+    cached = Path(cache_dir or user_cache()) / f"miniimagenet_{split}_{image_size}px.npz"
+    if cached.is_file():
+        with np.load(cached) as saved:
+            if len(saved["images"]) == len(rows):
+                return ImageSplit(saved["images"], labels, names, image_size)
+    files = tqdm(rows, desc=f"decoding miniImageNet {split}", unit="image", leave=False, disable=not verbose)
+    images = np.stack([_resized(Image.open(root / "images" / r["filename"]), image_size) for r in files])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cached.with_name(cached.name + ".tmp")
+    with open(temporary, "wb") as out:
+        np.savez(out, images=images)
+    os.replace(temporary, cached)
+    return ImageSplit(images, labels, names, image_size)
+
+
+def load_tieredimagenet(root: Union[str, os.PathLike], split: str, image_size: int = 84) -> ImageSplit:
+    """One split of tieredImageNet from ``root`` (see the module docstring); PNG images are decoded when sampled."""
+    root, split = Path(root).expanduser(), _check_split(split)
+    labels_file, png, npz = root / f"{split}_labels.pkl", root / f"{split}_images_png.pkl", root / f"{split}_images.npz"
+    if not labels_file.is_file() or not (png.is_file() or npz.is_file()):
+        raise DataNotFound(f"tieredImageNet not found in {root}: expected {labels_file.name} with {png.name} or {npz.name}. "
+                           + NOT_SHAREABLE.format(name="tieredImageNet", forms="the pickles or the npz of Ren et al."))
+    meta = _unpickle(labels_file)
+    if "label_specific" not in meta:
+        raise ValueError(f"{labels_file}: expected a dict with 'label_specific', got keys {sorted(meta)}")
+    specific = np.asarray(meta["label_specific"], dtype=np.int64)
+    classes = np.unique(specific)  # splits number their classes globally or from 0: renumber from 0
+    strings = meta.get("label_specific_str")
+    names = [str(strings[c]) if strings is not None and len(strings) > c else str(c) for c in classes]
+    labels = np.searchsorted(classes, specific)
+    if png.is_file():
+        images = _unpickle(png)
+    else:
+        with np.load(npz) as data:
+            images = data["images"]
+    return ImageSplit(images, labels, names, image_size)
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+def _unpickle(path: Path):
+    with open(path, "rb") as f:
+        try:
+            return pickle.load(f)
+        except UnicodeDecodeError:  # pickles written by Python 2 (the original tieredImageNet files)
+            f.seek(0)
+            return pickle.load(f, encoding="latin1")
