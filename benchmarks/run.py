@@ -314,6 +314,8 @@ def make_engine(model: torch.nn.Module, cfg: Config, method: Method, engine_opti
     inner_opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     if method.checkpoint:
         engine_options = {**engine_options, "checkpoint_every": max(1, round(math.sqrt(cfg.steps)))}
+    if method.estimator == "Implicit":  # a broken-down CG costs the same: time it, and flag it in the table
+        engine_options = {**engine_options, "nan_policy": "skip_task"}
     return bo.MetaGradientEngine(model, inner_opt, steps=cfg.steps, estimator=make_estimator(method), **engine_options)
 
 
@@ -328,7 +330,7 @@ def make_per_task_step(model: torch.nn.Module, batch: Batch, cfg: Config, method
             learner = engine.adapt(lambda m, x=xs[t], y=ys[t]: F.cross_entropy(m(x), y))
             (F.cross_entropy(learner(xq[t]), yq[t]) / B).backward()
             hvps += engine.last_stats.hvp_count
-            diverging |= engine.last_stats.diverging
+            diverging |= flagged(engine.last_stats)
         return hvps, diverging
 
     return step
@@ -343,9 +345,14 @@ def make_batched_step(model: torch.nn.Module, batch: Batch, cfg: Config, method:
         learners = engine.adapt_batch(lambda m, task: F.cross_entropy(m(task[0]), task[1]), (xs, ys))
         logits = learners(xq)  # [B, Q, ways]
         F.cross_entropy(logits.flatten(0, 1), yq.flatten()).backward()
-        return engine.last_stats.hvp_count, engine.last_stats.diverging
+        return engine.last_stats.hvp_count, flagged(engine.last_stats)
 
     return step
+
+
+def flagged(stats: bo.MetaGradientStats) -> bool:
+    """What the table flags: a binomial series that grows with the order, or a conjugate gradient that broke down."""
+    return stats.diverging or stats.unreliable_solve
 
 
 def make_step(method: Method, model: torch.nn.Module, batch: Batch, cfg: Config, engine_options: dict) -> MetaStep:
@@ -437,7 +444,8 @@ def run_child(job_path: Path) -> None:
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()})
     method, device = Method(**job["method"]), torch.device(job["device"])
     torch.set_num_threads(job["threads"])
-    warnings.simplefilter("ignore", bo.ExpansionDivergenceWarning)
+    warnings.simplefilter("ignore", bo.ExpansionDivergenceWarning)  # both are flagged in the table instead
+    warnings.simplefilter("ignore", bo.ImplicitSolveWarning)
     result = {}
     if job["repeats"] >= 0:
         result = measure_cost(method, cfg, device, job["repeats"], job["engine_options"])
@@ -686,7 +694,7 @@ def fmt_error(row: dict) -> str:
     if row["slug"] == "autograd":
         return "0 (reference)"
     if row["estimator"] in OTHER_OBJECTIVES:
-        return "other objective"
+        return "other objective" + (" (CG broke down)" if row["diverging"] else "")
     if row["rel_error"] is None:
         return "—"
     return f"{row['rel_error']:.1e}" + (" (series grows)" if row["diverging"] else "")
@@ -716,12 +724,14 @@ def memory_note(device: str) -> str:
 
 def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[dict], ks_table: List[dict], command: str,
              growth: Dict[str, dict], parameter_mib: float) -> str:
+    auto = "a quarter of the free memory, at most 512 MiB" if args.device == "cuda" else "no cap on a CPU"
+    budget = repr(args.memory_budget) if args.memory_budget is not None else f"'auto' (the default: {auto})"
     lines = [
         f"# {cfg.name}{' (quick)' if args.quick else ''} on {args.device}: {machine_text(machine)}",
         "",
         f"Command: `{command}`",
         "",
-        f"{cfg.describe()}. binom_opt engines: memory_budget={args.memory_budget!r}, compile_hvps={args.compile}. "
+        f"{cfg.describe()}. binom_opt engines: memory_budget={budget}, compile_hvps={args.compile}. "
         "Random data of these shapes (the values of the data do not change the cost). "
         f"Time: median of {cfg.repeats} meta-steps after one warm-up; one meta-step is the meta-gradient of the "
         f"whole meta-batch into .grad. Memory: {memory_note(args.device)}, each method in its own process. "
@@ -729,7 +739,9 @@ def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[di
         f"on the {args.error_tasks or cfg.meta_batch} task(s) of the fixed meta-batch; exact = autograd unrolled with "
         "create_graph=True; \"series grows\": binom_opt's monitor saw the terms of the binomial series grow "
         "with the order (last_stats.diverging) on some task; Implicit (iMAML, proximal inner loop) and Reptile are "
-        "meta-gradients of other objectives, so they have no error against MAML's. HVPs: per meta-step (all tasks).",
+        "meta-gradients of other objectives, so they have no error against MAML's; \"CG broke down\": Implicit's "
+        "conjugate gradient met negative curvature on some task (last_stats.unreliable_solve; timed all the same). "
+        "HVPs: per meta-step (all tasks).",
         "",
         "| method | ms per meta-step | vs higher exact | vs our FirstOrder | vs our Truncated(L) | peak MiB "
         "| vs higher exact peak | HVPs | rel. error vs exact |",

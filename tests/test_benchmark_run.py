@@ -5,8 +5,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+import binom_opt as bo
 
 pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
 
@@ -77,3 +81,20 @@ def test_batched_rows(run):
     assert [r["slug"] for r in batched] == BATCHED_METHODS
     for row in batched:
         check_row(row)
+
+
+def test_a_broken_down_implicit_solve_is_flagged_not_fatal():
+    """A conjugate gradient that met negative curvature costs the same: its row is timed, and flagged."""
+    module = load_run_module()
+    assert module.flagged(SimpleNamespace(diverging=False, unreliable_solve=True))
+    assert not module.flagged(SimpleNamespace(diverging=False, unreliable_solve=False))
+    row = {"slug": "imaml4-task", "estimator": "Implicit", "diverging": True, "rel_error": None}
+    assert module.fmt_error(row) == "other objective (CG broke down)"
+    assert module.fmt_error({**row, "diverging": False}) == "other objective"
+    cfg = module.CONFIGS["tiny"]
+    method = next(m for m in module.all_methods(cfg) if m.slug == "imaml1-task")
+    engine = module.make_engine(module.build_model(cfg, torch.device("cpu")), cfg, method, {})
+    learner = engine.adapt(lambda m: -(m.params["head.bias"] ** 2).sum())  # concave: CG meets negative curvature
+    with pytest.warns(bo.ImplicitSolveWarning):
+        learner.params["head.bias"].sum().backward()
+    assert module.flagged(engine.last_stats)

@@ -69,6 +69,7 @@ def test_implicit_equals_the_closed_form_and_the_unrolled_proximal_loop():
     torch.testing.assert_close(unrolled, expected, rtol=1e-8, atol=0)
     stats = engine.last_stats
     assert stats.cg_residual < 1e-10 and stats.hvp_count == D and stats.levels == D and stats.schedule == "implicit"
+    assert not stats.unreliable_solve and stats.unsolved_tasks == ()
     assert len(stats.contributions) == D and stats.contributions[0] > stats.contributions[-1]
 
 
@@ -134,6 +135,16 @@ def test_negative_curvature_is_an_error_under_raise_and_a_warning_otherwise():
     with pytest.warns(bo.ImplicitSolveWarning, match="negative curvature"):
         (learner.params["w"].sum()).backward()
     assert engine.last_stats.cg_residual is not None
+    assert engine.last_stats.unsolved_tasks == (0,) and engine.last_stats.unreliable_solve
+
+
+def test_task_batched_stats_name_the_tasks_whose_solve_broke_down():
+    _, engine = concave_engine(nan_policy="skip_task")
+    signs = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)  # task 1's support loss is concave
+    learners = engine.adapt_batch(lambda m, sign: sign * (m.params["w"] ** 2).sum(), signs)
+    with pytest.warns(bo.ImplicitSolveWarning, match="negative curvature"):
+        learners.params["w"].sum().backward()
+    assert engine.last_stats.unsolved_tasks == (1,) and engine.last_stats.unreliable_solve
 
 
 def test_implicit_errors_name_the_problem():

@@ -94,10 +94,10 @@ class Record:
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
         oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
         transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
-        residual = None
+        residual, unsolved = None, ()
         try:
             if plan.schedule == "implicit":
-                result, residual = self._implicit(g, oracle)
+                result, residual, unsolved = self._implicit(g, oracle)
                 bad = self._bad_tasks(result)
                 meta_grads, hyper_grads = self._implicit_others(result, bad, oracle), []
             else:
@@ -111,7 +111,7 @@ class Record:
         self.status.finished = True
         if setup.on_stats is not None:
             setup.on_stats(make_stats(self.estimator, plan, task_norms(g), result.contributions, self.trajectory.losses,
-                                      oracle.computed, chunking, int(bad.sum()), residual))
+                                      oracle.computed, chunking, int(bad.sum()), residual, unsolved))
         return result.meta_grad, meta_grads, hyper_grads
 
     def _check_proximal(self, plan) -> None:
@@ -150,7 +150,8 @@ class Record:
         return result.meta_grad, [None] * len(self.meta_inputs), []
 
     def _implicit(self, g: Tensors, oracle: HVPOracle):
-        """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; raise or warn when it breaks down."""
+        """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; raise or warn when it breaks down.
+        Returns the solution, the largest relative residual and the tasks whose solve broke down."""
         reg, options = self.estimator.reg, self.setup.options
         with torch.no_grad():  # the recorded loss is the proximal one: its Hessian is H + reg I
             cg = conjugate_gradient(lambda v: {n: t / reg for n, t in oracle.at_final(v).items()}, g, self.estimator.cg_steps)
@@ -168,7 +169,7 @@ class Record:
             if options.nan_policy == "raise":
                 raise FloatingPointError(message + " (with nan_policy='skip_task' this is a warning)")
             warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
-        return result, float(cg.residual.max())
+        return result, float(cg.residual.max()), tuple(int(b) for b in failed.nonzero().flatten())
 
     def _implicit_others(self, result: ExpansionResult, bad: torch.Tensor, oracle: HVPOracle):
         """``-d/dc <grad F(phi_K, c), x> / reg`` for the other meta-parameters ``c`` (the proximal term has no ``c``)."""

@@ -44,6 +44,8 @@ class MetaGradientStats:
         cg_residual: for :class:`~binom_opt.Implicit`, the largest relative residual
             ``||g - (I + H/reg) x|| / ||g||`` over the tasks after the conjugate-gradient iterations
             (``contributions`` then holds it per iteration); ``None`` for the other estimators.
+        unsolved_tasks: for Implicit, the tasks whose conjugate gradient met negative curvature or left a
+            residual above ``tol`` (see :attr:`unreliable_solve`).
     """
 
     estimator: Estimator
@@ -62,6 +64,7 @@ class MetaGradientStats:
     hvps_at_once: Optional[int] = None
     per_hvp_bytes: Optional[int] = None
     cg_residual: Optional[float] = None
+    unsolved_tasks: Tuple[int, ...] = ()
 
     @property
     def diverging(self) -> bool:
@@ -73,10 +76,17 @@ class MetaGradientStats:
         """
         return bool(self.diverging_tasks)
 
+    @property
+    def unreliable_solve(self) -> bool:
+        """Whether Implicit's conjugate gradient broke down for some task (an ``ImplicitSolveWarning`` under
+        ``nan_policy="skip_task"``, an error under ``"raise"``): its meta-gradient is then unreliable.
+        Always False for the other estimators."""
+        return bool(self.unsolved_tasks)
+
 
 def make_stats(estimator: Estimator, plan: ExpansionPlan, g_norms: torch.Tensor, contributions: Sequence[torch.Tensor],
-               losses: torch.Tensor, hvp_count: int, chunking, skipped: int, cg_residual: Optional[float] = None
-               ) -> MetaGradientStats:
+               losses: torch.Tensor, hvp_count: int, chunking, skipped: int, cg_residual: Optional[float] = None,
+               unsolved_tasks: Tuple[int, ...] = ()) -> MetaGradientStats:
     """The stats from per-task norms (``[B]`` tensors, on the device), read back in one transfer."""
     B, rounds = g_norms.shape[0], len(contributions)
     per_task = torch.stack([g_norms, *contributions]).double()  # [1 + rounds, B]
@@ -90,7 +100,7 @@ def make_stats(estimator: Estimator, plan: ExpansionPlan, g_norms: torch.Tensor,
         contributions=totals[1:], inner_losses=inner_losses, schedule=plan.schedule, g_norm=totals[0],
         tasks=B, diverging_tasks=growing if plan.schedule == "binomial" else (),
         chunk_fallbacks=list(chunking.fallbacks), skipped=skipped, hvps_at_once=chunking.used,
-        per_hvp_bytes=chunking.per_hvp_bytes, cg_residual=cg_residual,
+        per_hvp_bytes=chunking.per_hvp_bytes, cg_residual=cg_residual, unsolved_tasks=unsolved_tasks,
     )
 
 
