@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -109,10 +110,39 @@ def test_omniglot_script_runs_end_to_end_on_the_real_data(name, tmp_path, cache_
 @pytest.mark.filterwarnings("ignore::binom_opt.ImplicitSolveWarning")  # an untrained BatchNorm net has negative curvature
 @pytest.mark.parametrize(("estimator", "hvps"), [(["--estimator", "reptile"], 0),
                                                  (["--estimator", "imaml", "--L", "2", "--nan-policy", "skip_task"], 2)])
-def test_reptile_and_imaml_train_through_the_maml_example(estimator, hvps, tmp_path, cache_dir):
-    results = script("omniglot_maml").main(tiny(tmp_path, cache_dir, 3, *estimator))
+def test_reptile_and_imaml_train_through_the_maml_example(estimator, hvps, tmp_path, cache_dir, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = script("omniglot_maml").main(tiny(tmp_path, cache_dir, 3, *estimator))
     check_results(results, tmp_path, 3)
     assert results["hvps_per_task"] == hvps and results["estimator"] in ("Reptile()", "Implicit(cg_steps=2, reg=2.0, tol=None)")
+    # an unreliable implicit solve is counted per meta-step and explained in the table, not repeated as warnings
+    assert not [w for w in caught if issubclass(w.category, bo.ImplicitSolveWarning)]
+    unreliable = results["unreliable_solve_fraction"]
+    flags = [r["unreliable_solve"] for r in results["history"]["train"]]
+    assert unreliable == pytest.approx(sum(flags) / 3)
+    table = capsys.readouterr().out
+    if "imaml" in estimator:
+        assert f"| conjugate gradient unreliable | {100 * unreliable:.0f} % of the meta-steps |" in table
+        assert ("the conjugate gradient of some task met negative curvature" in table) == (unreliable > 0)
+    else:
+        assert unreliable == 0 and "conjugate gradient" not in table
+
+
+@needs_data
+def test_other_warnings_of_a_meta_step_are_shown_once_per_place(tmp_path, cache_dir, monkeypatch):
+    maml = script("omniglot_maml")
+    original = maml.meta_step
+
+    def warning_meta_step(*args, **kwargs):
+        warnings.warn("a user's warning", UserWarning, stacklevel=1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(maml, "meta_step", warning_meta_step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        maml.main(tiny(tmp_path, cache_dir, 3))
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == ["a user's warning"]
 
 
 @needs_data

@@ -190,12 +190,21 @@ class Run:
         args = self.args
         bar = tqdm(range(self.iteration + 1, args.iterations + 1), initial=self.iteration, total=args.iterations,
                    desc=f"{self.method} {self.estimator}", disable=args.no_progress or self.rank != 0, dynamic_ncols=True)
+        shown: set = set()
         for iteration in bar:
             tic = time.perf_counter()
-            with warnings.catch_warnings():  # a diverging series is counted per meta-step and explained in the summary
-                warnings.simplefilter("ignore", bo.ExpansionDivergenceWarning)
+            # a diverging series and an unreliable implicit solve are counted per meta-step and explained in the summary
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 loss, accuracy, diverging, hvps = meta_step([t.to(device) for t in train.sample_batch(args.meta_batch)])
-            self.log(iteration, time.perf_counter() - tic, loss=loss, accuracy=accuracy, hvps_per_task=hvps, diverging=diverging)
+            for w in caught:  # any other warning is shown once per text and place (the filters' registry resets here)
+                place = (str(w.message), w.category, w.filename, w.lineno)
+                if not issubclass(w.category, (bo.ExpansionDivergenceWarning, bo.ImplicitSolveWarning)) and place not in shown:
+                    shown.add(place)
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            unreliable = any(issubclass(w.category, bo.ImplicitSolveWarning) for w in caught)
+            self.log(iteration, time.perf_counter() - tic, loss=loss, accuracy=accuracy, hvps_per_task=hvps, diverging=diverging,
+                     unreliable_solve=unreliable)
             if self.rank == 0 and args.eval_every and iteration % args.eval_every == 0:
                 validation = sampler(self.splits["val"], args, args.seed + 1)  # the same tasks every time
                 self.history["val"].append({"iteration": iteration, **evaluate(validation, args.val_tasks)})
@@ -220,6 +229,7 @@ class Run:
         results = {
             "method": self.method, "estimator": repr(self.estimator), "config": self.config, "iterations": trained,
             "test": test, "hvps_per_task": last.get("hvps_per_task", 0), "diverging_fraction": _mean(self.history, "diverging"),
+            "unreliable_solve_fraction": _mean(self.history, "unreliable_solve"),
             "train_seconds": self.train_seconds, "seconds_per_iteration": self.train_seconds / trained if trained else float("nan"),
             "wall_seconds_this_process": time.perf_counter() - self.start, "machine": machine(args.device),
             "world_size": self.world, "history": self.history, "dataset": self.dataset,
@@ -263,6 +273,15 @@ def summary(results: dict, args: argparse.Namespace) -> str:
         "How to read it: the accuracy is the mean over the meta-test tasks after --eval-steps plain SGD steps on each "
         "task's support set, with the half-width of its 95% confidence interval.",
     ]
+    unreliable = results.get("unreliable_solve_fraction", 0.0)
+    if args.estimator == "imaml":
+        lines.insert(lines.index("", 1), f"| conjugate gradient unreliable | {100 * unreliable:.0f} % of the meta-steps |")
+    if unreliable > 0:
+        lines.append(
+            f"On {100 * unreliable:.0f} % of the meta-steps the conjugate gradient of some task met negative curvature or "
+            f"did not converge (H + reg I is not positive definite where --steps inner steps ended: the inner loop did not "
+            f"reach the proximal minimum), so those implicit meta-gradients were unreliable and --nan-policy skip_task "
+            f"kept them with a warning. If the accuracy falls short, raise --reg, --steps or --L (CG iterations).")
     if diverging > 0:
         remedies = ("" if args.hessian_scale == "paper" else "--hessian-scale paper, ") + "--estimator trunc or a lower --inner-lr"
         lines.append(
