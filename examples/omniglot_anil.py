@@ -2,7 +2,7 @@
 
 ANIL (Raghu et al., 2020): the Conv4 body is meta-learned and only its linear head adapts to each
 task; the body's meta-gradient flows through the support features. The defaults fit a 2-core CPU
-in under 10 minutes (5-way 1-shot); ``--preset 20way`` is 20-way 1-shot on the same budget, and
+in under 10 minutes (5-way 1-shot); ``--preset 20way`` is 20-way 1-shot in about 10 minutes, and
 ``--preset paper`` the standard protocol for a GPU (meta-batch 32, 60000 iterations).
 
     python examples/omniglot_anil.py                                  # the main example (CPU)
