@@ -190,3 +190,18 @@ def test_the_example_without_data_is_a_short_error(tmp_path):
     with pytest.raises(SystemExit, match="error: miniImageNet not found in .*cannot be downloaded"):
         miniimagenet_maml.main(tiny(tmp_path, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("preset", "shots", "meta_batch"), [("paper", 1, 4), ("paper-1shot", 1, 4), ("paper-5shot", 5, 2)])
+def test_paper_presets_are_table_1s_protocol(preset, shots, meta_batch):
+    """Finn et al. (2017) on miniImageNet: 5-way, Conv4-32, K = 5 at alpha = 0.01 (10 steps at test), 15 queries,
+    20,000 iterations with early stopping; meta-batch 4 at 1 shot, 2 at 5 shots."""
+    import miniimagenet_maml
+
+    from fewshot.run import common_parser, parse
+
+    parser = common_parser(miniimagenet_maml.__doc__, miniimagenet_maml.DEFAULTS, miniimagenet_maml.PRESETS, omniglot=False)
+    args = parse(parser, ["--preset", preset, "--data-root", "unused"])
+    assert (args.ways, args.shots, args.queries, args.meta_batch) == (5, shots, 15, meta_batch)
+    assert (args.steps, args.eval_steps, args.inner_lr, args.hidden) == (5, 10, 0.01, 32)
+    assert (args.iterations, args.early_stopping, args.eval_tasks) == (20000, True, 600)
