@@ -98,3 +98,21 @@ def test_a_broken_down_implicit_solve_is_flagged_not_fatal():
     with pytest.warns(bo.ImplicitSolveWarning):
         learner.params["head.bias"].sum().backward()
     assert module.flagged(engine.last_stats)
+
+
+def test_quick_leaves_out_batched_rows_of_the_other_objectives_unless_asked(monkeypatch):
+    module = load_run_module()
+    chosen = {}
+
+    def fake_measure(methods, cfg, args, workdir):
+        chosen[tuple(args.methods or ())] = [m.slug for m in methods]
+        raise SystemExit(0)  # stop before anything runs
+
+    monkeypatch.setattr(module, "measure_methods", fake_measure)
+    for extra in ([], ["--methods", "imaml1-batch", "reptile-batch"]):
+        with pytest.raises(SystemExit):
+            module.main(["--config", "omniglot", "--quick", *extra])
+    quick = chosen[()]
+    assert "imaml1-task" in quick and "reptile-task" in quick and "exact-batch" in quick and "binom2-batch" in quick
+    assert not [s for s in quick if s.startswith(("imaml", "reptile")) and s.endswith("-batch")]
+    assert chosen[("imaml1-batch", "reptile-batch")] == ["imaml1-batch", "reptile-batch"]
