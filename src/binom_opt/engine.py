@@ -35,8 +35,9 @@ class MetaGradientEngine:
             momentum, dampening, nesterov, weight decay), ``Adam`` or ``AdamW``; each group's
             hyperparameters are honoured and read at every ``adapt``. It is never stepped.
         steps: ``K``, inner steps per adaptation.
-        estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()``
-            (the default: the meta-gradient of the loop itself; choosing an approximation is up to you).
+        estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)``, ``Implicit(cg_steps,
+            reg)``, ``Reptile()`` or ``Exact()`` (the default: the meta-gradient of the loop itself; choosing an
+            approximation is up to you).
         override: ``{"lr": [one per adapted parameter]}`` replaces the optimizer's learning rates, as
             in ``higher``; tensors that require grad are meta-learned (Meta-SGD), scalar or of the
             parameter's shape.

@@ -46,7 +46,8 @@ def meta_gradient(inner_loss: Callable, outer_loss: Callable, params: Mapping[st
         lr: plain SGD's step size, one value or one per entry of ``params``; tensors that require grad
             are meta-learned (list them in ``meta_params`` to get their meta-gradient).
         inner_opt: instead of ``lr``, a ``torch.optim`` SGD/Adam/AdamW built over ``params.values()``.
-        estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)`` or ``Exact()`` (default).
+        estimator: ``FirstOrder()``, ``Truncated(L)``, ``Binomial(L)``, ``Hybrid(L, C)``, ``Implicit(cg_steps, reg)``,
+            ``Reptile()`` or ``Exact()`` (default).
         meta_params: other tensors the losses use (or learned learning rates) whose meta-gradient to
             return too, by name.
         return_stats: also return the :class:`~binom_opt.MetaGradientStats`.
