@@ -184,6 +184,11 @@ _looped: list = []  # the loop fallback warns once per process
 _VMAP_GAPS = ("Batching rule not implemented", "inside of vmap for memory_format")
 
 
+def along_tasks(per_task: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``per_task`` (``[B]``) shaped to broadcast over ``like`` (``[B, ...]``)."""
+    return per_task.view(-1, *[1] * (like.dim() - 1))
+
+
 def map_points(
     fn: Callable, args: tuple, tasks: Tasks, randomness: str, limit: Optional[int] = None, compile_fn: bool = False
 ) -> Any:

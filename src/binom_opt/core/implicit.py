@@ -15,6 +15,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from .batching import along_tasks
+
 Tensors = Dict[str, torch.Tensor]
 
 __all__ = ["proximal", "CGResult", "conjugate_gradient"]
@@ -98,4 +100,4 @@ def _dot(a: Tensors, b: Tensors) -> torch.Tensor:
 
 
 def _per_task(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return scalars.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+    return along_tasks(scalars.to(like.dtype), like)

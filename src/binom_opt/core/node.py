@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .batching import Tasks, calls, over_tasks
+from .batching import Tasks, along_tasks, calls, over_tasks
 from .estimators import Estimator
 from .expansion import ExpansionResult, expand, task_norms
 from .implicit import conjugate_gradient
@@ -99,7 +99,7 @@ class Record:
             if plan.schedule == "implicit":
                 result, residual, unsolved = self._implicit(g, oracle)
                 bad = self._bad_tasks(result)
-                meta_grads, hyper_grads = self._implicit_others(result, bad, oracle), []
+                meta_grads, hyper_grads = self._implicit_others(result, oracle), []
             else:
                 with torch.no_grad():
                     result = expand(plan, g, transpose, oracle, steps=K, with_adjoints=bool(self.meta_inputs),
@@ -158,7 +158,8 @@ class Record:
         result = ExpansionResult(cg.x, contributions=cg.residuals)
         tol = self.estimator.tol
         failed = cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol))
-        if bool(failed.any()):
+        unsolved = tuple(failed.nonzero().flatten().tolist())  # one read from the device on the usual path
+        if unsolved:
             residual = float(cg.residual[failed].max())
             why = ("met negative curvature (H + reg I is not positive definite at the adapted point)"
                    if bool(cg.negative_curvature.any()) else f"left a residual above tol={tol}")
@@ -169,18 +170,18 @@ class Record:
             if options.nan_policy == "raise":
                 raise FloatingPointError(message + " (with nan_policy='skip_task' this is a warning)")
             warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
-        return result, float(cg.residual.max()), tuple(int(b) for b in failed.nonzero().flatten())
+        return result, float(cg.residual.max()), unsolved
 
-    def _implicit_others(self, result: ExpansionResult, bad: torch.Tensor, oracle: HVPOracle):
-        """``-d/dc <grad F(phi_K, c), x> / reg`` for the other meta-parameters ``c`` (the proximal term has no ``c``)."""
+    def _implicit_others(self, result: ExpansionResult, oracle: HVPOracle):
+        """``-d/dc <grad F(phi_K, c), x> / reg`` for the other meta-parameters ``c`` (the proximal term has no ``c``);
+        ``x`` is already zero for the tasks :meth:`_bad_tasks` dropped."""
         if not self.meta_inputs:
             return []
-        weight = {n: torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), -t / self.estimator.reg)
-                  for n, t in result.meta_grad.items()}
+        weight = {n: -t / self.estimator.reg for n, t in result.meta_grad.items()}
         final = {n: t.unsqueeze(0) for n, t in self.trajectory.final.items()}
         grads = directional_gradients(oracle, self.trajectory.loss_fns[-1], final, {n: t.unsqueeze(0) for n, t in weight.items()},
                                       self.meta_inputs, "the mixed second-order terms at the adapted point")
-        if not all(t is None or bool(torch.isfinite(t).all()) for t in grads):
+        if not _finite(grads):
             raise FloatingPointError(
                 "The implicit meta-gradient of a meta-parameter other than the initialisation is not finite: raise reg or "
                 "check the data."
@@ -207,7 +208,7 @@ class Record:
             )
         for tensors in vectors:
             for n, t in tensors.items():
-                tensors[n] = torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), t)
+                tensors[n] = torch.where(along_tasks(bad, t), torch.zeros_like(t), t)
         return bad
 
     def _other_gradients(self, result, bad, oracle, transpose, scale):
@@ -215,17 +216,17 @@ class Record:
                    for k, adjoint in result.adjoints.items() if k not in self.first_order}
         meta_grads = meta_input_gradients(oracle, weights, self.meta_inputs)
         hyper_grads = hyper_gradients(transpose, result.full_adjoints)
-        finite = all(t is None or bool(torch.isfinite(t).all()) for t in [*meta_grads, *hyper_grads])
+        finite = _finite([*meta_grads, *hyper_grads])
         if not finite and self.setup.options.nan_policy == "skip_task":
             for b in range(self.tasks.size):  # which tasks: one at a time (a rare path)
                 if not bool(bad[b]):
-                    only = {k: {n: t * (torch.arange(len(t), device=t.device) == b).view(-1, *[1] * (t.dim() - 1))
+                    only = {k: {n: t * along_tasks(torch.arange(len(t), device=t.device) == b, t)
                                 for n, t in w.items()} for k, w in weights.items()}
-                    bad[b] = not all(t is None or bool(torch.isfinite(t).all()) for t in meta_input_gradients(oracle, only, self.meta_inputs))
-            result.meta_grad = {n: torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
-            keep = {k: {n: t * (~bad).view(-1, *[1] * (t.dim() - 1)) for n, t in w.items()} for k, w in weights.items()}
+                    bad[b] = not _finite(meta_input_gradients(oracle, only, self.meta_inputs))
+            result.meta_grad = {n: torch.where(along_tasks(bad, t), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
+            keep = {k: {n: t * along_tasks(~bad, t) for n, t in w.items()} for k, w in weights.items()}
             meta_grads = meta_input_gradients(oracle, keep, self.meta_inputs)
-            finite = all(t is None or bool(torch.isfinite(t).all()) for t in [*meta_grads, *hyper_grads])
+            finite = _finite([*meta_grads, *hyper_grads])
         if not finite:
             raise FloatingPointError(
                 "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
@@ -294,7 +295,7 @@ class _Accumulation:
 
     def __init__(self, leaves: List[torch.Tensor], grads):
         self.leaves, self.grads = leaves, grads
-        self.finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+        self.finite = _finite(grads)
 
     def __call__(self) -> None:
         with torch.no_grad():
@@ -352,6 +353,11 @@ def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
     if not loss.is_floating_point():
         raise TypeError(f"{what} must return a floating-point loss, got dtype {loss.dtype}.")
     return loss
+
+
+def _finite(tensors) -> bool:
+    """Whether every tensor (``None`` for an unreached input) holds only finite values."""
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def depends_on_adaptation(loss: torch.Tensor) -> bool:

@@ -194,6 +194,8 @@ class InnerLoop:
         self._first_order: List[int] = []  # steps whose Hessians are dropped (learn2learn's adapt(first_order=True))
         self._sealed: Optional[Tensors] = None
         self._status = Status()
+        # the reg of the proximal term every support loss gets (Implicit's inner loop), else None
+        self._proximal = setup.estimator.reg if isinstance(setup.estimator, Implicit) else None
 
     @property
     def steps_taken(self) -> int:
@@ -259,8 +261,7 @@ class InnerLoop:
     def _support_loss(self, closure: Callable) -> LossFn:
         """The support loss of a closure; with :class:`~binom_opt.Implicit`, plus its proximal term."""
         loss_fn = self.setup.make_loss(closure)
-        estimator = self.setup.estimator
-        return proximal(loss_fn, self.initial, estimator.reg) if isinstance(estimator, Implicit) else loss_fn
+        return loss_fn if self._proximal is None else proximal(loss_fn, self.initial, self._proximal)
 
     def outputs(self, estimator: Optional[Estimator] = None) -> Tensors:
         """The adapted parameters after the steps so far, ``[B, ...]``, differentiable with respect to the
@@ -278,8 +279,7 @@ class InnerLoop:
         hyper = list(self._hyper_steps)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
                         list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),
-                        dict(self._versions), frozenset(self._first_order),
-                        self.setup.estimator.reg if isinstance(self.setup.estimator, Implicit) else None)
+                        dict(self._versions), frozenset(self._first_order), self._proximal)
         hyper_inputs = (v for _, _, v in record.hyper_inputs)
         outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *record.meta_inputs, *hyper_inputs)))
         if estimator is None:
