@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .omniglot import user_cache
+from .omniglot import user_cache, write_npz
 
 __all__ = ["ImageSplit", "DataNotFound", "load_miniimagenet", "load_tieredimagenet", "SPLITS"]
 
@@ -134,11 +134,7 @@ def load_miniimagenet(root: Union[str, os.PathLike], split: str, image_size: int
                 return ImageSplit(saved["images"], labels, names, image_size)
     files = tqdm(rows, desc=f"decoding miniImageNet {split}", unit="image", leave=False, disable=not verbose)
     images = np.stack([_resized(Image.open(root / "images" / r["filename"]), image_size) for r in files])
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cached.with_name(cached.name + ".tmp")
-    with open(temporary, "wb") as out:
-        np.savez(out, images=images)
-    os.replace(temporary, cached)
+    write_npz(cached, compressed=False, images=images)  # uncompressed: read back without inflating
     return ImageSplit(images, labels, names, image_size)
 
 

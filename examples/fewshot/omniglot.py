@@ -226,13 +226,17 @@ def _read_cache(path: Path, split: str, image_size: int, verbose: bool) -> tuple
 
 
 def _write_cache(path: Path, images: np.ndarray, characters: list[str]) -> None:
+    write_npz(path, compressed=True, images=images, characters=np.array(characters))
+
+
+def write_npz(path: Path, compressed: bool, **arrays: np.ndarray) -> None:
     """Write an ordinary file (the umask's mode) under a temporary name, then rename it: a crash never leaves
     half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     try:
         with open(temporary, "wb") as out:
-            np.savez_compressed(out, images=images, characters=np.array(characters))
+            (np.savez_compressed if compressed else np.savez)(out, **arrays)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

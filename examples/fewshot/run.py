@@ -273,7 +273,7 @@ def summary(results: dict, args: argparse.Namespace) -> str:
         "How to read it: the accuracy is the mean over the meta-test tasks after --eval-steps plain SGD steps on each "
         "task's support set, with the half-width of its 95% confidence interval.",
     ]
-    unreliable = results.get("unreliable_solve_fraction", 0.0)
+    unreliable = results["unreliable_solve_fraction"]
     if args.estimator == "imaml":
         lines.insert(lines.index("", 1), f"| conjugate gradient unreliable | {100 * unreliable:.0f} % of the meta-steps |")
     if unreliable > 0:
