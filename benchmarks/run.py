@@ -4,7 +4,7 @@ For each method it measures one meta-step (the meta-gradient of the whole meta-b
 ``.grad``) on few-shot tasks of the given shapes: the median wall time after one warm-up, the
 peak memory, the Hessian-vector products taken, and the relative error of the meta-gradient
 against exact MAML (autograd unrolled with ``create_graph=True``) in float64. Every method runs
-in its own child process, so that the peak memory of one does not hide another's.
+in child processes of its own, so that the peak memory of one does not hide another's.
 
 Methods (``--methods`` takes shell-style patterns over these names, e.g. ``'*-task' higher``):
 
@@ -24,7 +24,7 @@ Configs (random data of the real shapes: the values of the data do not change th
 Commands::
 
     python benchmarks/run.py --config omniglot --quick         # B=4, Conv4-32: about 2 minutes on 2 CPU cores
-    python benchmarks/run.py --config miniimagenet --quick     # B=2, Conv4-16 on 3x42x42: about 3 minutes
+    python benchmarks/run.py --config miniimagenet --quick     # B=2, Conv4-16 on 3x42x42: about 4.5 minutes
     python benchmarks/run.py --config omniglot                 # the full table (much longer on a CPU)
     python benchmarks/run.py --config omniglot --device cuda
     python benchmarks/run.py --config omniglot --quick --methods higher 'exact-*' 'binom*'
@@ -47,10 +47,14 @@ set size of the child (``VmHWM`` in ``/proc/self/status``, reset through
 ``/proc/self/clear_refs`` just before the first call) minus its resident set size at that
 moment (``/proc/self/statm``). ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: Linux carries
 the parent's peak over into a child across fork and exec, so it can report the parent's memory.
-The memory is measured in a second child per method, one meta-step, run with
-``MALLOC_MMAP_THRESHOLD_=131072`` (unless set already): with glibc's adaptive threshold, freed
-tensors fragment the heap and the resident peak grows with the number of allocations rather than
-with the live tensors; the fixed threshold would slow the timed child 3-4x (see ``ALLOCATOR``).
+The memory is measured in a second child per method, one meta-step, with glibc's mmap threshold
+fixed at 131072 bytes (``mallopt``, as ``MALLOC_MMAP_THRESHOLD_=131072`` would; an explicit
+``MALLOC_MMAP_THRESHOLD_`` wins): with glibc's adaptive threshold, freed tensors fragment the heap
+and the resident peak grows with the number of allocations rather than with the live tensors; the
+fixed threshold would slow the timed child 3-4x (see ``MMAP_THRESHOLD``). The children are forked
+from a server process that has imported torch and binom_opt (``multiprocessing``'s forkserver); a
+memory child maps the shared libraries' pages before its baseline, so that library code run for
+the first time is not counted as the method's memory.
 
 Timings need an otherwise idle machine: with another process busy on the same cores, torch's
 worker threads wait on each other and small meta-steps can take many times longer (use
@@ -60,16 +64,18 @@ worker threads wait on each other and small meta-steps can take many times longe
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import fnmatch
 import gc
 import json
 import math
+import multiprocessing
 import os
 import platform
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -488,11 +494,58 @@ def log(message: str) -> None:
 # every large allocation a system call (meta-steps measured 3-4x slower), so on the CPU the time
 # and the memory of a method come from two children: one with the default allocator, timed, and
 # one with the fixed threshold, one meta-step.
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+MMAP_THRESHOLD = 131072
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MADV_POPULATE_READ = 22  # madvise's advice number (Linux >= 5.14)
+
+# Children are forked from one server process that imported these once (multiprocessing's
+# forkserver): a fresh interpreter per child spent about 1.7 s of a method's 8 s importing them.
+# The server never runs an operator, so no thread pool or CUDA context crosses a fork.
+CHILD_PRELOAD = ["torch", "torch.func", "torch.nn.functional", "higher", "binom_opt", "fewshot.models"]
+# A child's entry: this file as a module of its own, so that the parent may be run.py as a script or
+# a test that loaded it from its path (neither can be imported by name in the child).
+CHILD_ENTRY = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("benchmark_child", RUN_PY)
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+module.child_main(JOB, LOG, FOR_MEMORY)
+"""
 
 
-def child_environment(for_memory: bool) -> Dict[str, str]:
-    return {**ALLOCATOR, **os.environ} if for_memory else dict(os.environ)
+def child_main(job_path: str, log_path: str, for_memory: bool) -> None:
+    """A forked child: output to ``log_path``, the fixed mmap threshold for a memory child, then the job."""
+    with open(log_path, "w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    if for_memory:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc read an explicit one at start-up
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        map_libraries(libc)
+    run_child(Path(job_path))
+
+
+def map_libraries(libc) -> None:
+    """Map every page of the shared libraries into this process's page tables (a fork leaves them out), so
+    that the library code a meta-step runs for the first time is not counted as its memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[1].startswith("r") and ".so" in Path(fields[5]).name:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_POPULATE_READ)  # no-op where unknown
+
+
+_server: list = []  # the forkserver context, set up once per process
+
+
+def child_context():
+    if not _server:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(CHILD_PRELOAD)
+        _server.append(context)
+    return _server[0]
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -503,7 +556,7 @@ def engine_options(args: argparse.Namespace) -> dict:
 
 def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path, repeats: int, with_grad: bool,
             for_memory: bool = False) -> dict:
-    """Run one method in a fresh Python process; its result, or ``{"error": ...}`` if it failed."""
+    """Run one method in a child process of its own; its result, or ``{"error": ...}`` if it failed."""
     tag = f"{method.slug}_K{cfg.steps}_r{repeats}" + ("_memory" if for_memory else "")
     job = {
         "config": asdict(cfg),
@@ -516,14 +569,18 @@ def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path
         "grad_path": str(workdir / f"{tag}.pt") if with_grad else None,
         "result_path": str(workdir / f"{tag}.json"),
     }
-    job_path = workdir / f"{tag}.job.json"
+    job_path, log_path = workdir / f"{tag}.job.json", workdir / f"{tag}.log"
     job_path.write_text(json.dumps(job))
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(job_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, env=child_environment(for_memory))
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-        log(f"  {method.name} failed (exit {proc.returncode}):\n{tail}")
-        return {"error": tail.splitlines()[-1] if tail else f"exit code {proc.returncode}"}
+    names = {"RUN_PY": str(Path(__file__).resolve()), "JOB": str(job_path), "LOG": str(log_path), "FOR_MEMORY": for_memory}
+    child = child_context().Process(target=exec, args=(CHILD_ENTRY, {"__name__": "__benchmark_child__", **names}))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        lines = log_path.read_text().strip().splitlines() if log_path.exists() else []
+        tail = "\n".join(lines[-8:])
+        why = f"exit code {child.exitcode}" if child.exitcode > 0 else f"killed by signal {-child.exitcode}"
+        log(f"  {method.name} failed ({why}):\n{tail}")
+        return {"error": lines[-1] if lines else why}
     result = json.loads(Path(job["result_path"]).read_text())
     if with_grad:
         result["grad"] = torch.load(job["grad_path"])
@@ -717,9 +774,10 @@ def table_line(row: dict) -> str:
 def memory_note(device: str) -> str:
     if device == "cuda":
         return "peak = torch.cuda.max_memory_allocated() minus the memory allocated before the first call"
-    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", ALLOCATOR["MALLOC_MMAP_THRESHOLD_"])
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
     return ("peak = the child process's peak resident memory (VmHWM, reset before the first call) minus its resident "
-            f"memory then, with MALLOC_MMAP_THRESHOLD_={threshold} so that freed tensors leave the resident set")
+            f"memory then, with the mmap threshold at {threshold} bytes so that freed tensors leave the resident set and the "
+            "shared libraries mapped before, so that their code is not counted")
 
 
 def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[dict], ks_table: List[dict], command: str,
@@ -850,9 +908,6 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        run_child(Path(argv[1]))
-        return []
     args = parse_args(argv)
     cfg = config_from_args(args)
     methods = select_methods(all_methods(cfg), args.methods)

@@ -116,3 +116,17 @@ def test_quick_leaves_out_batched_rows_of_the_other_objectives_unless_asked(monk
     assert "imaml1-task" in quick and "reptile-task" in quick and "exact-batch" in quick and "binom2-batch" in quick
     assert not [s for s in quick if s.startswith(("imaml", "reptile")) and s.endswith("-batch")]
     assert chosen[("imaml1-batch", "reptile-batch")] == ["imaml1-batch", "reptile-batch"]
+
+
+def test_a_failing_child_gives_its_error_and_the_parent_goes_on(tmp_path, capsys):
+    """Children are forked from the forkserver: an exception in one comes back as the row's error, with its log's tail."""
+    module = load_run_module()
+    cfg = module.CONFIGS["tiny"]
+    method = module.Method("trunc9-task", "Truncated(9)", "per-task", "Truncated", 9)  # L > K: refused in the child
+    args = SimpleNamespace(device="cpu", threads=1, memory_budget=None, compile=False, error_tasks=None)
+    result = module.run_job(method, cfg, args, tmp_path, repeats=0, with_grad=False)
+    assert result["error"].startswith("ValueError: Truncated(L=9) needs L <= K"), result
+    assert "Truncated(9) failed (exit code 1)" in capsys.readouterr().err
+    fine = module.run_job(module.Method("fo-task", "FirstOrder", "per-task", "FirstOrder", 0), cfg, args, tmp_path, repeats=0,
+                          with_grad=False, for_memory=True)
+    assert "error" not in fine and fine["peak_bytes"] > 0, fine
