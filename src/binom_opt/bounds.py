@@ -34,18 +34,8 @@ from .core.expansion import HVPOracle, expand
 from .core.oracle import hvp_function
 from .core.update_rules import SGDRule, StepTranspose
 
-__all__ = [
-    "Bounds",
-    "theorem_3_6",
-    "theorem_3_8",
-    "theorem_3_10",
-    "decay_constant_3_8",
-    "decay_constant_3_10",
-    "matrix_hvp_oracle",
-    "sample_hessians",
-    "measured_errors",
-    "hessian_norms",
-]
+__all__ = ["Bounds", "theorem_3_6", "theorem_3_8", "theorem_3_10", "decay_constant_3_8", "decay_constant_3_10", "matrix_hvp_oracle",
+           "sample_hessians", "measured_errors", "hessian_norms"]
 
 Assumption = Literal["3.6", "3.8", "3.10"]
 
@@ -102,9 +92,7 @@ def theorem_3_8(K: int, L: int, alpha: float, H: float, *, g_norm: float = 1.0) 
     )
 
 
-def theorem_3_10(
-    K: int, L: int, alpha: float, H: float, h: float, M: int, *, g_norm: float = 1.0
-) -> Bounds:
+def theorem_3_10(K: int, L: int, alpha: float, H: float, h: float, M: int, *, g_norm: float = 1.0) -> Bounds:
     """Theorem 3.10 (eq. 13, restated as 34 in appendix B): ``||H_k|| <= H`` for all ``k`` and
     ``h I <= H_k <= H I`` for the last ``M`` steps ``k >= K - M``, with ``1 <= M <= min(L, K - L)``
     and ``0 < a < 1/H``. With ``x = aH`` and ``s = 1 - ah``:
@@ -128,9 +116,7 @@ def theorem_3_10(
         raise ValueError(f"Theorem 3.10 needs 0 < h <= H (strong convexity), got h={h!r}, H={H!r}.")
     _check_int("Theorem 3.10", "M", M)
     if not 1 <= M <= min(L, K - L):
-        raise ValueError(
-            f"Theorem 3.10 needs 1 <= M <= min(L, K - L) (Assumption 3.9), got M={M} with K={K}, L={L}."
-        )
+        raise ValueError(f"Theorem 3.10 needs 1 <= M <= min(L, K - L) (Assumption 3.9), got M={M} with K={K}, L={L}.")
     x, s = alpha * H, 1 - alpha * h
     last_hessians = x ** (L + 1) * sum(math.comb(K - i, L) * s ** (i - 1) for i in range(1, M + 1))
     remainder = s**M * sum(math.comb(K - M, i) * x**i for i in range(L + 1, K - M + 1))
@@ -219,18 +205,8 @@ def matrix_hvp_oracle(hessians: Sequence[torch.Tensor]) -> HVPOracle:
     return oracle
 
 
-def sample_hessians(
-    assumption: Assumption,
-    K: int,
-    d: int,
-    H: float,
-    *,
-    h: float = 0.0,
-    M: int = 0,
-    shared_basis: bool = True,
-    generator: Optional[torch.Generator] = None,
-    dtype: torch.dtype = torch.float64,
-) -> List[torch.Tensor]:
+def sample_hessians(assumption: Assumption, K: int, d: int, H: float, *, h: float = 0.0, M: int = 0, shared_basis: bool = True,
+                    generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float64) -> List[torch.Tensor]:
     """Random symmetric ``H_0 .. H_{K-1}`` satisfying the assumptions of a theorem.
 
     Eigenvalues lie in ``[-H, H]`` ("3.6"), ``[0, H]`` ("3.8"), or ``[-H, H]`` before step
@@ -275,18 +251,10 @@ def measured_errors(hessians: Sequence[torch.Tensor], g: torch.Tensor, alpha: fl
         return expand(estimator.plan(K), grads, sgd, oracle, steps=K).meta_grad["w"][0]
 
     exact = estimate(Exact())
-    return Bounds(
-        *(float((estimate(e) - exact).norm()) for e in (FirstOrder(), Truncated(L), Binomial(L)))
-    )
+    return Bounds(*(float((estimate(e) - exact).norm()) for e in (FirstOrder(), Truncated(L), Binomial(L))))
 
 
-def hessian_norms(
-    loss_fn,
-    points,
-    *,
-    iters: int = 100,
-    generator: Optional[torch.Generator] = None,
-) -> List[float]:
+def hessian_norms(loss_fn, points, *, iters: int = 100, generator: Optional[torch.Generator] = None) -> List[float]:
     """Spectral norms ``||H_k||`` of ``loss_fn``'s Hessian at each stacked point, by power iteration.
 
     All points iterate together: one batched HVP call per iteration (the same oracle the

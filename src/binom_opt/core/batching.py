@@ -1,12 +1,8 @@
 """Write it for one task at one point, lift it over trajectory points and tasks with ``vmap``.
 
-Every function of the support loss (an inner step, an HVP, a mixed term, a replay) is written as
-``fn(*args, task)`` for ONE task at ONE point and lifted here over the tasks of a meta-batch
-(``[B, ...]``) and the points of an estimator round (``[n, B, ...]``). One task without task data
-keeps ``B = 1`` but runs without vmap, and chunks of one point run as a plain loop (both faster
-on small kernels). ``randomness="same"`` restarts one random stream (:class:`RandomStream`) at
-every call: the step dimension draws the same numbers for every point, the task dimension
-different ones. See docs/design.md.
+``fn(*args, task)`` for ONE task at ONE point becomes a function of ``[B, ...]`` (tasks) or
+``[n, B, ...]`` (a round's points) arguments; random streams and error context live here too
+(docs/design.md, "One task, written once, lifted over tasks").
 """
 
 from __future__ import annotations

@@ -37,18 +37,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-__all__ = [
-    "Estimator",
-    "ExpansionPlan",
-    "FirstOrder",
-    "Truncated",
-    "Binomial",
-    "Hybrid",
-    "Exact",
-    "Implicit",
-    "Reptile",
-    "check_estimator",
-]
+__all__ = ["Estimator", "ExpansionPlan", "FirstOrder", "Truncated", "Binomial", "Hybrid", "Exact", "Implicit", "Reptile", "check_estimator"]
 
 HessianScale = Literal["exact", "paper"]
 

@@ -1,11 +1,8 @@
 """iMAML's implicit meta-gradient: the proximal support loss and conjugate gradient at ``phi_K``.
 
-The inner loop of :class:`~binom_opt.Implicit` minimises ``F(phi) = l(phi) + reg/2 ||phi - theta||^2``.
-At its minimiser ``grad F = 0``, so ``d phi / d theta = reg (H + reg I)^-1 = (I + H/reg)^-1`` with
-``H`` the Hessian of ``l``, and the meta-gradient is the solution ``x`` of ``(I + H/reg) x = g``.
-The recorded support loss is ``F`` itself, whose Hessian is ``H + reg I``: the system is
-``(H_F / reg) x = g``, symmetric, and positive definite while ``H > -reg I``; conjugate gradient
-solves it for every task at once, one batched HVP per iteration.
+At the minimiser of ``F = l + reg/2 ||phi - theta||^2`` the meta-gradient solves ``(H_F / reg) x = g``
+(``H_F = H + reg I``, positive definite while ``H > -reg I``), by CG for every task at once
+(docs/design.md, "Implicit and Reptile").
 """
 
 from __future__ import annotations

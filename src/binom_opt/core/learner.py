@@ -1,9 +1,7 @@
 """The model at a point of the inner loop: one task's :class:`Learner`, or a meta-batch's :class:`BatchedLearner`.
 
-A learner calls the model with ``torch.func.functional_call``: the adapted parameters come from
-``params``, every other parameter and buffer from the model itself, and the module policy of
-:mod:`binom_opt.core.norm_layers` applies. :func:`module_loss` turns a user closure on a learner
-into the support loss ``loss(phi, task)`` the recorder replays.
+Learners call the model with ``torch.func.functional_call`` under the module policy of
+:mod:`binom_opt.core.norm_layers`; :func:`module_loss` turns a closure on a learner into ``loss(phi, task)``.
 """
 
 from __future__ import annotations

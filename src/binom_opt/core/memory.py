@@ -1,21 +1,10 @@
 """How many Hessian-vector products run at once: a user cap, a memory budget, and halving after OOM.
 
-A batched HVP round keeps the activations of every HVP it vmaps over alive at the same time,
-so its memory is (HVPs at once) x (activations of one HVP). :class:`Chunking` bounds the first
-factor three ways:
-
-* ``chunk_size``: at most this many at once (the user's cap);
-* ``memory_budget``: bytes for one round's activations; the activations of one HVP are
-  measured once, at the first round, by running it with plain autograd under
-  ``torch.autograd.graph.saved_tensors_hooks`` and adding up the tensors the forward and the
-  double backward save, and the chunk is ``budget // that``. ``"inner_step"`` sets the budget
-  to the activations of the inner loop's own gradient step (one task's, or the meta-batch's
-  when the inner steps are task-batched), measured the same way: the HVP rounds then never
-  hold more activations than first-order MAML does, whatever ``L`` and ``K``;
-* an out-of-memory error halves the chunk and retries the round, down to one HVP at once.
-
-The sequential estimators (FirstOrder, Truncated, Exact) take one HVP per round and never
-need a budget: their activation memory is that of one HVP whatever ``K`` is.
+A round's memory is (HVPs at once) x (activations of one HVP). :class:`Chunking` bounds the first
+factor by ``chunk_size``, by ``memory_budget`` divided by one HVP's activations (measured once with
+``saved_tensors_hooks``; ``"inner_step"``: the inner step's own activations, i.e. first-order's
+memory), and by halving the chunk after an out-of-memory error. Sequential estimators run one HVP
+per round and never need a budget.
 """
 
 from __future__ import annotations
@@ -113,9 +102,8 @@ def activation_bytes(loss_fn: Callable[[Tensors], torch.Tensor], point: Tensors)
 
 def auto_budget(device: Optional[torch.device]) -> Optional[int]:
     """``memory_budget="auto"``: on CUDA a quarter of the device's free memory, at most 512 MiB, so that the
-    HVPs a round runs at once leave room for the rest of a training step (measured: Omniglot Conv4-64 at
-    meta-batch 32 then peaks well within 1 GB); elsewhere no budget, a round at once (on the CPU the
-    fastest for small models, and memory is plentiful; an out-of-memory error still halves the chunk).
+    HVPs a round runs at once leave room for the rest of a training step; elsewhere no budget, a round at
+    once (an out-of-memory error still halves the chunk).
 
     >>> auto_budget(torch.device("cpu")) is None
     True

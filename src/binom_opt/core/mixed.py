@@ -1,14 +1,8 @@
-"""Meta-gradients of the meta-parameters other than the initial point (docs/design.md).
+"""Meta-gradients of the meta-parameters other than the initial point (docs/design.md, "Other meta-parameters").
 
-* Tensors the support loss reaches that require grad (the model's parameters that do not adapt,
-  an ANIL body, features or data of the tasks), ``c``: their meta-gradient through the inner loop
-  is ``sum_k d/dc <grad_phi l_k(phi_k, c), w_k>`` with ``w_k = s B_k^T lambda_{k+1}`` (``-s a
-  lambda_{k+1}`` for plain SGD) and the adjoints ``lambda_{k+1}`` at one Hessian factor less, so
-  each kept term has at most ``L`` second-order factors and ``L = K`` is exact. The gradient in
-  ``phi`` is written for one task at one point and lifted over steps and tasks; ``d/dc`` is plain
-  autograd through that lifted call, which reaches ``c`` however the closure got hold of it.
-* Hyperparameters that require grad (learned learning rates): ``sum_k (d step_k / d lr)^T
-  lambda_{k+1}`` with the adjoints at the full order (no Hessian factor in these terms).
+A tensor ``c`` the support loss reaches gets ``sum_k d/dc <grad_phi l_k(phi_k, c), s B_k^T lambda_{k+1}>``
+with the adjoints one Hessian factor lower; a learned learning rate gets ``sum_k (d step_k / d lr)^T
+lambda_{k+1}`` at the full order.
 """
 
 from __future__ import annotations

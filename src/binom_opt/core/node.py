@@ -1,17 +1,8 @@
-"""The autograd node whose backward is the estimator: recorded trajectory -> expansion -> ``.grad`` (docs/design.md).
+"""The autograd node whose backward is the estimator: recorded trajectory -> expansion -> ``.grad``.
 
-:class:`Adaptation` maps the meta-parameters (the initial point, the other tensors the support
-loss reaches, learned learning rates) to the adapted parameters ``phi_K`` of every task. Its
-backward, :meth:`Record.backward`, is the one place where a meta-gradient is computed:
-
-1. check the recorded loop can still be replayed (the closure is pure, the initial point unchanged);
-2. run the estimator's expansion with batched HVPs (:mod:`binom_opt.core.expansion`);
-3. apply the NaN policy per task, then the mixed terms of the other meta-parameters
-   (:mod:`binom_opt.core.mixed`);
-4. report the stats.
-
-Everything is checked before anything is returned, so an error leaves the node's inputs without
-a gradient.
+:meth:`Record.backward` is the one place a meta-gradient is computed: the replay check, the
+expansion, the NaN policy, the other meta-parameters, the stats, in that order, all checked
+before anything is returned (docs/design.md, "What the node checks").
 """
 
 from __future__ import annotations

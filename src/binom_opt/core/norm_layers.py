@@ -1,23 +1,11 @@
 """Modules called inside binom_opt: what normalisation layers do, and no buffer written in forward.
 
-(Inside, attention also runs its math kernel and no fused fast path: the fused kernels have no
-second derivative and no batching rule, and the math kernel computes the same function.)
-
-The support loss is replayed at recorded points after the inner loop, so it must be a pure
-function of the adapted parameters. Two kinds of module break that, and :func:`module_policy`
-(a context that every support-loss and learner call runs in) handles both, whatever module
-runs, with global forward hooks, so models and plain functions of dicts alike are covered:
-
-* normalisation layers with running statistics (BatchNorm, InstanceNorm) update them in place in
-  train mode. Policies (``bn=``): ``"auto"`` (default) follows each layer's own mode, as higher,
-  learn2learn and plain PyTorch do: in train mode batch statistics (its running buffers neither
-  read nor updated), in eval mode the running statistics; ``"transductive"``: batch statistics
-  in both modes; ``"frozen"``: running statistics in both modes, never updated; ``"error"``:
-  refuse layers that track running statistics. Layers built with ``track_running_stats=False``
-  always use batch statistics.
-* any other module that writes one of its buffers during forward (``spectral_norm``'s power
-  iteration in train mode, a running average) would make every replay differentiate another
-  loss than the inner loop did: that is a ``RuntimeError`` naming the module and the buffer.
+The support loss is replayed after the inner loop, so it must be a pure function of the adapted
+parameters. :func:`module_policy`, the context of every support-loss and learner call, uses global
+forward hooks so that any module is covered: normalisation layers with running statistics follow
+the ``bn`` policy (see :class:`~binom_opt.Options`) and never update them, any other buffer
+written in forward is a ``RuntimeError`` naming it, and attention runs its math kernel (the fused
+ones have no second derivative and no batching rule).
 
 Example:
     >>> import torch

@@ -1,15 +1,7 @@
 """Hessian-vector products at recorded trajectory points, over steps x tasks in one call.
 
-Two ways to differentiate twice with ``torch.func`` (``Options.hvp``):
-
-* ``"rev"``: reverse-over-reverse, ``vjp`` of ``grad``. Works through every loss we know of.
-* ``"fwd"``: forward-over-reverse, ``jvp`` of ``grad``. Forward-mode AD is missing or broken for
-  some operators (in torch 2.13, ``F.mse_loss`` fails with "ZeroTensors are immutable").
-
-``"auto"`` is ``"rev"``. An :class:`HVPOracle` answers ``oracle(steps, vectors)`` with the stacked
-``H_j v_j`` of every task: one HVP written for one task at one point, lifted over the requested
-points and the tasks (:func:`~binom_opt.core.batching.map_points`), chunked by
-:class:`~binom_opt.core.memory.Chunking`.
+One HVP (``Options.hvp``: ``vjp`` or ``jvp`` of ``grad``) written for one task at one point, lifted
+over the requested points and the tasks, chunked by :class:`~binom_opt.core.memory.Chunking`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
-"""The inner loop, recorded step by step without a graph: one recorder for one task or a meta-batch (docs/design.md).
+"""The inner loop, recorded step by step without a graph: one recorder for one task or a meta-batch.
 
-:class:`InnerLoop` takes inner steps on a support loss ``loss(phi, task)`` written for one task:
-one by one as a drop-in's ``adapt``/``diffopt.step`` calls come (different closures at different
-steps are fine), or ``K`` at once for ``engine.adapt``/``adapt_batch``. All ``B`` tasks step
-together, vmapped over the task dimension; a single task without task data takes plain autograd
-steps instead (faster than ``torch.func`` on small kernels). Its :meth:`InnerLoop.outputs` are
-the adapted parameters as outputs of the autograd node of :mod:`binom_opt.core.node`.
-
-Tensors other than the adapted parameters that the support loss depends on and that require
-grad (the model's other parameters, features from a body, data tensors of the tasks) are found by
-walking the loss's autograd graph the first time a closure runs; they become inputs of the node
-and get their meta-gradient through the inner loop.
+:class:`InnerLoop` takes the steps of every entry point (a drop-in's ``adapt`` one at a time, the
+engine's ``K`` at once), all ``B`` tasks together; its :meth:`InnerLoop.outputs` are outputs of the
+node of :mod:`binom_opt.core.node`. Other tensors the support loss reaches that require grad are
+found by walking its graph the first time a closure runs (docs/design.md, "Other meta-parameters").
 """
 
 from __future__ import annotations

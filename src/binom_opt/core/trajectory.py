@@ -1,12 +1,7 @@
-"""A recorded inner loop: the points the estimators take Hessian-vector products at (docs/design.md).
+"""A recorded inner loop: the points the estimators take Hessian-vector products at.
 
-One point per inner step is stored (``[B, ...]`` per adapted parameter: all tasks at once), plus
-the optimizer state where the transposed step needs it (Adam, learned learning rates) or where
-checkpointing recomputes from it. No gradient and no autograd graph is kept: gradients are
-recomputed where they are needed. With ``checkpoint_every=m`` only every m-th point is stored
-and a segment of ``m`` steps is recomputed from its first point when asked for (bitwise the same
-points, checked against the next stored point), so a horizon of ``K`` steps keeps about
-``K/m + m`` points instead of ``K``.
+One point per inner step (or every m-th, recomputing the others), optimizer state only where it
+is read, no gradient and no graph (docs/design.md, "Storage and memory").
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""Inner-loop update rules (SGD with momentum, Adam, AdamW) as pure functions, and their transposes.
+"""Inner-loop update rules (SGD with momentum, Adam, AdamW) as pure elementwise functions, and their transposes.
 
-A rule maps ``(phi_k, state_k, grad_k)`` to ``(phi_{k+1}, state_{k+1})`` with elementwise
-operations only, so it applies to a whole meta-batch (``[B, ...]`` tensors) as it is. Its step
-Jacobian is ``D_k + B_k H_k``: a cheap direct part ``D_k`` (the new point and state as functions
-of the old ones, the gradient held fixed) and the part through the gradient, where the Hessian
-enters. The estimators count Hessian factors exactly as for plain SGD and apply ``D_k^T`` and
-``B_k^T`` exactly (:class:`StepTranspose`, by ``torch.func.vjp`` of the rule).
-
-Hyperparameters (the learning rate, per group or elementwise as in Meta-SGD) may be tensors that
-require grad: they are meta-parameters, and their meta-gradient comes from the same vjp.
+A step's Jacobian is ``D_k + B_k H_k`` (docs/design.md, "The math"); :class:`StepTranspose` applies
+``D_k^T`` and ``B_k^T`` by ``torch.func.vjp`` of the rule, which also gives learned learning rates theirs.
 """
 
 from __future__ import annotations
