@@ -77,9 +77,7 @@ class Record:
                 "optimizer.step()), so the recorded trajectory no longer starts from them. Compute the meta-gradient "
                 "(backward) before changing the parameters."
             )
-        self._check_proximal(plan)
-        if plan.schedule == "reptile":
-            return self._reptile(g, plan)
+        self._check_estimator_fits(plan)
         if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different":
             self._check_replay()
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
@@ -87,7 +85,11 @@ class Record:
         transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
         residual, unsolved = None, ()
         try:
-            if plan.schedule == "implicit":
+            if plan.schedule == "reptile":  # theta - phi_K per task; g only carries it
+                final = self.trajectory.final
+                result = ExpansionResult({n: self.initial[n].detach().unsqueeze(0) - final[n] for n in final})
+                bad, meta_grads, hyper_grads = self._bad_tasks(result), [], []
+            elif plan.schedule == "implicit":
                 result, residual, unsolved = self._implicit(g, oracle)
                 bad = self._bad_tasks(result)
                 meta_grads, hyper_grads = self._implicit_others(result, oracle), []
@@ -105,7 +107,8 @@ class Record:
                                       oracle.computed, chunking, int(bad.sum()), residual, unsolved))
         return result.meta_grad, meta_grads, hyper_grads
 
-    def _check_proximal(self, plan) -> None:
+    def _check_estimator_fits(self, plan) -> None:
+        """Refuse an estimator this recorded loop cannot serve: another proximal term, or inputs it has no meta-gradient for."""
         wanted = self.estimator.reg if plan.schedule == "implicit" else None
         if self.proximal != wanted:
             recorded = "without the proximal term" if self.proximal is None else f"with Implicit's proximal term (reg={self.proximal})"
@@ -120,25 +123,13 @@ class Record:
                 "differentiates they do not matter, and Reptile is not a gradient. Use another estimator, or leave the "
                 "learning rates fixed (requires_grad=False)."
             )
-
-    def _reptile(self, g: Tensors, plan):
-        """``theta - phi_K`` per task; the query gradient ``g`` only carries it."""
-        if self.meta_inputs:
+        if plan.schedule == "reptile" and self.meta_inputs:
             raise ValueError(
                 "Reptile() gives a direction to the adapted parameters only, but the support loss also uses "
                 f"{len(self.meta_inputs)} other tensor(s) that require grad (the model's parameters that do not adapt, such "
                 "as an ANIL body, or features computed outside the closure). Adapt every parameter the support loss uses, "
                 "detach the others, or use another estimator."
             )
-        final = self.trajectory.final
-        result = ExpansionResult({n: self.initial[n].detach().unsqueeze(0) - final[n] for n in final})
-        bad = self._bad_tasks(result)
-        self.status.finished = True
-        if self.setup.on_stats is not None:
-            chunking = Chunking(inner_batch=self.tasks.size)
-            self.setup.on_stats(make_stats(self.estimator, plan, task_norms(g), [], self.trajectory.losses, 0, chunking,
-                                           int(bad.sum())))
-        return result.meta_grad, [None] * len(self.meta_inputs), []
 
     def _implicit(self, g: Tensors, oracle: HVPOracle):
         """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; raise or warn when it breaks down.
