@@ -27,11 +27,10 @@ from torch.func import functional_call, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import machine_info, machine_text
-
 from binom_opt.core.oracle import hvp_function
 
 from fewshot.models import Conv4
+from suite.report import machine_info, machine_text
 
 
 def parse_args(argv=None):
