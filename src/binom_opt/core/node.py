@@ -286,7 +286,7 @@ class _Accumulation:
                     leaf.grad = g.clone() if leaf.grad is None else leaf.grad.add_(g)
 
 
-def meta_backward(loss: torch.Tensor, accumulate: bool = True):
+def meta_backward(loss: torch.Tensor, accumulate: bool = True) -> Optional[_Accumulation]:
     """``loss.backward()``, all or nothing: the gradients of every leaf are computed first and added into
     ``.grad`` only when the whole meta-gradient succeeded (with ``loss.backward()`` a tensor the loss reaches
     without going through an adaptation may already have its ``.grad`` when the meta-gradient fails).
