@@ -276,7 +276,7 @@ def hessian_norms(loss_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], po
     v = {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in at.items()}
 
     def per_point_norm(vectors):
-        return torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in vectors.values()))
+        return torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in vectors.values()))  # pyright: ignore[reportArgumentType]  # a sum of tensors
 
     norms = per_point_norm(v)
     for _ in range(iters):

@@ -111,7 +111,7 @@ class MAML(nn.Module):
             adapted, rules, hyper, _ = read_optimizer(named, self.inner_opt)
         else:
             adapted = _adapted(self.module, allow_nograd)
-            rules, hyper = sgd_rules(self.lr, adapted)
+            rules, hyper = sgd_rules(self.lr, adapted)  # pyright: ignore[reportArgumentType]  # lr is given when inner_opt is not
         check_hyper(hyper, named)
         return adapted, rules, hyper
 
