@@ -27,10 +27,9 @@ def test_every_guide_page_has_a_runnable_snippet():
 
 
 @pytest.mark.parametrize("page", GUIDES, ids=lambda p: p.name)
-def test_page_snippets_run(page, monkeypatch, tmp_path):
+def test_page_snippets_run(page, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    monkeypatch.setenv("BINOM_OPT_DOCS_TMP", str(tmp_path))
     namespace = {"__name__": f"docs.{page.stem}"}
     for i, block in enumerate(python_blocks(page)):
         exec(compile(block, f"{page.relative_to(ROOT)} [python block {i + 1}]", "exec"), namespace)
