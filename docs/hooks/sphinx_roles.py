@@ -44,12 +44,12 @@ def _fence_doctests(text: str) -> str:
         while end < len(lines) and lines[end].strip():
             end += 1
         before = next((line for line in reversed(out) if line.strip()), "")
-        indent = _indent(lines[i])
-        if not HEADING.match(before):
+        indent, heading = _indent(lines[i]), bool(HEADING.match(before))
+        if not heading:
             indent = min(indent, _indent(before))
         pad = " " * indent
         block = [pad + line[_indent(lines[i]):] if line.strip() else line for line in lines[i:end]]
-        if out and out[-1].strip():
+        if out and out[-1].strip() and not heading:  # a heading's body must follow it directly
             out.append("")
         out += [pad + "```pycon", *block, pad + "```"]
         i = end
