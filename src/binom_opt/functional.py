@@ -31,7 +31,7 @@ def meta_gradient(inner_loss: Callable, outer_loss: Callable, params: Mapping[st
                   lr: Union[None, float, Mapping[str, object]] = None, inner_opt: Optional[torch.optim.Optimizer] = None,
                   estimator: Estimator = Exact(), meta_params: Optional[Mapping[str, torch.Tensor]] = None,
                   return_stats: bool = False, options: Optional[Options] = None,
-                  **option_keywords: Any) -> Union[Tensors, Tuple[Tensors, MetaGradientStats]]:
+                  **option_keywords: Any) -> Union[Dict[str, torch.Tensor], Tuple[Dict[str, torch.Tensor], MetaGradientStats]]:
     """The meta-gradient of ``outer_loss(phi_K)`` with respect to the initial point ``params``.
 
     ``phi_0 = params`` and ``phi_{k+1}`` is an inner step on ``inner_loss`` (plain SGD with step ``lr``,
@@ -77,7 +77,8 @@ def meta_gradient(inner_loss: Callable, outer_loss: Callable, params: Mapping[st
 def meta_gradients(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor], *, steps: int,
                    estimators: Sequence[Estimator], lr: Union[None, float, Mapping[str, object]] = None,
                    inner_opt: Optional[torch.optim.Optimizer] = None, meta_params: Optional[Mapping[str, torch.Tensor]] = None,
-                   options: Optional[Options] = None, **option_keywords: Any) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
+                   options: Optional[Options] = None,
+                   **option_keywords: Any) -> Dict[Estimator, Tuple[Dict[str, torch.Tensor], MetaGradientStats]]:
     """Several estimators on ONE inner loop: ``{estimator: (meta_gradient, stats)}``.
 
     The way to compare estimators fairly (same trajectory, same ``g``) and cheaply (the inner loop
@@ -103,7 +104,7 @@ def meta_gradient_batched(inner_loss: Callable, outer_loss: Callable, params: Ma
                           inner_opt: Optional[torch.optim.Optimizer] = None, estimator: Estimator = Exact(),
                           meta_params: Optional[Mapping[str, torch.Tensor]] = None, return_stats: bool = False,
                           options: Optional[Options] = None,
-                          **option_keywords: Any) -> Union[Tensors, Tuple[Tensors, MetaGradientStats]]:
+                          **option_keywords: Any) -> Union[Dict[str, torch.Tensor], Tuple[Dict[str, torch.Tensor], MetaGradientStats]]:
     """Per-task meta-gradients of a whole meta-batch, every inner step and HVP round batched over tasks.
 
     ``tasks`` is a tensor or a pytree (tuple, dict) of tensors with a leading task dimension ``B``;
