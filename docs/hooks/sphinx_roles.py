@@ -4,6 +4,7 @@
   (``[`Options`][binom_opt.Options]``), which the strict build checks: a target that does not exist
   fails it. A role naming an internal object (the ``binom_opt.core`` modules, private helpers), which the
   reference does not document, stays as code.
+- ``docs/design.md`` becomes a link to the Design page.
 - Doctest blocks become ``pycon`` code blocks, so their output (``[[0, 2, 4], [1, 3]]``) is not read as
   markdown. A block under a heading line (``Example:``) stays inside that heading's indented body; one
   indented below a paragraph moves to the paragraph's indentation, since markdown would otherwise
@@ -17,6 +18,7 @@ import re
 import griffe
 
 ROLE = re.compile(r":(?:class|func|meth|mod|attr|exc|data|obj):`(~?)([^`]+)`")
+DESIGN = "[docs/design.md][how-binom_opt-computes-a-meta-gradient]"  # the Design page's title anchor
 HEADING = re.compile(r"^\s*\w[\w\s-]*:\s*$")  # what griffe's Google parser takes for a section or admonition title
 
 
@@ -26,6 +28,7 @@ class SphinxRoles(griffe.Extension):
         for obj in _walk(pkg):
             if obj.docstring is not None:
                 text = ROLE.sub(lambda m, obj=obj: _link(m, obj, pkg, public), obj.docstring.value)
+                text = text.replace("docs/design.md", DESIGN)
                 obj.docstring.value = _fence_doctests(text)
 
 
