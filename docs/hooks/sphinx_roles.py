@@ -2,7 +2,7 @@
 
 - Sphinx roles (``:class:`~binom_opt.Options```) become mkdocstrings cross-references
   (``[`Options`][binom_opt.Options]``), which the strict build checks: a target that does not exist
-  fails it. A role naming an internal object (the ``binom_opt.core`` modules, private helpers), which the
+  fails it. A role naming an internal object (the ``binom_opt.core`` modules, private functions), which the
   reference does not document, stays as code.
 - ``docs/design.md`` becomes a link to the Design page.
 - Doctest blocks become ``pycon`` code blocks, so their output (``[[0, 2, 4], [1, 3]]``) is not read as
