@@ -1,4 +1,8 @@
-"""README.md's first lines, its usage example and its switching diffs must stay true (they are run here)."""
+"""README.md's first lines, its usage example and its switching diffs must stay true (they are run here).
+
+The usage example is also the first snippet of docs/getting-started.md, and the diffs are also on
+docs/switching.md: both copies run, with the same checks.
+"""
 
 import re
 from pathlib import Path
@@ -19,11 +23,14 @@ from omniglot_tasks import available, real_tasks
 pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files run on the host
 
 TOL, STEPS = 1e-10, 3
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+USAGE_DOCUMENTS = ["README.md", "docs/getting-started.md"]  # whose first python block is the usage example
+DIFF_DOCUMENTS = ["README.md", "docs/switching.md"]  # that show the three switching diffs
 
 
-def code_blocks(language):
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def code_blocks(language, text=README):
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
 def test_readme_opens_with_the_two_commands():
@@ -35,16 +42,17 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     test_command = code_blocks("bash")[0].strip().splitlines()[1]
     assert test_command in ci
 
 
-def test_usage_example_runs():
-    blocks = code_blocks("python")
-    assert blocks, "README has no python example"
+@pytest.mark.parametrize("document", USAGE_DOCUMENTS)
+def test_usage_example_runs(document):
+    blocks = code_blocks("python", (ROOT / document).read_text())
+    assert blocks, f"{document} has no python example"
     namespace = {}
-    exec(compile(blocks[0], "README.md usage example", "exec"), namespace)
+    exec(compile(blocks[0], f"{document} usage example", "exec"), namespace)
     assert namespace["engine"].last_stats.hvp_count > 0
 
 
@@ -62,12 +70,17 @@ def diff_sides(block):
     return "\n".join(before), "\n".join(after)
 
 
-DIFFS = re.findall(r"(\d) lines? out, (\d) in(?:(?!```).)*```diff\n(.*?)```", README, flags=re.S)
+def switching_diffs(document):
+    return re.findall(r"(\d) lines? out, (\d) in(?:(?!```).)*```diff\n(.*?)```", (ROOT / document).read_text(), flags=re.S)
 
 
-def test_readme_has_the_three_switching_diffs_and_counts_their_lines():
-    assert len(DIFFS) == 3
-    for removed, added, block in DIFFS:
+DIFFS = {document: switching_diffs(document) for document in DIFF_DOCUMENTS}
+
+
+@pytest.mark.parametrize("document", DIFF_DOCUMENTS)
+def test_readme_has_the_three_switching_diffs_and_counts_their_lines(document):
+    assert len(DIFFS[document]) == 3
+    for removed, added, block in DIFFS[document]:
         lines = block.splitlines()
         assert (sum(line.startswith("-") for line in lines), sum(line.startswith("+") for line in lines)) == (int(removed), int(added))
 
@@ -102,8 +115,9 @@ def run_client(code, mode):
 @pytest.mark.skipif(not available(), reason="the Omniglot zips are not at $OMNIGLOT_ROOT")
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("index", range(2), ids=["learn2learn", "higher"])
-def test_switched_client_loops_give_the_original_meta_gradient(index, mode):
-    before, after = diff_sides(DIFFS[index][2])
+@pytest.mark.parametrize("document", DIFF_DOCUMENTS)
+def test_switched_client_loops_give_the_original_meta_gradient(document, index, mode):
+    before, after = diff_sides(DIFFS[document][index][2])
     original, switched = run_client(before, mode), run_client(after, mode)
     assert R.relative_error(switched, original) < TOL
     explicit = run_client(after.replace("first_order=False)", "first_order=False, estimator=bo.Exact())")
@@ -126,6 +140,11 @@ def run_snippet(code):
     return dict(zip(params, namespace["meta_grads"]))
 
 
-def test_torch_func_switch_gives_the_original_meta_gradient():
-    before, after = diff_sides(DIFFS[2][2])
+@pytest.mark.parametrize("document", DIFF_DOCUMENTS)
+def test_torch_func_switch_gives_the_original_meta_gradient(document):
+    before, after = diff_sides(DIFFS[document][2][2])
     assert R.relative_error(run_snippet(after), run_snippet(before)) < TOL
+
+
+def test_readme_and_switching_page_show_the_same_diffs():
+    assert DIFFS["README.md"] == DIFFS["docs/switching.md"]

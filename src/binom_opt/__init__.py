@@ -26,7 +26,7 @@ from .engine import MetaGradientEngine
 from .innerloop import innerloop_ctx
 from .maml import MAML
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BatchedLearner",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Literal, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, Literal, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -254,7 +254,8 @@ def measured_errors(hessians: Sequence[torch.Tensor], g: torch.Tensor, alpha: fl
     return Bounds(*(float((estimate(e) - exact).norm()) for e in (FirstOrder(), Truncated(L), Binomial(L))))
 
 
-def hessian_norms(loss_fn, points, *, iters: int = 100, generator: Optional[torch.Generator] = None) -> List[float]:
+def hessian_norms(loss_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], points: Mapping[str, torch.Tensor], *, iters: int = 100,
+                  generator: Optional[torch.Generator] = None) -> List[float]:
     """Spectral norms ``||H_k||`` of ``loss_fn``'s Hessian at each stacked point, by power iteration.
 
     All points iterate together: one batched HVP call per iteration (the same oracle the
@@ -275,7 +276,7 @@ def hessian_norms(loss_fn, points, *, iters: int = 100, generator: Optional[torc
     v = {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in at.items()}
 
     def per_point_norm(vectors):
-        return torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in vectors.values()))
+        return torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in vectors.values()))  # pyright: ignore[reportArgumentType]  # a sum of tensors
 
     norms = per_point_norm(v)
     for _ in range(iters):

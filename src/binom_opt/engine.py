@@ -9,7 +9,7 @@ tasks and composes with other loss terms.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ class MetaGradientEngine:
     """
 
     def __init__(self, model: nn.Module, inner_opt: torch.optim.Optimizer, steps: int, estimator: Estimator = Exact(),
-                 override: Optional[Mapping[str, Sequence]] = None, options: Optional[Options] = None, **option_keywords):
+                 override: Optional[Mapping[str, Sequence]] = None, options: Optional[Options] = None, **option_keywords: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.plan = check_estimator(estimator).plan(steps)
@@ -83,7 +83,8 @@ class MetaGradientEngine:
             loop.step(closure)
         return Learner(self.model, {n: t.squeeze(0) for n, t in loop.outputs().items()}, self.options.bn)
 
-    def adapt_batch(self, closure: Callable[[Learner, object], torch.Tensor], tasks) -> BatchedLearner:
+    def adapt_batch(self, closure: Callable[[Learner, Any], torch.Tensor],
+                    tasks: Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]) -> BatchedLearner:
         """Adapt to every task of a meta-batch at once: one vmapped call per inner step and per HVP round.
 
         Args:

@@ -8,7 +8,7 @@ engine's (docs/design.md): every inner optimizer, estimator and :class:`~binom_o
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -30,7 +30,8 @@ _MONITOR = DivergenceMonitor()  # functions have no object to warn once for: the
 def meta_gradient(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor], *, steps: int,
                   lr: Union[None, float, Mapping[str, object]] = None, inner_opt: Optional[torch.optim.Optimizer] = None,
                   estimator: Estimator = Exact(), meta_params: Optional[Mapping[str, torch.Tensor]] = None,
-                  return_stats: bool = False, options: Optional[Options] = None, **option_keywords):
+                  return_stats: bool = False, options: Optional[Options] = None,
+                  **option_keywords: Any) -> Union[Dict[str, torch.Tensor], Tuple[Dict[str, torch.Tensor], MetaGradientStats]]:
     """The meta-gradient of ``outer_loss(phi_K)`` with respect to the initial point ``params``.
 
     ``phi_0 = params`` and ``phi_{k+1}`` is an inner step on ``inner_loss`` (plain SGD with step ``lr``,
@@ -76,7 +77,8 @@ def meta_gradient(inner_loss: Callable, outer_loss: Callable, params: Mapping[st
 def meta_gradients(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor], *, steps: int,
                    estimators: Sequence[Estimator], lr: Union[None, float, Mapping[str, object]] = None,
                    inner_opt: Optional[torch.optim.Optimizer] = None, meta_params: Optional[Mapping[str, torch.Tensor]] = None,
-                   options: Optional[Options] = None, **option_keywords) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
+                   options: Optional[Options] = None,
+                   **option_keywords: Any) -> Dict[Estimator, Tuple[Dict[str, torch.Tensor], MetaGradientStats]]:
     """Several estimators on ONE inner loop: ``{estimator: (meta_gradient, stats)}``.
 
     The way to compare estimators fairly (same trajectory, same ``g``) and cheaply (the inner loop
@@ -96,11 +98,13 @@ def meta_gradients(inner_loss: Callable, outer_loss: Callable, params: Mapping[s
                            options, option_keywords)
 
 
-def meta_gradient_batched(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor], tasks, *,
+def meta_gradient_batched(inner_loss: Callable, outer_loss: Callable, params: Mapping[str, torch.Tensor],
+                          tasks: Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]], *,
                           steps: int, lr: Union[None, float, Mapping[str, object]] = None,
                           inner_opt: Optional[torch.optim.Optimizer] = None, estimator: Estimator = Exact(),
                           meta_params: Optional[Mapping[str, torch.Tensor]] = None, return_stats: bool = False,
-                          options: Optional[Options] = None, **option_keywords):
+                          options: Optional[Options] = None,
+                          **option_keywords: Any) -> Union[Dict[str, torch.Tensor], Tuple[Dict[str, torch.Tensor], MetaGradientStats]]:
     """Per-task meta-gradients of a whole meta-batch, every inner step and HVP round batched over tasks.
 
     ``tasks`` is a tensor or a pytree (tuple, dict) of tensors with a leading task dimension ``B``;

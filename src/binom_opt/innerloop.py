@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -67,6 +67,7 @@ class FunctionalModel:
         return [params.get(n, p) for n, p in self._model.named_parameters()]
 
     def parameters(self) -> Iterator[torch.Tensor]:
+        """An iterator over :attr:`fast_params`, as higher's ``fmodel.parameters()``."""
         return iter(self.fast_params)
 
     def state_dict(self) -> dict:
@@ -79,10 +80,12 @@ class FunctionalModel:
         return self
 
     def eval(self) -> FunctionalModel:
+        """Put the model in eval mode (``train(False)``); returns ``self``."""
         return self.train(False)
 
     @property
     def training(self) -> bool:
+        """Whether the model is in train mode."""
         return self._model.training
 
 
@@ -105,7 +108,7 @@ class DifferentiableOptimizer:
 def innerloop_ctx(model: nn.Module, opt: torch.optim.Optimizer, *, estimator: Estimator = Exact(),
                   steps: Optional[int] = None, copy_initial_weights: bool = False, track_higher_grads: bool = True,
                   override: Optional[Mapping[str, Sequence]] = None, options: Optional[Options] = None,
-                  **option_keywords) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
+                  **option_keywords: Any) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
 
     Args:

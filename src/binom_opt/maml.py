@@ -21,7 +21,7 @@ keeps every step's graph alive instead, which is what makes its memory grow with
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ class MAML(nn.Module):
     def __init__(self, model: nn.Module, lr: Union[None, float, torch.Tensor, Mapping[str, object]] = None,
                  steps: Optional[int] = None, estimator: Estimator = Exact(), first_order: bool = False,
                  allow_unused: Optional[bool] = None, allow_nograd: bool = False,
-                 inner_opt: Optional[torch.optim.Optimizer] = None, options: Optional[Options] = None, **option_keywords):
+                 inner_opt: Optional[torch.optim.Optimizer] = None, options: Optional[Options] = None, **option_keywords: Any) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -89,7 +89,8 @@ class MAML(nn.Module):
                             self._monitor)
         self._rules(allow_nograd)  # validates now
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, with its own parameters (not adapted)."""
         return self.module(*args, **kwargs)
 
     def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
@@ -110,7 +111,7 @@ class MAML(nn.Module):
             adapted, rules, hyper, _ = read_optimizer(named, self.inner_opt)
         else:
             adapted = _adapted(self.module, allow_nograd)
-            rules, hyper = sgd_rules(self.lr, adapted)
+            rules, hyper = sgd_rules(self.lr, adapted)  # pyright: ignore[reportArgumentType]  # lr is given when inner_opt is not
         check_hyper(hyper, named)
         return adapted, rules, hyper
 
@@ -162,12 +163,14 @@ class MAMLLearner:
         params = self.params
         return iter([params.get(n, p) for n, p in self._model.named_parameters()])
 
-    def named_parameters(self) -> Iterator:
+    def named_parameters(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """``(name, parameter)`` pairs of the model at this point: the adapted ones where they adapt."""
         params = self.params
         return iter([(n, params.get(n, p)) for n, p in self._model.named_parameters()])
 
     @property
     def steps_taken(self) -> int:
+        """How many times this clone has been adapted."""
         return self._loop.steps_taken
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.func import vmap
@@ -57,7 +57,7 @@ def task_count(data: Any) -> int:
     sizes = {t.shape[0] if t.dim() else None for t in leaves}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"Every tensor in tasks needs the same leading task dimension, got sizes {sorted(map(str, sizes))}.")
-    size = sizes.pop()
+    size: int = sizes.pop()  # pyright: ignore[reportAssignmentType]  # None was refused above
     if size < 1:
         raise ValueError("tasks holds no task (its leading dimension is 0).")
     return size
@@ -122,7 +122,7 @@ def calls(options, stream: Optional[RandomStream], during: str, hint: str = "") 
 def add_note(error: BaseException, note: str) -> None:
     """Attach context to an exception without changing its type (PEP 678; a no-op before Python 3.11)."""
     if hasattr(error, "add_note"):
-        error.add_note(note)
+        error.add_note(note)  # pyright: ignore[reportAttributeAccessIssue]  # Python >= 3.11
 
 
 def _squeeze(tree: Any) -> Any:
@@ -186,7 +186,7 @@ def along_tasks(per_task: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def map_points(
-    fn: Callable, args: tuple, tasks: Tasks, randomness: str, limit: Optional[int] = None, compile_fn: bool = False
+    fn: Callable, args: tuple, tasks: Tasks, randomness: str, limit: Optional[int] = None, compile_fn: Union[bool, str] = False
 ) -> Any:
     """``fn(*one_point_args, task)`` at ``n`` points of ``B`` tasks; ``args`` are pytrees of ``[n, B, ...]``.
 

@@ -81,6 +81,7 @@ class Estimator:
     """Base class of the estimators; subclasses say how to :meth:`plan` for ``K`` steps."""
 
     def plan(self, steps: int) -> ExpansionPlan:  # pragma: no cover - abstract
+        """The terms to keep for ``K = steps`` inner steps; a clear error if the estimator does not fit ``K``."""
         raise NotImplementedError
 
     @property

@@ -136,4 +136,4 @@ def _stacked(vectors: List[Tensors], names: List[str]) -> Tensors:
 
 def task_norms(tensors: Tensors) -> torch.Tensor:
     """The norm of each task's slice over all entries (the task dimension first), in float64, on the device."""
-    return torch.sqrt(sum(t.detach().double().flatten(1).pow(2).sum(1) for t in tensors.values()))
+    return torch.sqrt(sum(t.detach().double().flatten(1).pow(2).sum(1) for t in tensors.values()))  # pyright: ignore[reportArgumentType]  # a sum of tensors

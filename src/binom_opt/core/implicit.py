@@ -47,7 +47,7 @@ class CGResult:
 
     x: Tensors
     residuals: List[torch.Tensor] = field(default_factory=list)
-    negative_curvature: torch.Tensor = None
+    negative_curvature: torch.Tensor = None  # pyright: ignore[reportAssignmentType]  # set by conjugate_gradient
 
     @property
     def residual(self) -> torch.Tensor:
@@ -93,7 +93,7 @@ def conjugate_gradient(apply: Callable[[Tensors], Tensors], b: Tensors, steps: i
 
 def _dot(a: Tensors, b: Tensors) -> torch.Tensor:
     """Each task's inner product ``[B]``, in float64 (the step sizes of CG are ratios of these)."""
-    return sum((a[n].double() * b[n].double()).flatten(1).sum(1) for n in a)
+    return sum((a[n].double() * b[n].double()).flatten(1).sum(1) for n in a)  # pyright: ignore[reportReturnType]  # a sum of tensors
 
 
 def _per_task(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

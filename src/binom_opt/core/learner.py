@@ -133,7 +133,7 @@ def adapted_module(model: nn.Module, params: Tensors) -> nn.Module:
     def copy(module: nn.Module, prefix: str) -> nn.Module:
         clone = module.__new__(type(module))
         clone.__dict__ = module.__dict__.copy()
-        clone._parameters = {n: by_id.get(id(p), p) if p is not None else None for n, p in module._parameters.items()}
+        clone._parameters = {n: by_id.get(id(p), p) if p is not None else None for n, p in module._parameters.items()}  # pyright: ignore[reportAttributeAccessIssue]  # adapted tensors in place of Parameters
         clone._modules = {n: None if m is None else copy(m, f"{prefix}{n}.") for n, m in module._modules.items()}
         return clone
 

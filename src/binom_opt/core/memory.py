@@ -52,7 +52,7 @@ def parse_memory_budget(budget: Union[None, int, str]) -> Union[None, int, str]:
                 f"memory_budget {budget!r} is not understood: give bytes as an integer or a string such as "
                 "'512MiB', '2GB' (units B, kB, MB, GB, KiB, MiB, GiB), 'inner_step' or 'auto'."
             )
-        value = int(float(match.group(1)) * unit)
+        value = int(float(match.group(1)) * unit)  # pyright: ignore[reportOptionalMemberAccess]  # a unit implies a match
     else:
         raise ValueError(f"memory_budget must be None, a number of bytes or a string like '1GiB', got {budget!r}.")
     if value < 1:
@@ -148,8 +148,8 @@ class Chunking:
             if self.per_hvp_bytes is None:
                 sizes = measure()
                 self.per_hvp_bytes = sizes.hvp
-                self.budget_bytes = self.inner_batch * sizes.gradient if self.budget == INNER_STEP else self.budget
-            by_budget = max(1, self.budget_bytes // self.per_hvp_bytes)
+                self.budget_bytes = self.inner_batch * sizes.gradient if self.budget == INNER_STEP else self.budget  # pyright: ignore[reportAttributeAccessIssue]  # bytes once parsed
+            by_budget = max(1, self.budget_bytes // self.per_hvp_bytes)  # pyright: ignore[reportOptionalOperand]  # both set just above
             cap = by_budget if cap is None else min(cap, by_budget)
         return cap
 

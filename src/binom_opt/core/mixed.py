@@ -7,7 +7,7 @@ lambda_{k+1}`` at the full order.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.func import grad
@@ -47,14 +47,14 @@ def meta_input_gradients(oracle: HVPOracle, weights: Dict[int, Tensors], meta_in
 
 
 def directional_gradients(oracle: HVPOracle, loss_fn, points: Tensors, weights: Tensors, meta_inputs: List[torch.Tensor],
-                          during: str) -> List[Optional[torch.Tensor]]:
+                          during: str) -> Tuple[Optional[torch.Tensor], ...]:
     """``d/dc sum <grad_phi loss_fn(phi, c), w>`` over the ``[n, B, ...]`` ``points`` and ``weights``, for each ``c``
     of ``meta_inputs`` (``None`` if unreached), with the oracle's tasks and options."""
     tasks, options, stream = oracle.tasks, oracle.options, oracle.trajectory.stepper.stream
 
     def inner(phi: Tensors, w: Tensors, task) -> torch.Tensor:
         g = grad(loss_fn)(phi, task)
-        return sum((g[n] * w[n]).sum() for n in g)
+        return sum((g[n] * w[n]).sum() for n in g)  # pyright: ignore[reportReturnType]  # a sum of tensors
 
     with torch.enable_grad(), calls(options, stream, during), autograd_through_vmap():
         values = map_points(inner, (points, weights), tasks, options.randomness)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -24,6 +24,9 @@ from .oracle import HVPOracle
 from .stats import make_stats
 from .trajectory import Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule
+
+if TYPE_CHECKING:  # the recorder imports this module
+    from .recorder import Setup
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -48,7 +51,7 @@ class Record:
     this record, and a cycle through an autograd node is never collected.
     """
 
-    setup: object  # recorder.Setup
+    setup: Setup
     estimator: Estimator
     trajectory: Trajectory
     tasks: Tasks
@@ -62,7 +65,7 @@ class Record:
     first_order: frozenset = frozenset()  # steps whose Hessians are dropped
     proximal: Optional[float] = None  # the reg of the proximal term the inner loop added (Implicit)
 
-    def backward(self, g: Tensors) -> Tuple[Tensors, List[Optional[torch.Tensor]], List[torch.Tensor]]:
+    def backward(self, g: Tensors) -> Tuple[Tensors, Sequence[Optional[torch.Tensor]], List[torch.Tensor]]:
         setup, options, K, B = self.setup, self.setup.options, self.trajectory.steps, self.tasks.size
         if setup.steps is not None and setup.steps != K:
             raise ValueError(
@@ -109,7 +112,7 @@ class Record:
 
     def _check_estimator_fits(self, plan) -> None:
         """Refuse an estimator this recorded loop cannot serve: another proximal term, or inputs it has no meta-gradient for."""
-        wanted = self.estimator.reg if plan.schedule == "implicit" else None
+        wanted = self.estimator.reg if plan.schedule == "implicit" else None  # pyright: ignore[reportAttributeAccessIssue]  # Implicit's schedule
         if self.proximal != wanted:
             recorded = "without the proximal term" if self.proximal is None else f"with Implicit's proximal term (reg={self.proximal})"
             raise ValueError(
@@ -134,11 +137,11 @@ class Record:
     def _implicit(self, g: Tensors, oracle: HVPOracle):
         """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; raise or warn when it breaks down.
         Returns the solution, the largest relative residual and the tasks whose solve broke down."""
-        reg, options = self.estimator.reg, self.setup.options
+        reg, options = self.estimator.reg, self.setup.options  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         with torch.no_grad():  # the recorded loss is the proximal one: its Hessian is H + reg I
-            cg = conjugate_gradient(lambda v: {n: t / reg for n, t in oracle.at_final(v).items()}, g, self.estimator.cg_steps)
+            cg = conjugate_gradient(lambda v: {n: t / reg for n, t in oracle.at_final(v).items()}, g, self.estimator.cg_steps)  # pyright: ignore[reportAttributeAccessIssue]
         result = ExpansionResult(cg.x, contributions=cg.residuals)
-        tol = self.estimator.tol
+        tol = self.estimator.tol  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         failed = cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol))
         unsolved = tuple(failed.nonzero().flatten().tolist())  # one read from the device on the usual path
         if unsolved:
@@ -159,7 +162,7 @@ class Record:
         ``x`` is already zero for the tasks :meth:`_bad_tasks` dropped."""
         if not self.meta_inputs:
             return []
-        weight = {n: -t / self.estimator.reg for n, t in result.meta_grad.items()}
+        weight = {n: -t / self.estimator.reg for n, t in result.meta_grad.items()}  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         final = {n: t.unsqueeze(0) for n, t in self.trajectory.final.items()}
         grads = directional_gradients(oracle, self.trajectory.loss_fns[-1], final, {n: t.unsqueeze(0) for n, t in weight.items()},
                                       self.meta_inputs, "the mixed second-order terms at the adapted point")
@@ -264,7 +267,7 @@ class Adaptation(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, *grad_outputs: Optional[torch.Tensor]):
+    def backward(ctx, *grad_outputs: Optional[torch.Tensor]):  # pyright: ignore[reportIncompatibleMethodOverride]  # as once_differentiable wraps it
         record: Record = ctx.record
         final = record.trajectory.final
         g = {n: torch.zeros_like(t) if go is None else go for (n, t), go in zip(final.items(), grad_outputs)}
@@ -286,7 +289,7 @@ class _Accumulation:
                     leaf.grad = g.clone() if leaf.grad is None else leaf.grad.add_(g)
 
 
-def meta_backward(loss: torch.Tensor, accumulate: bool = True):
+def meta_backward(loss: torch.Tensor, accumulate: bool = True) -> Optional[_Accumulation]:
     """``loss.backward()``, all or nothing: the gradients of every leaf are computed first and added into
     ``.grad`` only when the whole meta-gradient succeeded (with ``loss.backward()`` a tensor the loss reaches
     without going through an adaptation may already have its ``.grad`` when the meta-gradient fails).
@@ -347,7 +350,7 @@ def depends_on_adaptation(loss: torch.Tensor) -> bool:
     return any(isinstance(node, Adaptation._backward_cls) for node in _nodes(loss))
 
 
-def leaves_requiring_grad(loss: torch.Tensor, exclude: frozenset = frozenset()) -> List[torch.Tensor]:
+def leaves_requiring_grad(loss: torch.Tensor, exclude: AbstractSet[int] = frozenset()) -> List[torch.Tensor]:
     """The leaf tensors requiring grad that ``loss`` depends on, except those in ``exclude`` (ids)."""
     found = (getattr(node, "variable", None) for node in _nodes(loss))
     return [v for v in found if v is not None and id(v) not in exclude]

@@ -98,7 +98,7 @@ def _after(module: nn.Module, args, output) -> None:
     seen = _active[0].versions.pop(id(module), None) if _active else None
     if not seen:
         return
-    written = [n for n, v in seen.items() if module._buffers.get(n) is not None and module._buffers[n]._version != v]
+    written = [n for n, v in seen.items() if module._buffers.get(n) is not None and module._buffers[n]._version != v]  # pyright: ignore[reportOptionalMemberAccess]
     if written:
         raise RuntimeError(
             f"{type(module).__name__} wrote its buffer(s) {written} during forward (in train mode, spectral_norm's "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from .memory import check_chunk_size, parse_memory_budget
 from .norm_layers import NORM_POLICIES
@@ -97,7 +97,7 @@ class Options:
         return "rev" if self.hvp == "auto" else self.hvp
 
     @classmethod
-    def resolve(cls, options: Optional[Options] = None, **keywords) -> Options:
+    def resolve(cls, options: Optional[Options] = None, **keywords: Any) -> Options:
         """``options`` (or the defaults) with ``keywords`` replacing fields, validated."""
         if options is not None and not isinstance(options, Options):
             raise TypeError(f"options must be a binom_opt.Options, got {type(options).__name__}.")

@@ -7,13 +7,13 @@ is read, no gradient and no graph (docs/design.md, "Storage and memory").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 Tensors = Dict[str, torch.Tensor]
 States = Dict[str, Tensors]
-LossFn = Callable
+LossFn = Callable[..., Any]
 
 __all__ = ["Trajectory", "Stored", "DROPPED"]
 
@@ -72,8 +72,8 @@ class Trajectory:
         if self.every > 1:
             return self._segment(k)[k % self.every]
         if k not in self._grads:
-            self._grads[k] = self.stepper.gradient(self.loss_fns[k], self.stored[k].phi, k)[0]
-        return self.stored[k].phi, self.stored[k].state or {}, self._grads[k]
+            self._grads[k] = self.stepper.gradient(self.loss_fns[k], self.stored[k].phi, k)[0]  # pyright: ignore[reportOptionalMemberAccess]  # every point is stored
+        return self.stored[k].phi, self.stored[k].state or {}, self._grads[k]  # pyright: ignore[reportOptionalMemberAccess]
 
     def runs(self, lo: int, hi: int, split=frozenset()) -> List[Tuple[int, int, LossFn]]:
         """``(start, stop, loss_fn)`` for each run of consecutive steps in ``[lo, hi)`` sharing a support loss
@@ -100,7 +100,7 @@ class Trajectory:
 
     def _recompute(self, start: int) -> List[Tuple[Tensors, States, Tensors]]:
         stop = min(start + self.every, self.steps)
-        phi, state = self.stored[start].phi, self.stored[start].state or {}
+        phi, state = self.stored[start].phi, self.stored[start].state or {}  # pyright: ignore[reportOptionalMemberAccess]  # a checkpoint
         out = []
         for k in range(start, stop):
             grads, losses, _ = self.stepper.gradient(self.loss_fns[k], phi, k)
@@ -108,7 +108,7 @@ class Trajectory:
             if not _same(losses, self.losses[k]):
                 raise _not_reproduced(start, stop, f"support loss at step {k}")
             phi, state = self.stepper.update(k, phi, state, grads)
-        expected = self.final if stop == self.steps else self.stored[stop].phi
+        expected = self.final if stop == self.steps else self.stored[stop].phi  # pyright: ignore[reportOptionalMemberAccess]  # a checkpoint
         if not all(_same(phi[n], expected[n]) for n in phi):
             raise _not_reproduced(start, stop, f"point {stop}")
         return out

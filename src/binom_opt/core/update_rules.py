@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.func import vjp
@@ -48,7 +48,7 @@ class SGDRule(UpdateRule):
     linear = True
 
     @property
-    def state_names(self) -> Tuple[str, ...]:
+    def state_names(self) -> Tuple[str, ...]:  # pyright: ignore[reportIncompatibleVariableOverride]  # read-only here
         return ("momentum_buffer",) if self.momentum else ()
 
     @property
@@ -101,7 +101,7 @@ def _sqrt_flat_at_zero(v: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
-def sgd_rules(lr: Union[float, Mapping[str, object]], names: Sequence[str]) -> Tuple[Dict[str, UpdateRule], Dict[str, Hyper]]:
+def sgd_rules(lr: Union[float, torch.Tensor, Mapping[str, Any]], names: Sequence[str]) -> Tuple[Dict[str, UpdateRule], Dict[str, Hyper]]:
     """Plain SGD with step size ``lr`` (one value, or a dict with one per name) for every name."""
     per_name = dict(lr) if isinstance(lr, Mapping) else {n: lr for n in names}
     missing = sorted(set(names) - set(per_name))
@@ -138,7 +138,7 @@ class InnerOptimizer(NamedTuple):
                     f"adapted parameter ({len(self.adapted)}), got {len(values)}."
                 )
             for name, lr in per_name.items():
-                hyper[name]["lr"] = lr
+                hyper[name]["lr"] = lr  # pyright: ignore[reportArgumentType]  # a float or a tensor, checked by check_hyper
         return hyper
 
 
@@ -253,8 +253,8 @@ class StepTranspose:
     def __init__(self, rules: Mapping[str, UpdateRule], hyper: Union[Mapping[str, Hyper], Sequence[Mapping[str, Hyper]]],
                  values: Optional[Callable[[int], StepValues]] = None):
         self.rules, self.values = dict(rules), values
-        self.hyper = (lambda k: hyper[k]) if isinstance(hyper, (list, tuple)) else (lambda k: hyper)
-        self.learned = learned(*hyper) if isinstance(hyper, (list, tuple)) else learned(hyper)
+        self.hyper: Callable[[int], Mapping[str, Hyper]] = (lambda k: hyper[k]) if isinstance(hyper, (list, tuple)) else (lambda k: hyper)  # pyright: ignore[reportAttributeAccessIssue, reportReturnType]
+        self.learned = learned(*hyper) if isinstance(hyper, (list, tuple)) else learned(hyper)  # pyright: ignore[reportArgumentType]  # one mapping
         self.nonlinear = not all(r.linear for r in self.rules.values())  # its Jacobians read each step's values
         self._identity = all(r.identity_direct for r in self.rules.values())
 
@@ -271,7 +271,7 @@ class StepTranspose:
         needs_values = self.needs_values(hyper)
         if self._identity and not needs_values:
             return {n: z[n] for n in self.rules}, {n: -hyper[n]["lr"] * z[n] for n in self.rules}, {}
-        phi, state, grad = self.values(k) if needs_values else (z, {}, z)
+        phi, state, grad = self.values(k) if needs_values else (z, {}, z)  # pyright: ignore[reportOptionalCall]  # given where needed
         direct: Tensors = {}
         through_grad: Tensors = {}
         hyper_grads: Dict[int, torch.Tensor] = {}
@@ -283,7 +283,7 @@ class StepTranspose:
                 return rule.update(k, p, st, gr, {**fixed, **hy})
 
             states = {s: state[n][s] if n in state else torch.zeros_like(z[n]) for s in rule.state_names}
-            _, pullback = vjp(step, phi[n], states, grad[n], {h: v.detach() for h, v in tensors.items()})
+            _, pullback = vjp(step, phi[n], states, grad[n], {h: v.detach() for h, v in tensors.items()})  # pyright: ignore[reportAssignmentType]  # no aux
             d_phi, d_state, d_grad, d_hyper = pullback((z[n], {s: z[f"{n}/{s}"] for s in rule.state_names}))
             direct[n] = d_phi
             direct.update({f"{n}/{s}": d_state.get(s, torch.zeros_like(z[n])) for s in rule.state_names})
