@@ -184,7 +184,7 @@ def picture(start, images, names, path, title):
     for row, (label, batch) in enumerate((("start (real)", start), ("distilled", images))):
         for i, ax in enumerate(axes[row]):
             img = batch[i, 0].numpy()
-            bound = float(img.abs().max()) or 1.0  # symmetric scale: 0 (background) is white, ink and its opposite show
+            bound = float(abs(img).max()) or 1.0  # symmetric scale: 0 (background) is white, ink and its opposite show
             ax.imshow(img, cmap="RdGy_r", vmin=-bound, vmax=bound)
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
