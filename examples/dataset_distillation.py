@@ -190,8 +190,9 @@ def picture(start, images, names, path, title):
             if i == 0:
                 ax.set_ylabel(label, fontsize=8)
             if row == 0:
-                ax.set_title(names[i].split("/")[0][:12] + "\n" + names[i].split("/")[1], fontsize=6)
-    fig.suptitle(title, fontsize=8)
+                alphabet, character = names[i].split("/")
+                ax.set_title(alphabet.split("_(")[0].replace("_", " ")[:16] + "\n" + character, fontsize=6)
+    fig.suptitle(title + "\nred: ink (> 0), white: background (0), grey: below 0", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
