@@ -218,10 +218,18 @@ def table(results) -> str:
         lines += [f"| {r['estimator']} | {r['hvps']} | {r['seconds']:.2f} | {r['relative_error']:.2e}"
                   f"{' (series grows)' if r['diverging'] else ''} | {r['cosine']:.4f} |" for r in results["estimators"]]
     if results.get("memory"):
-        lines += ["", "One meta-step's peak resident memory above its start (MiB) and its time, each in a child process:", "",
-                  "| method | K | peak MiB | seconds |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['method']} | {r['K']} | " + (f"{r['peak_mib']:.1f} | {r['seconds']:.1f} |" if "error" not in r
-                                                    else f"failed: {r['error']} | |") for r in results["memory"]]
+        lines += ["", "One meta-step's peak resident memory above its start (MiB) and its time, each in a child process; "
+                  "the growth per inner step is the slope from the method's previous row:", "",
+                  "| method | K | peak MiB | MiB per inner step | seconds |", "|---|---:|---:|---:|---:|"]
+        previous = {}
+        for r in results["memory"]:
+            if "error" in r:
+                lines.append(f"| {r['method']} | {r['K']} | failed: {r['error']} | | |")
+                continue
+            last = previous.get(r["method"])
+            slope = f"{(r['peak_mib'] - last['peak_mib']) / (r['K'] - last['K']):.3f}" if last else ""
+            lines.append(f"| {r['method']} | {r['K']} | {r['peak_mib']:.1f} | {slope} | {r['seconds']:.1f} |")
+            previous[r["method"]] = r
     lines += ["", f"Wall time {results['wall_seconds'] / 60:.1f} min ({results['distill_seconds'] / 60:.1f} min distilling) "
               f"on {results['machine']['processor']}, {results['machine']['torch_threads']} threads."]
     return "\n".join(lines)
