@@ -250,7 +250,7 @@ def main(argv=None):
     log_lr = torch.tensor(math.log(args.lr), requires_grad=True)
     start, images, history = distill(net, chars, args, log_lr)
     distill_seconds = time.perf_counter() - tic
-    lr = float(log_lr.exp()) if args.learn_lr else args.lr
+    lr = float(log_lr.detach().exp()) if args.learn_lr else args.lr
     seed = args.seed + 1
     evaluation = {"distilled": evaluate(net, chars, images, args.steps, lr, args.eval_inits, seed),
                   "random_real": evaluate(net, chars, None, args.steps, lr, args.eval_inits, seed, per_class_real=1),

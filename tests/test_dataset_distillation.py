@@ -89,3 +89,13 @@ def test_bad_flags_are_refused_before_anything_runs(argv, message, capsys):
 def test_confidence_interval_uses_student_t():
     ci = confidence([0.5, 0.7])
     assert ci["mean"] == pytest.approx(0.6) and ci["ci95"] == pytest.approx(12.71 * 0.1414213 / 2 ** 0.5, rel=1e-4)
+
+
+@needs_data
+def test_learned_step_size_moves_and_the_baseline_uses_it(tmp_path, cache_dir):
+    results = dataset_distillation.main([
+        "--classes", "3", "--steps", "3", "--iterations", "2", "--eval-inits", "2", "--learn-lr", "--no-compare",
+        "--no-memory", "--estimator", "trunc", "--L", "2", "--threads", "1", "--data-root", str(DATA),
+        "--cache-dir", str(cache_dir), "--out", str(tmp_path), "--no-progress"])
+    assert results["inner_lr"] != 0.1 and results["estimator"] == "Truncated(L=2)"
+    assert results["history"][0]["hvps"] == 2 and results["memory"] == [] and results["estimators"] == []
