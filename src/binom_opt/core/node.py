@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AbstractSet, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -19,7 +19,7 @@ from .estimators import Estimator
 from .expansion import ExpansionResult, expand, task_norms
 from .implicit import conjugate_gradient
 from .memory import Chunking
-from .mixed import directional_gradients, hyper_gradients, meta_input_gradients
+from .mixed import MixedTerms, directional_gradients, hyper_gradients
 from .oracle import HVPOracle
 from .stats import make_stats
 from .trajectory import Trajectory
@@ -97,11 +97,16 @@ class Record:
                 bad = self._bad_tasks(result)
                 meta_grads, hyper_grads = self._implicit_others(result, oracle), []
             else:
-                with torch.no_grad():
-                    result = expand(plan, g, transpose, oracle, steps=K, with_adjoints=bool(self.meta_inputs),
-                                    with_full_adjoints=bool(self.hyper_inputs))
-                bad = self._bad_tasks(result)
-                meta_grads, hyper_grads = self._other_gradients(result, bad, oracle, transpose, plan.hessian_scale)
+                def expansion(drop: Optional[torch.Tensor] = None) -> Tuple[ExpansionResult, Optional[MixedTerms]]:
+                    mixed = (MixedTerms(oracle, transpose, plan.hessian_scale, self.meta_inputs, self.first_order, drop)
+                             if self.meta_inputs else None)
+                    with torch.no_grad():
+                        return expand(plan, g, transpose, oracle, steps=K, on_adjoint=None if mixed is None else mixed.add,
+                                      with_full_adjoints=bool(self.hyper_inputs)), mixed
+
+                result, mixed = expansion()
+                bad = self._bad_tasks(result, None if mixed is None else mixed.bad)
+                meta_grads, hyper_grads = self._other_gradients(result, bad, mixed, expansion, transpose)
         finally:
             self.trajectory.release()
         self.status.finished = True
@@ -173,11 +178,13 @@ class Record:
             )
         return grads
 
-    def _bad_tasks(self, result: ExpansionResult) -> torch.Tensor:
-        """The tasks whose meta-gradient is not finite; raises for them under ``nan_policy="raise"``,
-        and zeroes them (and their adjoints) under ``"skip_task"``."""
-        vectors = [result.meta_grad, *result.adjoints.values(), *result.full_adjoints.values()]
+    def _bad_tasks(self, result: ExpansionResult, bad_adjoints: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tasks whose meta-gradient (or an adjoint, ``bad_adjoints``) is not finite; raises for them under
+        ``nan_policy="raise"``, and zeroes them (and their adjoints) under ``"skip_task"``."""
+        vectors = [result.meta_grad, *result.full_adjoints.values()]
         bad = torch.zeros(self.tasks.size, dtype=torch.bool, device=next(iter(result.meta_grad.values())).device)
+        if bad_adjoints is not None:
+            bad |= bad_adjoints
         for tensors in vectors:
             for t in tensors.values():
                 bad |= ~torch.isfinite(t.flatten(1)).all(1)
@@ -196,23 +203,23 @@ class Record:
                 tensors[n] = torch.where(along_tasks(bad, t), torch.zeros_like(t), t)
         return bad
 
-    def _other_gradients(self, result, bad, oracle, transpose, scale):
-        weights = {k: {n: t * scale for n, t in transpose.vjp(k, adjoint)[1].items()}
-                   for k, adjoint in result.adjoints.items() if k not in self.first_order}
-        meta_grads = meta_input_gradients(oracle, weights, self.meta_inputs)
+    def _other_gradients(self, result: ExpansionResult, bad: torch.Tensor, mixed: Optional[MixedTerms], expansion: Callable,
+                         transpose: StepTranspose):
+        meta_grads = [] if mixed is None else mixed.totals()
         hyper_grads = hyper_gradients(transpose, result.full_adjoints)
-        finite = _finite([*meta_grads, *hyper_grads])
-        if not finite and self.setup.options.nan_policy == "skip_task":
-            for b in range(self.tasks.size):  # which tasks: one at a time (a rare path)
-                if not bool(bad[b]):
-                    only = {k: {n: t * along_tasks(torch.arange(len(t), device=t.device) == b, t)
-                                for n, t in w.items()} for k, w in weights.items()}
-                    bad[b] = not _finite(meta_input_gradients(oracle, only, self.meta_inputs))
-            result.meta_grad = {n: torch.where(along_tasks(bad, t), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
-            keep = {k: {n: t * along_tasks(~bad, t) for n, t in w.items()} for k, w in weights.items()}
-            meta_grads = meta_input_gradients(oracle, keep, self.meta_inputs)
-            finite = _finite([*meta_grads, *hyper_grads])
-        if not finite:
+        if mixed is not None and self.setup.options.nan_policy == "skip_task":
+            def without(drop: torch.Tensor) -> List[Optional[torch.Tensor]]:
+                return expansion(drop)[1].totals()
+
+            if bool(bad.any()):  # the sums streamed during the expansion hold the dropped tasks' terms: sum again without them
+                meta_grads = without(bad)
+            if not _finite(meta_grads):  # a mixed term overflowed with finite adjoints: which tasks, one at a time (rare)
+                for b in range(self.tasks.size):
+                    if not bool(bad[b]):
+                        bad[b] = not _finite(without(torch.arange(len(bad), device=bad.device) != b))
+                result.meta_grad = {n: torch.where(along_tasks(bad, t), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
+                meta_grads = without(bad)
+        if not _finite([*meta_grads, *hyper_grads]):
             raise FloatingPointError(
                 "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
                 "or a learned learning rate) is not finite: lower the inner learning rate or check the data."
