@@ -179,14 +179,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     todo = plan(names, ks)
     model = build_model(cfg, torch.device("cpu"))
     parameter_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / MIB
-    log(f"{cfg.describe()}: {len(todo)} points on {args.device}, --max-memory {args.max_memory / 1024:.1f} GiB")
+    setting = f"{cfg.describe().rsplit(', K=', 1)[0]}, K inner SGD steps at lr {cfg.lr}, meta-batch 1; one meta-step into .grad"
+    log(f"{setting}: {len(todo)} points on {args.device}, --max-memory {args.max_memory / 1024:.1f} GiB")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="binom_opt_wall_") as tmp:
         points = measure(todo, cfg, args, Path(tmp))
     document = {
         "command": "python benchmarks/memory_wall.py " + shlex.join(argv),
-        "setting": cfg.describe().rsplit(", K=", 1)[0] + ", K inner SGD steps at lr "
-                   f"{cfg.lr}, meta-batch 1; one meta-step into .grad",
+        "setting": setting,
         "device": args.device,
         "machine": machine_text(machine_info(args)),
         "memory": memory_note(args.device),
