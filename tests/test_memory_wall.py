@@ -46,7 +46,11 @@ def test_a_line_needs_two_distinct_k():
     assert wall.line_fit([1.0, 2.0, 3.0], [5.0, 7.0, 9.0]) == pytest.approx((3.0, 2.0))
     line = wall.fit(HIGHER, "higher")
     assert line is not None and (line["intercept"], line["slope"]) == pytest.approx((1124, 1635))
-    assert line["basis"] == "least squares over K=1, 2, 3"
+    assert line["basis"] == "least squares over K=2, 3 (K=1 left out)"
+    # K = 1 counts only where fewer than two larger K were measured: a one-step loop holds no interior point
+    exact = points("exact", {1: 2800.0, 2: 2950.0, 3: 3000.0})
+    assert wall.fit(exact, "exact")["slope"] == pytest.approx(50.0)
+    assert wall.fit(exact[:2], "exact")["slope"] == pytest.approx(150.0)
     assert wall.fit(points("higher", {2: 10.0}), "higher") is None
 
 

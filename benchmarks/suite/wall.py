@@ -44,13 +44,20 @@ def line_fit(xs: List[float], ys: List[float]) -> Optional[Tuple[float, float]]:
 def fit(points: List[dict], method: str) -> Optional[dict]:
     """``{"intercept", "slope", "basis"}`` of ``peak = intercept + slope * held_points(K)`` in MiB.
 
-    The checkpointed method measured at a single K borrows Exact's slope (each held point costs what one of
-    Exact's does) and is anchored at its point; any other method needs two K values.
+    K = 1 is left out where two larger K were measured. The checkpointed method measured at a single K borrows
+    Exact's slope (each held point costs what one of Exact's does) and is anchored at its point; any other method
+    needs two K values.
     """
     own = measured(points, method)
-    line = line_fit([held_points(method, p["K"]) for p in own], [p["peak_mib"] for p in own])
+    # K = 1 is a special case of the graph-free loop (no interior point; the initial one is a view of the
+    # parameters), whose peak can sit below the line of larger K: where two larger K were measured, it is left out.
+    beyond_one = [p for p in own if p["K"] > 1]
+    used = beyond_one if len({p["K"] for p in beyond_one}) >= 2 else own
+    line = line_fit([held_points(method, p["K"]) for p in used], [p["peak_mib"] for p in used])
     if line is not None:
-        return {"intercept": line[0], "slope": line[1], "basis": f"least squares over K={', '.join(str(p['K']) for p in own)}"}
+        left_out = " (K=1 left out)" if len(used) < len(own) else ""
+        return {"intercept": line[0], "slope": line[1],
+                "basis": f"least squares over K={', '.join(str(p['K']) for p in used)}{left_out}"}
     exact = fit(points, EXACT) if method == CHECKPOINTED else None
     if own and exact is not None:
         anchor = own[-1]

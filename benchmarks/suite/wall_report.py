@@ -56,9 +56,11 @@ def markdown(document: dict) -> Tuple[str, dict]:
         f"{document['parameter_mib']:.1f} MiB. Memory: {document['memory']}; each (method, K) point in a fresh process. "
         "Time: that one meta-step (the process's first, so it includes first-call costs"
         + (", and on the CPU under the fixed mmap threshold, which slows large allocations" if document["device"] == "cpu" else "")
-        + "; slower on a busy machine, where the peaks stay the same). Extrapolated (*italic*): from a least-squares line of the measured peaks in the inner-loop points held "
-        "(K, or for the checkpointed method K/m stored points plus a segment of m, m = round(sqrt(K))); the checkpointed "
-        "method measured at one K takes Exact's growth per point. Points predicted above --max-memory "
+        + "; slower on a busy machine, where the peaks stay the same). Extrapolated (*italic*): from a least-squares "
+        "line of the measured peaks in the inner-loop points held (K, or for the checkpointed method K/m stored points "
+        "plus a segment of m, m = round(sqrt(K))), over K >= 2 where two such K were measured (K = 1, with no interior "
+        "point, can sit below that line); the checkpointed method measured at one K takes Exact's growth per point. "
+        "Points predicted above --max-memory "
         f"({document['max_memory_mib'] / 1024:.1f} GiB) are skipped, not run.",
         "",
         "Peak MiB (seconds per meta-step) against K:",
