@@ -24,6 +24,8 @@ def cell(points: List[dict], method: str, k: int) -> str:
     own = [p for p in points if p["method"] == method and p["K"] == k]
     if own and own[0]["status"] == "measured":
         return f"{own[0]['peak_mib']:,.0f} ({own[0]['seconds']:.1f} s)"
+    if all(k < p["K"] for p in points if p["method"] == method):
+        return "—"  # a line extrapolated below the method's first point says nothing
     peak, _ = peak_at(points, method, k)
     note = f"; {own[0]['status']}" if own else ""
     return "—" + note if peak is None else f"*~{peak:,.0f} (extrapolated{note})*"
