@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the exactness, batching and memory tests on the device, the benchmark suite
-# (Omniglot at meta-batch 32, the 84x84 miniImageNet setting) and the HVP backends. Results go to
+# (Omniglot at meta-batch 32, the 84x84 miniImageNet setting), the HVP backends and the ResNet-12 memory wall
+# (K up to 100 measured, where the CPU's default run extrapolates). Results go to
 # benchmarks/results/*_<device>.* (or --out), with the wall time of each part in gpu_<device>.log.
 #
 #   bash benchmarks/gpu.sh                       # on the GPU machine: about 6-8 minutes on an H100
@@ -38,6 +39,7 @@ if [ "$dry" = 1 ]; then
   omniglot=(--config tiny --ks 2 --methods higher fo-task exact-task fo-batch exact-batch)
   mini=(--config tiny --ks --methods exact-task exact-batch)
   backends=(--hidden 8 --points 2 --tasks 2 --repeats 1 --no-compile)
+  wall=(--tiny --methods higher exact exact-ckpt --ks 1 2)
 else
   tests=(tests/test_exactness.py tests/test_entry_points.py tests/test_engine.py tests/test_batching.py tests/test_memory.py
          tests/test_oracle.py tests/test_trajectory.py -x)
@@ -45,6 +47,9 @@ else
   mini=(--config miniimagenet --levels 1 2 --repeats 2 --ks 5 10 --methods higher autograd fo-task trunc1-task binom1-task
         exact-task fo-batch trunc1-batch binom1-batch binom2-batch exact-batch)
   backends=()
+  # every method at K=10 (the first target) and the checkpointed Exact at K=100 (the third); a peer's point
+  # predicted above 60 % of the GPU's memory is skipped
+  wall=(--ks 1 2 3 10 100)
 fi
 
 # Each part runs whatever the one before gave: a failure is written down and the next part still runs.
@@ -59,5 +64,6 @@ part "tests_$device" python -m pytest -q -p no:cacheprovider --device "$device" 
 part "run_omniglot_$device" python benchmarks/run.py --device "$device" --out "$out" "${omniglot[@]}"
 part "run_miniimagenet_$device" python benchmarks/run.py --device "$device" --out "$out" "${mini[@]}"
 part "hvp_backends_$device" python benchmarks/hvp_backends.py --device "$device" --out "$out" "${backends[@]}"
+part "memory_wall_$device" python benchmarks/memory_wall.py --device "$device" --out "$out" "${wall[@]}"
 stamp "done"
 exit $status

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from fewshot.imagenet import DataNotFound, ImageSplit, load_miniimagenet, load_tieredimagenet
+from fewshot.models import build_network
 from fewshot.omniglot import TaskSampler
 
 pytestmark = pytest.mark.cpu_only  # files and example scripts on the host
@@ -205,3 +207,43 @@ def test_paper_presets_are_table_1s_protocol(preset, shots, meta_batch):
     assert (args.ways, args.shots, args.queries, args.meta_batch) == (5, shots, 15, meta_batch)
     assert (args.steps, args.eval_steps, args.inner_lr, args.hidden) == (5, 10, 0.01, 32)
     assert (args.iterations, args.early_stopping, args.eval_tasks) == (20000, True, 600)
+
+
+def test_the_resnet12_example_trains_end_to_end(tmp_path):
+    """--network resnet12 through main(): ResNet-12 (4-10-20-40) meta-trained on the generated 84x84 images."""
+    import miniimagenet_maml
+
+    root = write_mini_pickles(tmp_path / "data")
+    results = miniimagenet_maml.main(tiny(root, tmp_path / "out", "--network", "resnet12", "--estimator", "exact",
+                                          "--no-early-stopping"))
+    assert results["config"]["network"] == "resnet12" and results["test"]["tasks"] == 4
+    assert [r["iteration"] for r in results["history"]["train"]] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in results["history"]["train"])
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["model"]
+    assert state["features.3.body.6.weight"].shape == (40, 40, 3, 3)  # the last block's third convolution
+    torch.manual_seed(0)  # the seed main() builds the network from: meta-training moved every block
+    initial = build_network("resnet12", in_channels=3, out_features=3, image_size=84, hidden=4).state_dict()
+    assert all(not torch.equal(initial[k], state[k]) for k in ("features.0.body.0.weight", "features.3.shortcut.0.weight",
+                                                                "head.weight"))
+
+
+def test_a_checkpoint_resumes_only_with_its_network(tmp_path):
+    import miniimagenet_maml
+
+    root = write_mini_pickles(tmp_path / "data")
+    miniimagenet_maml.main(tiny(root, tmp_path / "out", "--iterations", "1", "--eval-every", "0"))
+    with pytest.raises(SystemExit, match=r"other settings \(network: conv4 -> resnet12"):
+        miniimagenet_maml.main(tiny(root, tmp_path / "out", "--network", "resnet12", "--resume"))
+
+
+@pytest.mark.parametrize(("preset", "shots", "steps", "lr"), [("resnet12-1shot", 1, 15, 0.05), ("resnet12-5shot", 5, 20, 0.1)])
+def test_resnet12_presets_are_ye_and_chaos_inner_loops(preset, shots, steps, lr):
+    """Ye & Chao (ICLR 2022), MAML on ResNet-12: K = 15 at alpha = 0.05 (1-shot), K = 20 at alpha = 0.1 (5-shot)."""
+    import miniimagenet_maml
+
+    from fewshot.run import common_parser, parse
+
+    parser = common_parser(miniimagenet_maml.__doc__, miniimagenet_maml.DEFAULTS, miniimagenet_maml.PRESETS, omniglot=False)
+    args = parse(parser, ["--preset", preset, "--data-root", "unused"])
+    assert (args.network, args.hidden, args.ways, args.shots) == ("resnet12", 64, 5, shots)
+    assert (args.steps, args.eval_steps, args.inner_lr) == (steps, steps, lr)

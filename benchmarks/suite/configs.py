@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from fewshot.models import Conv4
+from fewshot.models import RESNET12_WIDTHS, build_network
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,13 @@ class Config:
     hybrid: Tuple[int, int]  # (L, C)
     repeats: int
     ks: Tuple[int, ...]  # K values of the memory-vs-K table
-    network: str = "conv4"  # or "mlp": input -> hidden -> hidden -> ways, ReLU
+    network: str = "conv4"  # a network of fewshot.models.NETWORKS, or "mlp": input -> hidden -> hidden -> ways, ReLU
 
     def describe(self) -> str:
         side = f"{self.in_channels}x{self.image_size}x{self.image_size}"
-        net = (f"MLP {self.in_channels * self.image_size ** 2}-{self.hidden}-{self.hidden}-{self.ways}" if self.network == "mlp"
-               else f"Conv4-{self.hidden}")
+        net = {"mlp": f"MLP {self.in_channels * self.image_size ** 2}-{self.hidden}-{self.hidden}-{self.ways}",
+               "resnet12": "ResNet-12 " + "-".join(str(round(self.hidden * w)) for w in RESNET12_WIDTHS)}.get(
+                   self.network, f"Conv4-{self.hidden}")
         return (
             f"{net} on {side}, {self.ways}-way {self.shots}-shot ({self.ways * self.shots} support), "
             f"{self.queries} queries per class ({self.ways * self.queries} query), K={self.steps} inner SGD steps "
@@ -47,8 +48,11 @@ CONFIGS: Dict[str, Config] = {
     "miniimagenet": Config("miniimagenet", 3, 84, 32, 5, 5, 15, 10, 0.01, 4, (1, 2, 3), (2, 5), 3, (5, 10, 20)),
     # the memory-vs-K table of a model whose parameters outweigh its activations (1.9M parameters)
     "mlp": Config("mlp", 1, 28, 1024, 5, 1, 15, 5, 0.1, 1, (1, 2), (1, 3), 3, (5, 25, 100, 1000), "mlp"),
-    # for the smoke test; not listed in --help
+    # the memory wall (memory_wall.py): 12.4M parameters, 5-way 5-shot with 5 queries per class, one task
+    "resnet12": Config("resnet12", 3, 84, 64, 5, 5, 5, 1, 0.01, 1, (1, 2), (1, 2), 0, (1, 2, 3), "resnet12"),
+    # for the smoke tests; not listed in --help
     "tiny": Config("tiny", 1, 28, 8, 5, 1, 3, 2, 0.4, 2, (1,), (1, 2), 1, ()),
+    "resnet12-tiny": Config("resnet12-tiny", 3, 16, 4, 5, 5, 5, 1, 0.01, 1, (1, 2), (1, 2), 0, (1, 2), "resnet12"),
 }
 
 QUICK = {
@@ -57,7 +61,9 @@ QUICK = {
     # minute on a 2-core CPU, so the quick run keeps K, the task shapes and the methods, not the images
     "miniimagenet": dict(meta_batch=2, hidden=16, image_size=42, repeats=1, levels=(1, 2), ks=(5, 10)),
     "mlp": dict(repeats=1, ks=(5, 25, 100)),
+    "resnet12": {},
     "tiny": {},
+    "resnet12-tiny": {},
 }
 
 
@@ -84,7 +90,8 @@ def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
         width = cfg.in_channels * cfg.image_size**2
         return nn.Sequential(nn.Flatten(), nn.Linear(width, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden),
                              nn.ReLU(), nn.Linear(cfg.hidden, cfg.ways)).to(device)
-    model = Conv4(in_channels=cfg.in_channels, out_features=cfg.ways, hidden=cfg.hidden, image_size=cfg.image_size)
+    model = build_network(cfg.network, in_channels=cfg.in_channels, out_features=cfg.ways, image_size=cfg.image_size,
+                          hidden=cfg.hidden)
     return model.to(device)
 
 

@@ -32,8 +32,10 @@ __all__ = ["common_parser", "parse", "make_estimator", "load_tasks", "sampler", 
 
 ESTIMATORS = ("fo", "reptile", "imaml", "trunc", "binom", "hybrid", "exact")
 # Settings that define the model and the task stream: a checkpoint resumes only with the same ones.
-RESUME_KEYS = ("ways", "shots", "queries", "steps", "inner_lr", "estimator", "L", "C", "hessian_scale", "reg", "meta_batch",
-               "meta_lr", "hidden", "seed")
+RESUME_KEYS = ("network", "ways", "shots", "queries", "steps", "inner_lr", "estimator", "L", "C", "hessian_scale", "reg",
+               "meta_batch", "meta_lr", "hidden", "seed")
+# what a checkpoint written before a setting existed ran with (every network was Conv4 before --network)
+RESUME_DEFAULTS = {"network": "conv4"}
 
 
 def common_parser(description: str, defaults: dict, presets: Dict[str, dict], omniglot: bool = True) -> argparse.ArgumentParser:
@@ -58,7 +60,7 @@ def common_parser(description: str, defaults: dict, presets: Dict[str, dict], om
     a("--meta-batch", type=_positive, default=32, help="tasks per meta-gradient")
     a("--iterations", type=_non_negative, default=60000, help="meta-training iterations")
     a("--meta-lr", type=_positive_float, default=1e-3, help="Adam step size")
-    a("--hidden", type=_positive, default=64, help="Conv4 filters per layer")
+    a("--hidden", type=_positive, default=64, help="filters of the first layer (Conv4: of every layer)")
     a("--task-batched", action="store_true", help="adapt each meta-batch at once (engine.adapt_batch; meant for GPUs)")
     a("--seed", type=int, default=0)
     a("--preset", choices=sorted(presets), default=None, help="a whole setting (flags given explicitly still win)")
@@ -157,7 +159,8 @@ class Run:
         if not self.checkpoint.is_file():
             raise SystemExit(f"error: --resume: no checkpoint at {self.checkpoint}")
         state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        changed = {k: (state["config"].get(k), self.config[k]) for k in RESUME_KEYS if state["config"].get(k) != self.config[k]}
+        pairs = {k: tuple(c.get(k, RESUME_DEFAULTS.get(k)) for c in (state["config"], self.config)) for k in RESUME_KEYS}
+        changed = {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
         if changed:
             detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
             raise SystemExit(f"error: --resume: {self.checkpoint} was written with other settings ({detail})")
