@@ -72,6 +72,16 @@ def test_the_checkpointed_method_at_one_k_takes_exacts_growth_per_held_point():
     assert wall.fit(ckpt, "exact-ckpt") is None  # nothing to borrow from
 
 
+def test_a_binomial_method_is_fitted_with_exacts_points_at_k_up_to_its_level():
+    binom2 = points("binom2", {3: 2900 + 96 + 1000.0})  # 1,000 MiB above Exact at K = 2
+    assert [(p["method"], p["K"]) for p in wall.measured(EXACT + binom2, "binom2")] == [("exact", 1), ("exact", 2), ("binom2", 3)]
+    line = wall.fit(EXACT + binom2, "binom2")
+    assert line is not None and line["slope"] == pytest.approx(1000) and line["basis"] == "least squares over K=2, 3 (K=1 left out)"
+    assert [p["K"] for p in wall.measured(EXACT, "binom1")] == [1]  # one point: no line yet
+    assert wall.fit(EXACT, "binom1") is None
+    assert wall.measured(EXACT + binom2, "exact") == EXACT  # and Exact takes nothing from them
+
+
 def test_largest_k_in_a_budget():
     assert wall.largest_k(HIGHER, "higher", 8192) == {"K": 4, "how": "extrapolated"}  # (8192 - 1124) / 1635 = 4.3
     assert wall.largest_k(HIGHER, "higher", 16384) == {"K": 9, "how": "extrapolated"}

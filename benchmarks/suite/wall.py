@@ -28,8 +28,16 @@ def held_points(method: str, k: int) -> int:
     return math.ceil(k / m) + (m if m > 1 else 0)
 
 
+LEVELS = {"binom1": 1, "binom2": 2}  # the binomial methods' L
+
+
 def measured(points: List[dict], method: str) -> List[dict]:
-    return sorted((p for p in points if p["method"] == method and p["status"] == "measured"), key=lambda p: p["K"])
+    """A method's measured points by K; for ``Binomial(L)`` also Exact's at ``K <= L``, where Binomial(L) keeps every
+    term and runs Exact's computation (so the default run does not measure it twice)."""
+    own = {p["K"]: p for p in points if p["method"] == method and p["status"] == "measured"}
+    level = LEVELS.get(method, 0)
+    same = {p["K"]: p for p in points if p["method"] == EXACT and p["status"] == "measured" and p["K"] <= level}
+    return [both[k] for both in [{**same, **own}] for k in sorted(both)]
 
 
 def line_fit(xs: List[float], ys: List[float]) -> Optional[Tuple[float, float]]:
