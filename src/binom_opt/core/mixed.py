@@ -36,7 +36,7 @@ def meta_input_gradients(oracle: HVPOracle, weights: Dict[int, Tensors], meta_in
         if lo in skipped:
             continue
         limit = chunking.limit(lambda lo=lo, fn=loss_fn: oracle.measure(fn, lo))
-        span = hi - lo if limit is None else max(1, limit // tasks.size)
+        span = hi - lo if limit is None else max(1, limit // tasks.at_once)
         for start in range(lo, hi, span):  # each chunk's graph is freed before the next one is built
             stop = min(hi, start + span)
             stacked = {n: torch.stack([weights[k][n] for k in range(start, stop)]) for n in weights[start]}
