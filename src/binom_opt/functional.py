@@ -165,7 +165,7 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
             with calls(options, None, "the outer loss"), autograd_through_vmap():
                 if tasks.batched:
                     one = lambda p, task: check_scalar_loss(outer_loss(p, task), "outer_loss")
-                    outer = per_task(one, tasks.loop)(final, tasks.data).sum()
+                    outer = per_task(one, tasks.loop, options.bn)(final, tasks.data).sum()
                 else:
                     outer = check_scalar_loss(outer_loss({n: t.squeeze(0) for n, t in final.items()}), "outer_loss")
             if not outer.requires_grad:

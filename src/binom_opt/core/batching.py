@@ -200,18 +200,22 @@ def refuse_random_ops(fn: Callable, args: tuple, tasks: Tasks) -> None:
         vmap_or_loop(fn, "error")(*first)
 
 
-def per_task(fn: Callable, loop: bool) -> Callable:
+def per_task(fn: Callable, loop: bool, bn: str) -> Callable:
     """``fn`` of one task (whose outputs autograd differentiates later: a query loss) over dimension 0 of
-    its arguments: vmapped with independent random draws per task or, with ``loop`` (as :attr:`Tasks.loop`
-    plans), one task after another, each under activation checkpointing.
+    its arguments, under the module policy ``bn``: vmapped with independent random draws per task or,
+    with ``loop`` (as :attr:`Tasks.loop` plans), one task after another, each under activation checkpointing.
 
     Checkpointed, a task keeps only its inputs and outputs until the backward, which recomputes its
-    forward: the meta-batch then holds one task's graph at a time, as a loop of per-task meta-steps
-    does, instead of ``B`` of them (one forward more per task; random ops replay their draws).
+    forward (under the same policy): the meta-batch then holds one task's graph at a time, as a loop of
+    per-task meta-steps does, instead of ``B`` of them (one forward more per task; random ops replay their draws).
     """
+    def one(*args):
+        with module_policy(bn):
+            return fn(*args)
+
     if not loop:
-        return vmap_or_loop(fn, "different")
-    saved = lambda *args: checkpoint(fn, *args, use_reentrant=False)
+        return vmap_or_loop(one, "different")
+    saved = lambda *args: checkpoint(one, *args, use_reentrant=False)
     return lambda *args: _loop(saved, args)
 
 

@@ -78,7 +78,7 @@ class BatchedLearner:
             return functional_call(self.module, params, a, kw)
 
         with module_policy(self.bn), autograd_through_vmap():
-            return per_task(one, self.loop)(self.params, args, kwargs)
+            return per_task(one, self.loop, self.bn)(self.params, args, kwargs)
 
     def __repr__(self) -> str:
         return f"BatchedLearner({type(self.module).__name__}, tasks={len(self)}, adapted={list(self.params)})"

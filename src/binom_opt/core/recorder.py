@@ -76,11 +76,11 @@ class Stepper:
         if plain:
             outs = []
             with calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
-                if probe and tasks.loop and self.options.randomness == "error":
-                    refuse_random_ops(loss_fn, (phi,), tasks)
                 for b in range(tasks.size if tasks.loop else 1):
                     one = {n: t[b] for n, t in phi.items()}
                     outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0))
+                if probe and tasks.loop and self.options.randomness == "error":  # after the probe's clearer errors
+                    refuse_random_ops(loss_fn, (phi,), tasks)
             found = outs[0][2]
             if not tasks.batched or len(outs) == tasks.size:
                 return ({n: torch.stack([o[0][n] for o in outs]) for n in phi}, torch.stack([o[1] for o in outs]), found)
