@@ -202,15 +202,15 @@ def refuse_random_ops(fn: Callable, args: tuple, tasks: Tasks) -> None:
 
 def per_task(fn: Callable, loop: bool, bn: str) -> Callable:
     """``fn`` of one task (whose outputs autograd differentiates later: a query loss) over dimension 0 of
-    its arguments, under the module policy ``bn``: vmapped with independent random draws per task or,
+    its arguments, under the module policy ``bn`` (and :func:`autograd_through_vmap`): vmapped with independent random draws per task or,
     with ``loop`` (as :attr:`Tasks.loop` plans), one task after another, each under activation checkpointing.
 
     Checkpointed, a task keeps only its inputs and outputs until the backward, which recomputes its
     forward (under the same policy): the meta-batch then holds one task's graph at a time, as a loop of
     per-task meta-steps does, instead of ``B`` of them (one forward more per task; random ops replay their draws).
     """
-    def one(*args):
-        with module_policy(bn):
+    def one(*args):  # the recomputation of a checkpointed task runs in these contexts too
+        with module_policy(bn), autograd_through_vmap():
             return fn(*args)
 
     if not loop:
