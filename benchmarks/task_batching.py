@@ -42,11 +42,12 @@ def ratios(run: dict) -> List[dict]:
     return rows
 
 
-def markdown(runs: List[dict], rows: List[dict]) -> str:
+def markdown(runs: List[dict], rows: List[dict], note: str) -> str:
     machine = runs[0]["machine"]
     lines = [
         f"# Task batching against the per-task loop, {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}",
         "",
+        *([note, ""] if note else []),
         "Commands (each estimator per task and batched in the same run, each method in its own process):",
         "",
         *[f"- `{run['command']}`" for run in runs],
@@ -73,11 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="JSON files written by benchmarks/run.py")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.json and .md are written)")
+    parser.add_argument("--note", default="", help="a line on the machine and the conditions of the runs")
     args = parser.parse_args()
     runs = [json.loads(path.read_text()) for path in args.runs]
     rows = [row for run in runs for row in ratios(run)]
-    args.out.with_suffix(".json").write_text(json.dumps({"runs": runs, "ratios": rows}, indent=1))
-    text = markdown(runs, rows)
+    args.out.with_suffix(".json").write_text(json.dumps({"runs": runs, "ratios": rows, "note": args.note}, indent=1))
+    text = markdown(runs, rows, args.note)
     args.out.with_suffix(".md").write_text(text)
     print(text)
 
