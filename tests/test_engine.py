@@ -166,7 +166,7 @@ def test_chunked_equals_unchunked(limits):
     model = conv_bn().model
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     tasks = image_tasks()
-    whole = bo.MetaGradientEngine(model, opt, steps=K, estimator=bo.Binomial(2))
+    whole = bo.MetaGradientEngine(model, opt, steps=K, estimator=bo.Binomial(2), memory_budget=None)  # all at once
     expected = batched(whole, model, tasks)
     assert whole.last_stats.hvps_at_once == (K - 1) * B  # a round's points x tasks at once
     chunked = bo.MetaGradientEngine(model, opt, steps=K, estimator=bo.Binomial(2), **limits)

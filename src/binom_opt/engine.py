@@ -112,10 +112,12 @@ class MetaGradientEngine:
             >>> engine.last_stats.hvp_count                                             # 3 per task
             24
         """
-        loop = self._loop(Tasks(tasks))
+        first = next(iter(self.model.parameters()), None)
+        planned = Tasks(tasks).planned(self.options, None if first is None else first.device)
+        loop = self._loop(planned)
         for _ in range(self.steps):
             loop.step(closure)
-        return BatchedLearner(self.model, loop.outputs(), self.options.bn)
+        return BatchedLearner(self.model, loop.outputs(), self.options.bn, planned.loop)
 
     def _loop(self, tasks: Tasks) -> InnerLoop:
         named = dict(self.model.named_parameters())

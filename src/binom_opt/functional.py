@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 import torch
 
-from .core.batching import Tasks, autograd_through_vmap, calls, vmap_or_loop
+from .core.batching import Tasks, autograd_through_vmap, calls, per_task
 from .core.estimators import Estimator, Exact, Implicit, check_estimator
 from .core.node import check_scalar_loss
 from .core.options import Options
@@ -150,6 +150,7 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
         if sorted(adapted) != sorted(params):
             raise ValueError(f"inner_opt must be built over every tensor of params ({sorted(params)}), got {sorted(adapted)}.")
     extra = dict(meta_params or {})
+    tasks = tasks.planned(options, next(iter(params.values())).device) if params else tasks
     leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
     monitor = _MONITOR
     make = (lambda fn: fn) if tasks.batched else (lambda fn: lambda phi, task: fn(phi))
@@ -164,7 +165,7 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
             with calls(options, None, "the outer loss"), autograd_through_vmap():
                 if tasks.batched:
                     one = lambda p, task: check_scalar_loss(outer_loss(p, task), "outer_loss")
-                    outer = vmap_or_loop(one, "different")(final, tasks.data).sum()
+                    outer = per_task(one, tasks.loop, options.bn)(final, tasks.data).sum()
                 else:
                     outer = check_scalar_loss(outer_loss({n: t.squeeze(0) for n, t in final.items()}), "outer_loss")
             if not outer.requires_grad:

@@ -15,10 +15,14 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint
 
+from .memory import loops_over_tasks
 from .norm_layers import module_policy
 
-__all__ = ["Tasks", "RandomStream", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "map_points", "compiled",
+__all__ = ["Tasks", "RandomStream", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "per_task",
+           "refuse_random_ops", "map_points",
+           "compiled",
            "autograd_through_vmap"]
 
 # vmap's randomness for the step and the task dimension, per user setting
@@ -29,21 +33,38 @@ class Tasks:
     """The task axis: ``B`` tasks with their data (a pytree of tensors sharing a leading dimension
     ``B``), or one task without data (``data=None``, ``B = 1``, never vmapped over).
 
+    ``loop``: the tasks run one after another, each exactly as a task of its own
+    (:func:`~binom_opt.core.memory.loops_over_tasks` decides), instead of vmapped together.
+
     >>> Tasks((torch.zeros(4, 5, 3), torch.zeros(4, 5))).size, Tasks().size
     (4, 1)
     """
 
-    def __init__(self, data: Any = None):
+    def __init__(self, data: Any = None, loop: bool = False):
         self.data = data
         self.size = 1 if data is None else task_count(data)
+        self.loop = loop and data is not None
 
     @property
     def batched(self) -> bool:
         return self.data is not None
 
+    def planned(self, options, device: Optional[torch.device]) -> Tasks:
+        """These tasks, run as ``options`` plan them on ``device`` (:func:`~binom_opt.core.memory.loops_over_tasks`)."""
+        return Tasks(self.data, loops_over_tasks(options, device))
+
+    @property
+    def at_once(self) -> int:
+        """How many tasks one call runs together."""
+        return 1 if self.loop else self.size
+
     def first(self) -> Any:
         """Task 0's data (``None`` for a task without data)."""
-        return None if self.data is None else pytree.tree_map(lambda t: t[0], self.data)
+        return self.task(0)
+
+    def task(self, b: int) -> Any:
+        """Task ``b``'s data (``None`` for a task without data)."""
+        return None if self.data is None else pytree.tree_map(lambda t: t[b], self.data)
 
 
 def task_count(data: Any) -> int:
@@ -137,6 +158,8 @@ def over_tasks(fn: Callable, tasks: Tasks, randomness: str, chunk: Optional[int]
     """``fn(*args, task)`` for one task, as a function of ``[B, ...]`` arguments (``chunk``: tasks at once)."""
     if not tasks.batched:
         return lambda *args: _unsqueeze(fn(*_squeeze(args), None))
+    if tasks.loop:
+        return lambda *args: _loop(fn, (*args, tasks.data))
     batched = vmap_or_loop(fn, _TASK_RANDOMNESS[randomness], chunk, same=randomness == "same")
     return lambda *args: batched(*args, tasks.data)
 
@@ -169,6 +192,33 @@ def vmap_or_loop(fn: Callable, randomness: str, chunk: Optional[int] = None, sam
     return call
 
 
+def refuse_random_ops(fn: Callable, args: tuple, tasks: Tasks) -> None:
+    """Run ``fn(*args, task)`` for task 0 once under ``vmap(randomness="error")``, without a gradient: a loop
+    over tasks (``tasks.loop``) refuses random ops as the vmapped tasks do, at the cost of one forward."""
+    first = pytree.tree_map(lambda t: t[:1], (*args, tasks.data))
+    with torch.no_grad():
+        vmap_or_loop(fn, "error")(*first)
+
+
+def per_task(fn: Callable, loop: bool, bn: str) -> Callable:
+    """``fn`` of one task (whose outputs autograd differentiates later: a query loss) over dimension 0 of
+    its arguments, under the module policy ``bn`` (and :func:`autograd_through_vmap`): vmapped with independent random draws per task or,
+    with ``loop`` (as :attr:`Tasks.loop` plans), one task after another, each under activation checkpointing.
+
+    Checkpointed, a task keeps only its inputs and outputs until the backward, which recomputes its
+    forward (under the same policy): the meta-batch then holds one task's graph at a time, as a loop of
+    per-task meta-steps does, instead of ``B`` of them (one forward more per task; random ops replay their draws).
+    """
+    def one(*args):  # the recomputation of a checkpointed task runs in these contexts too
+        with module_policy(bn), autograd_through_vmap():
+            return fn(*args)
+
+    if not loop:
+        return vmap_or_loop(one, "different")
+    saved = lambda *args: checkpoint(one, *args, use_reentrant=False)
+    return lambda *args: _loop(saved, args)
+
+
 def _loop(fn: Callable, args: tuple) -> Any:
     """``fn`` over dimension 0 of its arguments in a Python loop, outputs stacked."""
     outs = [fn(*pytree.tree_map(lambda t: t[i], args)) for i in range(pytree.tree_leaves(args)[0].shape[0])]
@@ -190,10 +240,15 @@ def map_points(
 ) -> Any:
     """``fn(*one_point_args, task)`` at ``n`` points of ``B`` tasks; ``args`` are pytrees of ``[n, B, ...]``.
 
-    ``limit`` caps the evaluations (points x tasks) run at once. Points are the outer ``vmap``
-    and tasks the inner one; below ``B`` at once the tasks are chunked, except under
-    ``randomness="same"``, whose masks depend on how many tasks draw together.
+    ``limit`` caps the evaluations (points x tasks) run at once. With ``tasks.loop`` each task runs on
+    its own, its points vmapped. Otherwise points are the outer ``vmap`` and tasks the inner one;
+    below ``B`` at once the tasks are chunked, except under ``randomness="same"``, whose masks depend
+    on how many tasks draw together.
     """
+    if tasks.loop:  # each task as a task of its own: its points vmapped, as the per-task path runs them
+        outs = [map_points(lambda *a, b=b: fn(*a[:-1], tasks.task(b)), pytree.tree_map(lambda t: t[:, b : b + 1], args),
+                           Tasks(), randomness, limit, compile_fn) for b in range(tasks.size)]
+        return pytree.tree_map(lambda *ts: torch.cat(ts, dim=1), *outs)
     n = pytree.tree_leaves(args)[0].shape[0]
     B = tasks.size
     step_chunk, task_chunk = None, None

@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from .batching import autograd_through_vmap, vmap_or_loop
+from .batching import autograd_through_vmap, per_task
 from .norm_layers import check_no_tracking, module_policy
 
 Tensors = Dict[str, torch.Tensor]
@@ -47,7 +47,8 @@ class BatchedLearner:
 
     ``learners(x)`` takes inputs with a leading task dimension ``B`` (``x[b]`` for task ``b``) and
     returns outputs with one, each task run with its own adapted parameters (a vmapped
-    ``functional_call``; random ops draw independently per task, as a loop over tasks would).
+    ``functional_call``, or with ``loop`` one call per task, as the tasks were adapted; random ops
+    draw independently per task, as a loop over tasks would).
     ``learners[b]`` is task ``b``'s :class:`Learner`.
 
     Attributes:
@@ -56,8 +57,8 @@ class BatchedLearner:
         module: the underlying model.
     """
 
-    def __init__(self, module: nn.Module, params: Tensors, bn: str = "auto"):
-        self.module, self.params, self.bn = module, params, bn
+    def __init__(self, module: nn.Module, params: Tensors, bn: str = "auto", loop: bool = False):
+        self.module, self.params, self.bn, self.loop = module, params, bn, loop
 
     def __len__(self) -> int:
         return next(iter(self.params.values())).shape[0]
@@ -77,7 +78,7 @@ class BatchedLearner:
             return functional_call(self.module, params, a, kw)
 
         with module_policy(self.bn), autograd_through_vmap():
-            return vmap_or_loop(one, "different")(self.params, args, kwargs)
+            return per_task(one, self.loop, self.bn)(self.params, args, kwargs)
 
     def __repr__(self) -> str:
         return f"BatchedLearner({type(self.module).__name__}, tasks={len(self)}, adapted={list(self.params)})"

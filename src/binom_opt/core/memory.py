@@ -18,7 +18,8 @@ import torch
 Tensors = Dict[str, torch.Tensor]
 T = TypeVar("T")
 
-__all__ = ["Chunking", "ActivationBytes", "parse_memory_budget", "auto_budget", "activation_bytes", "check_chunk_size"]
+__all__ = ["Chunking", "ActivationBytes", "parse_memory_budget", "auto_budget", "loops_over_tasks", "activation_bytes",
+           "check_chunk_size"]
 
 INNER_STEP = "inner_step"
 AUTO = "auto"
@@ -112,6 +113,29 @@ def auto_budget(device: Optional[torch.device]) -> Optional[int]:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(free // 4, AUTO_CUDA_CAP))
+
+
+def loops_over_tasks(options, device: Optional[torch.device]) -> bool:
+    """Whether a meta-batch runs its tasks one after another (a Python loop) instead of vmapped together.
+
+    ``memory_budget="auto"`` on the CPU: a loop. Vmapped over tasks, per-task weights turn every
+    convolution into a grouped one, and a meta-batch's activations (480 MB a layer for 32 Omniglot
+    query sets on Conv4-64) leave the cache; on a CPU both make the vmapped meta-batch slower than
+    the loop and several times heavier (benchmarks/results/task_batching_cpu.md). Each task then
+    runs exactly the per-task path (its round's points still vmapped), so the result does not
+    depend on how many tasks the batch holds. On CUDA, and with any other budget, the tasks are
+    vmapped together: one launch for the whole meta-batch. The vmap is also kept where the options
+    ask for it: an explicit ``chunk_size`` (HVPs of points x tasks at once), ``compile_hvps`` (one
+    compiled graph for the meta-batch) and ``randomness="same"`` (its masks are drawn for the tasks
+    together).
+
+    >>> from binom_opt import Options
+    >>> loops_over_tasks(Options(), torch.device("cpu")), loops_over_tasks(Options(memory_budget=None), torch.device("cpu"))
+    (True, False)
+    """
+    cpu = device is None or torch.device(device).type == "cpu"
+    return (options.memory_budget == AUTO and cpu and options.chunk_size is None and not options.compile_hvps
+            and options.randomness != "same")
 
 
 class Chunking:

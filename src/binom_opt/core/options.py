@@ -42,8 +42,14 @@ class Options:
         chunk_size: at most this many HVPs (trajectory points x tasks) at once; ``None``: a round at once.
         memory_budget: bytes (or ``"512MiB"``) for the activations of the HVPs run at once, measured
             for one HVP (:mod:`binom_opt.core.memory`); ``"inner_step"``: no more than the inner step's;
-            ``"auto"`` (default): on CUDA a quarter of the free device memory, at most 512 MiB; on the
-            CPU a round at once; ``None``: a round at once everywhere.
+            ``None``: everything at once on every device (a meta-batch's tasks vmapped together in the
+            inner steps, the rounds over points x tasks and the query). ``"auto"`` (default) depends on
+            the device. On CUDA: the tasks vmapped together, a round's HVPs capped at a quarter of the
+            free device memory, at most 512 MiB. On the CPU: a meta-batch's tasks one after another
+            (``adapt_batch``, ``meta_gradient_batched``), each run as a task of its own (its round's
+            points vmapped, its query forward checkpointed and recomputed in the backward), which is
+            faster and lighter there than vmapped tasks and gives bitwise the per-task results
+            (:func:`~binom_opt.core.memory.loops_over_tasks`; docs/performance.md).
         compile_hvps: run the HVP rounds, and the inner steps of one task after the first, through
             ``torch.compile`` (the graph is reused across tasks); ``True`` for its default mode or a mode
             name, e.g. ``"reduce-overhead"`` (CUDA graphs: for small per-task steps that are launch-bound

@@ -77,7 +77,7 @@ class HVPOracle:
             with calls(self.options, self.trajectory.stepper.stream, during):
                 return map_points(hvp, (points(), at), self.tasks, self.options.randomness, limit, self.options.compile_hvps)
 
-        return self.chunking.run(count * self.tasks.size, lambda: self.measure(loss_fn, measured_at), call)
+        return self.chunking.run(count * self.tasks.at_once, lambda: self.measure(loss_fn, measured_at), call)
 
     def measure(self, loss_fn: LossFn, step: int):
         """The activation bytes of one gradient and one HVP of the first task at ``step``."""

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.func import grad_and_value
 
-from .batching import RandomStream, Tasks, calls, compiled, over_tasks
+from .batching import RandomStream, Tasks, calls, compiled, over_tasks, refuse_random_ops
 from .estimators import Estimator, Implicit
 from .implicit import proximal
 from .node import Adaptation, Record, Status, check_scalar_loss, leaves_requiring_grad
@@ -70,13 +70,20 @@ class Stepper:
         with plain autograd on the first task and walks its graph for meta-parameters."""
         found: List[torch.Tensor] = []
         unused = self.allow_unused if allow_unused is None else allow_unused
-        plain = probe or not (self.tasks.batched or self.options.compile_hvps)  # one task: plain autograd is faster
+        tasks = self.tasks
+        # one task at a time (one task, or a loop over tasks): plain autograd is faster than torch.func's grad
+        plain = probe or (not self.options.compile_hvps and (tasks.loop or not tasks.batched))
         if plain:
+            outs = []
             with calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
-                one = {n: t[0] for n, t in phi.items()}
-                grads, value, found = _plain_gradient(loss_fn, one, self.tasks.first(), step, unused, probe)
-            if not self.tasks.batched:
-                return {n: g.unsqueeze(0) for n, g in grads.items()}, value.unsqueeze(0), found
+                for b in range(tasks.size if tasks.loop else 1):
+                    one = {n: t[b] for n, t in phi.items()}
+                    outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0))
+                if probe and tasks.loop and self.options.randomness == "error":  # after the probe's clearer errors
+                    refuse_random_ops(loss_fn, (phi,), tasks)
+            found = outs[0][2]
+            if not tasks.batched or len(outs) == tasks.size:
+                return ({n: torch.stack([o[0][n] for o in outs]) for n in phi}, torch.stack([o[1] for o in outs]), found)
         with torch.no_grad(), calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
             step_fn = over_tasks(grad_and_value(loss_fn), self.tasks, self.options.randomness)
             grads, losses = compiled(step_fn, self.options.compile_hvps)(phi)

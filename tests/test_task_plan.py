@@ -1,0 +1,111 @@
+"""The plan for a meta-batch's tasks (core/memory.py ``loops_over_tasks``): on the CPU ``memory_budget="auto"``
+runs them one after another, ``None`` vmaps them together; both give the same meta-gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import binom_opt as bo
+from binom_opt.core.batching import Tasks
+from binom_opt.core.memory import loops_over_tasks
+from binom_opt.functional import meta_gradient_batched
+
+import references as R
+from cases import conv_bn, grads, image_tasks
+
+K, LR = 4, 0.1
+ESTIMATORS = [bo.FirstOrder(), bo.Truncated(1), bo.Binomial(1), bo.Binomial(2), bo.Exact()]
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("options, loop", [
+    (bo.Options(), True),
+    (bo.Options(memory_budget=None), False),
+    (bo.Options(memory_budget="64MiB"), False),
+    (bo.Options(memory_budget="inner_step"), False),
+    (bo.Options(chunk_size=4), False),
+    (bo.Options(compile_hvps=True), False),
+    (bo.Options(randomness="same"), False),
+    (bo.Options(randomness="different"), True),
+])
+def test_auto_loops_over_tasks_on_the_cpu_and_none_vmaps(options, loop):
+    assert loops_over_tasks(options, CPU) is loop
+    assert Tasks(torch.zeros(3, 2)).planned(options, CPU).loop is loop
+    assert Tasks().planned(options, CPU).loop is False  # one task without data: nothing to loop over
+
+
+def test_auto_vmaps_the_tasks_on_cuda():
+    assert loops_over_tasks(bo.Options(), torch.device("cuda")) is False
+
+
+def adapt_batch(estimator, tasks, dtype=torch.float64, **options):
+    """``(meta-gradient, learners)`` of one batched meta-step of the conv net with BatchNorm."""
+    model = conv_bn().model.to(dtype)
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=K, estimator=estimator, **options)
+    xs, ys, xq, yq = (t.to(dtype) if t.is_floating_point() else t for t in tasks)
+    learners = engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]), t[1]), (xs, ys))
+    engine.meta_backward(F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()))
+    return grads(model), learners
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_the_cpu_plan_equals_the_vmapped_path_in_adapt_batch(estimator):
+    tasks = image_tasks(B=3)
+    looped, learners = adapt_batch(estimator, tasks)
+    vmapped, at_once = adapt_batch(estimator, tasks, memory_budget=None)
+    assert learners.loop and not at_once.loop
+    assert R.relative_error(looped, vmapped) < 1e-10
+
+
+def functional_case():
+    case = conv_bn()
+    params = {n: p.detach() for n, p in case.model.named_parameters()}
+    xs, ys, xq, yq = image_tasks(B=3)
+
+    def loss(kind):
+        def one(p, task):
+            x, y = (task[0], task[1]) if kind == "support" else (task[2], task[3])
+            return F.cross_entropy(torch.func.functional_call(case.model, p, (x,)), y)
+        return one
+
+    return loss, params, (xs, ys, xq, yq)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_the_cpu_plan_equals_the_vmapped_path_in_meta_gradient_batched(estimator):
+    loss, params, tasks = functional_case()
+    looped = meta_gradient_batched(loss("support"), loss("query"), params, tasks, steps=K, lr=LR, estimator=estimator)
+    vmapped = meta_gradient_batched(loss("support"), loss("query"), params, tasks, steps=K, lr=LR, estimator=estimator,
+                                    memory_budget=None)
+    assert R.relative_error(looped, vmapped) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("estimator", [bo.FirstOrder(), bo.Binomial(2), bo.Exact()], ids=repr)
+def test_the_cpu_plan_is_bitwise_the_per_task_loop_and_any_split_of_the_batch(estimator, dtype):
+    """Each task runs exactly as a task of its own: the meta-gradients of a split meta-batch, and of the
+    tasks adapted one by one, are bitwise those of the whole meta-batch."""
+    loss, params, tasks = functional_case()
+    params = {n: t.to(dtype) for n, t in params.items()}
+    tasks = tuple(t.to(dtype) if t.is_floating_point() else t for t in tasks)
+
+    def batched(lo, hi):
+        part = tuple(t[lo:hi] for t in tasks)
+        return meta_gradient_batched(loss("support"), loss("query"), params, part, steps=K, lr=LR, estimator=estimator)
+
+    whole = batched(0, 3)
+    split = [batched(0, 1), batched(1, 3)]
+    one_by_one = [bo.functional.meta_gradient(lambda p, b=b: loss("support")(p, tuple(t[b] for t in tasks)),
+                                              lambda p, b=b: loss("query")(p, tuple(t[b] for t in tasks)), params,
+                                              steps=K, lr=LR, estimator=estimator) for b in range(3)]
+    for n in params:
+        assert torch.equal(whole[n], torch.cat([s[n] for s in split]))
+        assert torch.equal(whole[n], torch.stack([o[n] for o in one_by_one]))
+
+
+def test_the_loop_refuses_random_ops_as_the_vmap_does():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3)).double()
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=K)
+    xs, ys = torch.randn(3, 6, 4, dtype=torch.float64), (torch.arange(6) % 3).repeat(3, 1)
+    with pytest.raises(RuntimeError, match="randomness='same' or 'different'"):
+        engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]), t[1]), (xs, ys))
