@@ -133,7 +133,7 @@ class CostCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self):
-        self._breaks = _graph_breaks()
+        self._breaks = graph_breaks()
         original, counter = torch.Tensor.tolist, self
 
         def tolist(tensor):  # dispatches no operator: one read of the whole tensor
@@ -145,11 +145,12 @@ class CostCounter(TorchDispatchMode):
 
     def __exit__(self, *exc):
         torch.Tensor.tolist = self._tolist  # pyright: ignore[reportAttributeAccessIssue]
-        self.costs.graph_breaks = _graph_breaks() - self._breaks
+        self.costs.graph_breaks = graph_breaks() - self._breaks
         return super().__exit__(*exc)
 
 
-def _graph_breaks() -> int:
+def graph_breaks() -> int:
+    """Graph breaks ``torch._dynamo`` has counted in this process so far (they happen when code is compiled)."""
     try:
         from torch._dynamo.utils import counters
     except ImportError:  # a torch without dynamo compiles nothing
