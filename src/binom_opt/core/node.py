@@ -7,6 +7,7 @@ before anything is returned (docs/design.md, "What the node checks").
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AbstractSet, Dict, List, Optional, Sequence, Tuple
@@ -92,20 +93,15 @@ class Record:
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
         oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
         transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
-        residual, unsolved = None, ()
         try:
             if plan.schedule == "reptile":  # theta - phi_K per task; g only carries it
                 final = self.trajectory.final
                 result = ExpansionResult({n: self.initial[n].detach().unsqueeze(0) - final[n] for n in final})
                 bad, meta_grads, hyper_grads = self._bad_tasks(result, read), [], []
             elif plan.schedule == "implicit":
-                host = read.read()  # conjugate gradient reads its own breakdowns: check the inner loop first
-                self._check_inner_loop(host)
-                self._check_replay(host, replayed)
-                read = Readback()
-                result, residual, unsolved = self._implicit(g, oracle)
+                result = self._implicit(g, oracle, read)
                 bad = self._bad_tasks(result, read)
-                meta_grads, hyper_grads = self._implicit_others(result, oracle), []
+                meta_grads, hyper_grads = self._implicit_others(result, oracle, read), []
             else:
                 with torch.no_grad():
                     result = expand(plan, g, transpose, oracle, steps=K, with_adjoints=bool(self.meta_inputs),
@@ -117,7 +113,13 @@ class Record:
             host = read.read()
             self._check_inner_loop(host)
             self._check_replay(host, replayed)
+            residual, unsolved = self._check_implicit(host) if plan.schedule == "implicit" else (None, ())
             self._raise_bad_tasks(host)
+            if host.get("implicit_others_bad", 0.0):
+                raise FloatingPointError(
+                    "The implicit meta-gradient of a meta-parameter other than the initialisation is not finite: raise reg "
+                    "or check the data."
+                )
             if host.get("others_bad", 0.0):
                 raise FloatingPointError(_OTHERS_NOT_FINITE)
         finally:
@@ -153,30 +155,36 @@ class Record:
                 "detach the others, or use another estimator."
             )
 
-    def _implicit(self, g: Tensors, oracle: HVPOracle):
-        """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; raise or warn when it breaks down.
-        Returns the solution, the largest relative residual and the tasks whose solve broke down."""
-        reg, options = self.estimator.reg, self.setup.options  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
+    def _implicit(self, g: Tensors, oracle: HVPOracle, read: Readback) -> ExpansionResult:
+        """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; its breakdowns go to ``read``, for
+        :meth:`_check_implicit`."""
+        reg = self.estimator.reg  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         with torch.no_grad():  # the recorded loss is the proximal one: its Hessian is H + reg I
             cg = conjugate_gradient(lambda v: {n: t / reg for n, t in oracle.at_final(v).items()}, g, self.estimator.cg_steps)  # pyright: ignore[reportAttributeAccessIssue]
-        result = ExpansionResult(cg.x, contributions=cg.residuals)
+        read.add("cg_residual", cg.residual)
+        read.add("cg_negative", cg.negative_curvature)
+        return ExpansionResult(cg.x, contributions=cg.residuals)
+
+    def _check_implicit(self, host: Dict[str, list]) -> Tuple[float, Tuple[int, ...]]:
+        """Raise or warn when conjugate gradient broke down; the largest relative residual and the tasks it failed."""
         tol = self.estimator.tol  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
-        failed = cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol))
-        unsolved = tuple(failed.nonzero().flatten().tolist())  # one read from the device on the usual path
+        residuals, negative = host["cg_residual"], host["cg_negative"]
+        unsolved = tuple(b for b, (r, neg) in enumerate(zip(residuals, negative))
+                         if neg or not math.isfinite(r) or (tol is not None and r > tol))
         if unsolved:
-            residual = float(cg.residual[failed].max())
+            residual = _max([residuals[b] for b in unsolved])
             why = ("met negative curvature (H + reg I is not positive definite at the adapted point)"
-                   if bool(cg.negative_curvature.any()) else f"left a residual above tol={tol}")
+                   if any(negative) else f"left a residual above tol={tol}")
             message = (f"{self.estimator!r}: conjugate gradient {why}{self._naming(unsolved)}; relative residual "
                        f"||g - (I + H/reg) x|| / ||g|| = {residual:.3g}, so the implicit meta-gradient is unreliable. Raise "
                        "reg or cg_steps, take more inner steps (the inner loop must reach the proximal minimum), or use "
                        "another estimator.")
-            if options.nan_policy == "raise":
+            if self.setup.options.nan_policy == "raise":
                 raise FloatingPointError(message + " (with nan_policy='skip_task' this is a warning)")
             warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
-        return result, float(cg.residual.max()), unsolved
+        return _max(residuals), unsolved
 
-    def _implicit_others(self, result: ExpansionResult, oracle: HVPOracle):
+    def _implicit_others(self, result: ExpansionResult, oracle: HVPOracle, read: Readback):
         """``-d/dc <grad F(phi_K, c), x> / reg`` for the other meta-parameters ``c`` (the proximal term has no ``c``);
         ``x`` is already zero for the tasks :meth:`_bad_tasks` dropped."""
         if not self.meta_inputs:
@@ -185,11 +193,9 @@ class Record:
         final = {n: t.unsqueeze(0) for n, t in self.trajectory.final.items()}
         grads = directional_gradients(oracle, self.trajectory.loss_fns[-1], final, {n: t.unsqueeze(0) for n, t in weight.items()},
                                       self.meta_inputs, "the mixed second-order terms at the adapted point")
-        if not _finite(grads):
-            raise FloatingPointError(
-                "The implicit meta-gradient of a meta-parameter other than the initialisation is not finite: raise reg or "
-                "check the data."
-            )
+        finite = _finite_flag(grads)
+        if finite is not None:
+            read.add("implicit_others_bad", ~finite)
         return grads
 
     def _bad_tasks(self, result: ExpansionResult, read: Readback) -> torch.Tensor:
@@ -229,12 +235,12 @@ class Record:
                    for k, adjoint in result.adjoints.items() if k not in self.first_order}
         meta_grads = meta_input_gradients(oracle, weights, self.meta_inputs)
         hyper_grads = hyper_gradients(transpose, result.full_adjoints)
-        others = [t for t in (*meta_grads, *hyper_grads) if t is not None]
         if self.setup.options.nan_policy == "raise":
-            if others:  # read with the other checks
-                read.add("others_bad", ~torch.stack([torch.isfinite(t).all() for t in others]).all())
+            finite = _finite_flag([*meta_grads, *hyper_grads])
+            if finite is not None:  # read with the other checks
+                read.add("others_bad", ~finite)
             return meta_grads, hyper_grads
-        finite = _finite(others)
+        finite = _finite([*meta_grads, *hyper_grads])
         if not finite:
             for b in range(self.tasks.size):  # which tasks: one at a time (a rare path)
                 if not bool(bad[b]):
@@ -408,9 +414,22 @@ def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
     return loss
 
 
+def _finite_flag(tensors) -> Optional[torch.Tensor]:
+    """Whether every tensor (``None`` for an unreached input) holds only finite values, as a device bool
+    (``None`` when there is no tensor)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return torch.stack(flags).all() if flags else None
+
+
 def _finite(tensors) -> bool:
-    """Whether every tensor (``None`` for an unreached input) holds only finite values."""
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+    """:func:`_finite_flag` read back (one host sync)."""
+    flag = _finite_flag(tensors)
+    return flag is None or bool(flag)
+
+
+def _max(values: Sequence[float]) -> float:
+    """``max`` as ``torch.max`` takes it: NaN when any value is NaN."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def depends_on_adaptation(loss: torch.Tensor) -> bool:
