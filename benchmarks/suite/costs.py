@@ -71,6 +71,8 @@ def _is_sync(func, args, kwargs) -> bool:
         return any(i is not None and i.dtype == torch.bool for i in indices)
     if packet in (aten._to_copy, aten.copy_):  # a device tensor read back into host memory
         source = args[1] if packet is aten.copy_ else args[0]
+        if not isinstance(source, torch.Tensor):
+            return False
         target = args[0].device if packet is aten.copy_ else kwargs.get("device") or source.device
         return source.device.type != "cpu" and torch.device(target).type == "cpu"
     return False
