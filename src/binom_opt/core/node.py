@@ -161,16 +161,17 @@ class Record:
         reg = self.estimator.reg  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         with torch.no_grad():  # the recorded loss is the proximal one: its Hessian is H + reg I
             cg = conjugate_gradient(lambda v: {n: t / reg for n, t in oracle.at_final(v).items()}, g, self.estimator.cg_steps)  # pyright: ignore[reportAttributeAccessIssue]
+        tol = self.estimator.tol  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         read.add("cg_residual", cg.residual)
         read.add("cg_negative", cg.negative_curvature)
+        read.add("cg_failed", cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol)))
         return ExpansionResult(cg.x, contributions=cg.residuals)
 
     def _check_implicit(self, host: Dict[str, list]) -> Tuple[float, Tuple[int, ...]]:
         """Raise or warn when conjugate gradient broke down; the largest relative residual and the tasks it failed."""
         tol = self.estimator.tol  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         residuals, negative = host["cg_residual"], host["cg_negative"]
-        unsolved = tuple(b for b, (r, neg) in enumerate(zip(residuals, negative))
-                         if neg or not math.isfinite(r) or (tol is not None and r > tol))
+        unsolved = tuple(b for b, failed in enumerate(host["cg_failed"]) if failed)
         if unsolved:
             residual = _max([residuals[b] for b in unsolved])
             why = ("met negative curvature (H + reg I is not positive definite at the adapted point)"
