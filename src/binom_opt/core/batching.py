@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from .norm_layers import module_policy
 
-__all__ = ["Tasks", "RandomStream", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "map_points", "compiled",
+__all__ = ["Tasks", "RandomStream", "stack", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "map_points", "compiled",
            "autograd_through_vmap"]
 
 # vmap's randomness for the step and the task dimension, per user setting
@@ -172,7 +172,12 @@ def vmap_or_loop(fn: Callable, randomness: str, chunk: Optional[int] = None, sam
 def _loop(fn: Callable, args: tuple) -> Any:
     """``fn`` over dimension 0 of its arguments in a Python loop, outputs stacked."""
     outs = [fn(*pytree.tree_map(lambda t: t[i], args)) for i in range(pytree.tree_leaves(args)[0].shape[0])]
-    return pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+    return pytree.tree_map(lambda *ts: stack(list(ts)), *outs)
+
+
+def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; one tensor is only viewed with a new leading dimension (no copy: no kernel on a GPU)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
 
 
 _looped: list = []  # the loop fallback warns once per process
