@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import binom_opt as bo
 
 from suite.configs import CONFIGS, build_batch, build_model
-from suite.costs import CostCounter, count_costs
+from suite.costs import CostCounter, count_costs, graph_breaks
 from suite.methods import all_methods, make_step
 
 # Conv4-4 on 1x28x28, 5-way 1-shot, 3 queries per class, K = 5 inner steps: the layers and steps of the
@@ -118,3 +118,21 @@ def test_counter_counts_a_vmapped_op_once_and_every_sync():
         y = x.t().unsqueeze(0).expand(2, 3, 32).detach()  # views launch nothing
         _ = (bool(y.sum() > 0), float(y.max()), y[0, 0, 0].item(), y[0].tolist(), x[x > 0])
     assert (cost.kernel_ops, cost.host_syncs) == (5, 5)  # sum, gt, max, gt, index; 3 scalar reads, tolist, a mask
+
+
+def test_graph_breaks_of_compiled_code_are_counted():
+    """Counted where the code compiles, outside the counter: under a dispatch mode dynamo runs code eagerly."""
+
+    def f(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    torch._dynamo.reset()
+    before = graph_breaks()
+    compiled = torch.compile(f, backend="eager")
+    compiled(torch.randn(3))
+    assert graph_breaks() - before == 1
+    with CostCounter() as cost:
+        compiled(torch.randn(3))
+    assert cost.kernel_ops == 3  # randn, and sin and cos run eagerly

@@ -19,7 +19,10 @@ kernel it launches, and a backward counts the kernels it runs.
   CPU, and the operators whose output size or Python result depends on the data (:data:`SYNCING_OPS`:
   nonzero, masked_select, unique, repeat_interleave without ``output_size``, boolean indexing, equal,
   allclose, is_nonzero, bincount without ``minlength``). Those also launch kernels and count as kernel ops.
-- **Graph breaks**: ``torch._dynamo``'s ``graph_break`` counter, for ``compile_hvps`` modes.
+- **Graph breaks**: ``torch._dynamo``'s ``graph_break`` counter, for ``compile_hvps`` modes. Code compiles
+  outside the counter only: under a dispatch mode dynamo runs functions eagerly, so the kernel ops of
+  a compiled mode are those of its eager code (an upper bound; fused kernels need a profiler), and its
+  graph breaks are read with :func:`graph_breaks` around the calls that compile.
 
 Example:
     >>> import torch

@@ -123,7 +123,8 @@ def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[di
         "launch nothing on a GPU, and the reads that make the host wait for the device (.item(), bool(), float(), "
         ".tolist() of a tensor, nonzero, ...); deterministic for a torch version, they predict the time of a "
         "launch-bound GPU meta-step"
-        + ("; graph breaks: torch._dynamo's count over the method's process, compilation included." if args.compile else "."),
+        + ("; graph breaks: torch._dynamo's count over the method's process, compilation included (dynamo does not "
+           "compile under the counter: the kernel ops are those of the eager code)." if args.compile else "."),
         "",
         *table_header(args.compile),
         *[table_line(row, args.compile) for row in rows],
