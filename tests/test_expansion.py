@@ -110,9 +110,10 @@ def test_binomial_contributions_are_the_norms_of_each_order_over_their_window(es
 def test_adjoints_are_the_tails_with_one_hessian_factor_less(K_L_seed):
     K, L, seed = K_L_seed
     hessians, g, step = random_problem(seed, K, 3)
-    result = run(bo.Binomial(L), K, hessians, g, step, [], with_adjoints=True)
-    assert sorted(result.adjoints) == list(range(K))
-    for k, adjoint in result.adjoints.items():
+    adjoints = {}
+    run(bo.Binomial(L), K, hessians, g, step, [], on_adjoint=adjoints.__setitem__)
+    assert list(adjoints) == list(reversed(range(K)))  # handed over as soon as they exist, last step first
+    for k, adjoint in adjoints.items():
         tail = without_meta(hessians[k + 1 :], g, step)
         expected, _ = R.brute_force(tail, bo.Binomial(min(L - 1, K - k - 1)), K - k - 1)
         assert torch.allclose(adjoint["w"][0], expected, rtol=1e-12, atol=1e-14), k

@@ -21,8 +21,8 @@ PAGES = {"changelog.md": "CHANGELOG.md"}  # pages that are files of the reposito
 
 def on_files(files, config):
     for folder, pattern in OUTSIDE.items():
-        for path in sorted((ROOT / folder).glob(pattern)):
-            files.append(File.generated(config, f"{folder}/{path.name}", abs_src_path=str(path)))
+        for path in sorted((ROOT / folder).rglob(pattern)):  # an example's own results folder too
+            files.append(File.generated(config, f"{folder}/{path.relative_to(ROOT / folder).as_posix()}", abs_src_path=str(path)))
     for page, source in PAGES.items():
         files.append(File.generated(config, page, abs_src_path=str(ROOT / source)))
     return files

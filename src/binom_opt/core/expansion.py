@@ -14,7 +14,7 @@ first (``[B, ...]``), which the contribution norms keep apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -34,9 +34,6 @@ class ExpansionResult:
 
     Attributes:
         meta_grad: the estimate of the meta-gradient with respect to the initial point, ``[B, ...]``.
-        adjoints: ``{k: lambda_{k+1}}`` for each step ``k`` whose Hessian is kept: the gradient of the
-            outer loss with respect to ``(phi_{k+1}, state_{k+1})`` at one Hessian factor less, what the
-            mixed terms of other meta-parameters need; filled only when asked for.
         full_adjoints: ``{k: lambda_{k+1}}`` for every step at the full order (for hyperparameters such
             as learned learning rates, whose terms have no Hessian factor); filled only when asked for.
         contributions: one ``[B]`` tensor of norms per round. For the binomial schedule, round ``l``'s
@@ -49,7 +46,6 @@ class ExpansionResult:
     """
 
     meta_grad: Tensors
-    adjoints: Dict[int, Tensors] = field(default_factory=dict)
     full_adjoints: Dict[int, Tensors] = field(default_factory=dict)
     contributions: List[torch.Tensor] = field(default_factory=list)
     hvp_count: int = 0
@@ -63,10 +59,15 @@ def expand(
     hvp: HVPOracle,
     *,
     steps: int,
-    with_adjoints: bool = False,
+    on_adjoint: Optional[Callable[[int, Tensors], None]] = None,
     with_full_adjoints: bool = False,
 ) -> ExpansionResult:
     """Evaluate the kept terms of the product of the transposed step Jacobians applied to ``g``.
+
+    ``on_adjoint(k, lambda_{k+1})`` is called for each step ``k`` whose Hessian is kept, in decreasing ``k``,
+    as soon as the adjoint exists: the gradient of the outer loss with respect to ``(phi_{k+1}, state_{k+1})``
+    at one Hessian factor less, what the mixed terms of other meta-parameters need. Handing them over
+    instead of returning them keeps the memory of those terms from growing with K.
 
     Example (explicit 1x1 Hessians ``H_k = k + 1``, one task; exact MAML is ``(1-a)(1-2a)(1-3a) g``):
         >>> import torch, binom_opt as bo
@@ -96,8 +97,8 @@ def expand(
     if plan.schedule == "sequential":
         v = u[K]
         for j in reversed(range(f, K)):
-            if with_adjoints:
-                result.adjoints[j] = v
+            if on_adjoint is not None:
+                on_adjoint(j, v)
             hv = {n: t.squeeze(0) for n, t in hvp(range(j, j + 1), _stacked([hessian_vector(j, v)], names)).items()}
             v = step(j, v, hv)
             result.contributions.append(task_norms(hv))
@@ -110,8 +111,9 @@ def expand(
         for j in reversed(range(max(L - 1, f), K)):  # level 0 where round 1 reads it
             u[j] = transpose.vjp(j, u[j + 1])[0]
         for level in range(1, L + 1):
-            if with_adjoints and level == L:
-                result.adjoints = {k: u[k + 1] for k in range(f, K)}
+            if on_adjoint is not None and level == L:
+                for k in reversed(range(f, K)):
+                    on_adjoint(k, u[k + 1])
             lo, hi = max(L - level, f), K - level  # this round's HVP indices j = lo..hi
             window = max(L - level + 1, f)  # raised from level l-1 to l here: the difference is order l
             before = u[window]

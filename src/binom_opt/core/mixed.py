@@ -12,38 +12,73 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.func import grad
 
-from .batching import autograd_through_vmap, calls, map_points
+from .batching import along_tasks, autograd_through_vmap, calls, map_points
 from .oracle import HVPOracle
 from .update_rules import StepTranspose
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["meta_input_gradients", "directional_gradients", "hyper_gradients"]
+__all__ = ["MixedTerms", "directional_gradients", "hyper_gradients"]
 
 
-def meta_input_gradients(oracle: HVPOracle, weights: Dict[int, Tensors], meta_inputs: List[torch.Tensor]
-                         ) -> List[Optional[torch.Tensor]]:
-    """``sum_k d/dc <grad_phi l_k(phi_k, c), w_k>`` for each ``c`` of ``meta_inputs`` (``None`` if unreached).
+class MixedTerms:
+    """``sum_k d/dc <grad_phi l_k(phi_k, c), s B_k^T lambda_{k+1}>`` for each ``c`` of ``meta_inputs``, summed as
+    :func:`~binom_opt.core.expansion.expand` hands over the adjoints (:meth:`add`, in decreasing ``k``).
 
-    ``weights`` maps steps to ``[B, ...]`` vectors; the points, tasks, options and chunking are the oracle's.
+    Consecutive steps sharing a support loss are summed in one lifted call, at most the chunking's limit of
+    evaluations and one checkpoint segment at once, so the weights held at once follow the memory budget,
+    not K. Steps in ``skip`` (first-order: no Hessian, no mixed term) add nothing; tasks in ``drop``
+    (a ``[B]`` mask) contribute nothing.
+
+    Attributes:
+        bad: ``[B]``, the tasks whose adjoint was not finite (a tensor: reading it is left to the caller).
     """
-    trajectory, tasks, chunking = oracle.trajectory, oracle.tasks, oracle.chunking
-    totals: List[Optional[torch.Tensor]] = [None] * len(meta_inputs)
-    if not weights:
-        return totals
-    skipped = frozenset(range(min(weights), max(weights))) - set(weights)  # first-order steps: no mixed term
-    for lo, hi, loss_fn in trajectory.runs(min(weights), max(weights) + 1, split=skipped):
-        if lo in skipped:
-            continue
-        limit = chunking.limit(lambda lo=lo, fn=loss_fn: oracle.measure(fn, lo))
-        span = hi - lo if limit is None else max(1, limit // tasks.size)
-        for start in range(lo, hi, span):  # each chunk's graph is freed before the next one is built
-            stop = min(hi, start + span)
-            stacked = {n: torch.stack([weights[k][n] for k in range(start, stop)]) for n in weights[start]}
-            grads = directional_gradients(oracle, loss_fn, trajectory.points(start, stop), stacked, meta_inputs,
-                                          f"the mixed second-order terms at steps {start}..{stop - 1}")
-            totals = [t if d is None else (d if t is None else t + d) for t, d in zip(totals, grads)]
-    return totals
+
+    def __init__(self, oracle: HVPOracle, transpose: StepTranspose, scale: float, meta_inputs: List[torch.Tensor],
+                 skip: frozenset = frozenset(), drop: Optional[torch.Tensor] = None):
+        self.oracle, self.transpose, self.scale, self.meta_inputs = oracle, transpose, scale, meta_inputs
+        self.skip, self.drop = skip, drop
+        self.bad: Optional[torch.Tensor] = None
+        self._totals: List[Optional[torch.Tensor]] = [None] * len(meta_inputs)
+        self._pending: Dict[int, Tensors] = {}
+        self._span: Optional[int] = None
+
+    def add(self, k: int, adjoint: Tensors) -> None:
+        """Take step ``k``'s adjoint ``lambda_{k+1}`` (steps come in decreasing ``k``)."""
+        for t in adjoint.values():
+            bad = ~torch.isfinite(t.flatten(1)).all(1)
+            self.bad = bad if self.bad is None else self.bad | bad
+        trajectory = self.oracle.trajectory
+        if self._pending:
+            lo, every = min(self._pending), trajectory.every
+            full = self._span is not None and len(self._pending) >= self._span
+            segment_ends = every > 1 and lo % every == 0  # step k is in the checkpoint segment before lo's
+            if k in self.skip or trajectory.loss_fns[k] is not trajectory.loss_fns[lo] or full or segment_ends:
+                self._flush()
+        if k in self.skip:
+            return
+        if not self._pending:
+            limit = self.oracle.chunking.limit(lambda: self.oracle.measure(trajectory.loss_fns[k], k))
+            self._span = None if limit is None else max(1, limit // self.oracle.tasks.size)
+        weight = self.transpose.vjp(k, adjoint)[1]
+        if self.drop is not None:
+            weight = {n: torch.where(along_tasks(self.drop, t), torch.zeros_like(t), t) for n, t in weight.items()}
+        self._pending[k] = {n: t * self.scale for n, t in weight.items()} if self.scale != 1.0 else weight
+
+    def totals(self) -> List[Optional[torch.Tensor]]:
+        """The sums over every step handed over (``None`` for an input no support loss reaches)."""
+        self._flush()
+        return self._totals
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        lo, hi = min(self._pending), max(self._pending) + 1
+        stacked = {n: torch.stack([self._pending[k][n] for k in range(lo, hi)]) for n in self._pending[lo]}
+        self._pending = {}
+        grads = directional_gradients(self.oracle, self.oracle.trajectory.loss_fns[lo], self.oracle.trajectory.points(lo, hi),
+                                      stacked, self.meta_inputs, f"the mixed second-order terms at steps {lo}..{hi - 1}")
+        self._totals = [t if d is None else (d if t is None else t + d) for t, d in zip(self._totals, grads)]
 
 
 def directional_gradients(oracle: HVPOracle, loss_fn, points: Tensors, weights: Tensors, meta_inputs: List[torch.Tensor],

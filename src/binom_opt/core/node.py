@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AbstractSet, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -20,7 +20,7 @@ from .estimators import Estimator
 from .expansion import ExpansionResult, expand, task_norms
 from .implicit import conjugate_gradient
 from .memory import Chunking
-from .mixed import directional_gradients, hyper_gradients, meta_input_gradients
+from .mixed import MixedTerms, directional_gradients, hyper_gradients
 from .oracle import HVPOracle
 from .readback import Readback
 from .stats import make_stats, stats_tensor
@@ -103,11 +103,16 @@ class Record:
                 bad = self._bad_tasks(result, read)
                 meta_grads, hyper_grads = self._implicit_others(result, oracle, read), []
             else:
-                with torch.no_grad():
-                    result = expand(plan, g, transpose, oracle, steps=K, with_adjoints=bool(self.meta_inputs),
-                                    with_full_adjoints=bool(self.hyper_inputs))
-                bad = self._bad_tasks(result, read)
-                meta_grads, hyper_grads = self._other_gradients(result, bad, oracle, transpose, plan.hessian_scale, read)
+                def expansion(drop: Optional[torch.Tensor] = None) -> Tuple[ExpansionResult, Optional[MixedTerms]]:
+                    mixed = (MixedTerms(oracle, transpose, plan.hessian_scale, self.meta_inputs, self.first_order, drop)
+                             if self.meta_inputs else None)
+                    with torch.no_grad():
+                        return expand(plan, g, transpose, oracle, steps=K, on_adjoint=None if mixed is None else mixed.add,
+                                      with_full_adjoints=bool(self.hyper_inputs)), mixed
+
+                result, mixed = expansion()
+                bad = self._bad_tasks(result, read, None if mixed is None else mixed.bad)
+                meta_grads, hyper_grads = self._other_gradients(result, bad, mixed, expansion, transpose, read)
             if setup.on_stats is not None:
                 read.add("stats", stats_tensor(task_norms(g), result.contributions, self.trajectory.losses))
             host = read.read()
@@ -199,11 +204,13 @@ class Record:
             read.add("implicit_others_bad", ~finite)
         return grads
 
-    def _bad_tasks(self, result: ExpansionResult, read: Readback) -> torch.Tensor:
-        """The tasks whose meta-gradient is not finite, ``[B]`` on the device, added to ``read``; under
-        ``nan_policy="skip_task"`` they are zeroed (and their adjoints) without reading them first."""
-        vectors = [result.meta_grad, *result.adjoints.values(), *result.full_adjoints.values()]
+    def _bad_tasks(self, result: ExpansionResult, read: Readback, bad_adjoints: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tasks whose meta-gradient (or an adjoint, ``bad_adjoints``) is not finite, ``[B]`` on the device, added
+        to ``read``; under ``nan_policy="skip_task"`` they are zeroed (and their adjoints) without reading them first."""
+        vectors = [result.meta_grad, *result.full_adjoints.values()]
         bad = torch.zeros(self.tasks.size, dtype=torch.bool, device=next(iter(result.meta_grad.values())).device)
+        if bad_adjoints is not None:
+            bad |= bad_adjoints
         for tensors in vectors:
             for t in tensors.values():
                 bad |= ~torch.isfinite(t.flatten(1)).all(1)
@@ -231,28 +238,28 @@ class Record:
             "smaller L, or check the data (nan_policy='skip_task' drops such tasks)."
         )
 
-    def _other_gradients(self, result, bad, oracle, transpose, scale, read: Readback):
-        weights = {k: {n: t * scale for n, t in transpose.vjp(k, adjoint)[1].items()}
-                   for k, adjoint in result.adjoints.items() if k not in self.first_order}
-        meta_grads = meta_input_gradients(oracle, weights, self.meta_inputs)
+    def _other_gradients(self, result: ExpansionResult, bad: torch.Tensor, mixed: Optional[MixedTerms], expansion: Callable,
+                         transpose: StepTranspose, read: Readback):
+        meta_grads = [] if mixed is None else mixed.totals()
         hyper_grads = hyper_gradients(transpose, result.full_adjoints)
         if self.setup.options.nan_policy == "raise":
             finite = _finite_flag([*meta_grads, *hyper_grads])
             if finite is not None:  # read with the other checks
                 read.add("others_bad", ~finite)
             return meta_grads, hyper_grads
-        finite = _finite([*meta_grads, *hyper_grads])
-        if not finite:
-            for b in range(self.tasks.size):  # which tasks: one at a time (a rare path)
-                if not bool(bad[b]):
-                    only = {k: {n: t * along_tasks(torch.arange(len(t), device=t.device) == b, t)
-                                for n, t in w.items()} for k, w in weights.items()}
-                    bad[b] = not _finite(meta_input_gradients(oracle, only, self.meta_inputs))
-            result.meta_grad = {n: torch.where(along_tasks(bad, t), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
-            keep = {k: {n: t * along_tasks(~bad, t) for n, t in w.items()} for k, w in weights.items()}
-            meta_grads = meta_input_gradients(oracle, keep, self.meta_inputs)
-            finite = _finite([*meta_grads, *hyper_grads])
-        if not finite:
+        if mixed is not None:
+            def without(drop: torch.Tensor) -> List[Optional[torch.Tensor]]:
+                return expansion(drop)[1].totals()
+
+            if bool(bad.any()):  # the sums streamed during the expansion hold the dropped tasks' terms: sum again without them
+                meta_grads = without(bad)
+            if not _finite(meta_grads):  # a mixed term overflowed with finite adjoints: which tasks, one at a time (rare)
+                for b in range(self.tasks.size):
+                    if not bool(bad[b]):
+                        bad[b] = not _finite(without(torch.arange(len(bad), device=bad.device) != b))
+                result.meta_grad = {n: torch.where(along_tasks(bad, t), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
+                meta_grads = without(bad)
+        if not _finite([*meta_grads, *hyper_grads]):
             raise FloatingPointError(_OTHERS_NOT_FINITE)
         return meta_grads, hyper_grads
 
