@@ -176,8 +176,11 @@ def _loop(fn: Callable, args: tuple) -> Any:
 
 
 def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack``; one tensor is only viewed with a new leading dimension (no copy: no kernel on a GPU)."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+    """``torch.stack``; one contiguous tensor is only viewed with a new leading dimension (no copy: no kernel on a
+    GPU). Others are copied: an expanded one (the initial point of every task) overlaps itself, which forward-mode
+    AD refuses."""
+    one = len(tensors) == 1 and tensors[0].is_contiguous()
+    return tensors[0].unsqueeze(0) if one else torch.stack(list(tensors))
 
 
 _looped: list = []  # the loop fallback warns once per process
