@@ -120,7 +120,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--ks", type=int, nargs="*", help="K values of the memory-vs-K table (none: no table)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--memory-budget", help="memory_budget= of the binom_opt engines (bytes, e.g. 512MiB, or inner_step)")
+    p.add_argument("--memory-budget", help="memory_budget= of the binom_opt engines (bytes, e.g. 512MiB, inner_step, or none: "
+                   "everything at once, what a GPU with room runs)")
     p.add_argument("--compile", action="store_true", help="compile_hvps=True for binom_opt (the warm-up pays the compile)")
     p.add_argument("--error-tasks", type=int, help="tasks of the meta-batch for the float64 error (default: all)")
     args = p.parse_args(argv)

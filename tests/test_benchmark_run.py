@@ -49,6 +49,10 @@ def check_row(row):
         assert row["hvp_count"] is None
     elif row["estimator"] == "Exact":
         assert row["hvp_count"] == 2 * 2, row  # K = 2 HVPs for each of the B = 2 tasks
+    # counted after the timed steps: one host read per meta-gradient (B = 2 per task, one batched)
+    assert row["kernel_ops"] > 0 and row["graph_breaks"] == 0, row
+    syncs = {"peer": 0, "per-task": 2, "batched": 1}[row["how"]]
+    assert row["host_syncs"] == syncs, row
     if row["estimator"] in ("Implicit", "Reptile"):  # other objectives: no error against MAML's meta-gradient
         assert row["hvp_count"] == {"Implicit": 2 * 1, "Reptile": 0}[row["estimator"]], row
 
@@ -61,6 +65,7 @@ def test_outputs_written(run):
     assert {r["K"] for r in document["memory_vs_k"]} == {2}
     table = (out / "tiny_cpu.md").read_text()
     assert "| method | ms per meta-step |" in table and "--config tiny" in table
+    assert "| HVPs | kernel ops | vs higher ops | host syncs | rel. error vs exact |" in table
     assert all(f"| {r['method']} |" in table for r in rows)
     assert "| Implicit(1, reg=1) (per-task) |" in table and table.count("| other objective |") == 3
 

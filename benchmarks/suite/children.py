@@ -79,7 +79,7 @@ def child_context():
 
 def engine_options(args: argparse.Namespace) -> dict:
     """The binom_opt engine options the command line sets (none: the engines' defaults)."""
-    options = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
+    options = {} if args.memory_budget is None else {"memory_budget": None if args.memory_budget == "none" else args.memory_budget}
     return {**options, "compile_hvps": True} if args.compile else options
 
 
@@ -97,6 +97,7 @@ def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path
         "error_tasks": args.error_tasks,
         "grad_path": str(workdir / f"{tag}.pt") if with_grad else None,
         "result_path": str(workdir / f"{tag}.json"),
+        "count": with_grad,  # the table's own rows: count their kernel ops and host syncs after the timed steps
     }
     job_path, log_path = workdir / f"{tag}.job.json", workdir / f"{tag}.log"
     job_path.write_text(json.dumps(job))

@@ -17,6 +17,7 @@ import torch
 import binom_opt as bo
 
 from .configs import Config, build_batch, build_model
+from .costs import count_costs, graph_breaks
 from .methods import MetaStep, Method, float64_gradient, make_step
 
 
@@ -87,25 +88,32 @@ def run_child(job_path: Path) -> None:
     warnings.simplefilter("ignore", bo.ImplicitSolveWarning)
     result = {}
     if job["repeats"] >= 0:
-        result = measure_cost(method, cfg, device, job["repeats"], job["engine_options"])
+        result = measure_cost(method, cfg, device, job["repeats"], job["engine_options"], job.get("count", False))
     if job["grad_path"]:
         torch.save(float64_gradient(method, cfg, device, job["error_tasks"], job["engine_options"]), job["grad_path"])
     Path(job["result_path"]).write_text(json.dumps(result))
 
 
-def measure_cost(method: Method, cfg: Config, device: torch.device, repeats: int, engine_options: dict) -> dict:
-    """One warm-up meta-step (which counts the HVPs), then ``repeats`` timed ones; peak memory over all."""
+def measure_cost(method: Method, cfg: Config, device: torch.device, repeats: int, engine_options: dict,
+                 count: bool = False) -> dict:
+    """One warm-up meta-step (which counts the HVPs), then ``repeats`` timed ones; peak memory over all. With
+    ``count``, one more meta-step after the timed ones, under the cost counter (which slows what it counts):
+    kernel ops and host syncs per meta-step, and the graph breaks of everything compiled in this child."""
     model, batch = build_model(cfg, device), build_batch(cfg, device)
     step = make_step(method, model, batch, cfg, engine_options)
     memory = PeakMemory(device)
+    breaks = graph_breaks()
     memory.start()
     first, (hvps, diverging) = timed(step, device)
     times = [timed(step, device)[0] for _ in range(repeats)]
-    return {
+    peak, costs = memory.peak_bytes(), {}
+    if count:
+        costs = {**count_costs(step).as_dict(), "graph_breaks": graph_breaks() - breaks}
+    return {**costs,
         "seconds": statistics.median(times) if times else first,
         "times": times,
         "first_call_seconds": first,
-        "peak_bytes": memory.peak_bytes(),
+        "peak_bytes": peak,
         "peak_reset": memory.reset_ok,
         "hvp_count": hvps,
         "diverging": diverging,

@@ -61,16 +61,30 @@ def fmt_error(row: dict) -> str:
     return f"{row['rel_error']:.1e}" + (" (series grows)" if row["diverging"] else "")
 
 
-def table_line(row: dict) -> str:
+def fmt_count(value: Optional[int]) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def table_header(compiled: bool) -> List[str]:
+    breaks = " graph breaks |" if compiled else ""
+    return [
+        "| method | ms per meta-step | vs higher exact | vs our FirstOrder | vs our Truncated(L) | peak MiB "
+        f"| vs higher exact peak | HVPs | kernel ops | vs higher ops | host syncs |{breaks} rel. error vs exact |",
+        "|---|" + "---:|" * (11 + compiled),
+    ]
+
+
+def table_line(row: dict, compiled: bool) -> str:
     if row["error"]:
-        return f"| {row['method']} | failed: {row['error']} |  |  |  |  |  |  |  |"
+        return f"| {row['method']} | failed: {row['error']} |" + "  |" * (10 + compiled)
     r = row["ratios"]
-    hvps = "—" if row["hvp_count"] is None else str(row["hvp_count"])
+    ratio = r.get("kernel_ops_vs_higher")
     cells = [
         row["method"], fmt_number(row["seconds"] * 1e3), fmt_ratio(r.get("time_vs_higher")),
         fmt_ratio(r.get("time_vs_first_order")), fmt_ratio(r.get("time_vs_truncated")), fmt_number(row["peak_mib"]),
-        fmt_ratio(r.get("peak_vs_higher")),
-        hvps, fmt_error(row),
+        fmt_ratio(r.get("peak_vs_higher")), fmt_count(row["hvp_count"]), fmt_count(row["kernel_ops"]),
+        "" if ratio is None else f"{ratio:.3g}x", fmt_count(row["host_syncs"]),
+        *([fmt_count(row["graph_breaks"])] if compiled else []), fmt_error(row),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -88,6 +102,7 @@ def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[di
              growth: Dict[str, dict], parameter_mib: float) -> str:
     auto = "a quarter of the free memory, at most 512 MiB" if args.device == "cuda" else "no cap on a CPU"
     budget = repr(args.memory_budget) if args.memory_budget is not None else f"'auto' (the default: {auto})"
+    budget = "None (everything at once)" if args.memory_budget == "none" else budget
     lines = [
         f"# {cfg.name}{' (quick)' if args.quick else ''} on {args.device}: {machine_text(machine)}",
         "",
@@ -103,12 +118,16 @@ def markdown(cfg: Config, args: argparse.Namespace, machine: dict, rows: List[di
         "with the order (last_stats.diverging) on some task; Implicit (iMAML, proximal inner loop) and Reptile are "
         "meta-gradients of other objectives, so they have no error against MAML's; \"CG broke down\": Implicit's "
         "conjugate gradient met negative curvature on some task (last_stats.unreliable_solve; timed all the same). "
-        "HVPs: per meta-step (all tasks).",
+        "HVPs: per meta-step (all tasks). Kernel ops and host syncs: counted in one more meta-step after the timed "
+        "ones (benchmarks/suite/costs.py): every ATen operator dispatched except views and other operators that "
+        "launch nothing on a GPU, and the reads that make the host wait for the device (.item(), bool(), float(), "
+        ".tolist() of a tensor, nonzero, ...); deterministic for a torch version, they predict the time of a "
+        "launch-bound GPU meta-step"
+        + ("; graph breaks: torch._dynamo's count over the method's process, compilation included (dynamo does not "
+           "compile under the counter: the kernel ops are those of the eager code)." if args.compile else "."),
         "",
-        "| method | ms per meta-step | vs higher exact | vs our FirstOrder | vs our Truncated(L) | peak MiB "
-        "| vs higher exact peak | HVPs | rel. error vs exact |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[table_line(row) for row in rows],
+        *table_header(args.compile),
+        *[table_line(row, args.compile) for row in rows],
     ]
     if not all(row.get("_peak_reset", True) for row in rows):
         lines += ["", "Note: the peak could not be reset before the first call; it may include the set-up of the model."]

@@ -30,6 +30,9 @@ def make_row(method: Method, cfg: Config, result: dict) -> dict:
         "first_call_seconds": result.get("first_call_seconds"),
         "peak_mib": None if peak is None else peak / MIB,
         "hvp_count": result.get("hvp_count"),
+        "kernel_ops": result.get("kernel_ops"),
+        "host_syncs": result.get("host_syncs"),
+        "graph_breaks": result.get("graph_breaks"),
         "diverging": result.get("diverging"),
         "rel_error": None,
         "ratios": {},
@@ -43,7 +46,8 @@ def progress_text(row: dict) -> str:
     if row["error"]:
         return f"{row['method']}: FAILED ({row['error']})"
     hvps = "" if row["hvp_count"] is None else f", {row['hvp_count']} HVPs"
-    return f"{row['method']}: {row['seconds'] * 1e3:.1f} ms per meta-step, peak {row['peak_mib']:.1f} MiB{hvps}"
+    ops = "" if row["kernel_ops"] is None else f", {row['kernel_ops']} kernel ops, {row['host_syncs']} host syncs"
+    return f"{row['method']}: {row['seconds'] * 1e3:.1f} ms per meta-step, peak {row['peak_mib']:.1f} MiB{hvps}{ops}"
 
 
 def reference_gradient(rows: List[dict], cfg: Config, args: argparse.Namespace, workdir: Path) -> Optional[torch.Tensor]:
@@ -67,7 +71,7 @@ def add_errors(rows: List[dict], reference: Optional[torch.Tensor]) -> None:
 
 
 def add_ratios(rows: List[dict]) -> None:
-    """Time and peak memory against higher exact; time against our FirstOrder (same how) and against our
+    """Time, peak memory and kernel ops against higher exact; time against our FirstOrder (same how) and against our
     Truncated(L) at the same L and how."""
     peer = next((r for r in rows if r["slug"] == "higher" and not r["error"]), None)
     truncated = {(r["how"], r["L"]): r for r in rows if r["estimator"] == "Truncated" and not r["error"]}
@@ -79,6 +83,8 @@ def add_ratios(rows: List[dict]) -> None:
         if peer is not None:
             ratios["time_vs_higher"] = row["seconds"] / peer["seconds"]
             ratios["peak_vs_higher"] = row["peak_mib"] / peer["peak_mib"] if peer["peak_mib"] > 0 else None
+            if row["kernel_ops"] is not None and peer["kernel_ops"]:
+                ratios["kernel_ops_vs_higher"] = row["kernel_ops"] / peer["kernel_ops"]
         if row["how"] in first_order:
             ratios["time_vs_first_order"] = row["seconds"] / first_order[row["how"]]["seconds"]
         same_l = truncated.get((row["how"], row["L"]))

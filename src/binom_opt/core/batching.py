@@ -20,9 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from .memory import loops_over_tasks
 from .norm_layers import module_policy
 
-__all__ = ["Tasks", "RandomStream", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "per_task",
-           "refuse_random_ops", "map_points",
-           "compiled",
+__all__ = ["Tasks", "RandomStream", "stack", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "per_task",
+           "refuse_random_ops", "map_points", "compiled",
            "autograd_through_vmap"]
 
 # vmap's randomness for the step and the task dimension, per user setting
@@ -222,7 +221,15 @@ def per_task(fn: Callable, loop: bool, bn: str) -> Callable:
 def _loop(fn: Callable, args: tuple) -> Any:
     """``fn`` over dimension 0 of its arguments in a Python loop, outputs stacked."""
     outs = [fn(*pytree.tree_map(lambda t: t[i], args)) for i in range(pytree.tree_leaves(args)[0].shape[0])]
-    return pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
+    return pytree.tree_map(lambda *ts: stack(list(ts)), *outs)
+
+
+def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; one contiguous tensor is only viewed with a new leading dimension (no copy: no kernel on a
+    GPU). Others are copied: an expanded one (the initial point of every task) overlaps itself, which forward-mode
+    AD refuses."""
+    one = len(tensors) == 1 and tensors[0].is_contiguous()
+    return tensors[0].unsqueeze(0) if one else torch.stack(list(tensors))
 
 
 _looped: list = []  # the loop fallback warns once per process

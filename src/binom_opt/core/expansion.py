@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .batching import stack
 from .estimators import ExpansionPlan
 from .update_rules import StepTranspose
 
@@ -133,9 +134,11 @@ def expand(
 
 
 def _stacked(vectors: List[Tensors], names: List[str]) -> Tensors:
-    return {n: torch.stack([v[n] for v in vectors]) for n in names}
+    return {n: stack([v[n] for v in vectors]) for n in names}
 
 
 def task_norms(tensors: Tensors) -> torch.Tensor:
-    """The norm of each task's slice over all entries (the task dimension first), in float64, on the device."""
-    return torch.sqrt(sum(t.detach().double().flatten(1).pow(2).sum(1) for t in tensors.values()))  # pyright: ignore[reportArgumentType]  # a sum of tensors
+    """The norm of each task's slice over all entries (the task dimension first), in float64, on the device:
+    one reduction per entry (in float64 without a float64 copy), then one over the entries."""
+    norms = [torch.linalg.vector_norm(t.detach().flatten(1), dim=1, dtype=torch.float64) for t in tensors.values()]
+    return torch.linalg.vector_norm(stack(norms), dim=0)

@@ -7,6 +7,7 @@ before anything is returned (docs/design.md, "What the node checks").
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AbstractSet, Callable, Dict, List, Optional, Sequence, Tuple
@@ -21,7 +22,8 @@ from .implicit import conjugate_gradient
 from .memory import Chunking
 from .mixed import MixedTerms, directional_gradients, hyper_gradients
 from .oracle import HVPOracle
-from .stats import make_stats
+from .readback import Readback
+from .stats import make_stats, stats_tensor
 from .trajectory import Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule
 
@@ -62,6 +64,7 @@ class Record:
     status: Status
     initial: Tensors
     versions: Dict[str, int]
+    inner_bad: torch.Tensor  # [K, 1 + entries, B]: each step's loss, then each gradient, not finite
     first_order: frozenset = frozenset()  # steps whose Hessians are dropped
     proximal: Optional[float] = None  # the reg of the proximal term the inner loop added (Implicit)
 
@@ -81,21 +84,24 @@ class Record:
                 "(backward) before changing the parameters."
             )
         self._check_estimator_fits(plan)
-        if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different":
-            self._check_replay()
+        # Every check and the stats are read back at once (the one host sync of a meta-gradient, module
+        # readback), then raised in the order of their causes: inner loop, replay, meta-gradient.
+        read = Readback()
+        read.add("inner_bad", self.inner_bad)
+        read.add("losses", self.trajectory.losses)
+        replayed = self._replay(read) if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different" else []
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
         oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
         transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
-        residual, unsolved = None, ()
         try:
             if plan.schedule == "reptile":  # theta - phi_K per task; g only carries it
                 final = self.trajectory.final
                 result = ExpansionResult({n: self.initial[n].detach().unsqueeze(0) - final[n] for n in final})
-                bad, meta_grads, hyper_grads = self._bad_tasks(result), [], []
+                bad, meta_grads, hyper_grads = self._bad_tasks(result, read), [], []
             elif plan.schedule == "implicit":
-                result, residual, unsolved = self._implicit(g, oracle)
-                bad = self._bad_tasks(result)
-                meta_grads, hyper_grads = self._implicit_others(result, oracle), []
+                result = self._implicit(g, oracle, read)
+                bad = self._bad_tasks(result, read)
+                meta_grads, hyper_grads = self._implicit_others(result, oracle, read), []
             else:
                 def expansion(drop: Optional[torch.Tensor] = None) -> Tuple[ExpansionResult, Optional[MixedTerms]]:
                     mixed = (MixedTerms(oracle, transpose, plan.hessian_scale, self.meta_inputs, self.first_order, drop)
@@ -105,14 +111,29 @@ class Record:
                                       with_full_adjoints=bool(self.hyper_inputs)), mixed
 
                 result, mixed = expansion()
-                bad = self._bad_tasks(result, None if mixed is None else mixed.bad)
-                meta_grads, hyper_grads = self._other_gradients(result, bad, mixed, expansion, transpose)
+                bad = self._bad_tasks(result, read, None if mixed is None else mixed.bad)
+                meta_grads, hyper_grads = self._other_gradients(result, bad, mixed, expansion, transpose, read)
+            if setup.on_stats is not None:
+                read.add("stats", stats_tensor(task_norms(g), result.contributions, self.trajectory.losses))
+            host = read.read()
+            self._check_inner_loop(host)
+            self._check_replay(host, replayed)
+            residual, unsolved = self._check_implicit(host) if plan.schedule == "implicit" else (None, ())
+            self._raise_bad_tasks(host)
+            if host.get("implicit_others_bad", 0.0):
+                raise FloatingPointError(
+                    "The implicit meta-gradient of a meta-parameter other than the initialisation is not finite: raise reg "
+                    "or check the data."
+                )
+            if host.get("others_bad", 0.0):
+                raise FloatingPointError(_OTHERS_NOT_FINITE)
         finally:
             self.trajectory.release()
         self.status.finished = True
         if setup.on_stats is not None:
-            setup.on_stats(make_stats(self.estimator, plan, task_norms(g), result.contributions, self.trajectory.losses,
-                                      oracle.computed, chunking, int(bad.sum()), residual, unsolved))
+            skipped = int(sum(host["bad"]))
+            setup.on_stats(make_stats(self.estimator, plan, host["stats"], B, len(result.contributions), oracle.computed,
+                                      chunking, skipped, residual, unsolved))
         return result.meta_grad, meta_grads, hyper_grads
 
     def _check_estimator_fits(self, plan) -> None:
@@ -139,30 +160,37 @@ class Record:
                 "detach the others, or use another estimator."
             )
 
-    def _implicit(self, g: Tensors, oracle: HVPOracle):
-        """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; raise or warn when it breaks down.
-        Returns the solution, the largest relative residual and the tasks whose solve broke down."""
-        reg, options = self.estimator.reg, self.setup.options  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
+    def _implicit(self, g: Tensors, oracle: HVPOracle, read: Readback) -> ExpansionResult:
+        """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; its breakdowns go to ``read``, for
+        :meth:`_check_implicit`."""
+        reg = self.estimator.reg  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         with torch.no_grad():  # the recorded loss is the proximal one: its Hessian is H + reg I
             cg = conjugate_gradient(lambda v: {n: t / reg for n, t in oracle.at_final(v).items()}, g, self.estimator.cg_steps)  # pyright: ignore[reportAttributeAccessIssue]
-        result = ExpansionResult(cg.x, contributions=cg.residuals)
         tol = self.estimator.tol  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
-        failed = cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol))
-        unsolved = tuple(failed.nonzero().flatten().tolist())  # one read from the device on the usual path
+        read.add("cg_residual", cg.residual)
+        read.add("cg_negative", cg.negative_curvature)
+        read.add("cg_failed", cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol)))
+        return ExpansionResult(cg.x, contributions=cg.residuals)
+
+    def _check_implicit(self, host: Dict[str, list]) -> Tuple[float, Tuple[int, ...]]:
+        """Raise or warn when conjugate gradient broke down; the largest relative residual and the tasks it failed."""
+        tol = self.estimator.tol  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
+        residuals, negative = host["cg_residual"], host["cg_negative"]
+        unsolved = tuple(b for b, failed in enumerate(host["cg_failed"]) if failed)
         if unsolved:
-            residual = float(cg.residual[failed].max())
+            residual = _max([residuals[b] for b in unsolved])
             why = ("met negative curvature (H + reg I is not positive definite at the adapted point)"
-                   if bool(cg.negative_curvature.any()) else f"left a residual above tol={tol}")
-            message = (f"{self.estimator!r}: conjugate gradient {why}{self._naming(failed)}; relative residual "
+                   if any(negative) else f"left a residual above tol={tol}")
+            message = (f"{self.estimator!r}: conjugate gradient {why}{self._naming(unsolved)}; relative residual "
                        f"||g - (I + H/reg) x|| / ||g|| = {residual:.3g}, so the implicit meta-gradient is unreliable. Raise "
                        "reg or cg_steps, take more inner steps (the inner loop must reach the proximal minimum), or use "
                        "another estimator.")
-            if options.nan_policy == "raise":
+            if self.setup.options.nan_policy == "raise":
                 raise FloatingPointError(message + " (with nan_policy='skip_task' this is a warning)")
             warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
-        return result, float(cg.residual.max()), unsolved
+        return _max(residuals), unsolved
 
-    def _implicit_others(self, result: ExpansionResult, oracle: HVPOracle):
+    def _implicit_others(self, result: ExpansionResult, oracle: HVPOracle, read: Readback):
         """``-d/dc <grad F(phi_K, c), x> / reg`` for the other meta-parameters ``c`` (the proximal term has no ``c``);
         ``x`` is already zero for the tasks :meth:`_bad_tasks` dropped."""
         if not self.meta_inputs:
@@ -171,16 +199,14 @@ class Record:
         final = {n: t.unsqueeze(0) for n, t in self.trajectory.final.items()}
         grads = directional_gradients(oracle, self.trajectory.loss_fns[-1], final, {n: t.unsqueeze(0) for n, t in weight.items()},
                                       self.meta_inputs, "the mixed second-order terms at the adapted point")
-        if not _finite(grads):
-            raise FloatingPointError(
-                "The implicit meta-gradient of a meta-parameter other than the initialisation is not finite: raise reg or "
-                "check the data."
-            )
+        finite = _finite_flag(grads)
+        if finite is not None:
+            read.add("implicit_others_bad", ~finite)
         return grads
 
-    def _bad_tasks(self, result: ExpansionResult, bad_adjoints: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The tasks whose meta-gradient (or an adjoint, ``bad_adjoints``) is not finite; raises for them under
-        ``nan_policy="raise"``, and zeroes them (and their adjoints) under ``"skip_task"``."""
+    def _bad_tasks(self, result: ExpansionResult, read: Readback, bad_adjoints: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tasks whose meta-gradient (or an adjoint, ``bad_adjoints``) is not finite, ``[B]`` on the device, added
+        to ``read``; under ``nan_policy="skip_task"`` they are zeroed (and their adjoints) without reading them first."""
         vectors = [result.meta_grad, *result.full_adjoints.values()]
         bad = torch.zeros(self.tasks.size, dtype=torch.bool, device=next(iter(result.meta_grad.values())).device)
         if bad_adjoints is not None:
@@ -188,26 +214,40 @@ class Record:
         for tensors in vectors:
             for t in tensors.values():
                 bad |= ~torch.isfinite(t.flatten(1)).all(1)
-        if not bool(bad.any()):
+        read.add("bad", bad)
+        if self.setup.options.nan_policy == "raise":  # which round went bad first, for the message
+            finite = [torch.isfinite(c).all() for c in result.contributions]
+            if finite:
+                read.add("finite_rounds", torch.stack(finite))
             return bad
-        if self.setup.options.nan_policy == "raise":
-            rounds = [r + 1 for r, c in enumerate(result.contributions) if not bool(torch.isfinite(c).all())]
-            where = f"in HVP round {rounds[0]}" if rounds else "in the outer-loss gradient"
-            raise FloatingPointError(
-                f"The meta-gradient is not finite{self._naming(bad)} (first seen {where}): the Hessian-vector products "
-                "overflowed or the query loss is NaN/Inf. Lower the inner learning rate, use a smaller L, or check the "
-                "data (nan_policy='skip_task' drops such tasks)."
-            )
         for tensors in vectors:
             for n, t in tensors.items():
                 tensors[n] = torch.where(along_tasks(bad, t), torch.zeros_like(t), t)
         return bad
 
+    def _raise_bad_tasks(self, host: Dict[str, list]) -> None:
+        """Under ``nan_policy="raise"``, raise for the tasks whose meta-gradient is not finite."""
+        flags = host["bad"]
+        if self.setup.options.nan_policy != "raise" or not any(flags):
+            return
+        rounds = [r + 1 for r, ok in enumerate(host.get("finite_rounds", [])) if not ok]
+        where = f"in HVP round {rounds[0]}" if rounds else "in the outer-loss gradient"
+        raise FloatingPointError(
+            f"The meta-gradient is not finite{self._naming([b for b, f in enumerate(flags) if f])} (first seen {where}): "
+            "the Hessian-vector products overflowed or the query loss is NaN/Inf. Lower the inner learning rate, use a "
+            "smaller L, or check the data (nan_policy='skip_task' drops such tasks)."
+        )
+
     def _other_gradients(self, result: ExpansionResult, bad: torch.Tensor, mixed: Optional[MixedTerms], expansion: Callable,
-                         transpose: StepTranspose):
+                         transpose: StepTranspose, read: Readback):
         meta_grads = [] if mixed is None else mixed.totals()
         hyper_grads = hyper_gradients(transpose, result.full_adjoints)
-        if mixed is not None and self.setup.options.nan_policy == "skip_task":
+        if self.setup.options.nan_policy == "raise":
+            finite = _finite_flag([*meta_grads, *hyper_grads])
+            if finite is not None:  # read with the other checks
+                read.add("others_bad", ~finite)
+            return meta_grads, hyper_grads
+        if mixed is not None:
             def without(drop: torch.Tensor) -> List[Optional[torch.Tensor]]:
                 return expansion(drop)[1].totals()
 
@@ -220,14 +260,31 @@ class Record:
                 result.meta_grad = {n: torch.where(along_tasks(bad, t), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
                 meta_grads = without(bad)
         if not _finite([*meta_grads, *hyper_grads]):
-            raise FloatingPointError(
-                "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
-                "or a learned learning rate) is not finite: lower the inner learning rate or check the data."
-            )
+            raise FloatingPointError(_OTHERS_NOT_FINITE)
         return meta_grads, hyper_grads
 
-    def _check_replay(self) -> None:
-        """Raise if the support loss replayed now differs from its value in the inner loop.
+    def _check_inner_loop(self, host: Dict[str, list]) -> None:
+        """Raise for the first inner step whose loss or gradient was not finite (flags recorded by the inner loop)."""
+        steps = host.get("inner_bad", [])
+        k = next((k for k, flags in enumerate(steps) if any(map(any, flags))), None)
+        if k is None:
+            return
+        flags, names = steps[k], list(self.initial)
+        tasks = "" if not self.tasks.batched else f" for task(s) {[b for b in range(self.tasks.size) if any(f[b] for f in flags)]}"
+        if any(flags[0]):
+            value = host["losses"][k][flags[0].index(1.0)]
+            raise FloatingPointError(
+                f"The inner loss is {value} at inner step {k}{tasks}: the inner loop diverged or the support data holds "
+                "NaN/Inf (or is empty). Lower the inner learning rate or check the support set."
+            )
+        raise FloatingPointError(
+            f"The inner gradient of {[n for n, row in zip(names, flags[1:]) if any(row)]} is not finite at inner step "
+            f"{k}{tasks} although the loss is finite: an operation in the support loss has an infinite derivative there "
+            "(e.g. sqrt or log at 0). Clamp its input away from the singularity."
+        )
+
+    def _replay(self, read: Readback) -> List[int]:
+        """Replay each distinct support loss at its first kept point, for :meth:`_check_replay`.
 
         The estimators replay the support loss at recorded points; a closure that reads a variable that has
         changed since (a loop variable captured by a lambda, a later batch) would silently differentiate
@@ -239,27 +296,42 @@ class Record:
             if trajectory.available(k):
                 firsts.setdefault(id(fn), k)
         if not firsts:
-            return
+            return []
         replayed = []
         for k in firsts.values():
             with torch.no_grad(), calls(options, trajectory.stepper.stream, f"the replay check at step {k}"):
                 replayed.append(over_tasks(trajectory.loss_fns[k], self.tasks, options.randomness)(trajectory.point(k)))
         now, then = torch.stack(replayed), trajectory.losses[list(firsts.values())]
         tolerance = 1e-9 if then.dtype == torch.float64 else 1e-5
-        if bool(torch.isclose(now, then, rtol=tolerance, atol=tolerance).all()):
+        read.add("replay_now", now)
+        read.add("replay_then", then)
+        read.add("replay_close", torch.isclose(now, then, rtol=tolerance, atol=tolerance))
+        return list(firsts.values())
+
+    def _check_replay(self, host: Dict[str, list], steps: List[int]) -> None:
+        """Raise if a support loss replayed by :meth:`_replay` differs from its value in the inner loop."""
+        close = host.get("replay_close", [])
+        row = next((r for r, flags in enumerate(close) if not all(flags)), None)
+        if row is None:
             return
-        row = int(torch.nonzero(~torch.isclose(now, then, rtol=tolerance, atol=tolerance))[0, 0])
         pure = "(learner, task)" if self.tasks.batched else "the learner"
         raise RuntimeError(
-            f"The support loss replayed for the meta-gradient is {now[row].tolist()}, but it was {then[row].tolist()} at "
-            f"inner step {list(firsts.values())[row]}: the closure is not a pure function of {pure}. Either it reads a "
+            f"The support loss replayed for the meta-gradient is {host['replay_now'][row]}, but it was "
+            f"{host['replay_then'][row]} at inner step {steps[row]}: the closure is not a pure "
+            f"function of {pure}. Either it reads a "
             "variable that changed after the inner loop, such as a loop variable captured by a lambda (bind the data "
             "when you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)), or it draws random numbers, "
             "e.g. dropout (make it deterministic, or pass randomness='same' or 'different')."
         )
 
-    def _naming(self, bad: torch.Tensor) -> str:
-        return f" for task(s) {torch.nonzero(bad).flatten().tolist()}" if self.tasks.batched else ""
+    def _naming(self, tasks: Sequence[int]) -> str:
+        return f" for task(s) {list(tasks)}" if self.tasks.batched else ""
+
+
+_OTHERS_NOT_FINITE = (
+    "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
+    "or a learned learning rate) is not finite: lower the inner learning rate or check the data."
+)
 
 
 class Adaptation(torch.autograd.Function):
@@ -287,7 +359,10 @@ class _Accumulation:
 
     def __init__(self, leaves: List[torch.Tensor], grads):
         self.leaves, self.grads = leaves, grads
-        self.finite = _finite(grads)
+
+    @property
+    def finite(self) -> bool:  # read only when asked (nan_policy="skip_task"): each read is a host sync
+        return _finite(self.grads)
 
     def __call__(self) -> None:
         with torch.no_grad():
@@ -347,9 +422,22 @@ def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
     return loss
 
 
+def _finite_flag(tensors) -> Optional[torch.Tensor]:
+    """Whether every tensor (``None`` for an unreached input) holds only finite values, as a device bool
+    (``None`` when there is no tensor)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return torch.stack(flags).all() if flags else None
+
+
 def _finite(tensors) -> bool:
-    """Whether every tensor (``None`` for an unreached input) holds only finite values."""
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+    """:func:`_finite_flag` read back (one host sync)."""
+    flag = _finite_flag(tensors)
+    return flag is None or bool(flag)
+
+
+def _max(values: Sequence[float]) -> float:
+    """``max`` as ``torch.max`` takes it: NaN when any value is NaN."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def depends_on_adaptation(loss: torch.Tensor) -> bool:

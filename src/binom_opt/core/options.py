@@ -64,7 +64,9 @@ class Options:
             ``"frozen"`` (running statistics everywhere) or ``"error"`` (refuse such layers).
         nan_policy: ``"raise"`` (a NaN/Inf meta-gradient is a ``FloatingPointError`` naming where it
             appeared) or ``"skip_task"`` (the tasks whose meta-gradient is not finite contribute zero,
-            counted in ``stats.skipped``).
+            counted in ``stats.skipped``). The check is the one host sync of a meta-gradient: backward reads
+            it, the inner loop's finiteness flags (a non-finite inner step is raised there, naming the
+            step) and the stats back in one transfer before returning the meta-gradient.
         checkpoint_every: store only every m-th point of the inner loop and recompute the others
             (bitwise the same) when the estimator needs them: about ``K/m + m`` stored points instead
             of ``K``, for one more gradient per inner step; ``m`` near ``sqrt(K)`` stores the fewest.

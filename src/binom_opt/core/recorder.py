@@ -185,7 +185,6 @@ class InnerLoop:
         self._loss_fns: List[LossFn] = []
         self._losses: List[torch.Tensor] = []
         self._bad: List[torch.Tensor] = []  # per step, [1 + entries, B]: loss, then each gradient not finite
-        self._checked = 0
         self._closures: Dict[tuple, Tuple[Callable, LossFn]] = {}
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._versions = {n: t._version for n, t in self.initial.items()}
@@ -273,37 +272,14 @@ class InnerLoop:
         self.initial_inputs = {n: t.unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
         if not self._loss_fns:
             return self.initial_inputs
-        self._check_finite()
         trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
                                 self._every, keep_grads=any(self._values))
         hyper = list(self._hyper_steps)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
                         list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),
-                        dict(self._versions), frozenset(self._first_order), self._proximal)
+                        dict(self._versions), torch.stack(self._bad), frozenset(self._first_order), self._proximal)
         hyper_inputs = (v for _, _, v in record.hyper_inputs)
         outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *record.meta_inputs, *hyper_inputs)))
         if estimator is None:
             self._sealed = outputs
         return outputs
-
-    def _check_finite(self) -> None:
-        """One check for the steps since the last one: the first non-finite inner loss or gradient, named."""
-        pending = self._bad[self._checked:]
-        self._checked = len(self._bad)
-        if not pending or not bool(torch.stack(pending).any()):
-            return
-        first = next(i for i, bad in enumerate(pending) if bool(bad.any()))
-        k, bad = self._checked - len(pending) + first, pending[first]
-        tasks = "" if not self.tasks.batched else f" for task(s) {torch.nonzero(bad.any(0)).flatten().tolist()}"
-        if bool(bad[0].any()):
-            value = float(self._losses[k][int(torch.nonzero(bad[0])[0])])
-            raise FloatingPointError(
-                f"The inner loss is {value} at inner step {k}{tasks}: the inner loop diverged or the support data holds "
-                "NaN/Inf (or is empty). Lower the inner learning rate or check the support set."
-            )
-        names = [n for n, row in zip(self.initial, bad[1:]) if bool(row.any())]
-        raise FloatingPointError(
-            f"The inner gradient of {names} is not finite at inner step {k}{tasks} although the loss is finite: an "
-            "operation in the support loss has an infinite derivative there (e.g. sqrt or log at 0). Clamp its input "
-            "away from the singularity."
-        )

@@ -12,7 +12,7 @@ import torch
 
 from .estimators import Estimator, ExpansionPlan
 
-__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "make_stats"]
+__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "stats_tensor", "make_stats"]
 
 
 @dataclass(frozen=True)
@@ -84,19 +84,23 @@ class MetaGradientStats:
         return bool(self.unsolved_tasks)
 
 
-def make_stats(estimator: Estimator, plan: ExpansionPlan, g_norms: torch.Tensor, contributions: Sequence[torch.Tensor],
-               losses: torch.Tensor, hvp_count: int, chunking, skipped: int, cg_residual: Optional[float] = None,
-               unsolved_tasks: Tuple[int, ...] = ()) -> MetaGradientStats:
-    """The stats from per-task norms (``[B]`` tensors, on the device), read back in one transfer."""
-    B, rounds = g_norms.shape[0], len(contributions)
+def stats_tensor(g_norms: torch.Tensor, contributions: Sequence[torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
+    """What :func:`make_stats` reads, as one float64 tensor on the device (read back with the meta-gradient's checks):
+    the per-task norms ``[1 + rounds, B]`` flattened, their totals over the tasks, and the mean loss of each step."""
     per_task = torch.stack([g_norms, *contributions]).double()  # [1 + rounds, B]
-    flat = torch.cat([per_task.flatten(), per_task.pow(2).sum(1).sqrt(), losses.double().mean(1)]).tolist()
-    count = (rounds + 1) * B
+    return torch.cat([per_task.flatten(), per_task.pow(2).sum(1).sqrt(), losses.double().mean(1)])
+
+
+def make_stats(estimator: Estimator, plan: ExpansionPlan, flat: Sequence[float], tasks: int, rounds: int, hvp_count: int,
+               chunking, skipped: int, cg_residual: Optional[float] = None, unsolved_tasks: Tuple[int, ...] = ()
+               ) -> MetaGradientStats:
+    """The stats from the host values of :func:`stats_tensor` (``tasks`` tasks, ``rounds`` rounds)."""
+    B, count = tasks, (rounds + 1) * tasks
     norms = [flat[r * B:(r + 1) * B] for r in range(rounds + 1)]
-    totals, inner_losses = flat[count:count + rounds + 1], flat[count + rounds + 1:]
+    totals, inner_losses = list(flat[count:count + rounds + 1]), list(flat[count + rounds + 1:])
     growing = tuple(b for b in range(B) if any(norms[r + 1][b] > norms[r][b] for r in range(rounds)))
     return MetaGradientStats(
-        estimator=estimator, steps=losses.shape[0], levels=plan.levels, hvp_count=hvp_count * B, rounds=rounds,
+        estimator=estimator, steps=len(inner_losses), levels=plan.levels, hvp_count=hvp_count * B, rounds=rounds,
         contributions=totals[1:], inner_losses=inner_losses, schedule=plan.schedule, g_norm=totals[0],
         tasks=B, diverging_tasks=growing if plan.schedule == "binomial" else (),
         chunk_fallbacks=list(chunking.fallbacks), skipped=skipped, hvps_at_once=chunking.used,

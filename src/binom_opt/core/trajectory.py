@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .batching import stack
+
 Tensors = Dict[str, torch.Tensor]
 States = Dict[str, Tensors]
 LossFn = Callable[..., Any]
@@ -65,7 +67,7 @@ class Trajectory:
     def points(self, lo: int, hi: int) -> Tensors:
         """``phi_lo .. phi_{hi-1}`` stacked, ``[hi - lo, B, ...]`` per entry."""
         at = [self.point(k) for k in range(lo, hi)]
-        return {n: torch.stack([p[n] for p in at]) for n in at[0]}
+        return {n: stack([p[n] for p in at]) for n in at[0]}
 
     def values(self, k: int) -> Tuple[Tensors, States, Tensors]:
         """``(phi_k, state_k, grad_k)``; the gradient is recomputed (and kept until :meth:`release`)."""

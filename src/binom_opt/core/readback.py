@@ -1,0 +1,55 @@
+"""The one device-to-host read of a meta-gradient: every check and statistic gathered, then read in one transfer.
+
+Each ``bool()``, ``float()`` or ``.tolist()`` of a device tensor makes the host wait until the device has
+finished everything queued before it. A meta-gradient needs several values on the host (whether the inner
+loop stayed finite, whether the replayed support loss matches, which tasks' meta-gradients are finite, the
+stats), so it collects them as device tensors and reads them all at once, before ``.grad`` is written.
+
+Example:
+    >>> import torch
+    >>> read = Readback()
+    >>> read.add("flags", torch.tensor([[True, False], [False, False]]))
+    >>> read.add("norms", torch.tensor([1.5, 2.0]))
+    >>> host = read.read()
+    >>> host["flags"], host["norms"]
+    ([[1.0, 0.0], [0.0, 0.0]], [1.5, 2.0])
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+__all__ = ["Readback"]
+
+
+class Readback:
+    """Named device tensors to read back together; :meth:`read` makes the one host sync."""
+
+    def __init__(self) -> None:
+        self._parts: Dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self._parts[name] = tensor.detach()
+
+    def read(self) -> Dict[str, list]:
+        """Every tensor added, as nested lists of Python floats (bools as 0.0 / 1.0), in float64."""
+        if not self._parts:
+            return {}
+        flat = torch.cat([t.flatten().double() for t in self._parts.values()]).tolist()
+        out, start = {}, 0
+        for name, t in self._parts.items():
+            out[name] = _nested(flat[start:start + t.numel()], list(t.shape))
+            start += t.numel()
+        return out
+
+
+def _nested(flat: List[float], shape: List[int]):
+    """``flat`` in row-major order as nested lists of ``shape`` (a float for a 0-d shape)."""
+    if not shape:
+        return flat[0]
+    if len(shape) == 1:
+        return flat
+    size = len(flat) // shape[0] if shape[0] else 0
+    return [_nested(flat[i * size:(i + 1) * size], shape[1:]) for i in range(shape[0])]
