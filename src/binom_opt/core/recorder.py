@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.func import grad_and_value
 
-from .batching import RandomStream, Tasks, calls, compiled, over_tasks, refuse_random_ops
+from .batching import RandomStream, Tasks, calls, compiled, over_tasks, refuse_random_ops, stack
 from .estimators import Estimator, Implicit
 from .implicit import proximal
 from .node import Adaptation, Record, Status, check_scalar_loss, leaves_requiring_grad
@@ -83,7 +83,7 @@ class Stepper:
                     refuse_random_ops(loss_fn, (phi,), tasks)
             found = outs[0][2]
             if not tasks.batched or len(outs) == tasks.size:
-                return ({n: torch.stack([o[0][n] for o in outs]) for n in phi}, torch.stack([o[1] for o in outs]), found)
+                return ({n: stack([o[0][n] for o in outs]) for n in phi}, stack([o[1] for o in outs]), found)
         with torch.no_grad(), calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
             step_fn = over_tasks(grad_and_value(loss_fn), self.tasks, self.options.randomness)
             grads, losses = compiled(step_fn, self.options.compile_hvps)(phi)
