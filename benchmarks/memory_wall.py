@@ -18,7 +18,7 @@ method stored points plus one segment) and the fit gives, marked as extrapolated
 was not measured and the largest K that fits in 8 GiB and 16 GiB. Before each point the fit so far
 predicts its peak: a point predicted above ``--max-memory`` (default 60 % of the memory) is skipped, never run.
 
-    python benchmarks/memory_wall.py                        # the default points (13): 33.5 min on a loaded 2-core CPU
+    python benchmarks/memory_wall.py                        # the default points (11): about 7 min on 2 idle CPU cores
     python benchmarks/memory_wall.py --methods exact --ks 10  # more points (--ks applies to every chosen method)
     python benchmarks/memory_wall.py --device cuda --ks 1 2 3 10 100
     python benchmarks/memory_wall.py --from-json benchmarks/results/memory_wall_cpu.json   # re-render only
