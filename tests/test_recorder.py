@@ -60,6 +60,17 @@ def test_empty_support_set_is_a_clear_error():
         meta_step(engine, case, lambda m: ((m(x) - 1) ** 2).mean())
 
 
+@pytest.mark.parametrize("nan_policy", ["raise", "skip_task"])
+def test_a_non_finite_inner_loop_is_named_before_what_it_caused(nan_policy):
+    # a meta-parameter beside the initialisation: its gradient is NaN too, but the inner loop is the cause
+    case = mlp_sine()
+    engine = bo.MetaGradientEngine(case.model, case.inner_opt(), 2, nan_policy=nan_policy)
+    x, scale = torch.zeros(0, 1, dtype=torch.float64), torch.ones((), dtype=torch.float64, requires_grad=True)
+    with pytest.raises(FloatingPointError, match="inner loss is nan at inner step 0"):
+        meta_step(engine, case, lambda m: ((scale * m(x) - 1) ** 2).mean())
+    assert scale.grad is None
+
+
 def test_non_finite_inner_gradient_is_named_at_its_step():
     case = mlp_sine()
     engine = bo.MetaGradientEngine(case.model, case.inner_opt(), 3)

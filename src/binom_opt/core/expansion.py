@@ -25,7 +25,7 @@ from .update_rules import StepTranspose
 Tensors = Dict[str, torch.Tensor]
 HVPOracle = Callable[[range, Tensors], Tensors]
 
-__all__ = ["ExpansionResult", "expand", "task_norms"]
+__all__ = ["ExpansionResult", "expand", "nonfinite_tasks", "task_norms"]
 
 
 @dataclass
@@ -135,6 +135,11 @@ def expand(
 
 def _stacked(vectors: List[Tensors], names: List[str]) -> Tensors:
     return {n: stack([v[n] for v in vectors]) for n in names}
+
+
+def nonfinite_tasks(tensors: Tensors) -> torch.Tensor:
+    """``[B]``: whether each task's slice of any entry (the task dimension first) holds a NaN or Inf, on the device."""
+    return torch.stack([~torch.isfinite(t.flatten(1)).all(1) for t in tensors.values()]).any(0)
 
 
 def task_norms(tensors: Tensors) -> torch.Tensor:

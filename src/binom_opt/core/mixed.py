@@ -13,6 +13,7 @@ import torch
 from torch.func import grad
 
 from .batching import along_tasks, autograd_through_vmap, calls, map_points
+from .expansion import nonfinite_tasks
 from .oracle import HVPOracle
 from .update_rules import StepTranspose
 
@@ -45,9 +46,8 @@ class MixedTerms:
 
     def add(self, k: int, adjoint: Tensors) -> None:
         """Take step ``k``'s adjoint ``lambda_{k+1}`` (steps come in decreasing ``k``)."""
-        for t in adjoint.values():
-            bad = ~torch.isfinite(t.flatten(1)).all(1)
-            self.bad = bad if self.bad is None else self.bad | bad
+        bad = nonfinite_tasks(adjoint)
+        self.bad = bad if self.bad is None else self.bad | bad
         trajectory = self.oracle.trajectory
         if self._pending:
             lo, every = min(self._pending), trajectory.every

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from .batching import Tasks, along_tasks, calls, over_tasks
 from .estimators import Estimator
-from .expansion import ExpansionResult, expand, task_norms
+from .expansion import ExpansionResult, expand, nonfinite_tasks, task_norms
 from .implicit import conjugate_gradient
 from .memory import Chunking
 from .mixed import MixedTerms, directional_gradients, hyper_gradients
@@ -126,7 +126,10 @@ class Record:
                     "or check the data."
                 )
             if host.get("others_bad", 0.0):
-                raise FloatingPointError(_OTHERS_NOT_FINITE)
+                raise FloatingPointError(
+                    "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
+                    "or a learned learning rate) is not finite: lower the inner learning rate or check the data."
+                )
         finally:
             self.trajectory.release()
         self.status.finished = True
@@ -212,8 +215,7 @@ class Record:
         if bad_adjoints is not None:
             bad |= bad_adjoints
         for tensors in vectors:
-            for t in tensors.values():
-                bad |= ~torch.isfinite(t.flatten(1)).all(1)
+            bad |= nonfinite_tasks(tensors)
         read.add("bad", bad)
         if self.setup.options.nan_policy == "raise":  # which round went bad first, for the message
             finite = [torch.isfinite(c).all() for c in result.contributions]
@@ -242,12 +244,7 @@ class Record:
                          transpose: StepTranspose, read: Readback):
         meta_grads = [] if mixed is None else mixed.totals()
         hyper_grads = hyper_gradients(transpose, result.full_adjoints)
-        if self.setup.options.nan_policy == "raise":
-            finite = _finite_flag([*meta_grads, *hyper_grads])
-            if finite is not None:  # read with the other checks
-                read.add("others_bad", ~finite)
-            return meta_grads, hyper_grads
-        if mixed is not None:
+        if mixed is not None and self.setup.options.nan_policy == "skip_task":
             def without(drop: torch.Tensor) -> List[Optional[torch.Tensor]]:
                 return expansion(drop)[1].totals()
 
@@ -259,8 +256,9 @@ class Record:
                         bad[b] = not _finite(without(torch.arange(len(bad), device=bad.device) != b))
                 result.meta_grad = {n: torch.where(along_tasks(bad, t), torch.zeros_like(t), t) for n, t in result.meta_grad.items()}
                 meta_grads = without(bad)
-        if not _finite([*meta_grads, *hyper_grads]):
-            raise FloatingPointError(_OTHERS_NOT_FINITE)
+        finite = _finite_flag([*meta_grads, *hyper_grads])
+        if finite is not None:  # raised after the checks of earlier causes (inner loop, replay), as they are read at once
+            read.add("others_bad", ~finite)
         return meta_grads, hyper_grads
 
     def _check_inner_loop(self, host: Dict[str, list]) -> None:
@@ -326,12 +324,6 @@ class Record:
 
     def _naming(self, tasks: Sequence[int]) -> str:
         return f" for task(s) {list(tasks)}" if self.tasks.batched else ""
-
-
-_OTHERS_NOT_FINITE = (
-    "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
-    "or a learned learning rate) is not finite: lower the inner learning rate or check the data."
-)
 
 
 class Adaptation(torch.autograd.Function):
