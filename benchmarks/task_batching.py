@@ -1,11 +1,11 @@
 """Task batching against the per-task loop: batched / per-task time and peak memory for each estimator.
 
 Reads the JSON that ``benchmarks/run.py`` wrote for each configuration (every estimator run ``-task`` and
-``-batch`` in the same run) and writes one table with the ratios and whether each meets the targets
+``-batch``, and through the functional entry points ``-ftask`` and ``-fbatch``, in the same run) and writes one table with the ratios and whether each meets the targets
 (time <= 1.0x, peak memory <= 1.1x the per-task loop's)::
 
     python benchmarks/run.py --config omniglot --quick --threads 2 --levels 1 2 --ks --out RUNS/quick \\
-        --methods fo-task fo-batch trunc1-task trunc1-batch binom1-task binom1-batch binom2-task binom2-batch exact-task exact-batch
+        --methods 'fo-*' 'trunc1-*' 'binom1-*' 'binom2-*' exact-task exact-batch exact-ftask exact-fbatch
     python benchmarks/run.py --config omniglot --threads 2 --levels 1 2 --repeats 2 --error-tasks 2 --ks --out RUNS/full \\
         --methods (the same)
     python benchmarks/task_batching.py RUNS/quick/omniglot_cpu_quick.json RUNS/full/omniglot_cpu.json \\
@@ -24,17 +24,18 @@ TIME_TARGET, MEMORY_TARGET = 1.0, 1.1
 
 def ratios(run: dict) -> List[dict]:
     """One row per estimator that ran both per task and batched."""
-    by = {(r["how"], r["slug"].rsplit("-", 1)[0]): r for r in run["rows"] if not r["error"]}
+    by = {(r.get("api", "engine"), r["how"], r["slug"].rsplit("-", 1)[0]): r for r in run["rows"] if not r["error"]}
     cfg = run["config"]
     rows = []
-    for (how, key), task in by.items():
-        batch = by.get(("batched", key))
+    for (api, how, key), task in by.items():
+        batch = by.get((api, "batched", key))
         if how != "per-task" or batch is None:
             continue
         time, memory = batch["seconds"] / task["seconds"], batch["peak_mib"] / task["peak_mib"]
         rows.append({
             "setting": f"B={cfg['meta_batch']}, Conv4-{cfg['hidden']}",
-            "estimator": task["method"].replace(" (per-task)", ""),
+            "api": {"engine": "adapt / adapt_batch", "functional": "meta_gradient / meta_gradient_batched"}[api],
+            "estimator": task["method"].replace(" (per-task)", "").replace(" (meta_gradient)", ""),
             "per_task_ms": task["seconds"] * 1e3, "batched_ms": batch["seconds"] * 1e3, "time_ratio": time,
             "per_task_mib": task["peak_mib"], "batched_mib": batch["peak_mib"], "memory_ratio": memory,
             "time_met": time <= TIME_TARGET, "memory_met": memory <= MEMORY_TARGET,
@@ -53,17 +54,19 @@ def markdown(runs: List[dict], rows: List[dict], note: str) -> str:
         *[f"- `{run['command']}`" for run in runs],
         "",
         "Omniglot shapes (1x28x28, 5-way 1-shot, 15 queries per class, K=5 inner SGD steps at lr 0.4), random data, default "
-        "options (memory_budget='auto'). Per task: `engine.adapt` and a backward per task; batched: `engine.adapt_batch`, "
-        "the query forward of the whole meta-batch, one backward. Time: median of the timed meta-steps after a warm-up; "
+        "options (memory_budget='auto'). Engine: per task `engine.adapt` and a backward per task, batched `engine.adapt_batch`, "
+        "the query forward of the whole meta-batch (written by the user, so the CPU plan checkpoints it per task), one "
+        "backward. Functional: per task `functional.meta_gradient` in a loop, batched `functional.meta_gradient_batched` "
+        "(given the query loss, so nothing is recomputed). Time: median of the timed meta-steps after a warm-up; "
         "memory: peak resident memory of a meta-step above the baseline (benchmarks/README.md). "
         f"Targets: batched/per-task time <= {TIME_TARGET:.1f}x, memory <= {MEMORY_TARGET:.1f}x.",
         "",
-        "| setting | estimator | per task ms | batched ms | time ratio | per task MiB | batched MiB | memory ratio | time met | memory met |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| setting | entry points | estimator | per task ms | batched ms | time ratio | per task MiB | batched MiB | memory ratio | time met | memory met |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['estimator']} | {r['per_task_ms']:.0f} | {r['batched_ms']:.0f} | {r['time_ratio']:.2f}x | "
+            f"| {r['setting']} | {r['api']} | {r['estimator']} | {r['per_task_ms']:.0f} | {r['batched_ms']:.0f} | {r['time_ratio']:.2f}x | "
             f"{r['per_task_mib']:.1f} | {r['batched_mib']:.1f} | {r['memory_ratio']:.2f}x | {'met' if r['time_met'] else 'NOT met'} | "
             f"{'met' if r['memory_met'] else 'NOT met'} |"
         )

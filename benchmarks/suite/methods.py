@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import binom_opt as bo
+from binom_opt.functional import meta_gradient, meta_gradient_batched
 
 from . import log
 from .configs import Batch, Config, build_batch, build_model
@@ -31,6 +32,7 @@ class Method:
     L: Optional[int] = None
     C: Optional[int] = None
     checkpoint: bool = False  # checkpoint_every = round(sqrt(K)): the trajectory stores about 2 sqrt(K) points
+    api: str = "engine"  # "engine" (MetaGradientEngine) or "functional" (binom_opt.functional)
 
     @property
     def exact(self) -> bool:
@@ -60,6 +62,10 @@ def all_methods(cfg: Config) -> List[Method]:
         for slug, label, estimator, L, C in estimator_specs(cfg):
             methods.append(Method(f"{slug}-{suffix}", f"{label} ({how})", how, estimator, L, C))
     methods.append(Method("exact-ckpt-task", "Exact, checkpointed (per-task)", "per-task", "Exact", cfg.steps, checkpoint=True))
+    for how, suffix, call in (("per-task", "ftask", "meta_gradient"), ("batched", "fbatch", "meta_gradient_batched")):
+        for slug, label, estimator, L, C in estimator_specs(cfg):
+            if estimator not in OTHER_OBJECTIVES:
+                methods.append(Method(f"{slug}-{suffix}", f"{label} ({call})", how, estimator, L, C, api="functional"))
     return methods
 
 
@@ -167,6 +173,35 @@ def make_per_task_step(model: torch.nn.Module, batch: Batch, cfg: Config, method
     return step
 
 
+def make_functional_step(model: torch.nn.Module, batch: Batch, cfg: Config, method: Method, engine_options: dict) -> MetaStep:
+    """``meta_gradient`` in a loop over the tasks, or one ``meta_gradient_batched``; the mean over the tasks into ``.grad``."""
+    (xs, ys), (xq, yq) = batch
+    B, estimator = xs.shape[0], make_estimator(method)
+    options = {**engine_options, **({"checkpoint_every": max(1, round(math.sqrt(cfg.steps)))} if method.checkpoint else {})}
+    loss = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        if method.how == "batched":
+            grads, stats = meta_gradient_batched(lambda p, t: loss(p, t[0], t[1]), lambda p, t: loss(p, t[2], t[3]), params,
+                                                 (xs, ys, xq, yq), steps=cfg.steps, lr=cfg.lr, estimator=estimator,
+                                                 return_stats=True, **options)
+            means, hvps, diverging = {n: g.mean(0) for n, g in grads.items()}, stats.hvp_count, flagged(stats)
+        else:
+            means, hvps, diverging = {n: torch.zeros_like(p) for n, p in params.items()}, 0, False
+            for t in range(B):
+                grads, stats = meta_gradient(lambda p, x=xs[t], y=ys[t]: loss(p, x, y), lambda p, x=xq[t], y=yq[t]: loss(p, x, y),
+                                             params, steps=cfg.steps, lr=cfg.lr, estimator=estimator, return_stats=True, **options)
+                means = {n: means[n] + grads[n] / B for n in means}
+                hvps, diverging = hvps + stats.hvp_count, diverging or flagged(stats)
+        for n, p in model.named_parameters():
+            p.grad = means[n]
+        return hvps, diverging
+
+    return step
+
+
 def make_batched_step(model: torch.nn.Module, batch: Batch, cfg: Config, method: Method, engine_options: dict) -> MetaStep:
     (xs, ys), (xq, yq) = batch
     engine = make_engine(model, cfg, method, engine_options)
@@ -191,6 +226,8 @@ def make_step(method: Method, model: torch.nn.Module, batch: Batch, cfg: Config,
         return make_higher_step(model, batch, cfg)
     if method.slug == "autograd":
         return make_autograd_step(model, batch, cfg)
+    if method.api == "functional":
+        return make_functional_step(model, batch, cfg, method, engine_options)
     if method.how == "per-task":
         return make_per_task_step(model, batch, cfg, method, engine_options)
     return make_batched_step(model, batch, cfg, method, engine_options)

@@ -166,7 +166,7 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
     except ImportError:
         log("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
-    ok = [r for r in rows if not r["error"]]
+    ok = [r for r in rows if not r["error"] and r.get("api", "engine") == "engine"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, key, label in ((axes[0], "seconds", "seconds per meta-step"), (axes[1], "peak_mib", "peak MiB")):
         for estimator, color in (("Truncated", "tab:blue"), ("Binomial", "tab:orange"), ("Implicit", "tab:purple")):

@@ -21,6 +21,7 @@ def make_row(method: Method, cfg: Config, result: dict) -> dict:
         "method": method.name,
         "slug": method.slug,
         "how": method.how,
+        "api": method.api,
         "estimator": method.estimator,
         "L": method.L,
         "C": method.C,
@@ -74,8 +75,9 @@ def add_ratios(rows: List[dict]) -> None:
     """Time, peak memory and kernel ops against higher exact; time against our FirstOrder (same how) and against our
     Truncated(L) at the same L and how."""
     peer = next((r for r in rows if r["slug"] == "higher" and not r["error"]), None)
-    truncated = {(r["how"], r["L"]): r for r in rows if r["estimator"] == "Truncated" and not r["error"]}
-    first_order = {r["how"]: r for r in rows if r["estimator"] == "FirstOrder" and not r["error"]}
+    path = lambda r: (r.get("api", "engine"), r["how"])  # the same entry point, per task or batched
+    truncated = {(path(r), r["L"]): r for r in rows if r["estimator"] == "Truncated" and not r["error"]}
+    first_order = {path(r): r for r in rows if r["estimator"] == "FirstOrder" and not r["error"]}
     for row in rows:
         if row["error"]:
             continue
@@ -85,9 +87,9 @@ def add_ratios(rows: List[dict]) -> None:
             ratios["peak_vs_higher"] = row["peak_mib"] / peer["peak_mib"] if peer["peak_mib"] > 0 else None
             if row["kernel_ops"] is not None and peer["kernel_ops"]:
                 ratios["kernel_ops_vs_higher"] = row["kernel_ops"] / peer["kernel_ops"]
-        if row["how"] in first_order:
-            ratios["time_vs_first_order"] = row["seconds"] / first_order[row["how"]]["seconds"]
-        same_l = truncated.get((row["how"], row["L"]))
+        if path(row) in first_order:
+            ratios["time_vs_first_order"] = row["seconds"] / first_order[path(row)]["seconds"]
+        same_l = truncated.get((path(row), row["L"]))
         if row["estimator"] in ("Binomial", "Hybrid", "Implicit") and same_l is not None:
             ratios["time_vs_truncated"] = row["seconds"] / same_l["seconds"]
 

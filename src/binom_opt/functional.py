@@ -8,7 +8,7 @@ engine's (docs/design.md): every inner optimizer, estimator and :class:`~binom_o
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -17,7 +17,7 @@ from .core.estimators import Estimator, Exact, Implicit, check_estimator
 from .core.node import check_scalar_loss
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
-from .core.stats import DivergenceMonitor, MetaGradientStats
+from .core.stats import DivergenceMonitor, MetaGradientStats, merge_stats
 from .core.update_rules import read_optimizer, sgd_rules
 
 Tensors = Dict[str, torch.Tensor]
@@ -151,8 +151,15 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
             raise ValueError(f"inner_opt must be built over every tensor of params ({sorted(params)}), got {sorted(adapted)}.")
     extra = dict(meta_params or {})
     tasks = tasks.planned(options, next(iter(params.values())).device) if params else tasks
+    if tasks.loop:
+        return _task_by_task(inner_loss, outer_loss, params, tasks, steps, rules, hyper, estimators, extra, options)
+    return _one_call(inner_loss, outer_loss, params, tasks, steps, rules, hyper, estimators, extra, options, _MONITOR)
+
+
+def _one_call(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hyper, estimators, extra, options, monitor,
+              retain_graph: bool = False) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
+    """One inner loop of one task or of a vmapped meta-batch, and each estimator's meta-gradient of it."""
     leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
-    monitor = _MONITOR
     make = (lambda fn: fn) if tasks.batched else (lambda fn: lambda phi, task: fn(phi))
     keep = estimators[0] if len(estimators) == 1 else Exact()  # several estimators read every point
     loop = InnerLoop(Setup(keep, options, make, on_stats=monitor), leaves, rules, hyper, tasks)
@@ -171,7 +178,7 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
             if not outer.requires_grad:
                 raise ValueError("outer_loss does not depend on the adapted parameters: there is no meta-gradient.")
             wrt = [*loop.initial_inputs.values(), *extra.values()]
-            grads = torch.autograd.grad(outer, wrt, allow_unused=True)
+            grads = torch.autograd.grad(outer, wrt, allow_unused=True, retain_graph=retain_graph)
         named = dict(zip([*params, *extra], grads))
         shapes = {**{n: t for n, t in loop.initial_inputs.items()}, **extra}
         result = {n: torch.zeros_like(shapes[n]) if g is None else g for n, g in named.items()}
@@ -179,3 +186,37 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
             result.update({n: result[n].squeeze(0) for n in params})
         out[estimator] = (result, monitor.last_stats)
     return out
+
+
+def _task_by_task(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hyper, estimators, extra, options
+                  ) -> Dict[Estimator, Tuple[Tensors, MetaGradientStats]]:
+    """The CPU plan of a meta-batch (:attr:`Tasks.loop`): each task's whole meta-gradient, inner loop, query loss and
+    estimator, before the next task's, bitwise as :func:`meta_gradient` of that task computes it. The meta-batch
+    then costs what a loop over :func:`meta_gradient` costs, in time and in memory: one task's trajectory,
+    query graph and HVP rounds at a time, and its query forward once (the outer loss is known here, so
+    nothing is recomputed). The per-task results are concatenated, the meta-parameters' summed over the
+    tasks and the stats merged.
+    """
+    per_task: Dict[Estimator, List[Tuple[Tensors, MetaGradientStats]]] = {e: [] for e in estimators}
+    for b in range(tasks.size):  # retain_graph: the losses may share a graph built outside them (features)
+        out = _one_call(inner_loss, outer_loss, params, tasks.alone(b), steps, rules, hyper, estimators, extra, options,
+                        _Last(), retain_graph=True)
+        for estimator, result in out.items():
+            per_task[estimator].append(result)
+    merged = {}
+    for estimator, results in per_task.items():
+        grads = {n: torch.cat([r[0][n] for r in results]) if n in params else sum((r[0][n] for r in results[1:]), results[0][0][n])
+                 for n in results[0][0]}
+        stats = merge_stats([r[1] for r in results])
+        _MONITOR(stats)
+        merged[estimator] = (grads, stats)
+    return merged
+
+
+class _Last:
+    """Keeps the stats of the last meta-gradient, without the divergence warning (given once for the merged stats)."""
+
+    last_stats: Optional[MetaGradientStats] = None
+
+    def __call__(self, stats: MetaGradientStats) -> None:
+        self.last_stats = stats

@@ -34,15 +34,17 @@ class Tasks:
 
     ``loop``: the tasks run one after another, each exactly as a task of its own
     (:func:`~binom_opt.core.memory.loops_over_tasks` decides), instead of vmapped together.
+    ``offset``: the index of the first of these tasks in the meta-batch the user passed (errors name tasks by it).
 
     >>> Tasks((torch.zeros(4, 5, 3), torch.zeros(4, 5))).size, Tasks().size
     (4, 1)
     """
 
-    def __init__(self, data: Any = None, loop: bool = False):
+    def __init__(self, data: Any = None, loop: bool = False, offset: int = 0):
         self.data = data
         self.size = 1 if data is None else task_count(data)
         self.loop = loop and data is not None
+        self.offset = offset
 
     @property
     def batched(self) -> bool:
@@ -64,6 +66,14 @@ class Tasks:
     def task(self, b: int) -> Any:
         """Task ``b``'s data (``None`` for a task without data)."""
         return None if self.data is None else pytree.tree_map(lambda t: t[b], self.data)
+
+    def alone(self, b: int) -> Tasks:
+        """Task ``b`` as a meta-batch of its own (run as the loop runs it, named as task ``b`` of these)."""
+        return Tasks(pytree.tree_map(lambda t: t[b : b + 1], self.data), loop=True, offset=self.offset + b)
+
+    def name(self, indices) -> list:
+        """The indices of these tasks in the meta-batch the user passed."""
+        return [self.offset + b for b in indices]
 
 
 def task_count(data: Any) -> int:
@@ -207,6 +217,8 @@ def per_task(fn: Callable, loop: bool, bn: str) -> Callable:
     Checkpointed, a task keeps only its inputs and outputs until the backward, which recomputes its
     forward (under the same policy): the meta-batch then holds one task's graph at a time, as a loop of
     per-task meta-steps does, instead of ``B`` of them (one forward more per task; random ops replay their draws).
+    The last task keeps its graph: autograd differentiates the tasks last to first, so its graph is gone
+    before the first recomputation starts, and holding it costs no more memory than recomputing it.
     """
     def one(*args):  # the recomputation of a checkpointed task runs in these contexts too
         with module_policy(bn), autograd_through_vmap():
@@ -215,12 +227,13 @@ def per_task(fn: Callable, loop: bool, bn: str) -> Callable:
     if not loop:
         return vmap_or_loop(one, "different")
     saved = lambda *args: checkpoint(one, *args, use_reentrant=False)
-    return lambda *args: _loop(saved, args)
+    return lambda *args: _loop(saved, args, last=one)
 
 
-def _loop(fn: Callable, args: tuple) -> Any:
-    """``fn`` over dimension 0 of its arguments in a Python loop, outputs stacked."""
-    outs = [fn(*pytree.tree_map(lambda t: t[i], args)) for i in range(pytree.tree_leaves(args)[0].shape[0])]
+def _loop(fn: Callable, args: tuple, last: Optional[Callable] = None) -> Any:
+    """``fn`` over dimension 0 of its arguments in a Python loop (``last``, if given, for the last index), outputs stacked."""
+    n = pytree.tree_leaves(args)[0].shape[0]
+    outs = [(last if last is not None and i == n - 1 else fn)(*pytree.tree_map(lambda t: t[i], args)) for i in range(n)]
     return pytree.tree_map(lambda *ts: stack(list(ts)), *outs)
 
 

@@ -268,7 +268,7 @@ class Record:
         if k is None:
             return
         flags, names = steps[k], list(self.initial)
-        tasks = "" if not self.tasks.batched else f" for task(s) {[b for b in range(self.tasks.size) if any(f[b] for f in flags)]}"
+        tasks = "" if not self.tasks.batched else f" for task(s) {self.tasks.name(b for b in range(self.tasks.size) if any(f[b] for f in flags))}"
         if any(flags[0]):
             value = host["losses"][k][flags[0].index(1.0)]
             raise FloatingPointError(
@@ -323,7 +323,7 @@ class Record:
         )
 
     def _naming(self, tasks: Sequence[int]) -> str:
-        return f" for task(s) {list(tasks)}" if self.tasks.batched else ""
+        return f" for task(s) {self.tasks.name(tasks)}" if self.tasks.batched else ""
 
 
 class Adaptation(torch.autograd.Function):

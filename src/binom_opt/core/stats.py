@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import sys
 import warnings
@@ -12,7 +14,7 @@ import torch
 
 from .estimators import Estimator, ExpansionPlan
 
-__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "stats_tensor", "make_stats"]
+__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "stats_tensor", "make_stats", "merge_stats"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,32 @@ def make_stats(estimator: Estimator, plan: ExpansionPlan, flat: Sequence[float],
         tasks=B, diverging_tasks=growing if plan.schedule == "binomial" else (),
         chunk_fallbacks=list(chunking.fallbacks), skipped=skipped, hvps_at_once=chunking.used,
         per_hvp_bytes=chunking.per_hvp_bytes, cg_residual=cg_residual, unsolved_tasks=unsolved_tasks,
+    )
+
+
+def merge_stats(per_task: Sequence[MetaGradientStats]) -> MetaGradientStats:
+    """The stats of a meta-batch from the stats of its tasks computed one by one, as if computed together:
+    counts added, norms over all tasks, losses averaged, task indices in meta-batch order.
+
+    >>> import binom_opt as bo
+    >>> one = MetaGradientStats(bo.Exact(), steps=2, levels=2, hvp_count=2, rounds=2, contributions=[3.0, 0.0], g_norm=4.0)
+    >>> merged = merge_stats([one, one])
+    >>> merged.hvp_count, merged.tasks, merged.g_norm, merged.contributions
+    (4, 2, 5.656854249492381, [4.242640687119285, 0.0])
+    """
+    first = per_task[0]
+    norm = lambda values: math.sqrt(sum(v * v for v in values))
+    indices = lambda has: tuple(b for b, s in enumerate(per_task) if has(s))
+    residuals = [s.cg_residual for s in per_task if s.cg_residual is not None]
+    at_once = [s.hvps_at_once for s in per_task if s.hvps_at_once is not None]
+    return dataclasses.replace(
+        first, hvp_count=sum(s.hvp_count for s in per_task), tasks=sum(s.tasks for s in per_task),
+        contributions=[norm(values) for values in zip(*(s.contributions for s in per_task))],
+        inner_losses=[sum(values) / len(per_task) for values in zip(*(s.inner_losses for s in per_task))],
+        g_norm=norm(s.g_norm for s in per_task), diverging_tasks=indices(lambda s: s.diverging),
+        chunk_fallbacks=[c for s in per_task for c in s.chunk_fallbacks], skipped=sum(s.skipped for s in per_task),
+        hvps_at_once=max(at_once) if at_once else None, cg_residual=max(residuals) if residuals else None,
+        unsolved_tasks=indices(lambda s: s.unreliable_solve),
     )
 
 
