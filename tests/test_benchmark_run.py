@@ -17,6 +17,7 @@ pytestmark = pytest.mark.cpu_only  # the example scripts, processes and files ru
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 PER_TASK = ["higher", "autograd", "fo-task", "exact-task", "imaml1-task", "reptile-task"]
 BATCHED_METHODS = ["exact-batch", "imaml1-batch"]
+FUNCTIONAL = ["exact-ftask", "exact-fbatch"]  # functional.meta_gradient per task, meta_gradient_batched
 
 
 def load_run_module():
@@ -30,7 +31,7 @@ def load_run_module():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    methods = PER_TASK + BATCHED_METHODS
+    methods = PER_TASK + BATCHED_METHODS + FUNCTIONAL
     argv = ["--config", "tiny", "--threads", "1", "--ks", "2", "--out", str(out), "--methods", *methods]
     rows = load_run_module().main(argv)
     return out, rows
@@ -51,7 +52,8 @@ def check_row(row):
         assert row["hvp_count"] == 2 * 2, row  # K = 2 HVPs for each of the B = 2 tasks
     # counted after the timed steps: one host read per meta-gradient (B = 2 per task, one batched)
     assert row["kernel_ops"] > 0 and row["graph_breaks"] == 0, row
-    syncs = {"peer": 0, "per-task": 2, "batched": 1}[row["how"]]
+    # the CPU plan of meta_gradient_batched is the per-task path: one read per task (a CPU has nothing to wait for)
+    syncs = {"peer": 0, "per-task": 2, "batched": 1 if row["api"] == "engine" else 2}[row["how"]]
     assert row["host_syncs"] == syncs, row
     if row["estimator"] in ("Implicit", "Reptile"):  # other objectives: no error against MAML's meta-gradient
         assert row["hvp_count"] == {"Implicit": 2 * 1, "Reptile": 0}[row["estimator"]], row
@@ -72,7 +74,7 @@ def test_outputs_written(run):
 
 def test_per_task_and_peer_rows(run):
     _, rows = run
-    assert [r["slug"] for r in rows if r["how"] != "batched"] == PER_TASK
+    assert [r["slug"] for r in rows if r["how"] != "batched" and r["api"] == "engine"] == PER_TASK
     for row in rows:
         if row["how"] != "batched":
             check_row(row)
@@ -82,10 +84,31 @@ def test_per_task_and_peer_rows(run):
 
 def test_batched_rows(run):
     _, rows = run
-    batched = [r for r in rows if r["how"] == "batched"]
+    batched = [r for r in rows if r["how"] == "batched" and r["api"] == "engine"]
     assert [r["slug"] for r in batched] == BATCHED_METHODS
     for row in batched:
         check_row(row)
+
+
+def test_functional_rows_and_the_task_batching_table(run, tmp_path):
+    """The functional entry points measured like the engine's, and task_batching.py pairing each path with its own loop."""
+    out, rows = run
+    functional = {r["slug"]: r for r in rows if r["api"] == "functional"}
+    assert list(functional) == FUNCTIONAL
+    for row in functional.values():
+        check_row(row)
+    assert functional["exact-ftask"]["method"] == "Exact (meta_gradient)"
+    script = RUN_PY.parent / "task_batching.py"
+    spec = importlib.util.spec_from_file_location("task_batching", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pairs = [p for p in module.ratios(json.loads((out / "tiny_cpu.json").read_text())) if p["estimator"] == "Exact"]
+    assert [(p["api"], p["estimator"]) for p in pairs] == [("adapt / adapt_batch", "Exact"),
+                                                           ("meta_gradient / meta_gradient_batched", "Exact")]
+    engine, fn = pairs
+    assert fn["time_ratio"] == pytest.approx(functional["exact-fbatch"]["seconds"] / functional["exact-ftask"]["seconds"])
+    assert "| B=2, Conv4-8 | meta_gradient / meta_gradient_batched | Exact |" in module.markdown(
+        [json.loads((out / "tiny_cpu.json").read_text())], pairs, "")
 
 
 def test_a_broken_down_implicit_solve_is_flagged_not_fatal():
@@ -118,6 +141,7 @@ def test_quick_leaves_out_batched_rows_of_the_other_objectives_unless_asked(monk
         with pytest.raises(SystemExit):
             module.main(["--config", "omniglot", "--quick", *extra])
     quick = chosen[()]
+    assert not [s for s in quick if s.endswith(("-ftask", "-fbatch"))]  # the functional rows only when asked for
     assert "imaml1-task" in quick and "reptile-task" in quick and "exact-batch" in quick and "binom2-batch" in quick
     assert not [s for s in quick if s.startswith(("imaml", "reptile")) and s.endswith("-batch")]
     assert chosen[("imaml1-batch", "reptile-batch")] == ["imaml1-batch", "reptile-batch"]

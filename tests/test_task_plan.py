@@ -109,3 +109,83 @@ def test_the_loop_refuses_random_ops_as_the_vmap_does():
     xs, ys = torch.randn(3, 6, 4, dtype=torch.float64), (torch.arange(6) % 3).repeat(3, 1)
     with pytest.raises(RuntimeError, match="randomness='same' or 'different'"):
         engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]), t[1]), (xs, ys))
+
+
+def test_adapt_batch_recomputes_every_query_but_the_last_and_differentiates_the_last_first():
+    """The CPU plan checkpoints each task's query forward but the last one's: B forwards, then B - 1 recomputations
+    in the backward, which differentiates the last task (whose graph was kept) before recomputing any other."""
+    events = []
+
+    class Mark(torch.autograd.Function):  # logs the backward of the hidden layer on a query (6 rows)
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x.view_as(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            if g.shape[0] == 6:
+                events.append("backward")
+            return g
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            if x.shape[0] == 6:
+                events.append("forward")
+            return self.b(Mark.apply(torch.tanh(self.a(x))))
+
+    B, model = 3, Net().double()
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=1)
+    xs, ys = torch.randn(B, 5, 4, dtype=torch.float64), (torch.arange(5) % 3).repeat(B, 1)
+    learners = engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]), t[1]), (xs, ys))
+    assert learners.loop
+    events.clear()
+    out = learners(torch.randn(B, 6, 4, dtype=torch.float64))
+    assert events == ["forward"] * B
+    events.clear()
+    out.sum().backward()
+    assert events[:3] == ["backward", "forward", "backward"] and events.count("forward") == B - 1
+
+
+def test_meta_gradient_batched_runs_each_task_whole_before_the_next(monkeypatch):
+    """On the CPU plan each task's whole meta-gradient (inner loop, query loss, estimator) runs as a meta-batch of its
+    own, one after another (one task's trajectory, query graph and HVP rounds at a time); the stats are those of the
+    vmapped meta-batch."""
+    loss, params, tasks = functional_case()
+    calls = []
+    one_call = bo.functional._one_call
+
+    def spy(inner, outer, params, tasks, *args, **kwargs):
+        calls.append((tasks.offset, tasks.size, tasks.loop))
+        return one_call(inner, outer, params, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(bo.functional, "_one_call", spy)
+    looped, stats = meta_gradient_batched(loss("support"), loss("query"), params, tasks, steps=K, lr=LR,
+                                          estimator=bo.Binomial(2), return_stats=True)
+    assert calls == [(0, 1, True), (1, 1, True), (2, 1, True)]
+    vmapped, at_once = meta_gradient_batched(loss("support"), loss("query"), params, tasks, steps=K, lr=LR,
+                                             estimator=bo.Binomial(2), return_stats=True, memory_budget=None)
+    assert calls[3:] == [(0, 3, False)]
+    assert R.relative_error(looped, vmapped) < 1e-10
+    assert (stats.tasks, stats.hvp_count, stats.rounds, stats.diverging_tasks) == (
+        at_once.tasks, at_once.hvp_count, at_once.rounds, at_once.diverging_tasks)
+    for got, expected in [(stats.contributions, at_once.contributions), (stats.inner_losses, at_once.inner_losses),
+                          ([stats.g_norm], [at_once.g_norm])]:
+        assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_the_cpu_plan_of_meta_gradient_batched_names_the_task_that_failed():
+    loss, params, (xs, ys, xq, yq) = functional_case()
+    xs = xs.clone()
+    xs[2, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \[2\]"):
+        meta_gradient_batched(loss("support"), loss("query"), params, (xs, ys, xq, yq), steps=K, lr=LR)

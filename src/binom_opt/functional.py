@@ -169,16 +169,26 @@ def _one_call(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hyper,
     for estimator in estimators:
         with torch.enable_grad():
             final = loop.outputs(estimator)
+            # The query is differentiated first, on its own, so that its graph is gone before the estimator's
+            # HVP rounds run; then the adapted parameters' gradient goes through the estimator.
+            cut = {n: t.detach().requires_grad_(True) for n, t in final.items()}
             with calls(options, None, "the outer loss"), autograd_through_vmap():
                 if tasks.batched:
                     one = lambda p, task: check_scalar_loss(outer_loss(p, task), "outer_loss")
-                    outer = per_task(one, tasks.loop, options.bn)(final, tasks.data).sum()
+                    outer = per_task(one, tasks.loop, options.bn)(cut, tasks.data).sum()
                 else:
-                    outer = check_scalar_loss(outer_loss({n: t.squeeze(0) for n, t in final.items()}), "outer_loss")
+                    outer = check_scalar_loss(outer_loss({n: t.squeeze(0) for n, t in cut.items()}), "outer_loss")
             if not outer.requires_grad:
                 raise ValueError("outer_loss does not depend on the adapted parameters: there is no meta-gradient.")
+            # retained: a graph the losses share (features from a body) is differentiated again below
+            *to_final, direct = _split(torch.autograd.grad(outer, [*cut.values(), *extra.values()], allow_unused=True,
+                                                           retain_graph=True), len(cut))
+            del outer  # and with it the query's own graph
+            reached = [(final[n], g) for n, g in zip(cut, to_final) if g is not None]
             wrt = [*loop.initial_inputs.values(), *extra.values()]
-            grads = torch.autograd.grad(outer, wrt, allow_unused=True, retain_graph=retain_graph)
+            through = (torch.autograd.grad([t for t, _ in reached], wrt, [g for _, g in reached], allow_unused=True,
+                                           retain_graph=retain_graph) if reached else [None] * len(wrt))
+            grads = [*through[:len(params)], *(_add(a, b) for a, b in zip(through[len(params):], direct))]
         named = dict(zip([*params, *extra], grads))
         shapes = {**{n: t for n, t in loop.initial_inputs.items()}, **extra}
         result = {n: torch.zeros_like(shapes[n]) if g is None else g for n, g in named.items()}
@@ -211,6 +221,15 @@ def _task_by_task(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hy
         _MONITOR(stats)
         merged[estimator] = (grads, stats)
     return merged
+
+
+def _split(grads: Sequence[Optional[torch.Tensor]], count: int) -> list:
+    """``[*grads[:count], grads[count:]]``."""
+    return [*grads[:count], list(grads[count:])]
+
+
+def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return a if b is None else b if a is None else a + b
 
 
 class _Last:

@@ -268,7 +268,7 @@ def map_points(
     if tasks.loop:  # each task as a task of its own: its points vmapped, as the per-task path runs them
         outs = [map_points(lambda *a, b=b: fn(*a[:-1], tasks.task(b)), pytree.tree_map(lambda t: t[:, b : b + 1], args),
                            Tasks(), randomness, limit, compile_fn) for b in range(tasks.size)]
-        return pytree.tree_map(lambda *ts: torch.cat(ts, dim=1), *outs)
+        return pytree.tree_map(lambda *ts: ts[0] if len(ts) == 1 else torch.cat(ts, dim=1), *outs)
     n = pytree.tree_leaves(args)[0].shape[0]
     B = tasks.size
     step_chunk, task_chunk = None, None

@@ -79,7 +79,8 @@ class Stepper:
                 for b in range(tasks.size if tasks.loop else 1):
                     one = {n: t[b] for n, t in phi.items()}
                     outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0))
-                if probe and tasks.loop and self.options.randomness == "error":  # after the probe's clearer errors
+                # after the probe's clearer errors; once per meta-batch (its first task), even split task by task
+                if probe and tasks.loop and tasks.offset == 0 and self.options.randomness == "error":
                     refuse_random_ops(loss_fn, (phi,), tasks)
             found = outs[0][2]
             if not tasks.batched or len(outs) == tasks.size:
