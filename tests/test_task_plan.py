@@ -189,3 +189,30 @@ def test_the_cpu_plan_of_meta_gradient_batched_names_the_task_that_failed():
     xs[2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"task\(s\) \[2\]"):
         meta_gradient_batched(loss("support"), loss("query"), params, (xs, ys, xq, yq), steps=K, lr=LR)
+
+
+def test_adapt_batch_takes_each_task_meta_gradient_whole_before_the_next(monkeypatch):
+    """On the CPU plan the node's backward runs task by task, each as a meta-batch of its own (one task's adjoints
+    and HVP rounds at a time); the engine's stats are those of the vmapped meta-batch."""
+    from binom_opt.core.node import Record
+    backward, calls = Record.backward, []
+
+    def spy(self, g):
+        calls.append((self.tasks.offset, self.tasks.size))
+        return backward(self, g)
+
+    monkeypatch.setattr(Record, "backward", spy)
+    tasks = image_tasks(B=3)
+    model = conv_bn().model.double()
+    xs, ys, xq, yq = (t.double() if t.is_floating_point() else t for t in tasks)
+    stats = {}
+    for budget in ("auto", None):
+        engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=K,
+                                       estimator=bo.Binomial(2), memory_budget=budget)
+        learners = engine.adapt_batch(lambda m, t: F.cross_entropy(m(t[0]), t[1]), (xs, ys))
+        engine.meta_backward(F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()))
+        stats[budget] = engine.last_stats
+    assert calls == [(0, 3), (0, 1), (1, 1), (2, 1), (0, 3)]
+    looped, at_once = stats["auto"], stats[None]
+    assert (looped.tasks, looped.hvp_count, looped.rounds) == (at_once.tasks, at_once.hvp_count, at_once.rounds)
+    assert looped.contributions == pytest.approx(at_once.contributions, rel=1e-10)

@@ -209,7 +209,9 @@ def _task_by_task(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hy
     """
     per_task: Dict[Estimator, List[Tuple[Tensors, MetaGradientStats]]] = {e: [] for e in estimators}
     for b in range(tasks.size):  # retain_graph: the losses may share a graph built outside them (features)
-        out = _one_call(inner_loss, outer_loss, params, tasks.alone(b), steps, rules, hyper, estimators, extra, options,
+        with torch.enable_grad():  # task data that requires grad (features) keeps its graph through the slice
+            alone = tasks.alone(b)
+        out = _one_call(inner_loss, outer_loss, params, alone, steps, rules, hyper, estimators, extra, options,
                         _Last(), retain_graph=True)
         for estimator, result in out.items():
             per_task[estimator].append(result)

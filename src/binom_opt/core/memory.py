@@ -123,7 +123,8 @@ def loops_over_tasks(options, device: Optional[torch.device]) -> bool:
     query sets on Conv4-64) leave the cache; on a CPU both make the vmapped meta-batch slower than
     the loop and several times heavier (benchmarks/results/task_batching_cpu.md). Each task then
     runs exactly the per-task path (its round's points still vmapped), so the result does not
-    depend on how many tasks the batch holds. On CUDA, and with any other budget, the tasks are
+    depend on how many tasks the batch holds, and its meta-gradient is taken whole before the next
+    task's (:meth:`~binom_opt.core.batching.Tasks.alone`). On CUDA, and with any other budget, the tasks are
     vmapped together: one launch for the whole meta-batch. The vmap is also kept where the options
     ask for it: an explicit ``chunk_size`` (HVPs of points x tasks at once), ``compile_hvps`` (one
     compiled graph for the meta-batch) and ``randomness="same"`` (its masks are drawn for the tasks

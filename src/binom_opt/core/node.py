@@ -7,6 +7,7 @@ before anything is returned (docs/design.md, "What the node checks").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from .memory import Chunking
 from .mixed import MixedTerms, directional_gradients, hyper_gradients
 from .oracle import HVPOracle
 from .readback import Readback
-from .stats import make_stats, stats_tensor
+from .stats import make_stats, merge_stats, stats_tensor
 from .trajectory import Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule
 
@@ -69,6 +70,8 @@ class Record:
     proximal: Optional[float] = None  # the reg of the proximal term the inner loop added (Implicit)
 
     def backward(self, g: Tensors) -> Tuple[Tensors, Sequence[Optional[torch.Tensor]], List[torch.Tensor]]:
+        if self.tasks.loop and self.tasks.size > 1:
+            return self._task_by_task(g)
         setup, options, K, B = self.setup, self.setup.options, self.trajectory.steps, self.tasks.size
         if setup.steps is not None and setup.steps != K:
             raise ValueError(
@@ -138,6 +141,27 @@ class Record:
             setup.on_stats(make_stats(self.estimator, plan, host["stats"], B, len(result.contributions), oracle.computed,
                                       chunking, skipped, residual, unsolved))
         return result.meta_grad, meta_grads, hyper_grads
+
+    def _task_by_task(self, g: Tensors) -> Tuple[Tensors, Sequence[Optional[torch.Tensor]], List[torch.Tensor]]:
+        """The CPU plan (:attr:`Tasks.loop`): each task's meta-gradient computed whole, as a meta-batch of its own,
+        before the next task's, so that one task's adjoints, HVP rounds and recomputed gradients live at a time,
+        as in a loop over per-task meta-steps (not ``B`` of each). Per-task results are concatenated, the other
+        meta-parameters' summed and the stats merged."""
+        stats: List = []
+        setup = dataclasses.replace(self.setup, on_stats=None if self.setup.on_stats is None else stats.append)
+        parts = []
+        for b in range(self.tasks.size):
+            with torch.enable_grad():  # task data that requires grad (features) keeps its graph through the slice
+                tasks = self.tasks.alone(b)
+            one = dataclasses.replace(self, setup=setup, trajectory=self.trajectory.alone(b, tasks), tasks=tasks,
+                                      inner_bad=self.inner_bad[..., b : b + 1])
+            parts.append(one.backward({n: t[b : b + 1] for n, t in g.items()}))
+        if self.setup.on_stats is not None:
+            self.setup.on_stats(merge_stats(stats))
+        total = lambda grads: None if all(t is None for t in grads) else sum(t for t in grads if t is not None)
+        return ({n: torch.cat([meta_grad[n] for meta_grad, _, _ in parts]) for n in g},
+                [total(grads) for grads in zip(*(others for _, others, _ in parts))],
+                [total(grads) for grads in zip(*(hyper for _, _, hyper in parts))])
 
     def _check_estimator_fits(self, plan) -> None:
         """Refuse an estimator this recorded loop cannot serve: another proximal term, or inputs it has no meta-gradient for."""

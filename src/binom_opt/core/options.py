@@ -45,10 +45,13 @@ class Options:
             ``None``: everything at once on every device (a meta-batch's tasks vmapped together in the
             inner steps, the rounds over points x tasks and the query). ``"auto"`` (default) depends on
             the device. On CUDA: the tasks vmapped together, a round's HVPs capped at a quarter of the
-            free device memory, at most 512 MiB. On the CPU: a meta-batch's tasks one after another
-            (``adapt_batch``, ``meta_gradient_batched``), each run as a task of its own (its round's
-            points vmapped, its query forward checkpointed and recomputed in the backward), which is
-            faster and lighter there than vmapped tasks and gives bitwise the per-task results
+            free device memory, at most 512 MiB. On the CPU: a meta-batch's tasks one after another,
+            each run as a task of its own (its round's points vmapped), which is faster and lighter
+            there than vmapped tasks and gives bitwise the per-task results: ``meta_gradient_batched``
+            takes each task's whole meta-gradient before the next (the cost of a loop over
+            ``meta_gradient``); ``adapt_batch``, whose query the caller writes for the whole meta-batch,
+            checkpoints each task's query forward but the last (recomputed in the backward) and takes
+            the tasks' meta-gradients one after another in the backward
             (:func:`~binom_opt.core.memory.loops_over_tasks`; docs/performance.md).
         compile_hvps: run the HVP rounds, and the inner steps of one task after the first, through
             ``torch.compile`` (the graph is reused across tasks); ``True`` for its default mode or a mode

@@ -6,6 +6,7 @@ is read, no gradient and no graph (docs/design.md, "Storage and memory").
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -87,6 +88,15 @@ class Trajectory:
             else:
                 out.append((k, k + 1, self.loss_fns[k]))
         return out
+
+    def alone(self, b: int, tasks) -> Trajectory:
+        """Task ``b``'s part of this trajectory (views, ``[.., 1, ...]``), recomputed for ``tasks`` (that task alone)."""
+        pick = lambda tensors: {n: t[b : b + 1] for n, t in tensors.items()}
+        stored = [s if s is None or s is DROPPED else
+                  Stored(pick(s.phi), None if s.state is None else {n: pick(st) for n, st in s.state.items()})
+                  for s in self.stored]
+        return Trajectory(stored, self.loss_fns, self.losses[:, b : b + 1], pick(self.final),
+                          dataclasses.replace(self.stepper, tasks=tasks), self.every, self.keep_grads)
 
     def release(self) -> None:
         """Drop what was recomputed for one meta-gradient."""
