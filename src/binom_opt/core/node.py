@@ -8,6 +8,7 @@ before anything is returned (docs/design.md, "What the node checks").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ __all__ = ["ImplicitSolveWarning", "Status", "Record", "Adaptation", "meta_backw
 class ImplicitSolveWarning(RuntimeWarning):
     """Conjugate gradient for an implicit meta-gradient met negative curvature or did not reduce the residual."""
 
+# a meta-gradient: with respect to the initial point, the other meta-parameters, the learned hyperparameters
+Gradients = Tuple[Tensors, Sequence[Optional[torch.Tensor]], List[torch.Tensor]]
 
 @dataclass
 class Status:
@@ -69,9 +72,17 @@ class Record:
     first_order: frozenset = frozenset()  # steps whose Hessians are dropped
     proximal: Optional[float] = None  # the reg of the proximal term the inner loop added (Implicit)
 
-    def backward(self, g: Tensors) -> Tuple[Tensors, Sequence[Optional[torch.Tensor]], List[torch.Tensor]]:
+    def backward(self, g: Tensors) -> Gradients:
+        """The meta-gradient for the outer gradient ``g``: with respect to the initial point (``[B, ...]``), the
+        other meta-parameters and the learned hyperparameters."""
         if self.tasks.loop and self.tasks.size > 1:
             return self._task_by_task(g)
+        read, finish = self._compute(g)
+        return finish(read.read())
+
+    def _compute(self, g: Tensors) -> Tuple[Readback, Callable[[Dict[str, list]], Gradients]]:
+        """Everything up to the host read: what to read, and what turns the host values into the result (the
+        checks, raised in the order of their causes, and the stats)."""
         setup, options, K, B = self.setup, self.setup.options, self.trajectory.steps, self.tasks.size
         if setup.steps is not None and setup.steps != K:
             raise ValueError(
@@ -118,7 +129,10 @@ class Record:
                 meta_grads, hyper_grads = self._other_gradients(result, bad, mixed, expansion, transpose, read)
             if setup.on_stats is not None:
                 read.add("stats", stats_tensor(task_norms(g), result.contributions, self.trajectory.losses))
-            host = read.read()
+        finally:
+            self.trajectory.release()
+
+        def finish(host: Dict[str, list]) -> Gradients:
             self._check_inner_loop(host)
             self._check_replay(host, replayed)
             residual, unsolved = self._check_implicit(host) if plan.schedule == "implicit" else (None, ())
@@ -133,35 +147,37 @@ class Record:
                     "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
                     "or a learned learning rate) is not finite: lower the inner learning rate or check the data."
                 )
-        finally:
-            self.trajectory.release()
-        self.status.finished = True
-        if setup.on_stats is not None:
-            skipped = int(sum(host["bad"]))
-            setup.on_stats(make_stats(self.estimator, plan, host["stats"], B, len(result.contributions), oracle.computed,
-                                      chunking, skipped, residual, unsolved))
-        return result.meta_grad, meta_grads, hyper_grads
+            self.status.finished = True
+            if setup.on_stats is not None:
+                skipped = int(sum(host["bad"]))
+                setup.on_stats(make_stats(self.estimator, plan, host["stats"], B, len(result.contributions), oracle.computed,
+                                          chunking, skipped, residual, unsolved))
+            return result.meta_grad, meta_grads, hyper_grads
 
-    def _task_by_task(self, g: Tensors) -> Tuple[Tensors, Sequence[Optional[torch.Tensor]], List[torch.Tensor]]:
+        return read, finish
+
+    def _task_by_task(self, g: Tensors) -> Gradients:
         """The CPU plan (:attr:`Tasks.loop`): each task's meta-gradient computed whole, as a meta-batch of its own,
         before the next task's, so that one task's adjoints, HVP rounds and recomputed gradients live at a time,
         as in a loop over per-task meta-steps (not ``B`` of each). Per-task results are concatenated, the other
         meta-parameters' summed and the stats merged."""
         stats: List = []
         setup = dataclasses.replace(self.setup, on_stats=None if self.setup.on_stats is None else stats.append)
-        parts = []
+        pending = []
         for b in range(self.tasks.size):
             with torch.enable_grad():  # task data that requires grad (features) keeps its graph through the slice
                 tasks = self.tasks.alone(b)
             one = dataclasses.replace(self, setup=setup, trajectory=self.trajectory.alone(b, tasks), tasks=tasks,
                                       inner_bad=self.inner_bad[..., b : b + 1])
-            parts.append(one.backward({n: t[b : b + 1] for n, t in g.items()}))
+            pending.append(one._compute({n: t[b : b + 1] for n, t in g.items()}))
+        # every task's checks and stats in one host read, as for the vmapped meta-batch
+        hosts = Readback.read_all([read for read, _ in pending])
+        parts = [finish(host) for (_, finish), host in zip(pending, hosts)]
         if self.setup.on_stats is not None:
             self.setup.on_stats(merge_stats(stats))
-        total = lambda grads: None if all(t is None for t in grads) else sum(t for t in grads if t is not None)
         return ({n: torch.cat([meta_grad[n] for meta_grad, _, _ in parts]) for n in g},
-                [total(grads) for grads in zip(*(others for _, others, _ in parts))],
-                [total(grads) for grads in zip(*(hyper for _, _, hyper in parts))])
+                [_sum(grads) for grads in zip(*(others for _, others, _ in parts))],
+                [_sum(grads) for grads in zip(*(hyper for _, _, hyper in parts))])  # pyright: ignore[reportReturnType]  # hyper gradients exist
 
     def _check_estimator_fits(self, plan) -> None:
         """Refuse an estimator this recorded loop cannot serve: another proximal term, or inputs it has no meta-gradient for."""
@@ -436,6 +452,12 @@ def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
     if not loss.is_floating_point():
         raise TypeError(f"{what} must return a floating-point loss, got dtype {loss.dtype}.")
     return loss
+
+
+def _sum(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The sum of the tensors that are not ``None`` (``None`` if all are)."""
+    present = [t for t in tensors if t is not None]
+    return None if not present else functools.reduce(torch.add, present)
 
 
 def _finite_flag(tensors) -> Optional[torch.Tensor]:

@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -43,6 +43,16 @@ class Readback:
             out[name] = _nested(flat[start:start + t.numel()], list(t.shape))
             start += t.numel()
         return out
+
+
+    @staticmethod
+    def read_all(reads: Sequence[Readback]) -> List[Dict[str, list]]:
+        """:meth:`read` of each of ``reads``, in one host sync for them all."""
+        merged = Readback()
+        for i, read in enumerate(reads):
+            merged._parts.update({f"{i}/{name}": t for name, t in read._parts.items()})
+        host = merged.read()
+        return [{name: host[f"{i}/{name}"] for name in read._parts} for i, read in enumerate(reads)]
 
 
 def _nested(flat: List[float], shape: List[int]):
