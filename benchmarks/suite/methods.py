@@ -188,13 +188,14 @@ def make_functional_step(model: torch.nn.Module, batch: Batch, cfg: Config, meth
                                                  (xs, ys, xq, yq), steps=cfg.steps, lr=cfg.lr, estimator=estimator,
                                                  return_stats=True, **options)
             means, hvps, diverging = {n: g.mean(0) for n, g in grads.items()}, stats.hvp_count, flagged(stats)
-        else:
-            means, hvps, diverging = {n: torch.zeros_like(p) for n, p in params.items()}, 0, False
+        else:  # the loop meta_gradient_batched replaces: each task's meta-gradient, kept, then stacked
+            per_task, hvps, diverging = [], 0, False
             for t in range(B):
                 grads, stats = meta_gradient(lambda p, x=xs[t], y=ys[t]: loss(p, x, y), lambda p, x=xq[t], y=yq[t]: loss(p, x, y),
                                              params, steps=cfg.steps, lr=cfg.lr, estimator=estimator, return_stats=True, **options)
-                means = {n: means[n] + grads[n] / B for n in means}
+                per_task.append(grads)
                 hvps, diverging = hvps + stats.hvp_count, diverging or flagged(stats)
+            means = {n: torch.stack([g[n] for g in per_task]).mean(0) for n in params}
         for n, p in model.named_parameters():
             p.grad = means[n]
         return hvps, diverging

@@ -14,7 +14,7 @@ import torch
 
 from .core.batching import Tasks, autograd_through_vmap, calls, per_task
 from .core.estimators import Estimator, Exact, Implicit, check_estimator
-from .core.node import check_scalar_loss
+from .core.node import check_scalar_loss, sum_present
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor, MetaGradientStats, merge_stats
@@ -188,7 +188,7 @@ def _one_call(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hyper,
             wrt = [*loop.initial_inputs.values(), *extra.values()]
             through = (torch.autograd.grad([t for t, _ in reached], wrt, [g for _, g in reached], allow_unused=True,
                                            retain_graph=retain_graph) if reached else [None] * len(wrt))
-            grads = [*through[:len(params)], *(_add(a, b) for a, b in zip(through[len(params):], direct))]
+            grads = [*through[:len(params)], *(sum_present(pair) for pair in zip(through[len(params):], direct))]
         named = dict(zip([*params, *extra], grads))
         shapes = {**{n: t for n, t in loop.initial_inputs.items()}, **extra}
         result = {n: torch.zeros_like(shapes[n]) if g is None else g for n, g in named.items()}
@@ -217,7 +217,7 @@ def _task_by_task(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hy
             per_task[estimator].append(result)
     merged = {}
     for estimator, results in per_task.items():
-        grads = {n: torch.cat([r[0][n] for r in results]) if n in params else sum((r[0][n] for r in results[1:]), results[0][0][n])
+        grads = {n: torch.cat([r[0][n] for r in results]) if n in params else sum_present([r[0][n] for r in results])
                  for n in results[0][0]}
         stats = merge_stats([r[1] for r in results])
         _MONITOR(stats)
@@ -228,10 +228,6 @@ def _task_by_task(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hy
 def _split(grads: Sequence[Optional[torch.Tensor]], count: int) -> list:
     """``[*grads[:count], grads[count:]]``."""
     return [*grads[:count], list(grads[count:])]
-
-
-def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return a if b is None else b if a is None else a + b
 
 
 class _Last:

@@ -176,8 +176,8 @@ class Record:
         if self.setup.on_stats is not None:
             self.setup.on_stats(merge_stats(stats))
         return ({n: torch.cat([meta_grad[n] for meta_grad, _, _ in parts]) for n in g},
-                [_sum(grads) for grads in zip(*(others for _, others, _ in parts))],
-                [_sum(grads) for grads in zip(*(hyper for _, _, hyper in parts))])  # pyright: ignore[reportReturnType]  # hyper gradients exist
+                [sum_present(grads) for grads in zip(*(others for _, others, _ in parts))],
+                [sum_present(grads) for grads in zip(*(hyper for _, _, hyper in parts))])  # pyright: ignore[reportReturnType]  # hyper gradients exist
 
     def _check_estimator_fits(self, plan) -> None:
         """Refuse an estimator this recorded loop cannot serve: another proximal term, or inputs it has no meta-gradient for."""
@@ -454,7 +454,7 @@ def check_scalar_loss(loss: object, what: str) -> torch.Tensor:
     return loss
 
 
-def _sum(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+def sum_present(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     """The sum of the tensors that are not ``None`` (``None`` if all are)."""
     present = [t for t in tensors if t is not None]
     return None if not present else functools.reduce(torch.add, present)
