@@ -41,8 +41,10 @@ __all__ = ["ImplicitSolveWarning", "Status", "Record", "Adaptation", "meta_backw
 class ImplicitSolveWarning(RuntimeWarning):
     """Conjugate gradient for an implicit meta-gradient met negative curvature or did not reduce the residual."""
 
+
 # a meta-gradient: with respect to the initial point, the other meta-parameters, the learned hyperparameters
 Gradients = Tuple[Tensors, Sequence[Optional[torch.Tensor]], List[torch.Tensor]]
+
 
 @dataclass
 class Status:

@@ -44,7 +44,6 @@ class Readback:
             start += t.numel()
         return out
 
-
     @staticmethod
     def read_all(reads: Sequence[Readback]) -> List[Dict[str, list]]:
         """:meth:`read` of each of ``reads``, in one host sync for them all."""
