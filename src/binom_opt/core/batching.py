@@ -231,9 +231,17 @@ def per_task(fn: Callable, loop: bool, bn: str) -> Callable:
 
 
 def _loop(fn: Callable, args: tuple, last: Optional[Callable] = None) -> Any:
-    """``fn`` over dimension 0 of its arguments in a Python loop (``last``, if given, for the last index), outputs stacked."""
-    n = pytree.tree_leaves(args)[0].shape[0]
-    outs = [(last if last is not None and i == n - 1 else fn)(*pytree.tree_map(lambda t: t[i], args)) for i in range(n)]
+    """``fn`` over dimension 0 of its arguments in a Python loop (``last``, if given, for the last index), outputs stacked.
+
+    The arguments are unbound once, not indexed per call: the gradient of ``B`` indexed slices would be ``B``
+    zero-filled tensors of the whole argument's size, one per slice; unbound, it is one stack of the slices
+    (and of one slice, a view: squeezed).
+    """
+    leaves, spec = pytree.tree_flatten(args)
+    n = leaves[0].shape[0]
+    slices = [t.unbind(0) if n > 1 else (t.squeeze(0),) for t in leaves]
+    outs = [(last if last is not None and i == n - 1 else fn)(*pytree.tree_unflatten([s[i] for s in slices], spec))
+            for i in range(n)]
     return pytree.tree_map(lambda *ts: stack(list(ts)), *outs)
 
 
