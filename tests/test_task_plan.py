@@ -217,3 +217,38 @@ def test_adapt_batch_takes_each_task_meta_gradient_whole_before_the_next(monkeyp
     looped, at_once = stats["auto"], stats[None]
     assert (looped.tasks, looped.hvp_count, looped.rounds) == (at_once.tasks, at_once.hvp_count, at_once.rounds)
     assert looped.contributions == pytest.approx(at_once.contributions, rel=1e-10)
+
+
+@pytest.mark.parametrize("entry", ["adapt_batch", "meta_gradient_batched"])
+def test_features_of_the_whole_meta_batch_are_differentiated_once(entry):
+    """Features computed by a body for the whole meta-batch and passed in ``tasks``: the CPU plan cuts them at each
+    task's slice and takes the body's backward once per meta-step (not once per task), with the meta-gradient
+    of the vmapped meta-batch."""
+    from cases import BodyHead, body_head_tasks
+
+    def run(budget):
+        torch.manual_seed(0)
+        model = BodyHead().double()
+        xs, ys, xq, yq = body_head_tasks(B=3)
+        features = model.body(xs)
+        reached = []
+        features.register_hook(lambda g: reached.append(g))
+        head = lambda p, f: F.linear(f, p["head.weight"], p["head.bias"])
+        if entry == "adapt_batch":
+            engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.head.parameters(), lr=0.5), steps=K,
+                                           estimator=bo.Binomial(2), memory_budget=budget)
+            learners = engine.adapt_batch(lambda m, t: F.cross_entropy(head(m.params, t[0]), t[1]), (features, ys))
+            F.cross_entropy(learners(xq).flatten(0, 1), yq.flatten()).backward()
+            return grads(model), len(reached)
+        params = {n: p.detach() for n, p in model.head.named_parameters(prefix="head")}
+        body = dict(model.body.named_parameters(prefix="body"))
+        loss = lambda p, t: F.cross_entropy(head(p, t[0]), t[1])
+        out = meta_gradient_batched(loss, lambda p, t: F.cross_entropy(head(p, t[2]), t[3]), params,
+                                    (features, ys, model.body(xq), yq), steps=K, lr=0.5, estimator=bo.Binomial(2),
+                                    meta_params=body, memory_budget=budget)
+        return {n: g.sum(0) if n in params else g for n, g in out.items()}, len(reached)
+
+    looped, once = run("auto")
+    vmapped, _ = run(None)
+    assert R.relative_error(looped, vmapped) < 1e-10
+    assert once == 1

@@ -207,18 +207,26 @@ def _task_by_task(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hy
     nothing is recomputed). The per-task results are concatenated, the meta-parameters' summed over the
     tasks and the stats merged.
     """
+    # Task data that requires grad (a body's features, computed for the whole meta-batch) is cut at each task's
+    # slice, whose gradient is returned as an extra entry; one backward then takes them through that graph.
+    shared = tasks.requiring_grad()
+    cut_names = [f"\0task data {j}" for j in range(len(shared) if extra else 0)]
     per_task: Dict[Estimator, List[Tuple[Tensors, MetaGradientStats]]] = {e: [] for e in estimators}
-    for b in range(tasks.size):  # retain_graph: the losses may share a graph built outside them (features)
-        with torch.enable_grad():  # task data that requires grad (features) keeps its graph through the slice
-            alone = tasks.alone(b)
-        out = _one_call(inner_loss, outer_loss, params, alone, steps, rules, hyper, estimators, extra, options,
+    for b in range(tasks.size):  # retain_graph: the losses may share a graph built outside them
+        alone = tasks.alone(b, detach=bool(shared))
+        with_cut = {**extra, **dict(zip(cut_names, alone.requiring_grad()))}
+        out = _one_call(inner_loss, outer_loss, params, alone, steps, rules, hyper, estimators, with_cut, options,
                         _Last(), retain_graph=True)
         for estimator, result in out.items():
             per_task[estimator].append(result)
     merged = {}
     for estimator, results in per_task.items():
         grads = {n: torch.cat([r[0][n] for r in results]) if n in params else sum_present([r[0][n] for r in results])
-                 for n in results[0][0]}
+                 for n in [*params, *extra]}
+        if cut_names:
+            through = [torch.cat([r[0][name] for r in results]) for name in cut_names]
+            data_grads = torch.autograd.grad(shared, list(extra.values()), through, allow_unused=True, retain_graph=True)
+            grads.update({n: sum_present((grads[n], g)) for n, g in zip(extra, data_grads)})
         stats = merge_stats([r[1] for r in results])
         _MONITOR(stats)
         merged[estimator] = (grads, stats)

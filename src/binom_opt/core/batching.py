@@ -67,9 +67,18 @@ class Tasks:
         """Task ``b``'s data (``None`` for a task without data)."""
         return None if self.data is None else pytree.tree_map(lambda t: t[b], self.data)
 
-    def alone(self, b: int) -> Tasks:
-        """Task ``b`` as a meta-batch of its own (run as the loop runs it, named as task ``b`` of these)."""
-        return Tasks(pytree.tree_map(lambda t: t[b : b + 1], self.data), loop=True, offset=self.offset + b)
+    def alone(self, b: int, detach: bool = False) -> Tasks:
+        """Task ``b`` as a meta-batch of its own (run as the loop runs it, named as task ``b`` of these).
+
+        ``detach``: its slices of tensors that require grad become leaves of their own (:meth:`requiring_grad`),
+        so that differentiating task ``b`` stops at them, instead of running the backward of a graph that
+        computed the whole meta-batch's data (a body's features) once per task."""
+        cut = (lambda t: t.detach().requires_grad_(True) if t.requires_grad else t) if detach else (lambda t: t)
+        return Tasks(pytree.tree_map(lambda t: cut(t[b : b + 1]), self.data), loop=True, offset=self.offset + b)
+
+    def requiring_grad(self) -> list:
+        """The tensors of the data that require grad, in a fixed order."""
+        return [t for t in pytree.tree_leaves(self.data) if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def name(self, indices) -> list:
         """The indices of these tasks in the meta-batch the user passed."""

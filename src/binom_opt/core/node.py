@@ -165,20 +165,28 @@ class Record:
         meta-parameters' summed and the stats merged."""
         stats: List = []
         setup = dataclasses.replace(self.setup, on_stats=None if self.setup.on_stats is None else stats.append)
+        # Task data that requires grad (a body's features, computed for the whole meta-batch) is cut at each
+        # task's slice: each task's mixed terms stop there, and one backward takes them through that graph.
+        shared = self.tasks.requiring_grad() if self.meta_inputs else []
         pending = []
         for b in range(self.tasks.size):
-            with torch.enable_grad():  # task data that requires grad (features) keeps its graph through the slice
-                tasks = self.tasks.alone(b)
+            tasks = self.tasks.alone(b, detach=bool(shared))
             one = dataclasses.replace(self, setup=setup, trajectory=self.trajectory.alone(b, tasks), tasks=tasks,
-                                      inner_bad=self.inner_bad[..., b : b + 1])
+                                      inner_bad=self.inner_bad[..., b : b + 1], meta_inputs=[*self.meta_inputs, *tasks.requiring_grad()])
             pending.append(one._compute({n: t[b : b + 1] for n, t in g.items()}))
         # every task's checks and stats in one host read, as for the vmapped meta-batch
         hosts = Readback.read_all([read for read, _ in pending])
         parts = [finish(host) for (_, finish), host in zip(pending, hosts)]
         if self.setup.on_stats is not None:
             self.setup.on_stats(merge_stats(stats))
-        return ({n: torch.cat([meta_grad[n] for meta_grad, _, _ in parts]) for n in g},
-                [sum_present(grads) for grads in zip(*(others for _, others, _ in parts))],
+        count = len(self.meta_inputs)
+        others = [sum_present(grads) for grads in zip(*(o[:count] for _, o, _ in parts))]
+        if shared:
+            through = [torch.cat([torch.zeros_like(data[b : b + 1]) if part[1][count + j] is None else part[1][count + j]
+                                  for b, part in enumerate(parts)]) for j, data in enumerate(shared)]
+            data_grads = torch.autograd.grad(shared, self.meta_inputs, through, allow_unused=True, retain_graph=True)
+            others = [sum_present(pair) for pair in zip(others, data_grads)]
+        return ({n: torch.cat([meta_grad[n] for meta_grad, _, _ in parts]) for n in g}, others,
                 [sum_present(grads) for grads in zip(*(hyper for _, _, hyper in parts))])  # pyright: ignore[reportReturnType]  # hyper gradients exist
 
     def _check_estimator_fits(self, plan) -> None:
