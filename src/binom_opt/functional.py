@@ -181,8 +181,8 @@ def _one_call(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hyper,
             if not outer.requires_grad:
                 raise ValueError("outer_loss does not depend on the adapted parameters: there is no meta-gradient.")
             # retained: a graph the losses share (features from a body) is differentiated again below
-            *to_final, direct = _split(torch.autograd.grad(outer, [*cut.values(), *extra.values()], allow_unused=True,
-                                                           retain_graph=True), len(cut))
+            query_grads = torch.autograd.grad(outer, [*cut.values(), *extra.values()], allow_unused=True, retain_graph=True)
+            to_final, direct = query_grads[:len(cut)], query_grads[len(cut):]
             del outer  # and with it the query's own graph
             reached = [(final[n], g) for n, g in zip(cut, to_final) if g is not None]
             wrt = [*loop.initial_inputs.values(), *extra.values()]
@@ -224,18 +224,12 @@ def _task_by_task(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hy
         grads = {n: torch.cat([r[0][n] for r in results]) if n in params else sum_present([r[0][n] for r in results])
                  for n in [*params, *extra]}
         if cut_names:
-            through = [torch.cat([r[0][name] for r in results]) for name in cut_names]
-            data_grads = torch.autograd.grad(shared, list(extra.values()), through, allow_unused=True, retain_graph=True)
+            data_grads = tasks.through_data([[r[0][name] for name in cut_names] for r in results], list(extra.values()))
             grads.update({n: sum_present((grads[n], g)) for n, g in zip(extra, data_grads)})
         stats = merge_stats([r[1] for r in results])
         _MONITOR(stats)
         merged[estimator] = (grads, stats)
     return merged
-
-
-def _split(grads: Sequence[Optional[torch.Tensor]], count: int) -> list:
-    """``[*grads[:count], grads[count:]]``."""
-    return [*grads[:count], list(grads[count:])]
 
 
 class _Last:

@@ -80,6 +80,15 @@ class Tasks:
         """The tensors of the data that require grad, in a fixed order."""
         return [t for t in pytree.tree_leaves(self.data) if isinstance(t, torch.Tensor) and t.requires_grad]
 
+    def through_data(self, per_task: Sequence[Sequence[Optional[torch.Tensor]]], inputs: Sequence[torch.Tensor]) -> tuple:
+        """The gradients of ``inputs`` through the data that requires grad, from each task's gradients of its
+        slices cut by :meth:`alone` (``detach=True``; one per tensor of :meth:`requiring_grad`, ``None`` for zero):
+        one backward through the graph that computed the data, for the whole meta-batch (``None`` where unreached)."""
+        shared = self.requiring_grad()
+        given = lambda grad, data, b: torch.zeros_like(data[b : b + 1]) if grad is None else grad
+        slices = [torch.cat([given(grads[j], data, b) for b, grads in enumerate(per_task)]) for j, data in enumerate(shared)]
+        return torch.autograd.grad(shared, list(inputs), slices, allow_unused=True, retain_graph=True)
+
     def name(self, indices) -> list:
         """The indices of these tasks in the meta-batch the user passed."""
         return [self.offset + b for b in indices]

@@ -182,9 +182,7 @@ class Record:
         count = len(self.meta_inputs)
         others = [sum_present(grads) for grads in zip(*(o[:count] for _, o, _ in parts))]
         if shared:
-            through = [torch.cat([torch.zeros_like(data[b : b + 1]) if part[1][count + j] is None else part[1][count + j]
-                                  for b, part in enumerate(parts)]) for j, data in enumerate(shared)]
-            data_grads = torch.autograd.grad(shared, self.meta_inputs, through, allow_unused=True, retain_graph=True)
+            data_grads = self.tasks.through_data([others_b[count:] for _, others_b, _ in parts], self.meta_inputs)
             others = [sum_present(pair) for pair in zip(others, data_grads)]
         return ({n: torch.cat([meta_grad[n] for meta_grad, _, _ in parts]) for n in g}, others,
                 [sum_present(grads) for grads in zip(*(hyper for _, _, hyper in parts))])  # pyright: ignore[reportReturnType]  # hyper gradients exist
