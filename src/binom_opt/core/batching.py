@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
+from .context import StepContext
 from .memory import loops_over_tasks
 from .norm_layers import module_policy
 
-__all__ = ["Tasks", "RandomStream", "stack", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "per_task",
+__all__ = ["Tasks", "stack", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "per_task",
            "refuse_random_ops", "map_points", "compiled",
            "autograd_through_vmap"]
 
-# vmap's randomness for the step and the task dimension, per user setting
-_TASK_RANDOMNESS = {"error": "error", "same": "different", "different": "different"}
+# vmap's randomness for the task dimension and for a round's points, per user setting ("replay" replays a step
+# that drew random numbers on its own, never vmapped: vmap refuses random ops there as under "error")
+_TASK_RANDOMNESS = {"error": "error", "replay": "error", "same": "different", "different": "different"}
+_POINT_RANDOMNESS = {"error": "error", "replay": "error", "same": "same", "different": "different"}
 
 
 class Tasks:
@@ -111,30 +113,6 @@ def task_count(data: Any) -> int:
     return size
 
 
-@dataclass
-class RandomStream:
-    """The random state every support-loss call of one adaptation starts from (``randomness="same"``).
-
-    The caller's own random stream is left as it was after each call.
-    """
-
-    cpu: torch.Tensor
-    cuda: Dict[int, torch.Tensor]
-
-    @classmethod
-    def capture(cls, tensors: Sequence[torch.Tensor]) -> RandomStream:
-        devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
-        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices})
-
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=list(self.cuda)):
-            torch.set_rng_state(self.cpu)
-            for device, state in self.cuda.items():
-                torch.cuda.set_rng_state(state, device)
-            yield
-
-
 REPLAY_HINT = ("It runs under torch.func transforms (grad, vjp, vmap) there: in-place updates of tensors from outside "
                "the closure, module hooks that change state, and .item() or Python branches on tensor values are not allowed.")
 
@@ -144,20 +122,16 @@ class HVPBackendError(RuntimeError):
 
 
 @contextlib.contextmanager
-def calls(options, stream: Optional[RandomStream], during: str, hint: str = "") -> Iterator[None]:
-    """The context of every support-loss call: the module policy, for ``randomness="same"`` the task's
-    random stream, and errors that say what to change (``during``: what was running)."""
+def calls(options, context: Optional[StepContext], during: str, hint: str = "") -> Iterator[None]:
+    """The context of every support-loss call: the module policy, the recorded context of the step it
+    replays (``None`` for the inner step itself, which runs in the caller's), and errors that say what to
+    change (``during``: what was running)."""
     try:
-        with module_policy(options.bn), (stream.replay() if stream is not None else contextlib.nullcontext()):
+        with module_policy(options.bn), (context.replay() if context is not None else contextlib.nullcontext()):
             yield
     except RuntimeError as error:
-        if "randomness error mode" in str(error) and options.randomness == "error":  # vmap's own message
-            raise RuntimeError(
-                "The support loss draws random numbers (dropout or another random op) under torch.func.vmap. Pass "
-                "randomness='same' or 'different' ('same': every replay of a task draws the same numbers, so the "
-                "meta-gradient is exact for that fixed-mask loss; 'different': replays draw new ones), or make the "
-                "support loss deterministic, e.g. with the dropout layers in eval mode."
-            ) from error
+        if "randomness error mode" in str(error) and options.randomness in ("error", "replay"):  # vmap's own message
+            raise RuntimeError(_RANDOM_UNDER_VMAP[options.randomness]) from error
         if options.hvp_mode == "fwd" and "ZeroTensors are immutable" in str(error):
             raise HVPBackendError(
                 "The forward-over-reverse HVP (hvp='fwd') failed inside PyTorch: forward-mode AD is broken for an "
@@ -165,6 +139,25 @@ def calls(options, stream: Optional[RandomStream], during: str, hint: str = "") 
             ) from error
         add_note(error, f"binom_opt: raised during {during}. {hint or REPLAY_HINT}")
         raise
+
+
+_RANDOM_UNDER_VMAP = {
+    "replay": (
+        "The support loss draws random numbers (dropout or another random op), and a meta-batch's tasks are adapted "
+        "together (adapt_batch, meta_gradient_batched): vmapped tasks cannot draw the numbers a loop over tasks draws, "
+        "so their steps cannot be replayed as that loop took them. Adapt task by task (engine.adapt, bo.MAML, "
+        "innerloop_ctx, functional.meta_gradient: each step's draws are replayed, the loop's own meta-gradient), or "
+        "pass randomness='same' (every replay of a task draws the same numbers: the meta-gradient of that fixed-mask "
+        "loss) or 'different' (replays draw new numbers), or make the support loss deterministic (dropout layers in "
+        "eval mode)."
+    ),
+    "error": (
+        "The support loss draws random numbers (dropout or another random op), which randomness='error' refuses. Pass "
+        "randomness='replay' (the default: each inner step's draws are replayed, the loop's own meta-gradient; one task "
+        "at a time), 'same' or 'different' (see binom_opt.Options), or make the support loss deterministic, e.g. with "
+        "the dropout layers in eval mode."
+    ),
+}
 
 
 def add_note(error: BaseException, note: str) -> None:
@@ -304,7 +297,7 @@ def map_points(
     per_point = over_tasks(fn, tasks, randomness, task_chunk)
     if n == 1 or step_chunk == 1:  # a loop over points skips vmap's batching rules
         return _loop(compiled(per_point, compile_fn), args)
-    return compiled(vmap_or_loop(per_point, randomness, step_chunk, same=randomness == "same"), compile_fn)(*args)
+    return compiled(vmap_or_loop(per_point, _POINT_RANDOMNESS[randomness], step_chunk, same=randomness == "same"), compile_fn)(*args)
 
 
 class _AutogradThroughVmap(torch.overrides.TorchFunctionMode):

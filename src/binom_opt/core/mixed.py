@@ -13,6 +13,7 @@ import torch
 from torch.func import grad
 
 from .batching import along_tasks, autograd_through_vmap, calls, map_points
+from .context import StepContext
 from .expansion import nonfinite_tasks
 from .oracle import HVPOracle
 from .update_rules import StepTranspose
@@ -53,7 +54,7 @@ class MixedTerms:
             lo, every = min(self._pending), trajectory.every
             full = self._span is not None and len(self._pending) >= self._span
             segment_ends = every > 1 and lo % every == 0  # step k is in the checkpoint segment before lo's
-            if k in self.skip or trajectory.loss_fns[k] is not trajectory.loss_fns[lo] or full or segment_ends:
+            if k in self.skip or not trajectory.together(k, lo) or full or segment_ends:
                 self._flush()
         if k in self.skip:
             return
@@ -76,22 +77,23 @@ class MixedTerms:
         lo, hi = min(self._pending), max(self._pending) + 1
         stacked = {n: torch.stack([self._pending[k][n] for k in range(lo, hi)]) for n in self._pending[lo]}
         self._pending = {}
-        grads = directional_gradients(self.oracle, self.oracle.trajectory.loss_fns[lo], self.oracle.trajectory.points(lo, hi),
-                                      stacked, self.meta_inputs, f"the mixed second-order terms at steps {lo}..{hi - 1}")
+        trajectory = self.oracle.trajectory
+        grads = directional_gradients(self.oracle, trajectory.loss_fns[lo], trajectory.points(lo, hi), stacked, self.meta_inputs,
+                                      f"the mixed second-order terms at steps {lo}..{hi - 1}", trajectory.context(lo))
         self._totals = [t if d is None else (d if t is None else t + d) for t, d in zip(self._totals, grads)]
 
 
 def directional_gradients(oracle: HVPOracle, loss_fn, points: Tensors, weights: Tensors, meta_inputs: List[torch.Tensor],
-                          during: str) -> Tuple[Optional[torch.Tensor], ...]:
+                          during: str, context: StepContext) -> Tuple[Optional[torch.Tensor], ...]:
     """``d/dc sum <grad_phi loss_fn(phi, c), w>`` over the ``[n, B, ...]`` ``points`` and ``weights``, for each ``c``
-    of ``meta_inputs`` (``None`` if unreached), with the oracle's tasks and options."""
-    tasks, options, stream = oracle.tasks, oracle.options, oracle.trajectory.stepper.stream
+    of ``meta_inputs`` (``None`` if unreached), with the oracle's tasks and options, in the steps' ``context``."""
+    tasks, options = oracle.tasks, oracle.options
 
     def inner(phi: Tensors, w: Tensors, task) -> torch.Tensor:
         g = grad(loss_fn)(phi, task)
         return sum((g[n] * w[n]).sum() for n in g)  # pyright: ignore[reportReturnType]  # a sum of tensors
 
-    with torch.enable_grad(), calls(options, stream, during), autograd_through_vmap():
+    with torch.enable_grad(), calls(options, context, during), autograd_through_vmap():
         values = map_points(inner, (points, weights), tasks, options.randomness)
         # retain_graph: the support loss may reuse a graph built outside the closure (features computed
         # once per task), which later chunks and the rest of the backward differentiate again.

@@ -11,7 +11,7 @@ Each entry point (``MetaGradientEngine``, ``MAML``, ``innerloop_ctx``, the funct
     >>> bo.Options(randomness="fresh")
     Traceback (most recent call last):
     ...
-    ValueError: randomness must be one of ('error', 'same', 'different') (torch.func.vmap's), got 'fresh'.
+    ValueError: randomness must be one of ('replay', 'error', 'same', 'different'), got 'fresh'.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .norm_layers import NORM_POLICIES
 __all__ = ["Options", "HVP_MODES", "RANDOMNESS", "NAN_POLICIES"]
 
 HVP_MODES = ("auto", "rev", "fwd")
-RANDOMNESS = ("error", "same", "different")
+RANDOMNESS = ("replay", "error", "same", "different")
 NAN_POLICIES = ("raise", "skip_task")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -57,10 +57,20 @@ class Options:
             ``torch.compile`` (the graph is reused across tasks); ``True`` for its default mode or a mode
             name, e.g. ``"reduce-overhead"`` (CUDA graphs: for small per-task steps that are launch-bound
             on a GPU; shapes must not change).
-        randomness: random ops (dropout) in the support loss: ``"error"`` (refused under the batched
-            HVPs), ``"same"`` (every inner step and every replay of a task draws the same random
-            numbers, so the meta-gradient is that of the fixed-mask loss; tasks of ``adapt_batch`` draw
-            different ones) or ``"different"`` (replays draw new random numbers).
+        randomness: random ops (dropout, ``torch.randn`` in the closure) in the support loss.
+            ``"replay"`` (default): each inner step records the random state it starts from (only if it
+            draws random numbers) and every replay of it (HVPs, recomputed checkpoints, the replay check,
+            the mixed terms) runs from that state, so it draws the step's own numbers: the meta-gradient of
+            the loop itself, as unrolled autograd keeps each step's dropout masks in its graph; the caller's
+            generators advance as the loop's would. A round's points that drew random numbers are replayed
+            one by one, not vmapped. A meta-batch's tasks adapted together (``adapt_batch``,
+            ``meta_gradient_batched``) cannot draw a loop's numbers: random ops are refused there with an
+            error naming the choices. ``"error"``: random ops are refused (as the replay check or vmap
+            finds them). ``"same"``: every inner step and every replay of a task draws the same random
+            numbers, so the meta-gradient is that of one fixed-mask loss taken at every step, a
+            different training run (tasks of ``adapt_batch`` draw different ones; the caller's generators
+            are left untouched). ``"different"``: replays draw new random numbers, a stochastic estimate
+            of no loop's meta-gradient.
         bn: normalisation layers with running statistics (BatchNorm, InstanceNorm): ``"auto"``
             follows each layer's own mode (train: batch statistics, eval: running statistics; the
             running buffers are never updated), ``"transductive"`` (batch statistics everywhere),
@@ -79,7 +89,7 @@ class Options:
     chunk_size: Optional[int] = None
     memory_budget: Union[None, int, str] = "auto"
     compile_hvps: Union[bool, str] = False
-    randomness: str = "error"
+    randomness: str = "replay"
     bn: str = "auto"
     nan_policy: str = "raise"
     checkpoint_every: Optional[int] = None
@@ -90,7 +100,7 @@ class Options:
         parse_memory_budget(self.memory_budget)
         if not isinstance(self.compile_hvps, bool) and self.compile_hvps not in COMPILE_MODES:
             raise ValueError(f"compile_hvps must be True, False or a torch.compile mode {COMPILE_MODES}, got {self.compile_hvps!r}.")
-        _check_choice("randomness", self.randomness, RANDOMNESS, " (torch.func.vmap's)")
+        _check_choice("randomness", self.randomness, RANDOMNESS)
         _check_choice("bn", self.bn, NORM_POLICIES)
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         every = self.checkpoint_every

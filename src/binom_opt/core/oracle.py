@@ -39,7 +39,8 @@ class HVPOracle:
     """``oracle(steps, vectors)``: ``H_j v_j`` for each step ``j`` of the ``range`` and every task.
 
     ``vectors`` and the result are stacked ``[len(steps), B, ...]``. Consecutive steps with the same
-    support loss run in one lifted call; ``chunking`` caps how many HVPs run at once (its
+    support loss and context run in one lifted call, in that context (a step that drew random numbers
+    alone, from its own random state); ``chunking`` caps how many HVPs run at once (its
     ``used``, ``per_hvp_bytes`` and ``fallbacks`` tell what ran).
     """
 
@@ -74,7 +75,7 @@ class HVPOracle:
         self.computed += count
 
         def call(limit):
-            with calls(self.options, self.trajectory.stepper.stream, during):
+            with calls(self.options, self.trajectory.context(measured_at), during):
                 return map_points(hvp, (points(), at), self.tasks, self.options.randomness, limit, self.options.compile_hvps)
 
         return self.chunking.run(count * self.tasks.at_once, lambda: self.measure(loss_fn, measured_at), call)
@@ -83,5 +84,5 @@ class HVPOracle:
         """The activation bytes of one gradient and one HVP of the first task at ``step``."""
         task = self.tasks.first()
         point = {n: t[0] for n, t in self.trajectory.point(step).items()}
-        with calls(self.options, self.trajectory.stepper.stream, "the measurement of one HVP's memory"):
+        with calls(self.options, self.trajectory.context(step), "the measurement of one HVP's memory"):
             return activation_bytes(lambda p: loss_fn(p, task), point)

@@ -75,15 +75,24 @@ class Trajectory:
         if self.every > 1:
             return self._segment(k)[k % self.every]
         if k not in self._grads:
-            self._grads[k] = self.stepper.gradient(self.loss_fns[k], self.stored[k].phi, k)[0]  # pyright: ignore[reportOptionalMemberAccess]  # every point is stored
+            self._grads[k] = self.stepper.gradient(self.loss_fns[k], self.stored[k].phi, k, context=self.context(k))[0]  # pyright: ignore[reportOptionalMemberAccess]  # every point is stored
         return self.stored[k].phi, self.stored[k].state or {}, self._grads[k]  # pyright: ignore[reportOptionalMemberAccess]
 
+    def context(self, k: int):
+        """The :class:`~binom_opt.core.context.StepContext` step ``k`` ran in, which its replays run in."""
+        return self.stepper.contexts[k]
+
+    def together(self, j: int, k: int) -> bool:
+        """Whether steps ``j`` and ``k`` can be replayed in one batched call: one support loss, one context."""
+        return self.loss_fns[j] is self.loss_fns[k] and self.context(j).joins(self.context(k))
+
     def runs(self, lo: int, hi: int, split=frozenset()) -> List[Tuple[int, int, LossFn]]:
-        """``(start, stop, loss_fn)`` for each run of consecutive steps in ``[lo, hi)`` sharing a support loss
-        (and, with ``split``, all in it or all outside it)."""
+        """``(start, stop, loss_fn)`` for each run of consecutive steps in ``[lo, hi)`` that can be replayed
+        together (:meth:`together`; with ``split``, all in it or all outside it): a step that drew random
+        numbers is a run of its own, replayed from its own random state."""
         out: List[Tuple[int, int, LossFn]] = []
         for k in range(lo, hi):
-            if out and out[-1][2] is self.loss_fns[k] and ((k - 1) in split) == (k in split):
+            if out and self.together(k - 1, k) and ((k - 1) in split) == (k in split):
                 out[-1] = (out[-1][0], k + 1, out[-1][2])
             else:
                 out.append((k, k + 1, self.loss_fns[k]))
@@ -115,7 +124,7 @@ class Trajectory:
         phi, state = self.stored[start].phi, self.stored[start].state or {}  # pyright: ignore[reportOptionalMemberAccess]  # a checkpoint
         out = []
         for k in range(start, stop):
-            grads, losses, _ = self.stepper.gradient(self.loss_fns[k], phi, k)
+            grads, losses, _ = self.stepper.gradient(self.loss_fns[k], phi, k, context=self.context(k))
             out.append((phi, state, grads if self.keep_grads else {}))
             if not _same(losses, self.losses[k]):
                 raise _not_reproduced(start, stop, f"support loss at step {k}")
@@ -135,5 +144,5 @@ def _not_reproduced(start: int, stop: int, what: str) -> RuntimeError:
     return RuntimeError(
         f"Recomputing inner steps {start}..{stop - 1} from their checkpoint (checkpoint_every) gave another {what} "
         "than the inner loop: the support loss is not deterministic (random ops, or data that changed after the "
-        "inner loop). Make it deterministic, pass randomness='same' for dropout, or leave checkpoint_every=None."
+        "inner loop). Make it deterministic, or leave checkpoint_every=None."
     )
