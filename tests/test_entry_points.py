@@ -89,7 +89,7 @@ def meta_grads(entry, optimizer="sgd", estimator=bo.Exact(), learned=False, mode
             (scale[b] * F.cross_entropy(learner(xq[b]), yq[b])).backward()
     elif entry == "innerloop_ctx":
         for b in range(B):
-            with bo.innerloop_ctx(model, make_opt(adapted.values()), estimator=estimator, override=override,
+            with bo.innerloop_ctx(model, make_opt(adapted.values()), estimator=estimator, override=override, copy_initial_weights=False,
                                   **options) as (fmodel, diffopt):
                 for _ in range(K):
                     diffopt.step(lambda m, x=xs[b], y=ys[b]: closure(m, x, y))

@@ -121,11 +121,11 @@ def test_switched_client_loops_give_the_original_meta_gradient(document, index, 
     original, switched = run_client(before, mode), run_client(after, mode)
     assert R.relative_error(switched, original) < TOL
     explicit = run_client(after.replace("first_order=False)", "first_order=False, estimator=bo.Exact())")
-                          .replace("bo.innerloop_ctx(net, inner_opt)", "bo.innerloop_ctx(net, inner_opt, estimator=bo.Exact())"), mode)
+                          .replace("bo.innerloop_ctx(net, inner_opt, ", "bo.innerloop_ctx(net, inner_opt, estimator=bo.Exact(), "), mode)
     assert R.relative_error(explicit, original) < TOL
     if mode == "eval":  # the running statistics matter: another policy gives another meta-gradient
         other = run_client(after.replace("first_order=False)", "first_order=False, bn='transductive')")
-                           .replace("bo.innerloop_ctx(net, inner_opt)", "bo.innerloop_ctx(net, inner_opt, bn='transductive')"), mode)
+                           .replace("bo.innerloop_ctx(net, inner_opt, ", "bo.innerloop_ctx(net, inner_opt, bn='transductive', "), mode)
         assert R.relative_error(other, original) > 1e-3
 
 

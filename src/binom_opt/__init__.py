@@ -10,7 +10,7 @@ and, besides that dial, iMAML's ``bo.Implicit(cg_steps, reg)`` and ``bo.Reptile(
 
 Entry points, all thin shells over one pipeline (docs/design.md): :class:`MetaGradientEngine`
 (``adapt`` per task, ``adapt_batch`` per meta-batch), the drop-ins :class:`MAML` (learn2learn)
-and :func:`innerloop_ctx` (higher), and :mod:`binom_opt.functional` for pure functions of dicts
+and :func:`innerloop_ctx` (higher), :class:`MetaSGD` (learned per-parameter rates), and :mod:`binom_opt.functional` for pure functions of dicts
 of tensors. :class:`Options` holds every setting besides the estimator; :mod:`binom_opt.bounds`
 has the paper's error bounds and :mod:`binom_opt.distributed` shards meta-batches over ranks.
 """
@@ -24,7 +24,7 @@ from .core.options import Options
 from .core.stats import ExpansionDivergenceWarning, MetaGradientStats
 from .engine import MetaGradientEngine
 from .innerloop import innerloop_ctx
-from .maml import MAML
+from .maml import MAML, MetaSGD
 
 __version__ = "0.3.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "MAML",
     "MetaGradientEngine",
     "MetaGradientStats",
+    "MetaSGD",
     "Options",
     "Reptile",
     "Truncated",

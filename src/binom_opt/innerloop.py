@@ -1,25 +1,25 @@
 """higher-style drop-in: ``with bo.innerloop_ctx(model, inner_opt) as (fmodel, diffopt)``.
 
 A higher loop switches to binom_opt by changing the context manager and the step, which takes a
-closure instead of a loss tensor::
+closure instead of a loss tensor; every argument keeps its meaning::
 
-    with bo.innerloop_ctx(model, inner_opt) as (fmodel, diffopt):    # was higher.innerloop_ctx(..., copy_initial_weights=False)
+    with bo.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):  # was higher.innerloop_ctx
         for _ in range(steps):
             diffopt.step(lambda m: F.cross_entropy(m(x_s), y_s))    # was diffopt.step(F.cross_entropy(fmodel(x_s), y_s))
         F.cross_entropy(fmodel(x_q), y_q).backward()
 
-Without ``estimator=`` the meta-gradient is higher's own (exact). Names mean what they mean in
-higher: ``fmodel.parameters()`` / ``fast_params`` (the adapted parameters), ``fmodel.train()`` /
-``eval()``, ``fmodel.state_dict()``, ``override`` (per parameter group, at creation or per
-``diffopt.step``, kept for the later steps). Differences, on purpose:
+Without ``estimator=`` the meta-gradient is higher's own (exact), on every tensor higher gives one to.
+Names mean what they mean in higher: ``copy_initial_weights`` (default ``True``: the initial weights are
+copied when the block starts, so no meta-gradient reaches the model's parameters, only the other tensors
+the loop uses that require grad, such as per-example weights or a weighting network; ``False`` for MAML,
+which meta-learns the initialisation), ``fmodel`` (a module of its own: ``fmodel.train()`` / ``eval()``,
+``parameters()`` / ``fast_params``, ``state_dict()``, its submodules, attributes and methods, with the
+adapted weights), ``diffopt.param_groups`` (each group's learning rate writable between steps; a tensor
+that requires grad there is meta-learned), ``override``, ``track_higher_grads``. A backward that
+reaches an adaptation with ``copy_initial_weights=True`` and nothing to meta-learn warns, naming the fix.
 
-* ``copy_initial_weights``: higher defaults to ``True``, which detaches the initial weights so
-  that no meta-gradient reaches ``model`` (a common MAML bug). Here the meta-gradient always
-  reaches ``model``'s parameters, which is what ``copy_initial_weights=False`` does in higher;
-  passing ``True`` is an error that says so.
-* ``diffopt.step`` takes a closure ``fmodel -> loss`` (the estimator replays it at recorded
-  points); a loss tensor is a clear error.
-* ``track_higher_grads=False`` (evaluation) takes plain steps with no meta-gradient at all.
+``diffopt.step`` takes a closure ``fmodel -> loss`` (the estimator replays it at recorded points); a
+loss tensor is a clear error.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 
 from .core.batching import Tasks
 from .core.estimators import Estimator, Exact, FirstOrder, check_estimator
-from .core.learner import Learner, module_loss
+from .core.learner import AdaptedModule, Learner, module_loss
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor
@@ -45,55 +45,29 @@ __all__ = ["innerloop_ctx", "FunctionalModel", "DifferentiableOptimizer"]
 _MONITORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class FunctionalModel:
-    """The model at the current inner step (higher's ``fmodel``); callable like the model."""
-
-    def __init__(self, loop: InnerLoop, model: nn.Module, bn: str, track_higher_grads: bool):
-        self._loop, self._model, self._bn, self._track = loop, model, bn, track_higher_grads
-
-    def __call__(self, *args, **kwargs):
-        return Learner(self._model, self.params, self._bn)(*args, **kwargs)
-
-    @property
-    def params(self):
-        """The adapted parameters after the steps so far, by name."""
-        params = {n: t.squeeze(0) for n, t in self._loop.outputs().items()}
-        return params if self._track else {n: t.detach() for n, t in params.items()}
+class FunctionalModel(AdaptedModule):
+    """The model at the current inner step (higher's ``fmodel``), a module of its own (:class:`~binom_opt.core.learner.AdaptedModule`)."""
 
     @property
     def fast_params(self) -> List[torch.Tensor]:
         """Every parameter of the model at this point, in the model's order (the adapted ones where they adapt)."""
-        params = self.params
-        return [params.get(n, p) for n, p in self._model.named_parameters()]
-
-    def parameters(self) -> Iterator[torch.Tensor]:
-        """An iterator over :attr:`fast_params`, as higher's ``fmodel.parameters()``."""
-        return iter(self.fast_params)
-
-    def state_dict(self) -> dict:
-        """The model's state dict with the adapted parameters in place."""
-        return {**self._model.state_dict(keep_vars=True), **self.params}
-
-    def train(self, mode: bool = True) -> FunctionalModel:
-        """Set the model's train/eval mode until the ``innerloop_ctx`` block ends (each step keeps the mode it ran in)."""
-        self._model.train(mode)
-        return self
-
-    def eval(self) -> FunctionalModel:
-        """Put the model in eval mode (``train(False)``); returns ``self``."""
-        return self.train(False)
-
-    @property
-    def training(self) -> bool:
-        """Whether the model is in train mode."""
-        return self._model.training
+        return list(self.parameters())
 
 
 class DifferentiableOptimizer:
-    """higher's ``diffopt``: ``step(closure)`` takes one recorded inner step."""
+    """higher's ``diffopt``: ``step(closure)`` takes one recorded inner step.
 
-    def __init__(self, loop: InnerLoop, read: InnerOptimizer):
-        self._loop, self._read = loop, read
+    Attributes:
+        param_groups: the inner optimizer's parameter groups, as in higher: each group's ``"lr"`` may be set
+            between steps (a tensor that requires grad is meta-learned: a learned per-step learning rate) and
+            holds from the next step on; the other hyperparameters are fixed by the optimizer.
+    """
+
+    def __init__(self, loop: InnerLoop, read: InnerOptimizer, opt: torch.optim.Optimizer, fmodel: FunctionalModel):
+        self._loop, self._read, self._fmodel = loop, read, fmodel
+        self.param_groups = [{k: v for k, v in group.items()} for group in opt.param_groups]
+        self._fixed = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in self.param_groups]
+        self._lrs = [group["lr"] for group in self.param_groups]
 
     def step(self, closure: Callable[[Learner], torch.Tensor], override: Optional[Mapping[str, Sequence]] = None) -> None:
         """One inner step on ``closure(fmodel)``, the support loss as a function of the model.
@@ -101,12 +75,28 @@ class DifferentiableOptimizer:
         ``override={"lr": [...]}`` (one value, or one per parameter group) sets the learning rates from
         this step on, as in higher; tensors that require grad are meta-learned.
         """
-        self._loop.step(closure, hyper=None if override is None else self._read._replace(hyper=self._loop.hyper).override(override))
+        if override is None and self._written():
+            override = {"lr": [group["lr"] for group in self.param_groups]}
+        hyper = None if override is None else self._read._replace(hyper=self._loop.hyper).override(override)
+        self._loop.step(closure, hyper=hyper, modes=self._fmodel.modes)
+        if hyper is not None:
+            self._lrs = [group["lr"] for group in self.param_groups]
+
+    def _written(self) -> bool:
+        """Whether a learning rate in :attr:`param_groups` changed since the last step (other hyperparameters cannot)."""
+        for group, fixed in zip(self.param_groups, self._fixed):
+            changed = [k for k, v in fixed.items() if group.get(k) is not v]
+            if changed:
+                raise ValueError(
+                    f"diffopt.param_groups: {changed} changed between inner steps; only 'lr' may change during the inner "
+                    "loop (set the others on the torch.optim instance before the block)."
+                )
+        return any(group["lr"] is not lr for group, lr in zip(self.param_groups, self._lrs))
 
 
 @contextlib.contextmanager
 def innerloop_ctx(model: nn.Module, opt: torch.optim.Optimizer, *, estimator: Estimator = Exact(),
-                  steps: Optional[int] = None, copy_initial_weights: bool = False, track_higher_grads: bool = True,
+                  steps: Optional[int] = None, copy_initial_weights: bool = True, track_higher_grads: bool = True,
                   override: Optional[Mapping[str, Sequence]] = None, options: Optional[Options] = None,
                   **option_keywords: Any) -> Iterator[Tuple[FunctionalModel, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for one task's inner loop, as ``higher.innerloop_ctx`` does.
@@ -117,7 +107,10 @@ def innerloop_ctx(model: nn.Module, opt: torch.optim.Optimizer, *, estimator: Es
             dampening, nesterov, weight decay), ``Adam`` or ``AdamW``.
         estimator: the meta-gradient estimator (default ``Exact()``, higher's own meta-gradient).
         steps: if set, the number of ``diffopt.step`` calls required before backward.
-        copy_initial_weights: must be ``False`` (see the module docstring).
+        copy_initial_weights: ``True`` (higher's default) copies the model's weights when the block starts: no
+            meta-gradient reaches them, only the other tensors the loop uses that require grad (learned example
+            weights, a weighting network); the model may then change in place before the backward. ``False``
+            meta-learns the model's parameters (MAML).
         track_higher_grads: ``False`` for evaluation: plain steps, no meta-gradient.
         override: ``{"lr": [...]}``, one value or one per parameter group (or one per adapted parameter),
             as in higher; tensors that require grad are meta-learned (Meta-SGD).
@@ -127,32 +120,26 @@ def innerloop_ctx(model: nn.Module, opt: torch.optim.Optimizer, *, estimator: Es
         >>> import torch, torch.nn.functional as F, binom_opt as bo
         >>> model = torch.nn.Linear(4, 3)
         >>> x, y = torch.randn(6, 4), torch.arange(6) % 3
-        >>> with bo.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, diffopt):
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with bo.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
         ...     for _ in range(3):
         ...         diffopt.step(lambda m: F.cross_entropy(m(x), y))
         ...     F.cross_entropy(fmodel(x), y).backward()
         >>> model.weight.grad.shape
         torch.Size([3, 4])
     """
-    if copy_initial_weights:
-        raise ValueError(
-            "copy_initial_weights=True would detach the initial weights so that no meta-gradient reaches the model "
-            "(higher's default, and a common MAML bug). binom_opt always meta-learns the model's parameters: drop the "
-            "argument or pass copy_initial_weights=False."
-        )
     check_estimator(estimator)
     if steps is not None:
         estimator.plan(steps)
     options = Options.resolve(options, **option_keywords)
     named = dict(model.named_parameters())
     read = read_optimizer(named, opt, override)
+    if copy_initial_weights:  # as higher: copies made now, which later in-place changes of the model do not reach
+        named = {n: p.detach().clone().requires_grad_(n in read.adapted) for n, p in named.items()}
     monitor = _MONITORS.setdefault(model, DivergenceMonitor())
-    setup = Setup(estimator if track_higher_grads else FirstOrder(), options, module_loss(model, options.bn, False), steps,
-                  on_stats=monitor)
+    fixed = {n: p for n, p in named.items() if n not in read.adapted} if copy_initial_weights else None
+    setup = Setup(estimator if track_higher_grads else FirstOrder(), options, module_loss(model, options.bn, False, fixed), steps,
+                  on_stats=monitor, copied=copy_initial_weights)
     loop = InnerLoop(setup, {n: named[n] for n in read.adapted}, read.rules, read.hyper, Tasks())
-    modes = [m.training for m in model.modules()]
-    try:
-        yield FunctionalModel(loop, model, options.bn, track_higher_grads), DifferentiableOptimizer(loop, read)
-    finally:  # fmodel.train()/eval() last as long as the block, as higher's own copy of the model does
-        for module, mode in zip(model.modules(), modes):
-            module.training = mode
+    fmodel = FunctionalModel(loop, model, options.bn, fixed, detach=not track_higher_grads)
+    yield fmodel, DifferentiableOptimizer(loop, read, opt, fmodel)

@@ -21,20 +21,20 @@ keeps every step's graph alive instead, which is what makes its memory grow with
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .core.batching import Tasks
 from .core.estimators import Estimator, Exact, FirstOrder, check_estimator
-from .core.learner import Learner, adapted_module, module_loss
+from .core.learner import AdaptedModule, Learner, module_loss
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor, MetaGradientStats
 from .core.update_rules import check_hyper, read_optimizer, sgd_rules
 
-__all__ = ["MAML", "MAMLLearner"]
+__all__ = ["MAML", "MAMLLearner", "MetaSGD"]
 
 
 class MAML(nn.Module):
@@ -100,10 +100,14 @@ class MAML(nn.Module):
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         setup = dataclasses.replace(self._setup, estimator=FirstOrder() if first_order else self.estimator,
                                     allow_unused=self.allow_unused if allow_unused is None else allow_unused)
-        named = dict(self.module.named_parameters())
+        return self._learner(dict(self.module.named_parameters()), setup, allow_nograd, None)
+
+    def _learner(self, initial: Mapping[str, torch.Tensor], setup: Setup, allow_nograd: bool,
+                 modes: Optional[Sequence[bool]]) -> MAMLLearner:
+        """A learner whose adaptation starts at ``initial`` (the model's parameters, or a learner's adapted ones)."""
         adapted, rules, hyper = self._rules(allow_nograd)
-        loop = InnerLoop(setup, {n: named[n] for n in adapted}, rules, hyper, Tasks())
-        return MAMLLearner(loop, self.module, self.options.bn, allow_nograd)
+        loop = InnerLoop(setup, {n: initial[n] for n in adapted}, rules, hyper, Tasks())
+        return MAMLLearner(loop, self, setup, allow_nograd, modes)
 
     def _rules(self, allow_nograd: bool):
         named = dict(self.module.named_parameters())
@@ -121,15 +125,21 @@ class MAML(nn.Module):
         return self._monitor.last_stats
 
 
-class MAMLLearner:
-    """One task's learner: ``adapt(closure)`` takes an inner step, calling it runs the adapted model.
+class MAMLLearner(AdaptedModule):
+    """One task's learner (learn2learn's): ``adapt(closure)`` takes an inner step, calling it runs the adapted model.
 
-    The gradient of a loss on its outputs with respect to the model's parameters is the chosen
-    estimator of the MAML meta-gradient over the steps taken before the call.
+    A module of its own (:class:`~binom_opt.core.learner.AdaptedModule`): ``.eval()`` / ``.train()`` set its
+    mode only, ``parameters()`` and ``state_dict()`` are the adapted ones, ``.module`` is the adapted model,
+    and ``clone()`` starts a nested adaptation from here. The gradient of a loss on its outputs with respect
+    to the model's parameters is the chosen estimator of the MAML meta-gradient over the steps taken before
+    the call.
     """
 
-    def __init__(self, loop: InnerLoop, model: nn.Module, bn: str, allow_nograd: bool):
-        self._loop, self._model, self._bn, self._allow_nograd = loop, model, bn, allow_nograd
+    def __init__(self, loop: InnerLoop, maml: MAML, setup: Setup, allow_nograd: bool, modes: Optional[Sequence[bool]] = None):
+        super().__init__(loop, maml.module, maml.options.bn)
+        vars(self).update(_maml=maml, _setup=setup, _allow_nograd=allow_nograd)  # the wrapper is not a submodule
+        if modes is not None:
+            self._modes, self.training = list(modes), modes[0]
 
     def adapt(self, closure: Callable[[Learner], torch.Tensor], first_order: Optional[bool] = None,
               allow_unused: Optional[bool] = None, allow_nograd: Optional[bool] = None) -> None:
@@ -142,39 +152,17 @@ class MAMLLearner:
             frozen = [n for n, p in self._model.named_parameters() if not p.requires_grad]
             if frozen:
                 raise ValueError(f"Parameter(s) {frozen} have requires_grad=False: they cannot adapt with allow_nograd=False.")
-        self._loop.step(closure, first_order=bool(first_order), allow_unused=allow_unused)
+        self._loop.step(closure, first_order=bool(first_order), allow_unused=allow_unused, modes=self.modes)
 
-    def __call__(self, *args, **kwargs):
-        return Learner(self._model, self.params, self._bn)(*args, **kwargs)
-
-    @property
-    def params(self):
-        """The adapted parameters after the steps so far (differentiable), by name."""
-        return {n: t.squeeze(0) for n, t in self._loop.outputs().items()}
-
-    @property
-    def module(self) -> nn.Module:
-        """The adapted model (learn2learn's ``learner.module``): the model with the adapted parameters in place,
-        so that its submodules and methods (``learner.module.features(x)``) run with them; buffers are shared."""
-        return adapted_module(self._model, self.params)
-
-    def parameters(self) -> Iterator[torch.Tensor]:
-        """The model's parameters at this point: the adapted ones where they adapt."""
-        params = self.params
-        return iter([params.get(n, p) for n, p in self._model.named_parameters()])
-
-    def named_parameters(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """``(name, parameter)`` pairs of the model at this point: the adapted ones where they adapt."""
-        params = self.params
-        return iter([(n, params.get(n, p)) for n, p in self._model.named_parameters()])
+    def clone(self) -> MAMLLearner:
+        """A learner whose adaptation starts from this one's adapted parameters (a nested adaptation, as
+        learn2learn's ``learner.clone()``): the meta-gradient flows through both."""
+        return self._maml._learner(dict(self.named_parameters()), self._setup, self._allow_nograd, self.modes)
 
     @property
     def steps_taken(self) -> int:
         """How many times this clone has been adapted."""
         return self._loop.steps_taken
-
-    def __repr__(self) -> str:
-        return f"MAMLLearner({type(self._model).__name__}, steps_taken={self.steps_taken})"
 
 
 def _adapted(model: nn.Module, allow_nograd: bool) -> List[str]:
@@ -188,3 +176,36 @@ def _adapted(model: nn.Module, allow_nograd: bool) -> List[str]:
     if not adapted:
         raise ValueError("The model has no parameter that requires grad: there is nothing to adapt.")
     return adapted
+
+
+class MetaSGD(MAML):
+    """learn2learn's ``MetaSGD(model, lr, first_order, lrs)``: MAML whose inner step has one learning rate per
+    parameter entry, meta-learned with the model (Li et al., 2017).
+
+    The rates are this wrapper's parameters (``meta_sgd.lrs``, one tensor of each parameter's shape, ``lr``
+    everywhere unless ``lrs`` gives them), so a meta-optimizer over ``meta_sgd.parameters()`` learns them
+    beside the model; each clone adapts with them, ``phi <- phi - lrs * grad``. Other arguments as in :class:`MAML`.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, binom_opt as bo
+        >>> meta = bo.MetaSGD(torch.nn.Linear(4, 3), lr=0.1)
+        >>> x, y = torch.randn(6, 4), torch.arange(6) % 3
+        >>> learner = meta.clone()
+        >>> learner.adapt(lambda m: F.cross_entropy(m(x), y))
+        >>> F.cross_entropy(learner(x), y).backward()
+        >>> [tuple(r.grad.shape) for r in meta.lrs]
+        [(3, 4), (3,)]
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False,
+                 lrs: Optional[Sequence[torch.Tensor]] = None, **keywords: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        named = list(model.named_parameters())
+        if lrs is None:
+            lrs = [torch.full_like(p.detach(), float(lr)) for _, p in named]
+        if len(lrs) != len(named):
+            raise ValueError(f"lrs needs one tensor per parameter of the model ({len(named)}), got {len(lrs)}.")
+        rates = nn.ParameterList([nn.Parameter(torch.as_tensor(t).detach().clone()) for t in lrs])
+        super().__init__(model, lr={n: r for (n, _), r in zip(named, rates)}, first_order=first_order, **keywords)
+        self.lrs = rates

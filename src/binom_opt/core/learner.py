@@ -7,7 +7,7 @@ Learners call the model with ``torch.func.functional_call`` under the module pol
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -31,11 +31,11 @@ class Learner:
         module: the underlying model.
     """
 
-    def __init__(self, module: nn.Module, params: Tensors, bn: str = "auto"):
-        self.module, self.params, self.bn = module, params, bn
+    def __init__(self, module: nn.Module, params: Tensors, bn: str = "auto", modes: Optional[Sequence[bool]] = None):
+        self.module, self.params, self.bn, self.modes = module, params, bn, modes
 
     def __call__(self, *args, **kwargs):
-        with module_policy(self.bn):
+        with module_policy(self.bn), (contextlib.nullcontext() if self.modes is None else _modes(self.module, self.modes)):
             return functional_call(self.module, self.params, args, kwargs)
 
     def __repr__(self) -> str:
@@ -84,22 +84,26 @@ class BatchedLearner:
         return f"BatchedLearner({type(self.module).__name__}, tasks={len(self)}, adapted={list(self.params)})"
 
 
-def module_loss(model: nn.Module, bn: str, batched: bool) -> Callable[[Callable], Callable]:
+def module_loss(model: nn.Module, bn: str, batched: bool, fixed: Optional[Tensors] = None) -> Callable[..., Callable]:
     """``make_loss`` for a model: ``closure(learner)`` (or ``closure(learner, task)``) as ``loss(phi, task)``.
 
-    Each loss runs the model in the train/eval modes its modules had when the inner step took it, so a
-    replay after ``model.eval()`` still differentiates the loss of the inner loop. ``bn="error"`` refuses
-    a model with normalisation layers that track running statistics now.
+    Each loss runs the model in the train/eval ``modes`` of its modules given when the inner step took it
+    (the adapted model's own; by default the model's then), so a replay after ``model.eval()`` still
+    differentiates the loss of the inner loop. ``fixed``: tensors that stand for the model's parameters
+    that do not adapt (higher's ``copy_initial_weights=True``). ``bn="error"`` refuses a model with
+    normalisation layers that track running statistics now.
     """
     if bn == "error":
         check_no_tracking(model)
+    fixed = fixed or {}
 
-    def make(closure: Callable) -> Callable:
-        modes = [m.training for m in model.modules()]
+    def make(closure: Callable, modes: Optional[Sequence[bool]] = None) -> Callable:
+        modes = [m.training for m in model.modules()] if modes is None else list(modes)
 
         def loss(phi: Tensors, task) -> torch.Tensor:
+            learner = Learner(model, {**fixed, **phi} if fixed else phi, bn)
             with _modes(model, modes):
-                return closure(Learner(model, phi, bn), task) if batched else closure(Learner(model, phi, bn))
+                return closure(learner, task) if batched else closure(learner)
 
         return loss
 
@@ -107,9 +111,9 @@ def module_loss(model: nn.Module, bn: str, batched: bool) -> Callable[[Callable]
 
 
 @contextlib.contextmanager
-def _modes(model: nn.Module, modes: List[bool]) -> Iterator[None]:
+def _modes(model: nn.Module, modes: Sequence[bool]) -> Iterator[None]:
     now = [m.training for m in model.modules()]
-    if now == modes:  # the usual case: nothing to set, nothing for torch.compile to trace
+    if now == list(modes):  # the usual case: nothing to set, nothing for torch.compile to trace
         yield
         return
     try:
@@ -121,21 +125,107 @@ def _modes(model: nn.Module, modes: List[bool]) -> Iterator[None]:
             module.training = mode
 
 
-def adapted_module(model: nn.Module, params: Tensors) -> nn.Module:
+def adapted_module(model: nn.Module, params: Tensors, modes: Optional[Sequence[bool]] = None) -> nn.Module:
     """A shallow copy of ``model`` whose parameters named in ``params`` are those tensors (learn2learn's
     cloned module): every submodule and method of it runs with the adapted parameters, buffers are shared.
+    ``modes``: the train/eval mode of each of ``model.modules()`` in the copy (default: theirs).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
     >>> adapted_module(net, {"0.bias": torch.ones(2)})[0].bias
     tensor([1., 1.])
     """
-    by_id = {id(p): params[n] for n, p in model.named_parameters() if n in params}
+    by_id = {id(p): params[n] for n, p in model.named_parameters(remove_duplicate=False) if n in params}
+    mode_of = dict(zip(map(id, model.modules()), modes)) if modes is not None else {}
+    copies: Dict[int, nn.Module] = {}  # a module shared by two parents stays one module in the copy
 
-    def copy(module: nn.Module, prefix: str) -> nn.Module:
-        clone = module.__new__(type(module))
-        clone.__dict__ = module.__dict__.copy()
-        clone._parameters = {n: by_id.get(id(p), p) if p is not None else None for n, p in module._parameters.items()}  # pyright: ignore[reportAttributeAccessIssue]  # adapted tensors in place of Parameters
-        clone._modules = {n: None if m is None else copy(m, f"{prefix}{n}.") for n, m in module._modules.items()}
-        return clone
+    def copy(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:
+            clone = copies[id(module)] = module.__new__(type(module))
+            clone.__dict__ = module.__dict__.copy()
+            clone.training = mode_of.get(id(module), module.training)
+            clone._parameters = {n: by_id.get(id(p), p) if p is not None else None for n, p in module._parameters.items()}  # pyright: ignore[reportAttributeAccessIssue]  # adapted tensors in place of Parameters
+            clone._modules = {n: None if m is None else copy(m) for n, m in module._modules.items()}
+        return copies[id(module)]
 
-    return copy(model, "")
+    return copy(model)
+
+
+class AdaptedModule(nn.Module):
+    """The adapted model of one inner loop, a module of its own (learn2learn's learner, higher's ``fmodel``).
+
+    Its train/eval mode is its own, taken from the model when the adaptation starts: ``.train()`` and
+    ``.eval()`` set the mode of its forward passes and of the inner steps taken after them (each replayed in
+    the mode it ran in), never the model's. It answers what the model answers, run with the adapted
+    parameters: ``parameters()``, ``named_parameters()``, ``state_dict()``, submodules, attributes and
+    methods (``generate()`` of a Hugging Face model), through :attr:`module`.
+
+    Args:
+        loop: the recorded inner loop (its ``outputs()`` are the adapted parameters).
+        model: the user's model; nothing here changes it.
+        bn: the normalisation-layer policy.
+        fixed: tensors standing for the parameters that do not adapt (``copy_initial_weights=True``).
+        detach: hand out the adapted parameters detached (no meta-gradient: ``track_higher_grads=False``).
+    """
+
+    def __init__(self, loop, model: nn.Module, bn: str, fixed: Optional[Tensors] = None, detach: bool = False):
+        super().__init__()
+        # in __dict__, not registered: the model is not a submodule (its parameters are not this module's)
+        vars(self).update(_loop=loop, _model=model, _bn=bn, _fixed=dict(fixed or {}), _detach=detach,
+                          _modes=[m.training for m in model.modules()])
+        self.training = model.training
+
+    @property
+    def params(self) -> Tensors:
+        """The adapted parameters after the steps so far, by name (differentiable unless ``detach``)."""
+        params = {n: t.squeeze(0) for n, t in self._loop.outputs().items()}
+        return {n: t.detach() for n, t in params.items()} if self._detach else params
+
+    def _stand_ins(self) -> Tensors:
+        """Every tensor that stands for a parameter of the model: the adapted ones and the fixed copies."""
+        return {**self._fixed, **self.params} if self._fixed else self.params
+
+    def forward(self, *args, **kwargs):
+        """The model's forward with the adapted parameters, in this module's modes."""
+        return Learner(self._model, self._stand_ins(), self._bn, self._modes)(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Set this adapted model's mode (every submodule's, as ``nn.Module.train``); the model keeps its own."""
+        self.training = bool(mode)
+        self._modes = [bool(mode)] * len(self._modes)
+        return self
+
+    @property
+    def modes(self) -> tuple:
+        """The train/eval mode of each of the model's modules in this adapted model."""
+        return tuple(self._modes)
+
+    @property
+    def module(self) -> nn.Module:
+        """The adapted model as a module (learn2learn's ``learner.module``): a shallow copy of the model with the
+        adapted parameters in place and this module's modes, so that its submodules and methods
+        (``learner.module.features(x)``) run with them; buffers are shared with the model."""
+        return adapted_module(self._model, self._stand_ins(), self._modes)
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        """The model's parameters at this point: the adapted ones where they adapt."""
+        return (p for _, p in self.named_parameters())
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """``(name, parameter)`` pairs of the model at this point: the adapted ones where they adapt."""
+        stand_ins = self._stand_ins()
+        return iter([(prefix + n, stand_ins.get(n, p)) for n, p in self._model.named_parameters()])
+
+    def state_dict(self, *args, **kwargs):
+        """The model's state dict with the adapted parameters in place (detached unless ``keep_vars=True``)."""
+        return self.module.state_dict(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+        return getattr(self.module, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self._model).__name__}, steps_taken={self._loop.steps_taken}, training={self.training})"

@@ -249,7 +249,8 @@ class Record:
         weight = {n: -t / self.estimator.reg for n, t in result.meta_grad.items()}  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
         final = {n: t.unsqueeze(0) for n, t in self.trajectory.final.items()}
         grads = directional_gradients(oracle, self.trajectory.loss_fns[-1], final, {n: t.unsqueeze(0) for n, t in weight.items()},
-                                      self.meta_inputs, "the mixed second-order terms at the adapted point")
+                                      self.meta_inputs, "the mixed second-order terms at the adapted point",
+                                      self.trajectory.context(self.trajectory.steps - 1))
         finite = _finite_flag(grads)
         if finite is not None:
             read.add("implicit_others_bad", ~finite)
@@ -345,7 +346,7 @@ class Record:
             return []
         replayed = []
         for k in firsts.values():
-            with torch.no_grad(), calls(options, trajectory.stepper.stream, f"the replay check at step {k}"):
+            with torch.no_grad(), calls(options, trajectory.context(k), f"the replay check at step {k}"):
                 replayed.append(over_tasks(trajectory.loss_fns[k], self.tasks, options.randomness)(trajectory.point(k)))
         now, then = torch.stack(replayed), trajectory.losses[list(firsts.values())]
         tolerance = 1e-9 if then.dtype == torch.float64 else 1e-5
@@ -367,7 +368,8 @@ class Record:
             f"function of {pure}. Either it reads a "
             "variable that changed after the inner loop, such as a loop variable captured by a lambda (bind the data "
             "when you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)), or it draws random numbers, "
-            "e.g. dropout (make it deterministic, or pass randomness='same' or 'different')."
+            "e.g. dropout, which randomness='error' does not replay (leave the default randomness='replay', or pass "
+            "'same' or 'different'; see binom_opt.Options)."
         )
 
     def _naming(self, tasks: Sequence[int]) -> str:
@@ -389,9 +391,22 @@ class Adaptation(torch.autograd.Function):
     def backward(ctx, *grad_outputs: Optional[torch.Tensor]):  # pyright: ignore[reportIncompatibleMethodOverride]  # as once_differentiable wraps it
         record: Record = ctx.record
         final = record.trajectory.final
+        copies = (None,) * len(final) if record.setup.copied else None  # the initial point is a copy: no meta-gradient
+        if copies is not None and not record.meta_inputs and not record.hyper_inputs:
+            warnings.warn(_NOTHING_META_LEARNED, UserWarning, stacklevel=2)
+            record.status.finished = True
+            return (None, *copies)
         g = {n: torch.zeros_like(t) if go is None else go for (n, t), go in zip(final.items(), grad_outputs)}
         meta_grad, meta_input_grads, hyper_grads = record.backward(g)
-        return (None, *meta_grad.values(), *meta_input_grads, *hyper_grads)
+        return (None, *(copies or meta_grad.values()), *meta_input_grads, *hyper_grads)
+
+
+_NOTHING_META_LEARNED = (
+    "A backward went through an innerloop_ctx block with copy_initial_weights=True, and nothing receives a "
+    "meta-gradient: the model's initial weights are copied when the block starts (as higher copies them), and the "
+    "inner loop uses no other tensor that requires grad. To meta-learn the model's initialisation (MAML), pass "
+    "copy_initial_weights=False."
+)
 
 
 class _Accumulation:

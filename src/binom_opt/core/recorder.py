@@ -8,14 +8,16 @@ found by walking its graph the first time a closure runs (docs/design.md, "Other
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.func import grad_and_value
 
-from .batching import RandomStream, Tasks, calls, compiled, over_tasks, refuse_random_ops, stack
+from .batching import Tasks, calls, compiled, over_tasks, refuse_random_ops, stack
+from .context import RandomState, StepContext, device_types, devices_of
 from .estimators import Estimator, Implicit
 from .implicit import proximal
 from .node import Adaptation, Record, Status, check_scalar_loss, leaves_requiring_grad
@@ -39,6 +41,8 @@ class Setup:
         steps: the number of inner steps every adaptation must take before backward (``None``: any).
         allow_unused: adapted parameters the support loss does not use get zero gradients.
         on_stats: called with the :class:`~binom_opt.MetaGradientStats` of every meta-gradient.
+        copied: the initial point is a copy that no meta-gradient reaches (higher's ``copy_initial_weights=True``):
+            only the other meta-parameters get one.
     """
 
     estimator: Estimator
@@ -47,6 +51,7 @@ class Setup:
     steps: Optional[int] = None
     allow_unused: bool = False
     on_stats: Optional[Callable] = None
+    copied: bool = False
 
 
 @dataclass
@@ -61,13 +66,14 @@ class Stepper:
     tasks: Tasks
     options: Options
     allow_unused: bool = False
-    stream: Optional[RandomStream] = None
     hyper: List[Dict[str, Hyper]] = field(default_factory=list)  # each step's hyperparameters, detached
+    contexts: List[StepContext] = field(default_factory=list)  # the context each step ran in
 
-    def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None
-                 ) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
-        """``(grads [B, ...], losses [B], leaves found)`` at ``phi``; ``probe`` validates the closure
-        with plain autograd on the first task and walks its graph for meta-parameters."""
+    def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
+                 context: Optional[StepContext] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
+        """``(grads [B, ...], losses [B], leaves found)`` at ``phi``, in ``context`` (the step's own, to recompute
+        it; ``None`` in the inner loop: the caller's); ``probe`` validates the closure with plain autograd on the
+        first task and walks its graph for meta-parameters."""
         found: List[torch.Tensor] = []
         unused = self.allow_unused if allow_unused is None else allow_unused
         tasks = self.tasks
@@ -75,17 +81,17 @@ class Stepper:
         plain = probe or (not self.options.compile_hvps and (tasks.loop or not tasks.batched))
         if plain:
             outs = []
-            with calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
+            with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
                 for b in range(tasks.size if tasks.loop else 1):
                     one = {n: t[b] for n, t in phi.items()}
                     outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0))
                 # after the probe's clearer errors; once per meta-batch (its first task), even split task by task
-                if probe and tasks.loop and tasks.offset == 0 and self.options.randomness == "error":
+                if probe and tasks.loop and tasks.offset == 0 and self.options.randomness in ("error", "replay"):
                     refuse_random_ops(loss_fn, (phi,), tasks)
             found = outs[0][2]
             if not tasks.batched or len(outs) == tasks.size:
                 return ({n: stack([o[0][n] for o in outs]) for n in phi}, stack([o[1] for o in outs]), found)
-        with torch.no_grad(), calls(self.options, self.stream, f"inner step {step}", _CLOSURE_HINT):
+        with torch.no_grad(), calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
             step_fn = over_tasks(grad_and_value(loss_fn), self.tasks, self.options.randomness)
             grads, losses = compiled(step_fn, self.options.compile_hvps)(phi)
         return grads, losses, found
@@ -194,6 +200,7 @@ class InnerLoop:
         self._first_order: List[int] = []  # steps whose Hessians are dropped (learn2learn's adapt(first_order=True))
         self._sealed: Optional[Tensors] = None
         self._status = Status()
+        self._stream: Optional[RandomState] = None  # randomness="same": the one stream every step runs from
         # the reg of the proximal term every support loss gets (Implicit's inner loop), else None
         self._proximal = setup.estimator.reg if isinstance(setup.estimator, Implicit) else None
 
@@ -207,12 +214,13 @@ class InnerLoop:
         return self._status.finished
 
     def step(self, closure: Callable, hyper: Optional[Dict[str, Hyper]] = None, first_order: bool = False,
-             allow_unused: Optional[bool] = None) -> None:
+             allow_unused: Optional[bool] = None, modes: Optional[tuple] = None) -> None:
         """One inner step on the support loss of ``closure``; records the point, keeps no graph.
 
         ``hyper`` replaces the hyperparameters from this step on (higher's ``override``); ``first_order`` drops this
         step's Hessian (its gradient is held constant, learn2learn's ``first_order``); ``allow_unused`` as in
-        :class:`Setup`, for this step."""
+        :class:`Setup`, for this step; ``modes``: the train/eval modes of the adapted model's modules that the
+        closure runs in (``None``: the model's own now)."""
         if self.finished:
             raise RuntimeError(
                 "This adaptation's meta-gradient was already computed (backward ran through it): adapting it further "
@@ -225,18 +233,18 @@ class InnerLoop:
                 f"{type(closure).__name__}: binom_opt replays the support loss at recorded points to take "
                 "Hessian-vector products after the inner loop, so it needs the function, not one value."
             )
-        if self.setup.options.randomness == "same" and self.stepper.stream is None:
-            self.stepper.stream = RandomStream.capture(list(self._phi.values()))
         if hyper is not None:
             check_hyper(hyper, self.initial)
             if set(hyper) != set(self.initial):
                 raise ValueError(f"A step's hyperparameters need one entry per adapted parameter {list(self.initial)}.")
             self.hyper = hyper
-        key = closure_key(closure)
+        key = (*closure_key(closure), modes)
         known = self._closures.get(key)
-        loss_fn = known[1] if known else self._support_loss(closure)
+        loss_fn = known[1] if known else self._support_loss(closure, modes)
         k = self.steps_taken
-        grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused)
+        with self._recording(k) as (live, recorded):
+            grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
+                                                         context=live)
         self._closures[key] = (closure, loss_fn)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
@@ -253,14 +261,41 @@ class InnerLoop:
         self._losses.append(losses)
         self._hyper_steps.append(self.hyper)
         self.stepper.hyper.append({n: detached(h) for n, h in self._hyper_steps[-1].items()})
+        self.stepper.contexts.append(recorded[0])
         if first_order:
             self._first_order.append(k)
         self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
         self._sealed = None
 
-    def _support_loss(self, closure: Callable) -> LossFn:
-        """The support loss of a closure; with :class:`~binom_opt.Implicit`, plus its proximal term."""
-        loss_fn = self.setup.make_loss(closure)
+    @contextlib.contextmanager
+    def _recording(self, k: int) -> Iterator[Tuple[Optional[StepContext], List[StepContext]]]:
+        """Record the context step ``k`` runs in: yields the context to run it in (``None``: the caller's) and a
+        list that holds the recorded one afterwards: its autocast state and, under ``randomness="replay"``, the
+        random state it started from if it drew random numbers (one task at a time only: a meta-batch refuses
+        random ops there). Under ``"same"`` every step runs from one stream, the caller's left untouched."""
+        options, tensors = self.setup.options, list(self._phi.values())
+        types, devices = device_types(tensors), devices_of(tensors)
+        if options.randomness == "same":
+            if self._stream is None:
+                self._stream = RandomState.capture(devices)
+            context = StepContext.now(types, self._stream)
+            yield context, [context]
+            return
+        before = RandomState.capture(devices) if options.randomness == "replay" and not self.tasks.batched else None
+        recorded: List[StepContext] = []
+        yield None, recorded
+        drew = before is not None and before.moved(devices)
+        if drew and options.compile_hvps:
+            raise ValueError(
+                f"Inner step {k} drew random numbers (dropout or another random op), which compile_hvps cannot replay: "
+                "compiled random ops draw other numbers than eager ones. Leave compile_hvps=False, or make the support "
+                "loss deterministic (dropout layers in eval mode)."
+            )
+        recorded.append(StepContext.now(types, before if drew else None))
+
+    def _support_loss(self, closure: Callable, modes: Optional[tuple]) -> LossFn:
+        """The support loss of a closure (in ``modes``); with :class:`~binom_opt.Implicit`, plus its proximal term."""
+        loss_fn = self.setup.make_loss(closure) if modes is None else self.setup.make_loss(closure, modes)
         return loss_fn if self._proximal is None else proximal(loss_fn, self.initial, self._proximal)
 
     def outputs(self, estimator: Optional[Estimator] = None) -> Tensors:

@@ -149,8 +149,8 @@ def read_optimizer(
     """The adapted names, update rules, hyperparameters and groups of a ``torch.optim`` instance built over
     (some of) the tensors ``named``, with ``override`` applied (see :meth:`InnerOptimizer.override`).
 
-    Learning rates are read now, so schedulers apply. ``modules=False`` (dicts of plain tensors) does not
-    ask the tensors to require grad.
+    Learning rates are read now, so schedulers apply. Parameters with ``requires_grad=False`` are skipped, as
+    ``torch.optim`` skips them: they do not adapt. ``modules=False`` (dicts of plain tensors) adapts every tensor.
     """
     kind = type(opt)
     if kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
@@ -178,23 +178,20 @@ def read_optimizer(
                     f"Parameter {name!r} has dtype {p.dtype}: only real floating-point parameters can adapt. Leave it "
                     "out of inner_opt (complex parameters: adapt the real and imaginary parts as two real parameters)."
                 )
-            if modules and not p.requires_grad:
-                raise ValueError(
-                    f"Parameter {name!r} is in inner_opt but has requires_grad=False: "
-                    "it cannot adapt. Remove it from inner_opt or set requires_grad=True."
-                )
+            if modules and not p.requires_grad:  # frozen: as torch.optim and higher skip it, it does not adapt
+                continue
             adapted.append(name)
             groups[-1].append(name)
             rules[name] = rule
             hyper[name] = {"lr": group["lr"]}
     if not adapted:
-        raise ValueError("inner_opt holds no parameters: give it the parameters that adapt in the inner loop.")
+        raise ValueError("inner_opt holds no parameters that require grad: give it the parameters that adapt in the inner loop.")
     read = InnerOptimizer(adapted, rules, hyper, groups)
     return read._replace(hyper=read.override(override))
 
 
 def check_hyper(hyper: Mapping[str, Hyper], named: Mapping[str, torch.Tensor]) -> None:
-    """Learning rates must be finite and >= 0, scalars or of their parameter's shape."""
+    """Learning rates must be finite, scalars or of their parameter's shape, and >= 0 unless meta-learned."""
     for name, h in hyper.items():
         lr = h["lr"]
         if isinstance(lr, torch.Tensor):
@@ -203,7 +200,7 @@ def check_hyper(hyper: Mapping[str, Hyper], named: Mapping[str, torch.Tensor]) -
                     f"The learning rate of {name!r} has shape {tuple(lr.shape)}; it must be a scalar or the "
                     f"parameter's shape {tuple(named[name].shape)}."
                 )
-            if not torch.isfinite(lr).all() or (lr < 0).any():
+            if not torch.isfinite(lr).all() or (not lr.requires_grad and (lr < 0).any()):  # learned rates may turn negative (Meta-SGD)
                 raise ValueError(f"The learning rate of {name!r} must be finite and >= 0.")
         elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (0 <= lr < float("inf")):
             raise ValueError(f"The inner learning rate must be a finite float >= 0, got {lr!r} for {name!r}.")
