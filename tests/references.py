@@ -113,16 +113,17 @@ def unroll(
     phi = flatten(phi0.values())
     c = flatten(meta.values()) if meta else phi.new_zeros(0)
     hessians, mixed = [], []
-    for _ in range(steps):
-        hessians.append(torch.autograd.functional.hessian(lambda p: loss_at(support, p, c), phi, vectorize=True))
+    for k in range(steps):
+        step_loss = support[k] if isinstance(support, (list, tuple)) else support  # one per step: its random state
+        hessians.append(torch.autograd.functional.hessian(lambda p: loss_at(step_loss, p, c), phi, vectorize=True))
         if meta:
             grad_phi = lambda cc: torch.autograd.functional.jacobian(
-                lambda p: loss_at(support, p, cc), phi, create_graph=True
+                lambda p: loss_at(step_loss, p, cc), phi, create_graph=True
             )
             mixed.append(torch.autograd.functional.jacobian(grad_phi, c).T)
         else:
             mixed.append(phi.new_zeros(0, phi.numel()))
-        grad = torch.autograd.functional.jacobian(lambda p: loss_at(support, p, c), phi)
+        grad = torch.autograd.functional.jacobian(lambda p: loss_at(step_loss, p, c), phi)
         phi = phi - step * grad
     g = torch.autograd.functional.jacobian(lambda p: loss_at(query, p, c), phi)
     g_meta = torch.autograd.functional.jacobian(lambda cc: loss_at(query, phi, cc), c) if meta else c
@@ -134,10 +135,10 @@ def unrolled_autograd(model, adapted, lrs, support, query, steps) -> Tensors:
     params = dict(model.named_parameters())
     phi = {n: params[n] for n in adapted}
     for _ in range(steps):
-        loss = support(lambda *x: functional_call(model, phi, x))
+        loss = support(lambda *x, **kw: functional_call(model, phi, x, kw))
         grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
         phi = {n: phi[n] - lrs[n] * g for n, g in zip(phi, grads)}
-    outer = query(lambda *x: functional_call(model, phi, x))
+    outer = query(lambda *x, **kw: functional_call(model, phi, x, kw))
     grads = torch.autograd.grad(outer, list(params.values()), allow_unused=True)
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
 
