@@ -340,3 +340,62 @@ def test_meta_sgd_equals_a_hand_written_per_parameter_rate_loop():
     got = [p.grad for p in params.values()] + [r.grad for r in meta.lrs]
     for a, b in zip(got, ref):
         close(a, b)
+
+
+# --- a causal LM adapted on a token-weighted loss, the weights from a meta-learned model ----------------------
+
+
+def test_token_weighted_language_model_with_the_base_carried_over_equals_higher():
+    transformers = pytest.importorskip("transformers")
+    gen = generator(9)
+    batches = [(torch.randint(0, 40, (2, 8), generator=gen), torch.randint(0, 40, (2, 8), generator=gen)) for _ in range(2)]
+    out = []
+    for library in (higher, bo):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.1,
+                                         embd_pdrop=0.1, attn_pdrop=0.1, attn_implementation="eager")
+        base = transformers.GPT2LMHeadModel(config).double().train()  # tied head; dropout on, as in train mode
+        weighter = nn.Embedding(40, 1).double()
+        opt_weighter = torch.optim.SGD(weighter.parameters(), lr=1.0)
+
+        def token_weighted(logits, ids):
+            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            return (losses * torch.sigmoid(weighter(ids[:, 1:]).flatten())).mean()
+
+        grads = []
+        torch.manual_seed(11)
+        for ids, eval_ids in batches:
+            opt = torch.optim.SGD(base.parameters(), lr=0.5)
+            with library.innerloop_ctx(base, opt, copy_initial_weights=True) as (adapted, diffopt):
+                if library is higher:
+                    diffopt.step(token_weighted(adapted(ids).logits, ids))
+                else:
+                    diffopt.step(lambda m, ids=ids: token_weighted(m(ids).logits, ids))
+                base.load_state_dict(adapted.state_dict())
+                adapted.eval()
+                opt_weighter.zero_grad()
+                adapted(input_ids=eval_ids, labels=eval_ids).loss.backward()
+            grads.append(weighter.weight.grad.clone())
+            opt_weighter.step()
+        out.append((grads, base.training, [p.detach().clone() for p in base.parameters()], [p.grad for p in base.parameters()]))
+    for a, b in zip(out[1][0], out[0][0]):
+        close(a, b)
+    assert out[1][1] and out[0][1]
+    for a, b in zip(out[1][2], out[0][2]):
+        close(a, b)
+    assert all(g is None for g in out[1][3] + out[0][3])
+
+
+def test_fmodel_generate_runs_the_hugging_face_method_with_the_adapted_weights():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, attn_implementation="eager")
+    base = transformers.GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, 40, (1, 5), generator=generator(2))
+    with bo.innerloop_ctx(base, torch.optim.SGD(base.parameters(), lr=5.0)) as (adapted, diffopt):
+        diffopt.step(lambda m: m(input_ids=ids, labels=ids).loss)
+        generated = adapted.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        reference = transformers.GPT2LMHeadModel(config).double().eval()
+        reference.load_state_dict(adapted.state_dict())
+    assert torch.equal(generated, reference.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    assert not torch.equal(generated, base.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
