@@ -136,3 +136,17 @@ def test_graph_breaks_of_compiled_code_are_counted():
     with CostCounter() as cost:
         compiled(torch.randn(3))
     assert cost.kernel_ops == 3  # randn, and sin and cos run eagerly
+
+
+@pytest.mark.parametrize("estimator", [bo.Exact(), bo.Binomial(1)], ids=repr)
+def test_a_checkpointed_meta_gradient_reads_the_host_once(estimator):
+    """checkpoint_every recomputes segments during the expansion; their agreement with the inner loop is read
+    with the other checks, not once per recomputed step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(device())
+    x, y = torch.randn(6, 4, device=device()), torch.arange(6, device=device()) % 3
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=9, estimator=estimator,
+                                   checkpoint_every=3, memory_budget=None)
+    learner = engine.adapt(lambda m: torch.nn.functional.cross_entropy(m(x), y))
+    loss = torch.nn.functional.cross_entropy(learner(x), y)
+    assert count_costs(lambda: engine.meta_backward(loss)).host_syncs == 1

@@ -26,7 +26,7 @@ from .mixed import MixedTerms, directional_gradients, hyper_gradients
 from .oracle import HVPOracle
 from .readback import Readback
 from .stats import make_stats, merge_stats, stats_tensor
-from .trajectory import Trajectory
+from .trajectory import Trajectory, check_recomputed
 from .update_rules import Hyper, StepTranspose, UpdateRule
 
 if TYPE_CHECKING:  # the recorder imports this module
@@ -133,10 +133,14 @@ class Record:
                 read.add("stats", stats_tensor(task_norms(g), result.contributions, self.trajectory.losses))
         finally:
             self.trajectory.release()
+        recomputed, self.trajectory.recomputed = self.trajectory.recomputed, []
+        if recomputed:
+            read.add("recomputed", torch.stack([same for *_, same in recomputed]))
 
         def finish(host: Dict[str, list]) -> Gradients:
             self._check_inner_loop(host)
             self._check_replay(host, replayed)
+            check_recomputed(recomputed, host.get("recomputed", []))
             residual, unsolved = self._check_implicit(host) if plan.schedule == "implicit" else (None, ())
             self._raise_bad_tasks(host)
             if host.get("implicit_others_bad", 0.0):

@@ -18,7 +18,7 @@ Tensors = Dict[str, torch.Tensor]
 States = Dict[str, Tensors]
 LossFn = Callable[..., Any]
 
-__all__ = ["Trajectory", "Stored", "DROPPED"]
+__all__ = ["Trajectory", "Stored", "DROPPED", "check_recomputed"]
 
 
 @dataclass
@@ -51,6 +51,9 @@ class Trajectory:
         self.stepper, self.every, self.keep_grads = stepper, every, keep_grads
         self._segments: Dict[int, List[Tuple[Tensors, States, Tensors]]] = {}
         self._grads: Dict[int, Tensors] = {}
+        # each recomputation's agreement with the inner loop, ``(start, stop, what, device bool)``: read with the
+        # other checks of a meta-gradient (one host read), then raised by :func:`check_recomputed`
+        self.recomputed: List[Tuple[int, int, str, torch.Tensor]] = []
 
     @property
     def steps(self) -> int:
@@ -126,18 +129,26 @@ class Trajectory:
         for k in range(start, stop):
             grads, losses, _ = self.stepper.gradient(self.loss_fns[k], phi, k, context=self.context(k))
             out.append((phi, state, grads if self.keep_grads else {}))
-            if not _same(losses, self.losses[k]):
-                raise _not_reproduced(start, stop, f"support loss at step {k}")
+            self.recomputed.append((start, stop, f"support loss at step {k}", _same(losses, self.losses[k])))
             phi, state = self.stepper.update(k, phi, state, grads)
         expected = self.final if stop == self.steps else self.stored[stop].phi  # pyright: ignore[reportOptionalMemberAccess]  # a checkpoint
-        if not all(_same(phi[n], expected[n]) for n in phi):
-            raise _not_reproduced(start, stop, f"point {stop}")
+        self.recomputed.append((start, stop, f"point {stop}", torch.stack([_same(phi[n], expected[n]) for n in phi]).all()))
         return out
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equal on the CPU; elsewhere equal up to the order of floating-point sums (GPU atomics)."""
-    return torch.equal(a, b) if a.device.type == "cpu" else torch.allclose(a, b, rtol=1e-5, atol=0.0, equal_nan=True)
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether ``a`` and ``b`` agree, a device bool (not read here): bitwise on the CPU; elsewhere up to the order
+    of floating-point sums (GPU atomics)."""
+    if a.device.type == "cpu":
+        return (a == b).all()
+    return torch.isclose(a, b, rtol=1e-5, atol=0.0, equal_nan=True).all()
+
+
+def check_recomputed(recomputed: List[Tuple[int, int, str, torch.Tensor]], agreed: List[bool]) -> None:
+    """Raise for the first recomputation (``Trajectory.recomputed``) that did not agree with the inner loop."""
+    for (start, stop, what, _), same in zip(recomputed, agreed):
+        if not same:
+            raise _not_reproduced(start, stop, what)
 
 
 def _not_reproduced(start: int, stop: int, what: str) -> RuntimeError:
