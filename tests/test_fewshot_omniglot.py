@@ -521,7 +521,8 @@ def test_a_modified_zip_in_the_data_root_is_refused_unless_allowed(loaded, tampe
     with pytest.raises(OmniglotChecksumError) as error:
         OmniglotCharacters.load(root, cache_dir=cache)
     message = str(error.value)
-    assert f"{root / 'images_evaluation.zip'} is not the Omniglot release: its SHA-256 is {_sha256(tampered_evaluation)}" in message
+    assert (f"{root / 'images_evaluation.zip'} is not the Omniglot release: its SHA-256 is {_sha256(tampered_evaluation)} "
+            f"({len(tampered_evaluation):,} bytes)") in message
     assert all(digest in message for digest in ZIP_SHA256["images_evaluation"])
     assert "--allow-modified-data" in message and f"{ALLOW_MODIFIED_ENV}=1" in message
     assert _snapshot(cache) == before
@@ -667,6 +668,7 @@ def test_truncated_zip_is_reported(tmp_path):
     root = _root_with_background(tmp_path, truncated)
     refused, message = _load_errors(root, tmp_path)
     assert refused.startswith(f"{root / 'images_background.zip'} is not the Omniglot release: its SHA-256 is ")
+    assert "(3,000,000 bytes), expected" in refused and "(the same drawings repacked, 8,588,032 bytes)" in refused
     assert str(root / "images_background.zip") in message and "download it again" in message
 
 

@@ -220,7 +220,10 @@ def _check_source(source: Path, split: str, digest: str, allow_modified: bool) -
     """Refuse (or, when allowed, warn about) a zip or extracted folder whose digest is not the release's."""
     if _accepted(split, digest):
         return
-    expected = _expected(split) if source.suffix == ".zip" else f"{CONTENT_SHA256[split]} (the release's drawings)"
+    if source.is_file():
+        digest, expected = f"{digest} ({source.stat().st_size:,} bytes)", _expected(split)
+    else:
+        expected = f"{CONTENT_SHA256[split]} (the release's drawings)"
     _refuse(f"{source} is not the Omniglot release: its SHA-256 is {digest}, expected {expected}.",
             f"It is truncated, damaged or changed: replace it with the release ({URL.format(split)})", allow_modified)
 
