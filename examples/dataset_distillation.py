@@ -69,6 +69,7 @@ def parse(argv=None) -> argparse.Namespace:
     a("--data-root", type=Path, default=None)
     a("--cache-dir", type=Path, default=None)
     a("--no-download", dest="download", action="store_false")
+    a("--allow-modified-data", action="store_true", help="use Omniglot zips whose SHA-256 is not the release's, with a warning")
     a("--out", type=Path, default=Path("runs/dataset_distillation"))
     a("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -242,7 +243,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         chars = Characters.load(args.classes, args.seed, data_root=args.data_root, cache_dir=args.cache_dir,
-                                download=args.download, verbose=not args.no_progress)
+                                download=args.download, verbose=not args.no_progress, allow_modified=args.allow_modified_data)
     except (OmniglotNotFound, OmniglotDataError) as e:
         raise SystemExit(f"error: {e}") from None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import doctest
+import hashlib
+import http.server
 import io
 import os
 import shutil
 import sys
+import tempfile
+import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -23,16 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from fewshot import models, omniglot
 from fewshot.models import Conv4
 from fewshot.omniglot import (
+    ALLOW_MODIFIED_ENV,
+    CONTENT_SHA256,
     DRAWINGS,
     SPLITS,
+    ZIP_SHA256,
     FewShotSplit,
     OmniglotCharacters,
+    OmniglotChecksumError,
     OmniglotDataError,
     OmniglotNotFound,
     TaskSampler,
     cache_file,
     find_omniglot_root,
     maml_split,
+    sha256_file,
     user_cache,
 )
 
@@ -153,13 +163,18 @@ def test_cache_is_built_once_per_image_size(loaded):
     assert torch.equal(again.images, characters.images) and again.alphabets == characters.alphabets
 
 
-def test_unreadable_cache_is_rebuilt(tmp_path):
-    path = cache_file(tmp_path, "images_evaluation", 28)
-    path.write_bytes(b"not an npz file")
+@pytest.mark.parametrize("content", ["garbage", "no digest"])
+def test_unreadable_cache_is_rebuilt(tmp_path, content):
+    path = cache_file(tmp_path, "images_evaluation", 1)
+    if content == "garbage":
+        path.write_bytes(b"not an npz file")
+    else:  # as written before caches recorded their source
+        np.savez_compressed(path, images=np.zeros((659, DRAWINGS, 1, 1), np.uint8), characters=np.array(["a/b"] * 659))
     log = io.StringIO()
     with contextlib.redirect_stderr(log):
-        assert omniglot._read_cache(path, "images_evaluation", 28, verbose=True) is None
+        assert omniglot._read_cache(path, "images_evaluation", 1, verbose=True) is None
     assert "rebuilding" in log.getvalue() and str(path) in log.getvalue()
+    assert content == "garbage" or "does not record the SHA-256" in log.getvalue()
 
 
 def test_user_cache_is_the_xdg_cache(tmp_path, monkeypatch):
@@ -173,7 +188,7 @@ def test_cache_files_have_ordinary_modes(tmp_path):
     umask = os.umask(0o022)
     try:
         path = cache_file(tmp_path / "new", "images_evaluation", 28)
-        omniglot._write_cache(path, np.zeros((1, DRAWINGS, 28, 28), np.uint8), ["Angelic/character01"])
+        omniglot._write_cache(path, omniglot._Part(np.zeros((1, DRAWINGS, 28, 28), np.uint8), ["Angelic/character01"], "0" * 64, ""))
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644 and [p.name for p in path.parent.iterdir()] == [path.name]
@@ -316,12 +331,10 @@ def test_missing_root_names_path_and_expected_files(tmp_path, monkeypatch):
         find_omniglot_root(missing)
 
 
-class _Response(io.BytesIO):
-    """What urlopen returns, enough for the download: a readable body with a Content-Length header."""
-
-    def __init__(self, data: bytes):
-        super().__init__(data)
-        self.headers = {"Content-Length": str(len(data))}
+@pytest.fixture(autouse=True)
+def _no_allowance(monkeypatch):
+    """Modified data is refused unless a test allows it: the variable of the environment the tests run in is not used."""
+    monkeypatch.delenv(ALLOW_MODIFIED_ENV, raising=False)
 
 
 @pytest.fixture
@@ -332,26 +345,124 @@ def user_cache_dir(tmp_path, monkeypatch):
     return tmp_path / "xdg"
 
 
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    """A web server on 127.0.0.1 with the download URL pointed at it: it serves ``files`` (name -> bytes, filled by
+    the test) and lists the paths it was asked for in ``requested``. Downloads go to a temporary folder of the test's
+    own, so that what a download leaves behind can be seen; the server stops with the test."""
+    files, requested = {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            body = files.get(self.path.lstrip("/"))
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    for proxy in ("http_proxy", "HTTP_PROXY"):  # straight to the loopback, never through a proxy
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(omniglot, "URL", f"http://127.0.0.1:{httpd.server_port}/{{}}.zip")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    try:
+        yield files, requested
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+TAMPERED = "images_evaluation/Angelic/character01/0965_01.png"
+
+
+@pytest.fixture(scope="session")
+def tampered_evaluation() -> bytes:
+    """images_evaluation.zip with one drawing changed (a block of ink added): a valid and complete zip."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(DATA / "images_evaluation.zip") as original, zipfile.ZipFile(out, "w") as tampered:
+        for info in original.infolist():
+            data = original.read(info)
+            if info.filename == TAMPERED:
+                with Image.open(io.BytesIO(data)) as image:
+                    changed = image.copy()
+                changed.paste(0, (40, 40, 60, 60))
+                encoded = io.BytesIO()
+                changed.save(encoded, format="PNG")
+                data = encoded.getvalue()
+            tampered.writestr(info, data)
+    return out.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file and folder under `folder`, with each file's bytes and modification time."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
 @needs_zips
-def test_download_fetches_and_checks_the_release_into_the_user_cache(user_cache_dir, monkeypatch):
-    """The download path, offline: urlopen is replaced by reading the local copies of the zips."""
-    requested = []
-
-    def fake_urlopen(url, timeout):
-        requested.append(url)
-        return _Response((DATA / url.rsplit("/", 1)[1]).read_bytes())
-
-    monkeypatch.setattr(omniglot.urllib.request, "urlopen", fake_urlopen)
+def test_the_download_is_verified_and_saved_into_the_user_cache(server, user_cache_dir):
+    files, requested = server
+    files.update({f"{split}.zip": (DATA / f"{split}.zip").read_bytes() for split in SPLITS})
     log = io.StringIO()
     with contextlib.redirect_stderr(log):
         root = find_omniglot_root(download=True)
     assert root == user_cache_dir / "binom_opt" / "omniglot"
-    assert requested == [omniglot.URL.format(split) for split in SPLITS]
-    assert requested[0] == "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background.zip"
-    assert sorted(p.name for p in root.iterdir()) == ["images_background.zip", "images_evaluation.zip"]
+    assert requested == ["/images_background.zip", "/images_evaluation.zip"]
+    assert {p.name: sha256_file(p) for p in root.iterdir()} == {name: _sha256(data) for name, data in files.items()}
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~_umask() for p in root.iterdir())
     assert "downloading images_background.zip" in log.getvalue()
     assert find_omniglot_root() == root  # found there from now on, without downloading
+    assert len(requested) == 2 and list((user_cache_dir.parent / "tmp").iterdir()) == []
+
+
+@needs_zips
+@pytest.mark.parametrize("served", ["tampered", "truncated"])
+def test_a_tampered_or_truncated_download_is_refused_and_changes_nothing(server, user_cache_dir, tampered_evaluation, served,
+                                                                         tmp_path):
+    files, requested = server
+    files.update({f"{split}.zip": (DATA / f"{split}.zip").read_bytes() for split in SPLITS})
+    bad = "images_evaluation" if served == "tampered" else "images_background"
+    files[f"{bad}.zip"] = tampered_evaluation if served == "tampered" else files[f"{bad}.zip"][:3_000_000]
+    root = user_cache_dir / "binom_opt" / "omniglot"
+    root.mkdir(parents=True)
+    (root / "images_background.zip").write_bytes(b"an older copy")  # no complete release here: the download runs
+    before = _snapshot(user_cache_dir)
+    with pytest.raises(OmniglotChecksumError) as error:
+        OmniglotCharacters.load(download=True, verbose=False)
+    message = str(error.value)
+    assert f"{bad}.zip downloaded from {omniglot.URL.format(bad)} is not the Omniglot release" in message
+    assert f"its SHA-256 is {_sha256(files[f'{bad}.zip'])}" in message
+    assert all(digest in message for digest in ZIP_SHA256[bad])
+    assert f"nothing was written to {root}" in message and "run again" in message
+    assert _snapshot(user_cache_dir) == before  # the data root, and the image cache beside it, as they were
+    assert list((tmp_path / "tmp").iterdir()) == []  # the downloaded files are gone too
+    assert requested == [f"/{split}.zip" for split in SPLITS][:2 if served == "tampered" else 1]
+
+
+@needs_zips
+def test_the_tampered_zip_passes_every_check_but_its_digest(tampered_evaluation, tmp_path):
+    """One drawing changed, nothing else: the zip opens and holds every drawing, so only the digest tells."""
+    (tmp_path / "images_evaluation.zip").write_bytes(tampered_evaluation)
+    with omniglot._open_split(tmp_path, "images_evaluation") as (source, names, read):
+        omniglot._check_counts("images_evaluation", source, names)
+        changed = read(TAMPERED.split("/", 1)[1])
+    with omniglot._open_split(DATA, "images_evaluation") as (_, original_names, read):
+        assert original_names == names and read(TAMPERED.split("/", 1)[1]) != changed
 
 
 def _umask() -> int:
@@ -360,20 +471,20 @@ def _umask() -> int:
     return umask
 
 
-@pytest.mark.parametrize("failure", ["offline", "truncated"])
-def test_failed_download_gives_the_fixes_and_leaves_nothing(user_cache_dir, monkeypatch, failure):
-    def fake_urlopen(url, timeout):
-        if failure == "offline":
-            raise omniglot.urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-        return _Response(b"PK\x03\x04 only the start of a zip")
+def test_failed_download_gives_the_fixes_and_leaves_nothing(user_cache_dir, monkeypatch):
+    requested = []
 
-    monkeypatch.setattr(omniglot.urllib.request, "urlopen", fake_urlopen)
+    def offline(url, timeout):
+        requested.append(url)
+        raise omniglot.urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(omniglot.urllib.request, "urlopen", offline)
     with pytest.raises(OmniglotNotFound) as error:
         OmniglotCharacters.load(download=True, verbose=False)
     message = str(error.value)
     assert "downloading it failed" in message and "(1) point --data-root or $OMNIGLOT_ROOT" in message
-    assert "(2) run with internet access once" in message
-    assert ("name resolution" if failure == "offline" else "corrupt or truncated") in message
+    assert "(2) run with internet access once" in message and "name resolution" in message
+    assert requested == ["https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background.zip"]
     assert not user_cache_dir.exists()  # neither the data folder nor the image cache
 
 
@@ -382,6 +493,146 @@ def test_no_download_gives_the_fixes_without_touching_the_network(user_cache_dir
     with pytest.raises(OmniglotNotFound, match=r"it is not there\. Either \(1\)"):
         find_omniglot_root(download=False)
     assert not user_cache_dir.exists()
+
+
+def _root(tmp_path: Path, **replaced: bytes) -> Path:
+    """A data root holding the real zips (links to them), except the splits given, written from their bytes."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for split in SPLITS:
+        if split in replaced:
+            (root / f"{split}.zip").write_bytes(replaced[split])
+        else:
+            (root / f"{split}.zip").symlink_to(DATA / f"{split}.zip")
+    return root
+
+
+def _modified_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "locally modified copy" in str(w.message)]
+
+
+@needs_zips
+def test_a_modified_zip_in_the_data_root_is_refused_unless_allowed(loaded, tampered_evaluation, tmp_path, monkeypatch):
+    characters, session_cache, _ = loaded
+    cache = tmp_path / "cache"
+    shutil.copytree(session_cache, cache)  # the real data's cache: a source that changed is caught with a cache too
+    root = _root(tmp_path, images_evaluation=tampered_evaluation)
+    before = _snapshot(cache)
+    with pytest.raises(OmniglotChecksumError) as error:
+        OmniglotCharacters.load(root, cache_dir=cache)
+    message = str(error.value)
+    assert (f"{root / 'images_evaluation.zip'} is not the Omniglot release: its SHA-256 is {_sha256(tampered_evaluation)} "
+            f"({len(tampered_evaluation):,} bytes)") in message
+    assert all(digest in message for digest in ZIP_SHA256["images_evaluation"])
+    assert "--allow-modified-data" in message and f"{ALLOW_MODIFIED_ENV}=1" in message
+    assert _snapshot(cache) == before
+
+    # Allowed: a warning, and the split is decoded again from the modified copy, whose digest its cache records.
+    log = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(log):
+        warnings.simplefilter("always")
+        modified = OmniglotCharacters.load(root, cache_dir=cache, allow_modified=True)
+    assert len(_modified_warnings(caught)) == 1 and str(root / "images_evaluation.zip") in _modified_warnings(caught)[0]
+    assert "is not the one" in log.getvalue() and "rebuilding it" in log.getvalue()
+    assert "Decoding the 13,180 Omniglot drawings" in log.getvalue()
+    with np.load(cache_file(cache, "images_evaluation", 28)) as saved:
+        assert str(saved["source_sha256"]) == _sha256(tampered_evaluation)
+    assert _snapshot(cache)["omniglot_images_background_28px_v3.npz"] == before["omniglot_images_background_28px_v3.npz"]
+    changed = (modified.images != characters.images).flatten(1).any(1).nonzero().flatten().tolist()
+    assert changed == [characters.alphabets.index("Angelic")]  # the one character whose drawing was changed
+
+    # The variable allows it as the flag does, from the cache; without either it is refused again.
+    monkeypatch.setenv(ALLOW_MODIFIED_ENV, "1")
+    log = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(log):
+        warnings.simplefilter("always")
+        again = OmniglotCharacters.load(root, cache_dir=cache)
+    assert len(_modified_warnings(caught)) == 1 and log.getvalue() == "" and torch.equal(again.images, modified.images)
+    monkeypatch.delenv(ALLOW_MODIFIED_ENV)
+    with pytest.raises(OmniglotChecksumError, match="images_evaluation.zip is not the Omniglot release"):
+        OmniglotCharacters.load(root, cache_dir=cache)
+
+
+@needs_zips
+def test_an_unchanged_zip_is_not_hashed_again(loaded, tmp_path, monkeypatch):
+    _, cache, _ = loaded
+    hashed = []
+    sha256 = omniglot.sha256_file
+    monkeypatch.setattr(omniglot, "sha256_file", lambda path: hashed.append(Path(path).name) or sha256(path))
+    OmniglotCharacters.load(DATA, cache_dir=cache, verbose=False)
+    assert hashed == []  # the sizes and times the cache recorded still hold
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for split in SPLITS:
+        shutil.copy(DATA / f"{split}.zip", copies)
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        OmniglotCharacters.load(copies, cache_dir=cache)
+    assert hashed == [f"{split}.zip" for split in SPLITS] and log.getvalue() == ""  # other files, the same bytes
+
+
+@needs_zips
+def test_an_extracted_folder_is_checked_by_its_drawings(tmp_path):
+    with zipfile.ZipFile(DATA / "images_evaluation.zip") as archive:
+        archive.extractall(tmp_path)
+    assert omniglot._verified_source(tmp_path, "images_evaluation", None, False) == (CONTENT_SHA256["images_evaluation"], "")
+    drawing = tmp_path / TAMPERED
+    drawing.write_bytes(drawing.read_bytes() + b"\0")
+    with pytest.raises(OmniglotChecksumError) as error:
+        omniglot._verified_source(tmp_path, "images_evaluation", None, False)
+    assert f"{tmp_path / 'images_evaluation'} is not the Omniglot release" in str(error.value)
+    assert f"expected {CONTENT_SHA256['images_evaluation']} (the release's drawings)" in str(error.value)
+
+
+def _fake_cache(cache: Path, **digests: str) -> None:
+    """A cache of 1x1 images for each split, recording the digest given for it."""
+    for split, digest in digests.items():
+        count = SPLITS[split][1]
+        omniglot._write_cache(cache_file(cache, split, 1), omniglot._Part(
+            np.zeros((count, DRAWINGS, 1, 1), np.uint8), [f"Alphabet/character{c:04d}" for c in range(count)], digest, ""))
+
+
+def test_a_cache_without_its_source_serves_only_what_came_from_the_release(user_cache_dir, tmp_path):
+    release = {split: next(iter(ZIP_SHA256[split])) for split in SPLITS}
+    _fake_cache(tmp_path / "cache", **release)
+    assert OmniglotCharacters.load(image_size=1, cache_dir=tmp_path / "cache").images.shape == (1623, DRAWINGS, 1, 1)
+    _fake_cache(tmp_path / "cache", images_evaluation="0" * 64)
+    with pytest.raises(OmniglotChecksumError) as error:
+        OmniglotCharacters.load(image_size=1, cache_dir=tmp_path / "cache")
+    assert str(cache_file(tmp_path / "cache", "images_evaluation", 1)) in str(error.value) and "0" * 64 in str(error.value)
+    assert "no longer there" in str(error.value) and "--allow-modified-data" in str(error.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        OmniglotCharacters.load(image_size=1, cache_dir=tmp_path / "cache", allow_modified=True)
+    assert len(_modified_warnings(caught)) == 1
+
+
+@pytest.mark.parametrize(("value", "allowed"), [(None, False), ("", False), ("0", False), ("1", True), ("yes", True),
+                                                 ("True", True)])
+def test_the_variable_allows_modified_data(monkeypatch, value, allowed):
+    if value is not None:
+        monkeypatch.setenv(ALLOW_MODIFIED_ENV, value)
+    assert omniglot.allow_modified_data() is allowed and omniglot.allow_modified_data(True)
+
+
+def test_the_examples_pass_the_flag_and_report_a_refusal_in_one_line(monkeypatch):
+    import dataset_distillation
+
+    from fewshot import run
+
+    seen = {}
+
+    def refuse(*args, **kwargs):
+        seen.update(kwargs)
+        raise OmniglotChecksumError("x/images_background.zip is not the Omniglot release")
+
+    monkeypatch.setattr(run.OmniglotCharacters, "load", refuse)
+    parser = run.common_parser("", {}, {})
+    for argv, allowed in (([], False), (["--allow-modified-data"], True)):
+        with pytest.raises(SystemExit, match="^error: x/images_background.zip is not the Omniglot release$"):
+            run.load_tasks(run.parse(parser, argv))
+        assert seen["allow_modified"] is allowed
+    assert dataset_distillation.parse(["--allow-modified-data"]).allow_modified_data
 
 
 def _root_with_background(tmp_path: Path, background: Path) -> Path:
@@ -396,11 +647,17 @@ def _root_with_background(tmp_path: Path, background: Path) -> Path:
     return root
 
 
-def _load_error(root: Path, tmp_path: Path) -> str:
-    with pytest.raises(OmniglotDataError) as error:
+def _load_errors(root: Path, tmp_path: Path) -> tuple[str, str]:
+    """Loading damaged data: the refusal of its digest, then with allow_modified the error that names the damage.
+    Nothing is cached from it either way."""
+    with pytest.raises(OmniglotChecksumError) as refused:
         OmniglotCharacters.load(root, cache_dir=tmp_path / "cache", verbose=False)
-    assert not any((tmp_path / "cache").glob("*.npz"))  # nothing cached from bad data
-    return str(error.value)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(OmniglotDataError) as damaged:
+        warnings.simplefilter("always")
+        OmniglotCharacters.load(root, cache_dir=tmp_path / "cache", verbose=False, allow_modified=True)
+    assert damaged.type is OmniglotDataError and len(_modified_warnings(caught)) == 1
+    assert not any((tmp_path / "cache").glob("*.npz"))
+    return str(refused.value), str(damaged.value)
 
 
 @needs_data
@@ -409,7 +666,9 @@ def test_truncated_zip_is_reported(tmp_path):
     truncated = tmp_path / "images_background.zip"
     truncated.write_bytes((DATA / "images_background.zip").read_bytes()[:3_000_000])
     root = _root_with_background(tmp_path, truncated)
-    message = _load_error(root, tmp_path)
+    refused, message = _load_errors(root, tmp_path)
+    assert refused.startswith(f"{root / 'images_background.zip'} is not the Omniglot release: its SHA-256 is ")
+    assert "(3,000,000 bytes), expected" in refused and "(the same drawings repacked, 8,588,032 bytes)" in refused
     assert str(root / "images_background.zip") in message and "download it again" in message
 
 
@@ -420,7 +679,8 @@ def test_corrupt_zip_member_is_reported(tmp_path):
     data[2000:2100] = bytes(b ^ 0x5A for b in data[2000:2100])  # inside the first drawings
     corrupt = tmp_path / "images_background.zip"
     corrupt.write_bytes(bytes(data))
-    message = _load_error(_root_with_background(tmp_path, corrupt), tmp_path)
+    refused, message = _load_errors(_root_with_background(tmp_path, corrupt), tmp_path)
+    assert f"its SHA-256 is {_sha256(bytes(data))}" in refused
     assert "images_background.zip is corrupt" in message and "download it again" in message
 
 
@@ -430,7 +690,8 @@ def test_incomplete_zip_is_reported(tmp_path):
     with zipfile.ZipFile(incomplete, "w") as archive:
         for drawing in range(1, DRAWINGS + 1):
             archive.writestr(f"images_background/Latin/character01/0683_{drawing:02d}.png", b"")
-    message = _load_error(_root_with_background(tmp_path, incomplete), tmp_path)
+    refused, message = _load_errors(_root_with_background(tmp_path, incomplete), tmp_path)
+    assert "images_background.zip is not the Omniglot release" in refused
     assert "expected 30 alphabets and 964 characters" in message
     assert "found 1 alphabets, 1 characters" in message
 
@@ -447,8 +708,9 @@ def test_extracted_folders_read_like_the_zip(tmp_path):
         folder_files = {name: read(name) for name in names}
     with omniglot._open_split(DATA, "images_background") as (_, names, read):
         assert folder_files == {name: read(name) for name in names if name.startswith("Greek/")}
-    # A partly extracted folder is reported like an incomplete zip.
-    message = _load_error(_root_with_background(tmp_path, extracted), tmp_path)
+    # A partly extracted folder is refused by its digest, and reported like an incomplete zip past it.
+    refused, message = _load_errors(_root_with_background(tmp_path, extracted), tmp_path)
+    assert f"{tmp_path / 'root' / 'images_background'} is not the Omniglot release" in refused
     assert str(tmp_path / "root" / "images_background") in message
     assert "found 1 alphabets, 24 characters" in message
 

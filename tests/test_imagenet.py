@@ -6,8 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import pickle
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from fewshot.imagenet import DataNotFound, ImageSplit, load_miniimagenet, load_tieredimagenet
+from fewshot.imagenet import DataNotFound, ImageSplit, UnsafePickleError, _unpickle, load_miniimagenet, load_tieredimagenet
 from fewshot.models import build_network
 from fewshot.omniglot import TaskSampler
 
@@ -131,12 +134,129 @@ def test_csv_images_are_decoded_once_into_the_cache(tmp_path):
 
 def test_python2_pickles_load(tmp_path):
     """The original tieredImageNet labels were pickled by Python 2: str objects that are not ASCII."""
-    from fewshot.imagenet import _unpickle
-
     raw = b"\x80\x02}q\x00(U\x0elabel_specificq\x01]q\x02(K\x00K\x01eU\x12label_specific_strq\x03]q\x04(U\x04caf\xe9q\x05U\x01bq\x06eu."
     path = tmp_path / "labels.pkl"
     path.write_bytes(raw)
     assert _unpickle(path) == {"label_specific": [0, 1], "label_specific_str": ["café", "b"]}
+
+
+def _png(colour_: tuple) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.broadcast_to(np.array(colour_, np.uint8), (SIZE, SIZE, 3)).copy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _real_shaped() -> dict:
+    """What the shared pickles hold, at their shapes and types (fewer images)."""
+    rng = np.random.default_rng(0)
+    pngs = [_png((c, 2 * c, 3 * c)) for c in range(4)]
+    return {
+        "mini": {"image_data": rng.integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8),
+                 "class_dict": {"n01532829": list(range(6)), "n01558993": list(range(6, 12))}},
+        "tiered labels": {"label_specific": np.arange(12, dtype=np.int64) % 3, "label_general": np.zeros(12, np.int64),
+                          "label_specific_str": ["n01530575", "n01531178", "n01532829"],
+                          "label_general_str": ["bird"], "counts": [np.int64(4), np.float64(0.5), 3, 2.5, True]},
+        "tiered images (bytes)": pngs,
+        "tiered images (object array)": np.array(pngs, dtype=object),
+    }
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and all(map(_equal, a.flat, b.flat))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("protocol", [*sorted({2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL}), "numpy 1"])
+@pytest.mark.parametrize("kind", sorted(_real_shaped()))
+def test_pickles_of_the_shared_forms_load_at_every_protocol(kind, protocol, tmp_path):
+    data = _real_shaped()[kind]
+    raw = pickle.dumps(data, protocol=2 if protocol == "numpy 1" else protocol)
+    if protocol == "numpy 1":  # the module names numpy 1 wrote, which numpy 2 still reads
+        raw = raw.replace(b"numpy._core.", b"numpy.core.")
+    path = tmp_path / "data.pkl"
+    path.write_bytes(raw)
+    assert _equal(_unpickle(path), data)
+
+
+def test_numpy_1_arrays_of_protocol_5_load(tmp_path):
+    """numpy 1 names the array constructor of protocol 5 numpy.core.numeric._frombuffer; numpy 2 reads it with a warning
+    that the loader keeps to itself."""
+    path = tmp_path / "array.pkl"
+    path.write_bytes(b"\x80\x05cnumpy.core.numeric\n_frombuffer\n(C\x03abcVu1\n(K\x03tVC\ntR.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _equal(_unpickle(path), np.frombuffer(b"abc", np.uint8))
+
+
+class _Payload:
+    """Unpickling it calls `call` with `args`: what a pickle that runs code does."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+PAYLOADS = {"os.system": lambda marker: _Payload(os.system, f"touch {shlex.quote(str(marker))}"),
+            "open": lambda marker: _Payload(open, str(marker), "w")}
+NAMES = {"os.system": f"{os.system.__module__}.system", "open": f"{open.__module__}.open"}  # posix.system, io.open
+
+
+@pytest.mark.parametrize("payload", sorted(PAYLOADS))
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(payload, tmp_path):
+    marker = tmp_path / "marker"
+    data = {"image_data": np.zeros((2, SIZE, SIZE, 3), np.uint8), "class_dict": {"a": [0, 1]}, "x": PAYLOADS[payload](marker)}
+    (tmp_path / "control.pkl").write_bytes(pickle.dumps({"x": PAYLOADS[payload](tmp_path / "control")}))
+    with open(tmp_path / "control.pkl", "rb") as f:
+        pickle.load(f)  # the payload is live: pickle.load runs it
+    assert (tmp_path / "control").exists()
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "mini-imagenet-cache-train.pkl").write_bytes(pickle.dumps(data))
+    with pytest.raises(UnsafePickleError) as error:
+        load_miniimagenet(root, "train")
+    message = str(error.value)
+    assert str(root / "mini-imagenet-cache-train.pkl") in message and f"names {NAMES[payload]}" in message
+    assert "numpy arrays, dtypes and scalars, and dict, list, tuple, str, bytes, int and float" in message
+    assert not marker.exists()
+
+
+def test_the_example_refuses_such_a_pickle_in_one_line(tmp_path):
+    import miniimagenet_maml
+
+    marker = tmp_path / "marker"
+    root = write_mini_pickles(tmp_path / "data")
+    (root / "mini-imagenet-cache-train.pkl").write_bytes(pickle.dumps({"image_data": PAYLOADS["os.system"](marker)}))
+    with pytest.raises(SystemExit, match=r"^error: .*mini-imagenet-cache-train\.pkl: refused: the pickle names"):
+        miniimagenet_maml.main(tiny(root, tmp_path / "out"))
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["train_labels.pkl", "train_images_png.pkl"])
+def test_tiered_pickles_are_read_the_same_way(name, tmp_path):
+    marker = tmp_path / "marker"
+    root = write_tiered(tmp_path / "data", "png")
+    (root / name).write_bytes(pickle.dumps([PAYLOADS["open"](marker)], protocol=2))
+    with pytest.raises(UnsafePickleError, match=f"{name}: refused: the pickle names {NAMES['open']}"):
+        load_tieredimagenet(root, "train")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"c_codecs\nencode\n(Vabc\nVrot13\ntR.", "bytes encoded as 'rot13'"),  # only latin-1, as pickle writes bytes
+    (pickle.dumps({"label_specific": [0, 1]})[:-5], "not a readable pickle"),
+])
+def test_other_pickles_are_short_errors(raw, message, tmp_path):
+    path = tmp_path / "labels.pkl"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=message):
+        _unpickle(path)
 
 
 def test_tasks_sample_from_classes_of_different_sizes(tmp_path):

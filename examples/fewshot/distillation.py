@@ -68,8 +68,9 @@ class Characters:
 
     @classmethod
     def load(cls, classes: int, seed: int, train_drawings: int = 10, data_root=None, cache_dir=None,
-             download: bool = True, verbose: bool = True) -> Characters:
-        omniglot = OmniglotCharacters.load(data_root, cache_dir=cache_dir, download=download, verbose=verbose)
+             download: bool = True, verbose: bool = True, allow_modified: bool = False) -> Characters:
+        omniglot = OmniglotCharacters.load(data_root, cache_dir=cache_dir, download=download, verbose=verbose,
+                                           allow_modified=allow_modified)
         pool = maml_split(0)["test"]
         if not 2 <= classes <= len(pool):
             raise ValueError(f"classes must be between 2 and {len(pool)} (the meta-test characters), got {classes}")

@@ -19,6 +19,10 @@ tieredImageNet (Ren et al., 2018: 351 / 97 / 160 classes, 608 categories in 34 g
   uint8 N x 84 x 84 x 3), with ``{split}_labels.pkl`` (a dict whose ``label_specific`` gives each
   image's class).
 
+The pickles are read by an unpickler that loads only what these files hold (numpy arrays, dtypes and
+scalars; dict, list, tuple, str, bytes, int, float): ``pickle.load`` would import and call whatever
+a file names, so a file passed around could run any code. Anything else raises :class:`UnsafePickleError`.
+
 >>> split = ImageSplit(np.zeros((6, 84, 84, 3), np.uint8), np.array([0, 0, 1, 1, 2, 2]), ["a", "b", "c"])
 >>> split.num_classes, split.counts.tolist()
 (3, [2, 2, 2])
@@ -30,6 +34,7 @@ import csv
 import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -40,7 +45,7 @@ from tqdm.auto import tqdm
 
 from .omniglot import user_cache, write_npz
 
-__all__ = ["ImageSplit", "DataNotFound", "load_miniimagenet", "load_tieredimagenet", "SPLITS"]
+__all__ = ["ImageSplit", "DataNotFound", "UnsafePickleError", "load_miniimagenet", "load_tieredimagenet", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 NOT_SHAREABLE = ("{name} cannot be downloaded automatically: it is a subset of ImageNet, whose licence does not allow "
@@ -50,6 +55,10 @@ NOT_SHAREABLE = ("{name} cannot be downloaded automatically: it is a subset of I
 
 class DataNotFound(FileNotFoundError):
     """The data set is not where it was looked for; the message says what was expected."""
+
+
+class UnsafePickleError(ValueError):
+    """A pickle names a class or function beyond the plain data these sets hold; nothing of it was run."""
 
 
 class ImageSplit:
@@ -129,7 +138,7 @@ def load_miniimagenet(root: Union[str, os.PathLike], split: str, image_size: int
     labels = np.array([names.index(r["label"]) for r in rows])
     cached = Path(cache_dir or user_cache()) / f"miniimagenet_{split}_{image_size}px.npz"
     if cached.is_file():
-        with np.load(cached) as saved:
+        with np.load(cached, allow_pickle=False) as saved:
             if len(saved["images"]) == len(rows):
                 return ImageSplit(saved["images"], labels, names, image_size)
     files = tqdm(rows, desc=f"decoding miniImageNet {split}", unit="image", leave=False, disable=not verbose)
@@ -156,7 +165,7 @@ def load_tieredimagenet(root: Union[str, os.PathLike], split: str, image_size: i
     if png.is_file():
         images = _unpickle(png)
     else:
-        with np.load(npz) as data:
+        with np.load(npz, allow_pickle=False) as data:
             images = data["images"]
     return ImageSplit(images, labels, names, image_size)
 
@@ -167,10 +176,54 @@ def _check_split(split: str) -> str:
     return split
 
 
+# The only globals a pickle of these sets may name: how numpy 1 and numpy 2 write arrays (every protocol), dtypes and
+# scalars, and the builtin types protocols 0-2 name. Each is a constructor of data: none imports or runs anything else.
+_PICKLE_GLOBALS = frozenset(
+    [(f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [("numpy", "ndarray"), ("numpy", "dtype")]
+    + [(module, name) for module in ("builtins", "__builtin__")
+       for name in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "bool", "complex")]
+)
+_PICKLE_DATA = "numpy arrays, dtypes and scalars, and dict, list, tuple, str, bytes, int and float"
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    """What protocols 0-2 name to rebuild bytes (``_codecs.encode(text, "latin1")``), for that encoding only."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r}, not 'latin1'")
+    return text.encode("latin1")
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only the globals of :data:`_PICKLE_GLOBALS`: a file cannot make it import or
+    call anything else, so loading runs no code from the file."""
+
+    def __init__(self, file, path: Path, **options):
+        super().__init__(file, **options)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise UnsafePickleError(
+                f"{self.path}: refused: the pickle names {module}.{name}, and loading it would call that. This loader reads "
+                f"only what miniImageNet's and tieredImageNet's pickles hold: {_PICKLE_DATA}. If the file should be the "
+                "data set, get it again from a source you trust.")
+        with warnings.catch_warnings():  # numpy 2 reads numpy 1's module names, with a DeprecationWarning
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+
 def _unpickle(path: Path):
+    """The data of a pickle, read by :class:`_DataUnpickler`."""
     with open(path, "rb") as f:
         try:
-            return pickle.load(f)
-        except UnicodeDecodeError:  # pickles written by Python 2 (the original tieredImageNet files)
-            f.seek(0)
-            return pickle.load(f, encoding="latin1")
+            try:
+                return _DataUnpickler(f, path).load()
+            except UnicodeDecodeError:  # pickles written by Python 2 (the original tieredImageNet files)
+                f.seek(0)
+                return _DataUnpickler(f, path, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable pickle ({type(e).__name__}: {e}); expected {_PICKLE_DATA}") from e

@@ -4,8 +4,10 @@ Omniglot (Lake et al., 2015) has 1623 handwritten characters from 50 alphabets, 
 shipped as ``images_background.zip`` (964 characters) and ``images_evaluation.zip`` (659). The
 first load decodes all 32,460 PNGs once with Pillow, resized (default 28x28, Lanczos, as Finn et
 al. 2017 and learn2learn do) and cached as uint8 in ``~/.cache/binom_opt`` (``$XDG_CACHE_HOME`` is
-honoured); later loads read the cache. With 4400 / 400 / 1692 classes (1100 / 100 / 423 characters
-in four rotations) in the train / val / test splits:
+honoured); later loads read the cache. Every zip is checked against the pinned SHA-256 of the
+release before anything reads it (a download before it is saved, a zip put there by hand on first
+use), and the cache records the digest it was decoded from. With 4400 / 400 / 1692 classes (1100 /
+100 / 423 characters in four rotations) in the train / val / test splits:
 
 >>> chars = OmniglotCharacters.load()  # doctest: +SKIP
 >>> sampler = TaskSampler(chars.splits()["train"], ways=5, shots=1, queries=15,
@@ -16,6 +18,8 @@ in four rotations) in the train / val / test splits:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import http.client
 import io
 import itertools
 import os
@@ -24,19 +28,22 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-__all__ = ["DRAWINGS", "SPLITS", "FewShotSplit", "OmniglotCharacters", "OmniglotDataError", "OmniglotNotFound", "TaskSampler",
-           "cache_file", "find_omniglot_root", "maml_split", "user_cache"]
+__all__ = ["ALLOW_MODIFIED_ENV", "CONTENT_SHA256", "DRAWINGS", "SPLITS", "ZIP_SHA256", "FewShotSplit", "OmniglotCharacters",
+           "OmniglotChecksumError", "OmniglotDataError", "OmniglotNotFound", "TaskSampler", "allow_modified_data", "cache_file",
+           "find_omniglot_root", "maml_split", "sha256_file", "user_cache"]
 
 SPLITS = {"images_background": (30, 964), "images_evaluation": (20, 659)}
 """The two parts of the release: name -> (number of alphabets, number of characters)."""
@@ -48,12 +55,36 @@ MAML_SIZES = {"train": 1100, "val": 100, "test": 423}
 """Characters per split in the MAML protocol, in the order they are taken from the shuffled 1623."""
 CACHE_VERSION = 3  # bump when the preprocessing changes, so that old cache files are not reused
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
+ZIP_SHA256 = {
+    "images_background": {
+        "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640": "the authors' release, 9,464,212 bytes",
+        "a5fc79093341e8d800b1146ef11a64ff070ee16367f6c432810de6b9ba5341b3": "the same drawings repacked, 8,588,032 bytes",
+    },
+    "images_evaluation": {
+        "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee": "the authors' release, 6,462,886 bytes",
+        "a623286fa404ff48b7ae17a512cb5452423a971c5d2b095bf2d89eab8e5740c8": "the same drawings repacked, 5,863,926 bytes",
+    },
+}
+"""The SHA-256 of each split's zip that is accepted: the authors' release that `URL` serves, and a deterministic
+repack of the same PNG files (entries sorted, fixed timestamps, deflate level 9)."""
+CONTENT_SHA256 = {
+    "images_background": "deaa02f758afda524b3a045c7af40311f2d9ded3e2a39f715ece8470d474bc6a",
+    "images_evaluation": "3d5e035f27423c362bf9a181af649b43cda64c1008f842177ddc5203269c901e",
+}
+"""What an extracted folder is checked against, having no zip to hash: the SHA-256 of the lines
+``"<sha256 of the PNG>  <split>/<Alphabet>/<characterNN>/<IIII_DD>.png\\n"``, one per drawing, sorted by path."""
+ALLOW_MODIFIED_ENV = "BINOM_OPT_ALLOW_MODIFIED_DATA"
+"""Set to 1 to use Omniglot files whose digest is not the release's (as ``--allow-modified-data`` does)."""
 # What zipfile raises for a truncated or damaged archive (bad headers, names, data or CRC).
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError, NotImplementedError)
 
 
 class OmniglotDataError(RuntimeError):
     """The Omniglot files exist but are corrupt, truncated or incomplete."""
+
+
+class OmniglotChecksumError(OmniglotDataError):
+    """An Omniglot file's SHA-256 is not the release's: it is refused before anything reads it."""
 
 
 class OmniglotNotFound(FileNotFoundError):
@@ -76,7 +107,8 @@ def find_omniglot_root(data_root: str | os.PathLike | None = None, *, download: 
     the same extracted as folders. A path given (argument or environment) must hold them: it is
     reported, never silently replaced. With nothing given and nothing in the user cache,
     ``download=True`` fetches the release there (with a progress bar); nothing is created unless the
-    download succeeds. Raises :class:`OmniglotNotFound` with the fixes otherwise.
+    download succeeds and both zips have the SHA-256 of :data:`ZIP_SHA256` (else
+    :class:`OmniglotChecksumError`). Raises :class:`OmniglotNotFound` with the fixes otherwise.
 
     >>> find_omniglot_root("/nonexistent")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -110,25 +142,119 @@ def _fixes(root: Path, why: str) -> str:
 
 
 def _download(root: Path) -> None:
-    """Fetch the canonical zips into `root`: into a temporary folder first, moved into place once all arrived
-    and were checked, so that a failed download leaves nothing behind."""
+    """Fetch the canonical zips into `root`: into a temporary folder first, moved into place once both arrived
+    and have a pinned SHA-256, so that a failed or refused download leaves nothing behind."""
     with tempfile.TemporaryDirectory(prefix="omniglot_download_") as tmp:
         for split in SPLITS:
             url, target = URL.format(split), Path(tmp) / f"{split}.zip"
             try:
-                with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {split}.zip", leave=False) as bar:
-                        for block in iter(lambda: response.read(1 << 16), b""):
-                            out.write(block)
-                            bar.update(len(block))
-                with _open_split(Path(tmp), split) as (source, names, _):
-                    _check_counts(split, source, names)
-            except (urllib.error.URLError, OSError, OmniglotDataError) as error:
+                _fetch(url, target, split)
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
                 raise OmniglotNotFound(_fixes(root, f"downloading it failed ({error})")) from None
+            digest = sha256_file(target)
+            if digest not in ZIP_SHA256[split]:
+                raise OmniglotChecksumError(
+                    f"{split}.zip downloaded from {url} is not the Omniglot release: its SHA-256 is {digest} "
+                    f"({target.stat().st_size:,} bytes), expected {_expected(split)}. It was discarded and nothing was "
+                    f"written to {root}. The transfer was cut short, or the file was changed on the way or at its source: "
+                    "run again, or get the zips elsewhere, check their SHA-256 (docs/data.md lists them) and point "
+                    "--data-root or $OMNIGLOT_ROOT at them.")
         root.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             shutil.move(str(Path(tmp) / f"{split}.zip"), root / f"{split}.zip")
+
+
+def _fetch(url: str, target: Path, split: str) -> None:
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {split}.zip", leave=False) as bar:
+            for block in iter(lambda: response.read(1 << 16), b""):
+                out.write(block)
+                bar.update(len(block))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expected(split: str) -> str:
+    return " or ".join(f"{digest} ({what})" for digest, what in ZIP_SHA256[split].items())
+
+
+def allow_modified_data(allow: bool = False) -> bool:
+    """Whether Omniglot files whose digest is not the release's may be used: `allow`, or ``$BINOM_OPT_ALLOW_MODIFIED_DATA``
+    set to 1 (or true, yes)."""
+    return allow or os.environ.get(ALLOW_MODIFIED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _stamp(root: Path, split: str) -> str:
+    """One state of a split's zip (its real path, size, modification and change times): while it holds, the digest the
+    cache recorded stands and the zip is not hashed again. An extracted folder has none ("") and is hashed each time."""
+    zip_path = root / f"{split}.zip"
+    if not zip_path.is_file():
+        return ""
+    stat = zip_path.stat()
+    return f"{zip_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+
+
+def _source_sha256(root: Path, split: str) -> str:
+    """The SHA-256 of a split's zip, else of its extracted folder's drawings (as :data:`CONTENT_SHA256`)."""
+    zip_path = root / f"{split}.zip"
+    if zip_path.is_file():
+        return sha256_file(zip_path)
+    with _open_split(root, split) as (_, names, read):
+        lines = [f"{hashlib.sha256(read(name)).hexdigest()}  {split}/{name}\n" for name in sorted(names)]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _accepted(split: str, digest: str) -> bool:
+    return digest in ZIP_SHA256[split] or digest == CONTENT_SHA256[split]
+
+
+def _check_source(source: Path, split: str, digest: str, allow_modified: bool) -> None:
+    """Refuse (or, when allowed, warn about) a zip or extracted folder whose digest is not the release's."""
+    if _accepted(split, digest):
+        return
+    if source.is_file():
+        digest, expected = f"{digest} ({source.stat().st_size:,} bytes)", _expected(split)
+    else:
+        expected = f"{CONTENT_SHA256[split]} (the release's drawings)"
+    _refuse(f"{source} is not the Omniglot release: its SHA-256 is {digest}, expected {expected}.",
+            f"It is truncated, damaged or changed: replace it with the release ({URL.format(split)})", allow_modified)
+
+
+def _refuse(problem: str, fix: str, allow_modified: bool) -> None:
+    if allow_modified:
+        warnings.warn(f"{problem} Using it as a locally modified copy (--allow-modified-data or ${ALLOW_MODIFIED_ENV}).",
+                      UserWarning, stacklevel=3)
+        return
+    raise OmniglotChecksumError(f"{problem} {fix}. To use a copy you modified on purpose, pass --allow-modified-data "
+                                f"(allow_modified=True) or set {ALLOW_MODIFIED_ENV}=1.")
+
+
+def _source_root(data_root: str | os.PathLike | None, download: bool, needed: bool) -> Path | None:
+    """The data root; when every split is cached (not `needed`), None if there is none, as the cache serves alone."""
+    if needed:
+        return find_omniglot_root(data_root, download=download)
+    try:
+        return find_omniglot_root(data_root)
+    except OmniglotNotFound:
+        return None
+
+
+def _verified_source(root: Path, split: str, cached: _Part | None, allow_modified: bool) -> tuple[str, str]:
+    """``(sha256, stamp)`` of a split's source, checked: hashed unless the stamp is the one the cache recorded."""
+    stamp = _stamp(root, split)
+    unchanged = bool(stamp) and cached is not None and cached.stamp == stamp
+    digest = cached.sha256 if unchanged else _source_sha256(root, split)
+    zip_path = root / f"{split}.zip"
+    _check_source(zip_path if zip_path.is_file() else root / split, split, digest, allow_modified)
+    return digest, stamp
 
 
 @contextlib.contextmanager
@@ -208,25 +334,37 @@ def cache_file(cache_dir: str | os.PathLike, split: str, image_size: int) -> Pat
     return Path(cache_dir) / f"omniglot_{split}_{image_size}px_v{CACHE_VERSION}.npz"
 
 
-def _read_cache(path: Path, split: str, image_size: int, verbose: bool) -> tuple[np.ndarray, list[str]] | None:
-    """The cached ``(images, character names)`` of one split, or None if absent or unreadable."""
+class _Part(NamedTuple):
+    """One split decoded: the images, the character names, and the digest and stamp of the source it came from."""
+
+    images: np.ndarray
+    characters: list[str]
+    sha256: str
+    stamp: str
+
+
+def _read_cache(path: Path, split: str, image_size: int, verbose: bool) -> _Part | None:
+    """The cached split, or None if absent, unreadable or made without a record of its source."""
     if not path.is_file():
         return None
     expected = (SPLITS[split][1], DRAWINGS, image_size, image_size)
     try:
-        with np.load(path) as cached:
-            images, characters = cached["images"], cached["characters"].tolist()
-        if images.shape != expected or images.dtype != np.uint8 or len(characters) != expected[0]:
-            raise ValueError(f"holds {images.dtype} {images.shape}, expected uint8 {expected}")
+        with np.load(path, allow_pickle=False) as cached:
+            if "source_sha256" not in cached:
+                raise ValueError("it does not record the SHA-256 of the data it was decoded from")
+            part = _Part(cached["images"], cached["characters"].tolist(), str(cached["source_sha256"]), str(cached["source_stamp"]))
+        if part.images.shape != expected or part.images.dtype != np.uint8 or len(part.characters) != expected[0]:
+            raise ValueError(f"holds {part.images.dtype} {part.images.shape}, expected uint8 {expected}")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         if verbose:
-            print(f"Ignoring unreadable cache file {path} ({e}); rebuilding it.", file=sys.stderr)
+            print(f"Ignoring the cache file {path} ({e}); rebuilding it.", file=sys.stderr)
         return None
-    return images, characters
+    return part
 
 
-def _write_cache(path: Path, images: np.ndarray, characters: list[str]) -> None:
-    write_npz(path, compressed=True, images=images, characters=np.array(characters))
+def _write_cache(path: Path, part: _Part) -> None:
+    write_npz(path, compressed=True, images=part.images, characters=np.array(part.characters),
+              source_sha256=np.array(part.sha256), source_stamp=np.array(part.stamp))
 
 
 def write_npz(path: Path, compressed: bool, **arrays: np.ndarray) -> None:
@@ -277,30 +415,47 @@ class OmniglotCharacters:
 
     @classmethod
     def load(cls, data_root: str | os.PathLike | None = None, *, image_size: int = 28, cache_dir: str | os.PathLike | None = None,
-             download: bool = False, verbose: bool = True) -> OmniglotCharacters:
+             download: bool = False, verbose: bool = True, allow_modified: bool = False) -> OmniglotCharacters:
         """Load from the cache in `cache_dir` (default ``~/.cache/binom_opt``), building it on first use.
 
-        `data_root` and `download` are as in :func:`find_omniglot_root`. Building the cache decodes every
-        PNG once (with a progress bar when `verbose`). Raises OmniglotDataError for corrupt, truncated
-        or incomplete data.
+        `data_root` and `download` are as in :func:`find_omniglot_root`. Each split's source is checked against
+        :data:`ZIP_SHA256` (an extracted folder against :data:`CONTENT_SHA256`) on first use and whenever it changed,
+        and the cache is rebuilt when the source is not the one it was decoded from. A digest that is not the
+        release's raises :class:`OmniglotChecksumError`, or only warns with `allow_modified` (or
+        ``$BINOM_OPT_ALLOW_MODIFIED_DATA=1``). Building the cache decodes every PNG once (with a progress bar when
+        `verbose`). Raises OmniglotDataError for corrupt, truncated or incomplete data.
         """
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        allow_modified = allow_modified_data(allow_modified)
         cache_dir = Path(cache_dir) if cache_dir is not None else user_cache()
         paths = {split: cache_file(cache_dir, split, image_size) for split in SPLITS}
         parts = {split: _read_cache(path, split, image_size, verbose) for split, path in paths.items()}
+        root = _source_root(data_root, download, needed=any(part is None for part in parts.values()))
+        sources = {}
+        for split, part in parts.items():
+            if root is None:  # all cached, the source gone: the digest the cache recorded decides
+                if not _accepted(split, part.sha256):
+                    _refuse(f"{paths[split]} was decoded from a copy of {split} whose SHA-256 {part.sha256} is not the "
+                            "release's, and that copy is no longer there.", "Delete it to decode the release again", allow_modified)
+                continue
+            sources[split] = _verified_source(root, split, part, allow_modified)
+            if part is not None and part.sha256 != sources[split][0]:
+                if verbose:
+                    print(f"The Omniglot {split} in {root} is not the one {paths[split]} was decoded from; rebuilding it.",
+                          file=sys.stderr)
+                parts[split] = None
         todo = [split for split, part in parts.items() if part is None]
         if todo:
-            root = find_omniglot_root(data_root, download=download)
             if verbose:
                 print(f"Decoding the {sum(SPLITS[s][1] for s in todo) * DRAWINGS:,} Omniglot drawings once into {cache_dir} "
                       "(later runs read them from there)", file=sys.stderr)
             for split in todo:
-                parts[split] = _decode_split(root, split, image_size, progress=verbose)
-                _write_cache(paths[split], *parts[split])
-        names = [(name, split) for split in SPLITS for name in parts[split][1]]
+                parts[split] = _Part(*_decode_split(root, split, image_size, progress=verbose), *sources[split])
+                _write_cache(paths[split], parts[split])
+        names = [(name, split) for split in SPLITS for name in parts[split].characters]
         return cls(
-            images=torch.from_numpy(np.concatenate([parts[split][0] for split in SPLITS])),
+            images=torch.from_numpy(np.concatenate([parts[split].images for split in SPLITS])),
             alphabets=tuple(name.split("/")[0] for name, _ in names),
             characters=tuple(name.split("/")[1] for name, _ in names),
             origins=tuple(split for _, split in names),

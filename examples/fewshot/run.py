@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import binom_opt as bo
 
-from .omniglot import OmniglotCharacters, OmniglotDataError, OmniglotNotFound, TaskSampler
+from .omniglot import ALLOW_MODIFIED_ENV, OmniglotCharacters, OmniglotDataError, OmniglotNotFound, TaskSampler
 
 __all__ = ["common_parser", "parse", "make_estimator", "load_tasks", "sampler", "confidence", "meta_batch_numbers", "Run"]
 
@@ -70,6 +70,8 @@ def common_parser(description: str, defaults: dict, presets: Dict[str, dict], om
         a("--data-root", type=Path, default=None, help="the Omniglot folder (default: $OMNIGLOT_ROOT, then ~/.cache/binom_opt/omniglot)")
         a("--download", action=argparse.BooleanOptionalAction, default=True,
           help="download Omniglot into ~/.cache/binom_opt/omniglot when it is found nowhere")
+        a("--allow-modified-data", action="store_true",
+          help=f"use Omniglot zips whose SHA-256 is not the release's, with a warning (or ${ALLOW_MODIFIED_ENV}=1)")
     else:
         a("--data-root", type=Path, required=True, help="the data set's folder")
     a("--cache-dir", type=Path, default=None, help="decoded-image cache (default ~/.cache/binom_opt)")
@@ -118,7 +120,7 @@ def load_tasks(args: argparse.Namespace) -> Dict[str, object]:
     """The MAML splits of Omniglot, or a short error (no traceback) that says how to get the data."""
     try:
         characters = OmniglotCharacters.load(args.data_root, cache_dir=args.cache_dir, download=args.download,
-                                             verbose=not args.no_progress)
+                                             verbose=not args.no_progress, allow_modified=args.allow_modified_data)
     except (OmniglotNotFound, OmniglotDataError) as e:
         raise SystemExit(f"error: {e}") from None
     return characters.splits(seed=0)
