@@ -275,18 +275,21 @@ def along_tasks(per_task: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def map_points(
-    fn: Callable, args: tuple, tasks: Tasks, randomness: str, limit: Optional[int] = None, compile_fn: Union[bool, str] = False
+    fn: Callable, args: tuple, tasks: Tasks, randomness: str, limit: Optional[int] = None, compile_fn: Union[bool, str] = False,
+    plain: Optional[Callable] = None,
 ) -> Any:
     """``fn(*one_point_args, task)`` at ``n`` points of ``B`` tasks; ``args`` are pytrees of ``[n, B, ...]``.
 
     ``limit`` caps the evaluations (points x tasks) run at once. With ``tasks.loop`` each task runs on
     its own, its points vmapped. Otherwise points are the outer ``vmap`` and tasks the inner one;
     below ``B`` at once the tasks are chunked, except under ``randomness="same"``, whose masks depend
-    on how many tasks draw together.
+    on how many tasks draw together. ``plain``: the same function for a call that is not lifted (one
+    point of one task, not compiled), where plain autograd costs less host time than ``torch.func``.
     """
     if tasks.loop:  # each task as a task of its own: its points vmapped, as the per-task path runs them
-        outs = [map_points(lambda *a, b=b: fn(*a[:-1], tasks.task(b)), pytree.tree_map(lambda t: t[:, b : b + 1], args),
-                           Tasks(), randomness, limit, compile_fn) for b in range(tasks.size)]
+        alone = lambda f, b: None if f is None else (lambda *a: f(*a[:-1], tasks.task(b)))
+        outs = [map_points(alone(fn, b), pytree.tree_map(lambda t: t[:, b : b + 1], args), Tasks(), randomness, limit, compile_fn,
+                           alone(plain, b)) for b in range(tasks.size)]
         return pytree.tree_map(lambda *ts: ts[0] if len(ts) == 1 else torch.cat(ts, dim=1), *outs)
     n = pytree.tree_leaves(args)[0].shape[0]
     B = tasks.size
@@ -294,9 +297,10 @@ def map_points(
     if limit is not None and limit < n * B:
         step_chunk = max(1, limit // B)
         task_chunk = limit if limit < B and randomness != "same" else None
-    per_point = over_tasks(fn, tasks, randomness, task_chunk)
     if n == 1 or step_chunk == 1:  # a loop over points skips vmap's batching rules
-        return _loop(compiled(per_point, compile_fn), args)
+        one = plain if plain is not None and not tasks.batched and not compile_fn else fn
+        return _loop(compiled(over_tasks(one, tasks, randomness, task_chunk), compile_fn), args)
+    per_point = over_tasks(fn, tasks, randomness, task_chunk)
     return compiled(vmap_or_loop(per_point, _POINT_RANDOMNESS[randomness], step_chunk, same=randomness == "same"), compile_fn)(*args)
 
 

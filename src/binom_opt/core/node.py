@@ -23,6 +23,7 @@ from .expansion import ExpansionResult, expand, nonfinite_tasks, task_norms
 from .implicit import conjugate_gradient
 from .memory import Chunking
 from .mixed import MixedTerms, directional_gradients, hyper_gradients
+from .norm_layers import module_policy
 from .oracle import HVPOracle
 from .readback import Readback
 from .stats import make_stats, merge_stats, stats_tensor
@@ -77,10 +78,11 @@ class Record:
     def backward(self, g: Tensors) -> Gradients:
         """The meta-gradient for the outer gradient ``g``: with respect to the initial point (``[B, ...]``), the
         other meta-parameters and the learned hyperparameters."""
-        if self.tasks.loop and self.tasks.size > 1:
-            return self._task_by_task(g)
-        read, finish = self._compute(g)
-        return finish(read.read())
+        with module_policy(self.setup.options.bn):  # entered once: every replay below nests in it at no cost
+            if self.tasks.loop and self.tasks.size > 1:
+                return self._task_by_task(g)
+            read, finish = self._compute(g)
+            return finish(read.read())
 
     def _compute(self, g: Tensors) -> Tuple[Readback, Callable[[Dict[str, list]], Gradients]]:
         """Everything up to the host read: what to read, and what turns the host values into the result (the

@@ -19,7 +19,7 @@ from .trajectory import Trajectory
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
 
-__all__ = ["hvp_function", "HVPOracle"]
+__all__ = ["hvp_function", "plain_hvp", "HVPOracle"]
 
 
 def hvp_function(loss_fn: LossFn, mode: str) -> Callable[[Tensors, Tensors, object], Tensors]:
@@ -35,6 +35,26 @@ def hvp_function(loss_fn: LossFn, mode: str) -> Callable[[Tensors, Tensors, obje
     return lambda point, vector, task: jvp(lambda p: grad(loss_fn)(p, task), (point,), (vector,))[1]
 
 
+def plain_hvp(loss_fn: LossFn) -> Callable[[Tensors, Tensors, object], Tensors]:
+    """:func:`hvp_function`'s reverse-over-reverse product with plain autograd, for a call that is not lifted (one
+    point of one task): the same double backward, without ``torch.func``'s per-call wrapping of every tensor.
+
+    >>> f = lambda p, task: (p["w"] ** 3).sum()
+    >>> plain_hvp(f)({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}, None)["w"]
+    tensor([ 6., 12.])
+    """
+    def hvp(point: Tensors, vector: Tensors, task) -> Tensors:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in point.values()]
+            grads = torch.autograd.grad(loss_fn(dict(zip(point, leaves)), task), leaves, create_graph=True, allow_unused=True)
+            used = [(g, v) for g, v in zip(grads, vector.values()) if g is not None and g.requires_grad]
+            products = (torch.autograd.grad([g for g, _ in used], leaves, [v for _, v in used], allow_unused=True)
+                        if used else [None] * len(leaves))
+        return {n: torch.zeros_like(t) if h is None else h for (n, t), h in zip(point.items(), products)}
+
+    return hvp
+
+
 class HVPOracle:
     """``oracle(steps, vectors)``: ``H_j v_j`` for each step ``j`` of the ``range`` and every task.
 
@@ -46,7 +66,7 @@ class HVPOracle:
 
     def __init__(self, trajectory: Trajectory, tasks: Tasks, options: Options, chunking: Chunking, zero=frozenset()):
         self.trajectory, self.tasks, self.options, self.chunking, self.zero = trajectory, tasks, options, chunking, zero
-        self._hvps: Dict[int, Callable] = {}
+        self._hvps: Dict[int, tuple] = {}  # per support loss: its lifted HVP and its plain one
         self.computed = 0  # HVPs per task actually taken (steps in ``zero`` have H = 0 and cost nothing)
 
     def __call__(self, steps: range, vectors: Tensors) -> Tensors:
@@ -70,13 +90,15 @@ class HVPOracle:
 
     def _lifted(self, loss_fn, measured_at: int, points, at: Tensors, during: str) -> Tensors:
         """One lifted, chunked call of the HVP of ``loss_fn`` over ``points()`` x tasks (``[n, B, ...]``)."""
-        hvp = self._hvps.setdefault(id(loss_fn), hvp_function(loss_fn, self.options.hvp_mode))
+        hvp, plain = self._hvps.setdefault(id(loss_fn), (hvp_function(loss_fn, self.options.hvp_mode),
+                                                         plain_hvp(loss_fn) if self.options.hvp_mode == "rev" else None))
         count = next(iter(at.values())).shape[0]
         self.computed += count
 
         def call(limit):
             with calls(self.options, self.trajectory.context(measured_at), during):
-                return map_points(hvp, (points(), at), self.tasks, self.options.randomness, limit, self.options.compile_hvps)
+                return map_points(hvp, (points(), at), self.tasks, self.options.randomness, limit, self.options.compile_hvps,
+                                  plain=plain)
 
         return self.chunking.run(count * self.tasks.at_once, lambda: self.measure(loss_fn, measured_at), call)
 
