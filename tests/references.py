@@ -164,7 +164,8 @@ def relative_error(estimate: Tensors, reference: Tensors) -> float:
 
 
 def brute_force_with_rule(model, adapted, rules, hyper, support, query, steps, estimator):
-    """The generalised expansion for inner optimizers with state, by enumerating index subsets.
+    """The generalised expansion for inner optimizers with state, by enumerating index subsets (``support``: one
+    loss, or one per step).
 
     Each step's transposed Jacobian is ``D_k^T + C^T H_k B_k^T`` (``D``: the update's Jacobian in
     the point and state with the gradient fixed, ``B``: in the gradient, ``C^T`` embeds a point
@@ -196,8 +197,9 @@ def brute_force_with_rule(model, adapted, rules, hyper, support, query, steps, e
     factors = []
     z = pack(phi, state)
     for k in range(steps):
-        H = torch.autograd.functional.hessian(lambda f: loss_at(support, f), z[:d], vectorize=True)
-        grad = torch.autograd.functional.jacobian(lambda f: loss_at(support, f), z[:d])
+        step_loss = support[k] if isinstance(support, (list, tuple)) else support  # one per step: its random state
+        H = torch.autograd.functional.hessian(lambda f: loss_at(step_loss, f), z[:d], vectorize=True)
+        grad = torch.autograd.functional.jacobian(lambda f: loss_at(step_loss, f), z[:d])
         D, B = torch.autograd.functional.jacobian(lambda zz, gg: update(k, zz, gg), (z, grad))
         factors.append((D, B, H))
         z = update(k, z, grad)
@@ -218,3 +220,24 @@ def brute_force_with_rule(model, adapted, rules, hyper, support, query, steps, e
                     v = D.T @ v
             total = total + v
     return unflatten(total[:d], phi)
+
+
+def with_random_state(loss, state: torch.Tensor):
+    """``loss`` run from the CPU random state ``state`` (the caller's stream untouched): its draws fixed."""
+    def fixed(f):
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state)
+            return loss(f)
+    return fixed
+
+
+def step_states(loss, model, count: int) -> List[torch.Tensor]:
+    """The random state each of ``count`` forwards of ``loss`` starts from, from the current one: what each inner step
+    of a loop and then its query loss draw from (the number of draws of a forward does not depend on the point)."""
+    states = []
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(count):
+            states.append(torch.get_rng_state())
+            with torch.no_grad():
+                loss(model)
+    return states

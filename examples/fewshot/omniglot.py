@@ -369,9 +369,10 @@ def _write_cache(path: Path, part: _Part) -> None:
 
 def write_npz(path: Path, compressed: bool, **arrays: np.ndarray) -> None:
     """Write an ordinary file (the umask's mode) under a temporary name, then rename it: a crash never leaves
-    half a cache."""
+    half a cache, and processes writing the same cache at once (the ranks of a torchrun on a cold cache) each
+    write their own file, the last rename winning."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as out:
             (np.savez_compressed if compressed else np.savez)(out, **arrays)
