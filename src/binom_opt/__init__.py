@@ -16,10 +16,11 @@ has the paper's error bounds and :mod:`binom_opt.distributed` shards meta-batche
 """
 
 from . import bounds, distributed, functional
+from .core.adaptation import meta_backward
 from .core.batching import HVPBackendError
 from .core.estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Implicit, Reptile, Truncated
+from .core.implicit import ImplicitSolveWarning
 from .core.learner import BatchedLearner, Learner
-from .core.node import ImplicitSolveWarning, meta_backward
 from .core.options import Options
 from .core.stats import ExpansionDivergenceWarning, MetaGradientStats
 from .engine import MetaGradientEngine

@@ -14,10 +14,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .core.adaptation import meta_backward
 from .core.batching import Tasks
 from .core.estimators import Estimator, Exact, check_estimator
 from .core.learner import BatchedLearner, Learner, module_loss
-from .core.node import meta_backward
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor, MetaGradientStats

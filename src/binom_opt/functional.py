@@ -12,9 +12,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .core.adaptation import check_scalar_loss, sum_present
 from .core.batching import Tasks, autograd_through_vmap, calls, per_task
 from .core.estimators import Estimator, Exact, Implicit, check_estimator
-from .core.node import check_scalar_loss, sum_present
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor, MetaGradientStats, merge_stats

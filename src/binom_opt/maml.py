@@ -135,6 +135,11 @@ class MAMLLearner(AdaptedModule):
     the call.
     """
 
+    _loop: InnerLoop
+    _maml: MAML
+    _setup: Setup
+    _allow_nograd: bool
+
     def __init__(self, loop: InnerLoop, maml: MAML, setup: Setup, allow_nograd: bool, modes: Optional[Sequence[bool]] = None):
         super().__init__(loop, maml.module, maml.options.bn)
         vars(self).update(_maml=maml, _setup=setup, _allow_nograd=allow_nograd)  # the wrapper is not a submodule

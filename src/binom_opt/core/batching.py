@@ -284,13 +284,18 @@ def map_points(
     its own, its points vmapped. Otherwise points are the outer ``vmap`` and tasks the inner one;
     below ``B`` at once the tasks are chunked, except under ``randomness="same"``, whose masks depend
     on how many tasks draw together. ``plain``: the same function for a call that is not lifted (one
-    point of one task, not compiled), where plain autograd costs less host time than ``torch.func``.
+    point of one task, not compiled), where plain autograd costs less host time than ``torch.func``; it
+    takes and returns dicts of tensors, and one point of one task skips the pytree machinery too.
     """
     if tasks.loop:  # each task as a task of its own: its points vmapped, as the per-task path runs them
-        alone = lambda f, b: None if f is None else (lambda *a: f(*a[:-1], tasks.task(b)))
+        alone = lambda f, b: (lambda *a: f(*a[:-1], tasks.task(b)))
         outs = [map_points(alone(fn, b), pytree.tree_map(lambda t: t[:, b : b + 1], args), Tasks(), randomness, limit, compile_fn,
-                           alone(plain, b)) for b in range(tasks.size)]
+                           None if plain is None else alone(plain, b)) for b in range(tasks.size)]
         return pytree.tree_map(lambda *ts: ts[0] if len(ts) == 1 else torch.cat(ts, dim=1), *outs)
+    single = not tasks.batched and all(isinstance(a, dict) for a in args) and next(iter(args[0].values())).shape[0] == 1
+    if plain is not None and single and not compile_fn:  # one point of one task: no lifting, no pytree walk
+        out = plain(*({k: t[0, 0] for k, t in a.items()} for a in args), None)
+        return {k: t[None, None] for k, t in out.items()}
     n = pytree.tree_leaves(args)[0].shape[0]
     B = tasks.size
     step_chunk, task_chunk = None, None

@@ -7,16 +7,21 @@ At the minimiser of ``F = l + reg/2 ||phi - theta||^2`` the meta-gradient solves
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from .batching import along_tasks
+from .batching import Tasks, along_tasks
+from .checks import finite_flag, naming, nan_max
+from .expansion import ExpansionResult
+from .mixed import directional_gradients
+from .readback import Readback
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["proximal", "CGResult", "conjugate_gradient"]
+__all__ = ["proximal", "CGResult", "conjugate_gradient", "ImplicitSolveWarning", "implicit_solve", "check_implicit", "implicit_others"]
 
 
 def proximal(loss_fn: Callable, theta: Tensors, reg: float) -> Callable:
@@ -98,3 +103,55 @@ def _dot(a: Tensors, b: Tensors) -> torch.Tensor:
 
 def _per_task(scalars: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return along_tasks(scalars.to(like.dtype), like)
+
+
+class ImplicitSolveWarning(RuntimeWarning):
+    """Conjugate gradient for an implicit meta-gradient met negative curvature or did not reduce the residual."""
+
+
+def implicit_solve(estimator, g: Tensors, oracle, read: Readback) -> ExpansionResult:
+    """Solve ``(I + H/reg) x = g`` at ``phi_K`` by conjugate gradient; its breakdowns go to ``read``, for
+    :func:`check_implicit`."""
+    reg = estimator.reg  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
+    with torch.no_grad():  # the recorded loss is the proximal one: its Hessian is H + reg I
+        cg = conjugate_gradient(lambda v: {n: t / reg for n, t in oracle.at_final(v).items()}, g, estimator.cg_steps)  # pyright: ignore[reportAttributeAccessIssue]
+    tol = estimator.tol  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
+    read.add("cg_residual", cg.residual)
+    read.add("cg_negative", cg.negative_curvature)
+    read.add("cg_failed", cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol)))
+    return ExpansionResult(cg.x, contributions=cg.residuals)
+
+
+def check_implicit(host: Dict[str, list], estimator, tasks: Tasks, nan_policy: str) -> Tuple[float, Tuple[int, ...]]:
+    """Raise or warn when conjugate gradient broke down; the largest relative residual and the tasks it failed."""
+    tol = estimator.tol  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
+    residuals, negative = host["cg_residual"], host["cg_negative"]
+    unsolved = tuple(b for b, failed in enumerate(host["cg_failed"]) if failed)
+    if unsolved:
+        residual = nan_max([residuals[b] for b in unsolved])
+        why = ("met negative curvature (H + reg I is not positive definite at the adapted point)"
+               if any(negative) else f"left a residual above tol={tol}")
+        message = (f"{estimator!r}: conjugate gradient {why}{naming(tasks, unsolved)}; relative residual "
+                   f"||g - (I + H/reg) x|| / ||g|| = {residual:.3g}, so the implicit meta-gradient is unreliable. Raise "
+                   "reg or cg_steps, take more inner steps (the inner loop must reach the proximal minimum), or use "
+                   "another estimator.")
+        if nan_policy == "raise":
+            raise FloatingPointError(message + " (with nan_policy='skip_task' this is a warning)")
+        warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
+    return nan_max(residuals), unsolved
+
+
+def implicit_others(estimator, result: ExpansionResult, oracle, trajectory, meta_inputs: list, read: Readback):
+    """``-d/dc <grad F(phi_K, c), x> / reg`` for the other meta-parameters ``c`` (the proximal term has no ``c``);
+    ``x`` is already zero for the tasks the NaN policy dropped."""
+    if not meta_inputs:
+        return []
+    weight = {n: -t / estimator.reg for n, t in result.meta_grad.items()}  # pyright: ignore[reportAttributeAccessIssue]  # Implicit here
+    final = {n: t.unsqueeze(0) for n, t in trajectory.final.items()}
+    grads = directional_gradients(oracle, trajectory.loss_fns[-1], final, {n: t.unsqueeze(0) for n, t in weight.items()},
+                                  meta_inputs, "the mixed second-order terms at the adapted point",
+                                  trajectory.context(trajectory.steps - 1))
+    finite = finite_flag(grads)
+    if finite is not None:
+        read.add("implicit_others_bad", ~finite)
+    return grads

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -207,9 +207,16 @@ class AdaptedModule(nn.Module):
         detach: hand out the adapted parameters detached (no meta-gradient: ``track_higher_grads=False``).
     """
 
+    # set through vars() in __init__: the model must not become a submodule (its parameters are not this module's)
+    _loop: Any
+    _model: nn.Module
+    _bn: str
+    _fixed: Tensors
+    _detach: bool
+    _modes: List[bool]
+
     def __init__(self, loop, model: nn.Module, bn: str, fixed: Optional[Tensors] = None, detach: bool = False):
         super().__init__()
-        # in __dict__, not registered: the model is not a submodule (its parameters are not this module's)
         vars(self).update(_loop=loop, _model=model, _bn=bn, _fixed=dict(fixed or {}), _detach=detach,
                           _modes=[m.training for m in model.modules()])
         self.training = model.training
@@ -246,11 +253,11 @@ class AdaptedModule(nn.Module):
         (``learner.module.features(x)``) run with them; buffers are shared with the model."""
         return adapted_module(self._model, self._stand_ins(), self._modes)
 
-    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+    def parameters(self, recurse: bool = True) -> Iterator[torch.Tensor]:  # pyright: ignore[reportIncompatibleMethodOverride]  # adapted tensors, not Parameters
         """The model's parameters at this point: the adapted ones where they adapt."""
         return (p for _, p in self.named_parameters())
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):  # pyright: ignore[reportIncompatibleMethodOverride]  # adapted tensors
         """``(name, parameter)`` pairs of the model at this point: the adapted ones where they adapt."""
         stand_ins = self._stand_ins()
         return iter([(prefix + n, stand_ins.get(n, p)) for n, p in self._model.named_parameters()])

@@ -16,42 +16,21 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.func import grad_and_value
 
+from .adaptation import Adaptation, check_scalar_loss, leaves_requiring_grad
 from .batching import Tasks, calls, compiled, over_tasks, refuse_random_ops, stack
 from .context import RandomState, StepContext, device_types, devices_of
 from .estimators import Estimator, Implicit
 from .implicit import proximal
-from .node import Adaptation, Record, Status, check_scalar_loss, leaves_requiring_grad
+from .node import Record, Status
 from .options import Options
+from .setup import Setup
 from .trajectory import DROPPED, Stored, Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
 
-__all__ = ["Setup", "Stepper", "InnerLoop"]
-
-
-@dataclass
-class Setup:
-    """What stays fixed across the adaptations of one engine or drop-in.
-
-    Attributes:
-        estimator, options: how meta-gradients are computed.
-        make_loss: turns a user closure into the support loss ``loss(phi, task)`` of one task.
-        steps: the number of inner steps every adaptation must take before backward (``None``: any).
-        allow_unused: adapted parameters the support loss does not use get zero gradients.
-        on_stats: called with the :class:`~binom_opt.MetaGradientStats` of every meta-gradient.
-        copied: the initial point is a copy that no meta-gradient reaches (higher's ``copy_initial_weights=True``):
-            only the other meta-parameters get one.
-    """
-
-    estimator: Estimator
-    options: Options
-    make_loss: Callable[[Callable], LossFn]
-    steps: Optional[int] = None
-    allow_unused: bool = False
-    on_stats: Optional[Callable] = None
-    copied: bool = False
+__all__ = ["Setup", "Stepper", "InnerLoop"]  # Setup re-exported: the shells build it with the loop
 
 
 @dataclass

@@ -1,0 +1,154 @@
+"""The checks of a meta-gradient, raised after its one host read (module readback), in the order of their causes.
+
+Each check reads the host values a :class:`~binom_opt.core.readback.Readback` brought back and raises an error that
+names the problem and the fix: a non-finite inner loop, a closure that is not a pure function (the replay check), an
+estimator the recorded loop cannot serve, a non-finite meta-gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .batching import Tasks, calls, over_tasks
+from .readback import Readback
+
+__all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "raise_bad_tasks", "raise_bad_others",
+           "naming", "finite_flag", "all_finite", "nan_max"]
+
+
+def naming(tasks: Tasks, indices: Sequence[int]) -> str:
+    """`` for task(s) [...]`` in a meta-batch, nothing for one task."""
+    return f" for task(s) {tasks.name(indices)}" if tasks.batched else ""
+
+
+def check_estimator_fits(estimator, plan, proximal: Optional[float], hyper_inputs: list, meta_inputs: list) -> None:
+    """Refuse an estimator this recorded loop cannot serve: another proximal term, or inputs it has no meta-gradient for."""
+    wanted = estimator.reg if plan.schedule == "implicit" else None  # pyright: ignore[reportAttributeAccessIssue]  # Implicit's schedule
+    if proximal != wanted:
+        recorded = "without the proximal term" if proximal is None else f"with Implicit's proximal term (reg={proximal})"
+        raise ValueError(
+            f"This inner loop was recorded {recorded}, but its meta-gradient was asked of {estimator!r}: Implicit's "
+            "inner loop minimises the support loss plus reg/2 ||phi - theta||^2, so it is a different loop. Adapt with the "
+            "estimator the meta-gradient uses."
+        )
+    if plan.schedule in ("implicit", "reptile") and hyper_inputs:
+        raise ValueError(
+            f"{estimator!r} has no meta-gradient for learned learning rates: at the fixed point Implicit "
+            "differentiates they do not matter, and Reptile is not a gradient. Use another estimator, or leave the "
+            "learning rates fixed (requires_grad=False)."
+        )
+    if plan.schedule == "reptile" and meta_inputs:
+        raise ValueError(
+            "Reptile() gives a direction to the adapted parameters only, but the support loss also uses "
+            f"{len(meta_inputs)} other tensor(s) that require grad (the model's parameters that do not adapt, such "
+            "as an ANIL body, or features computed outside the closure). Adapt every parameter the support loss uses, "
+            "detach the others, or use another estimator."
+        )
+
+def check_inner_loop(host: Dict[str, list], tasks: Tasks, names: List[str]) -> None:
+    """Raise for the first inner step whose loss or gradient was not finite (flags recorded by the inner loop)."""
+    steps = host.get("inner_bad", [])
+    k = next((k for k, flags in enumerate(steps) if any(map(any, flags))), None)
+    if k is None:
+        return
+    flags = steps[k]
+    which = naming(tasks, [b for b in range(tasks.size) if any(f[b] for f in flags)])
+    if any(flags[0]):
+        value = host["losses"][k][flags[0].index(1.0)]
+        raise FloatingPointError(
+            f"The inner loss is {value} at inner step {k}{which}: the inner loop diverged or the support data holds "
+            "NaN/Inf (or is empty). Lower the inner learning rate or check the support set."
+        )
+    raise FloatingPointError(
+        f"The inner gradient of {[n for n, row in zip(names, flags[1:]) if any(row)]} is not finite at inner step "
+        f"{k}{which} although the loss is finite: an operation in the support loss has an infinite derivative there "
+        "(e.g. sqrt or log at 0). Clamp its input away from the singularity."
+    )
+
+def replay(trajectory, tasks: Tasks, options, read: Readback) -> List[int]:
+    """Replay each distinct support loss at its first kept point, for :func:`check_replay`.
+
+    The estimators replay the support loss at recorded points; a closure that reads a variable that has
+    changed since (a loop variable captured by a lambda, a later batch) would silently differentiate
+    another loss. One forward per distinct support loss catches that.
+    """
+    firsts: Dict[int, int] = {}  # the first step of each support loss whose point is kept
+    for k, fn in enumerate(trajectory.loss_fns):
+        if trajectory.available(k):
+            firsts.setdefault(id(fn), k)
+    if not firsts:
+        return []
+    replayed = []
+    for k in firsts.values():
+        with torch.no_grad(), calls(options, trajectory.context(k), f"the replay check at step {k}"):
+            replayed.append(over_tasks(trajectory.loss_fns[k], tasks, options.randomness)(trajectory.point(k)))
+    now, then = torch.stack(replayed), trajectory.losses[list(firsts.values())]
+    tolerance = 1e-9 if then.dtype == torch.float64 else 1e-5
+    read.add("replay_now", now)
+    read.add("replay_then", then)
+    read.add("replay_close", torch.isclose(now, then, rtol=tolerance, atol=tolerance))
+    return list(firsts.values())
+
+def check_replay(host: Dict[str, list], steps: List[int], tasks: Tasks) -> None:
+    """Raise if a support loss replayed by :func:`replay` differs from its value in the inner loop."""
+    close = host.get("replay_close", [])
+    row = next((r for r, flags in enumerate(close) if not all(flags)), None)
+    if row is None:
+        return
+    pure = "(learner, task)" if tasks.batched else "the learner"
+    raise RuntimeError(
+        f"The support loss replayed for the meta-gradient is {host['replay_now'][row]}, but it was "
+        f"{host['replay_then'][row]} at inner step {steps[row]}: the closure is not a pure "
+        f"function of {pure}. Either it reads a "
+        "variable that changed after the inner loop, such as a loop variable captured by a lambda (bind the data "
+        "when you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)), or it draws random numbers, "
+        "e.g. dropout, which randomness='error' does not replay (leave the default randomness='replay', or pass "
+        "'same' or 'different'; see binom_opt.Options)."
+    )
+
+def raise_bad_tasks(host: Dict[str, list], tasks: Tasks, nan_policy: str) -> None:
+    """Under ``nan_policy="raise"``, raise for the tasks whose meta-gradient is not finite."""
+    flags = host["bad"]
+    if nan_policy != "raise" or not any(flags):
+        return
+    rounds = [r + 1 for r, ok in enumerate(host.get("finite_rounds", [])) if not ok]
+    where = f"in HVP round {rounds[0]}" if rounds else "in the outer-loss gradient"
+    raise FloatingPointError(
+        f"The meta-gradient is not finite{naming(tasks, [b for b, f in enumerate(flags) if f])} (first seen {where}): "
+        "the Hessian-vector products overflowed or the query loss is NaN/Inf. Lower the inner learning rate, use a "
+        "smaller L, or check the data (nan_policy='skip_task' drops such tasks)."
+    )
+
+def raise_bad_others(host: Dict[str, list]) -> None:
+    """Raise if the meta-gradient of a meta-parameter other than the initialisation is not finite."""
+    if host.get("implicit_others_bad", 0.0):
+        raise FloatingPointError(
+            "The implicit meta-gradient of a meta-parameter other than the initialisation is not finite: raise reg "
+            "or check the data."
+        )
+    if host.get("others_bad", 0.0):
+        raise FloatingPointError(
+            "The meta-gradient of a meta-parameter other than the initialisation (a tensor the support loss uses, "
+            "or a learned learning rate) is not finite: lower the inner learning rate or check the data."
+        )
+
+
+def finite_flag(tensors) -> Optional[torch.Tensor]:
+    """Whether every tensor (``None`` for an unreached input) holds only finite values, as a device bool
+    (``None`` when there is no tensor)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return torch.stack(flags).all() if flags else None
+
+
+def all_finite(tensors) -> bool:
+    """:func:`finite_flag` read back (one host sync)."""
+    flag = finite_flag(tensors)
+    return flag is None or bool(flag)
+
+
+def nan_max(values: Sequence[float]) -> float:
+    """``max`` as ``torch.max`` takes it: NaN when any value is NaN."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
