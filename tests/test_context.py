@@ -195,25 +195,29 @@ def test_step_context_replays_autocast_and_forks_the_generator():
 # --- mixed precision: the backward outside autocast replays steps taken inside it ------------------------------
 
 
-def test_bf16_autocast_meta_gradient_does_not_depend_on_where_the_backward_runs():
-    def meta_grads(backward_inside):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
-        gen = generator(3)
-        x, y = torch.randn(20, 16, generator=gen), torch.randint(0, 5, (20,), generator=gen)
-        learner = bo.MAML(model, lr=0.3).clone()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            for _ in range(3):
-                learner.adapt(lambda m: F.cross_entropy(m(x), y))
-            loss = F.cross_entropy(learner(x), y)
-            if backward_inside:
-                loss.backward()
-        if not backward_inside:
+def adapted_under_autocast(device: str, dtype: torch.dtype, backward_inside: bool = False):
+    """A small MLP adapted 3 steps under ``torch.autocast(device, dtype)``, its query loss computed there too (and,
+    with ``backward_inside``, differentiated there); the model and the loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)).to(device)
+    gen = generator(3)
+    x, y = torch.randn(20, 16, generator=gen).to(device), torch.randint(0, 5, (20,), generator=gen).to(device)
+    learner = bo.MAML(model, lr=0.3).clone()
+    with torch.autocast(device, dtype=dtype):
+        for _ in range(3):
+            learner.adapt(lambda m: F.cross_entropy(m(x), y))
+        loss = F.cross_entropy(learner(x), y)
+        if backward_inside:
             loss.backward()
-        return {n: p.grad for n, p in model.named_parameters()}
+    return model, loss
 
-    inside, outside = meta_grads(True), meta_grads(False)
-    assert R.relative_error(outside, inside) < 1e-6
+
+def test_bf16_autocast_meta_gradient_does_not_depend_on_where_the_backward_runs():
+    inside, _ = adapted_under_autocast("cpu", torch.bfloat16, backward_inside=True)
+    outside, loss = adapted_under_autocast("cpu", torch.bfloat16)
+    loss.backward()  # outside autocast: PyTorch's recommended pattern
+    grads = lambda model: {n: p.grad for n, p in model.named_parameters()}
+    assert R.relative_error(grads(outside), grads(inside)) < 1e-6
 
 
 # --- dropout 0.1 in train mode on tiny Hugging Face models -------------------------------------------------
@@ -262,20 +266,12 @@ def test_hugging_face_dropout_in_train_mode_gives_the_loops_meta_gradient(kind, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast and GradScaler need CUDA")
 def test_fp16_grad_scaler_scales_the_meta_gradient_and_unscale_recovers_it():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    gen = generator(4)
-    x, y = torch.randn(20, 16, generator=gen).cuda(), torch.randint(0, 5, (20,), generator=gen).cuda()
 
     def meta_step(scaled):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 5)).cuda()
+        model, loss = adapted_under_autocast("cuda", torch.float16)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
-        learner = bo.MAML(model, lr=0.3).clone()
-        with torch.autocast("cuda", dtype=torch.float16):
-            for _ in range(3):
-                learner.adapt(lambda m: F.cross_entropy(m(x), y))
-            loss = F.cross_entropy(learner(x), y)
         if scaled:
+            scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
         else:
