@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import binom_opt as bo
 
+from overhead import median_ms
 from suite.report import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,21 +78,6 @@ def meta_steps(model: nn.Module, tasks, steps: int, lr: float) -> Dict[str, Call
 
     return {"hand-written": hand_written, "higher": with_higher, "bo.MAML Exact": binom_opt(bo.Exact()),
             "bo.MAML Binomial(1)": binom_opt(bo.Binomial(1)), "bo.MAML FirstOrder": binom_opt(bo.FirstOrder())}
-
-
-def median_ms(steps: Dict[str, Callable[[], None]], model: nn.Module, repeats: int) -> Dict[str, float]:
-    """The median CPU time of each meta-step over ``repeats``, after two warm-ups, the methods interleaved so that a
-    change in the machine's load falls on all of them (CPU time: what the process itself spent, on a shared machine)."""
-    times: Dict[str, list] = {name: [] for name in steps}
-    for i in range(repeats + 2):
-        for name, step in steps.items():
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(1)
-            start = time.process_time()
-            step()
-            if i >= 2:
-                times[name].append(1e3 * (time.process_time() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,5 @@
-"""benchmarks/dropout_cost.py runs end to end at a tiny size and writes its table (speed itself is not tested)."""
+"""benchmarks/dropout_cost.py and benchmarks/overhead.py run end to end at tiny sizes and write their tables (speed itself is
+not tested)."""
 
 import json
 import sys
@@ -16,3 +17,13 @@ def test_dropout_benchmark_writes_every_method_with_and_without_dropout(tmp_path
     assert sorted({r["dropout"] for r in result["rows"]}) == [0.0, 0.1]
     assert json.loads((tmp_path / "dropout_cpu.json").read_text())["rows"] == result["rows"]
     assert "| bo.MAML Exact | 0.1 |" in (tmp_path / "dropout_cpu.md").read_text()
+
+
+def test_overhead_benchmark_writes_every_setting_and_method(tmp_path):
+    import overhead
+
+    result = overhead.main(["--small", "--repeats", "1", "--out", str(tmp_path)])
+    methods = {(r["setting"], r["method"]) for r in result["rows"]}
+    assert ("sine", "higher") in methods and ("sine", "adapt_batch Exact, memory_budget=None") in methods
+    assert ("anil", "engine.adapt Binomial(1)") in methods and len(methods) == 14
+    assert "| sine | bo.MAML Exact |" in (tmp_path / "overhead_cpu.md").read_text()

@@ -1,0 +1,187 @@
+"""The drop-in at the cost of the loop it replaces: small adapted parts, where host work per call shows.
+
+Two settings, each with its hand-written twin, higher and binom_opt's entry points, side by side in one run:
+
+- ``sine``: the MAML paper's sine regression, an MLP 1-40-40-1, 10 support and 10 query points, K = 5 SGD steps at
+  lr 0.01, a meta-batch of 25 tasks adapted one after another (per task), and ``engine.adapt_batch`` (default
+  options, and ``memory_budget=None``: the tasks vmapped);
+- ``anil``: the main job's meta-step, a Conv4-64 body meta-learned and its linear head adapted (K = 5 at lr 0.1),
+  5-way 1-shot with 5 queries per class on random 28x28 images, a meta-batch of 4, the body once per task.
+
+Times are the process's CPU time per meta-step (1 thread by default, so it is also its wall time on an idle
+machine), the median of ``--repeats`` after two warm-ups, the methods interleaved so that a change in a shared
+machine's load falls on all of them; ratios against higher and the hand-written exact loop. One command::
+
+    python benchmarks/overhead.py      # writes benchmarks/results/overhead_cpu.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import higher
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import binom_opt as bo
+
+from fewshot.models import Conv4
+from suite.report import cpu_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Steps = Dict[str, Callable[[], None]]
+
+
+def median_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, float]:
+    """The median CPU time of each meta-step over ``repeats``, after two warm-ups, the methods interleaved (CPU time:
+    what the process itself spent, on a shared machine); ``model``'s gradients are cleared and the seed reset first."""
+    times: Dict[str, list] = {name: [] for name in steps}
+    for i in range(repeats + 2):
+        for name, step in steps.items():
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            start = time.process_time()
+            step()
+            if i >= 2:
+                times[name].append(1e3 * (time.process_time() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def unrolled(model, params: dict, loss: Callable, x, y, steps: int, lr: float, create_graph: bool = True) -> dict:
+    """The hand-written inner loop: ``steps`` SGD steps on ``loss(functional model, x, y)`` with autograd."""
+    for _ in range(steps):
+        grads = torch.autograd.grad(loss(lambda *a: torch.func.functional_call(model, params, a), x, y), list(params.values()),
+                                    create_graph=create_graph)
+        params = {n: p - lr * (g if create_graph else g.detach()) for (n, p), g in zip(params.items(), grads)}
+    return params
+
+
+def sine(tasks: int = 25, steps: int = 5, lr: float = 0.01):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    gen = torch.Generator().manual_seed(0)
+    batch = [tuple(torch.randn(10, 1, generator=gen) for _ in range(4)) for _ in range(tasks)]
+    mse = lambda f, x, y: F.mse_loss(f(x), y)
+
+    def hand(create_graph):
+        def run():
+            for xs, ys, xq, yq in batch:
+                phi = unrolled(model, dict(model.named_parameters()), mse, xs, ys, steps, lr, create_graph)
+                mse(lambda *a: torch.func.functional_call(model, phi, a), xq, yq).backward()
+        return run
+
+    def with_higher():
+        for xs, ys, xq, yq in batch:
+            with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=lr), copy_initial_weights=False) as (f, d):
+                for _ in range(steps):
+                    d.step(F.mse_loss(f(xs), ys))
+                F.mse_loss(f(xq), yq).backward()
+
+    def maml(estimator):
+        wrapper = bo.MAML(model, lr=lr, estimator=estimator)
+
+        def run():
+            for xs, ys, xq, yq in batch:
+                learner = wrapper.clone()
+                for _ in range(steps):
+                    learner.adapt(lambda m, xs=xs, ys=ys: F.mse_loss(m(xs), ys))
+                F.mse_loss(learner(xq), yq).backward()
+        return run
+
+    stacked = [torch.stack(t) for t in zip(*batch)]
+
+    def adapt_batch(estimator, **options):
+        engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=lr), steps, estimator, **options)
+
+        def run():
+            learners = engine.adapt_batch(lambda m, t: F.mse_loss(m(t[0]), t[1]), stacked[:2])
+            engine.meta_backward(F.mse_loss(learners(stacked[2]), stacked[3], reduction="sum") / 10)  # the sum of task means
+        return run
+
+    steps_ = {"hand-written exact": hand(True), "hand-written first-order": hand(False), "higher": with_higher,
+              "bo.MAML Exact": maml(bo.Exact()), "bo.MAML Binomial(1)": maml(bo.Binomial(1)), "bo.MAML FirstOrder": maml(bo.FirstOrder()),
+              "adapt_batch Exact": adapt_batch(bo.Exact()), "adapt_batch Exact, memory_budget=None": adapt_batch(bo.Exact(), memory_budget=None),
+              "adapt_batch Binomial(1), memory_budget=None": adapt_batch(bo.Binomial(1), memory_budget=None)}
+    return model, steps_
+
+
+def anil(tasks: int = 4, steps: int = 5, lr: float = 0.1, ways: int = 5, queries: int = 5):
+    torch.manual_seed(0)
+    model = Conv4(out_features=ways, hidden=64)
+    gen = torch.Generator().manual_seed(0)
+    xs, xq = torch.rand(tasks, ways, 1, 28, 28, generator=gen), torch.rand(tasks, ways * queries, 1, 28, 28, generator=gen)
+    ys, yq = torch.arange(ways), torch.arange(ways * queries) % ways
+    linear = lambda p, f: F.linear(f, p["head.weight"], p["head.bias"])
+
+    def hand(create_graph):
+        def run():
+            head = {n: p for n, p in model.named_parameters() if n.startswith("head.")}
+            for t in range(tasks):
+                features = model.features(xs[t])
+                phi = head
+                for _ in range(steps):
+                    grads = torch.autograd.grad(F.cross_entropy(linear(phi, features), ys), list(phi.values()), create_graph=create_graph)
+                    phi = {n: p - lr * (g if create_graph else g.detach()) for (n, p), g in zip(phi.items(), grads)}
+                (F.cross_entropy(linear(phi, model.features(xq[t])), yq) / tasks).backward()
+        return run
+
+    def engine_step(estimator):
+        engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.head.parameters(), lr=lr), steps, estimator)
+
+        def run():
+            for t in range(tasks):
+                features = model.features(xs[t])
+                learner = engine.adapt(lambda m, f=features: F.cross_entropy(linear(m.params, f), ys))
+                (F.cross_entropy(linear(learner.params, model.features(xq[t])), yq) / tasks).backward()
+        return run
+
+    return model, {"hand-written exact": hand(True), "hand-written first-order": hand(False),
+                   "engine.adapt Exact": engine_step(bo.Exact()), "engine.adapt Binomial(1)": engine_step(bo.Binomial(1)),
+                   "engine.adapt FirstOrder": engine_step(bo.FirstOrder())}
+
+
+SETTINGS = {"sine": sine, "anil": anil}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS), metavar="SETTING")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is measured: 1 keeps it wall time)")
+    parser.add_argument("--small", action="store_true", help="tiny sizes, for the tests")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for setting in args.settings:
+        model, steps = SETTINGS[setting](**({"tasks": 2, "steps": 2} if args.small else {}))
+        times = median_ms(steps, model, args.repeats)
+        hand = times["hand-written exact"]
+        rows += [{"setting": setting, "method": name, "ms": ms, "vs_hand_written": ms / hand,
+                  "vs_higher": ms / times["higher"] if "higher" in times else None} for name, ms in times.items()]
+    machine = f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}"
+    result = {"machine": machine, "repeats": args.repeats, "rows": rows}
+    lines = ["# Host overhead on small adapted parts", "", f"CPU time per meta-step, median of {args.repeats} after 2 "
+             f"warm-ups, methods interleaved. Machine: {machine}. Settings: see `benchmarks/overhead.py`.", "",
+             "| setting | method | ms per meta-step | vs hand-written exact | vs higher |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['setting']} | {r['method']} | {r['ms']:.1f} | {r['vs_hand_written']:.2f}x | "
+              f"{'' if r['vs_higher'] is None else format(r['vs_higher'], '.2f') + 'x'} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "overhead_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
