@@ -131,7 +131,10 @@ def unroll(
 
 
 def unrolled_autograd(model, adapted, lrs, support, query, steps) -> Tensors:
-    """Exact meta-gradient of every parameter by backpropagating through the unrolled loop."""
+    """Exact meta-gradient of every parameter that requires grad, by backpropagating through the unrolled loop.
+
+    ``support`` and ``query`` get the model at the current point as a function of positional and
+    keyword inputs (``f(x)``, ``f(input_ids=..., labels=...)``)."""
     params = dict(model.named_parameters())
     phi = {n: params[n] for n in adapted}
     for _ in range(steps):
@@ -139,8 +142,9 @@ def unrolled_autograd(model, adapted, lrs, support, query, steps) -> Tensors:
         grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
         phi = {n: phi[n] - lrs[n] * g for n, g in zip(phi, grads)}
     outer = query(lambda *x, **kw: functional_call(model, phi, x, kw))
-    grads = torch.autograd.grad(outer, list(params.values()), allow_unused=True)
-    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+    meta = {n: p for n, p in params.items() if p.requires_grad}  # frozen ones (an adapter's base) have none
+    grads = torch.autograd.grad(outer, list(meta.values()), allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(meta.items(), grads)}
 
 
 def unrolled_higher(model, inner_opt, support, query, steps) -> Tensors:
