@@ -16,7 +16,7 @@ from torch.func import vmap
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
-from .context import StepContext
+from .context import RandomState, StepContext, devices_of
 from .memory import loops_over_tasks
 from .norm_layers import module_policy
 
@@ -137,8 +137,32 @@ def calls(options, context: Optional[StepContext], during: str, hint: str = "") 
                 "The forward-over-reverse HVP (hvp='fwd') failed inside PyTorch: forward-mode AD is broken for an "
                 "operator in your loss (known for F.mse_loss in torch 2.13). Use hvp='rev' or hvp='auto'."
             ) from error
+        for clue, explanation in _KNOWN_FAILURES:
+            if all(part in str(error) for part in clue):
+                raise RuntimeError(f"{explanation} (Raised during {during}: {str(error).splitlines()[0]})") from error
         add_note(error, f"binom_opt: raised during {during}. {hint or REPLAY_HINT}")
         raise
+
+
+# what torch says when the support loss does what replays cannot (substrings it must all contain), and what to do
+_KNOWN_FAILURES = (
+    (("derivative for", "is not implemented"),
+     "An operator of the support loss has no second derivative: binom_opt's Hessian-vector products differentiate "
+     "the support loss twice, and fused kernels (flash attention, fused norms or losses) differentiate once. Run that "
+     "part with a composite implementation: for a transformers model attn_implementation='sdpa' (binom_opt runs "
+     "torch's scaled_dot_product_attention under its math kernel) or 'eager'. FirstOrder() needs no second derivative."),
+    (("requires_grad_()", "functorch transform"),
+     "A module or forward hook of the support loss calls requires_grad_(), which torch.func, taking binom_opt's "
+     "Hessian-vector products, refuses: transformers' enable_input_require_grads() hooks the input embeddings so "
+     "(gradient_checkpointing_enable() installs it too). binom_opt needs no gradient on the inputs: call "
+     "model.disable_input_require_grads() before adapting."),
+    (("escaped?",),
+     "The support loss used a tensor kept from an earlier call of the closure: a key/value cache (past_key_values, "
+     "which the model extends at every call) or another object that one call fills and the next reads. binom_opt "
+     "replays the closure at recorded points, so each call must compute the loss from the learner and the task's "
+     "data alone: build the cache inside the closure (cache = m(input_ids=prefix, use_cache=True).past_key_values) "
+     "or pass use_cache=False."),
+)
 
 
 _RANDOM_UNDER_VMAP = {
@@ -214,10 +238,25 @@ def vmap_or_loop(fn: Callable, randomness: str, chunk: Optional[int] = None, sam
 
 def refuse_random_ops(fn: Callable, args: tuple, tasks: Tasks) -> None:
     """Run ``fn(*args, task)`` for task 0 once under ``vmap(randomness="error")``, without a gradient: a loop
-    over tasks (``tasks.loop``) refuses random ops as the vmapped tasks do, at the cost of one forward."""
+    over tasks (``tasks.loop``) refuses random ops as the vmapped tasks do, at the cost of one forward.
+
+    Where vmap cannot run ``fn`` (an operator without a batching rule, a Python branch on the data's values such as
+    transformers' padding-mask checks), task 0 runs without vmap and a draw from the generators is refused."""
     first = pytree.tree_map(lambda t: t[:1], (*args, tasks.data))
     with torch.no_grad():
-        vmap_or_loop(fn, "error")(*first)
+        try:
+            vmap(fn, randomness="error")(*first)
+            return
+        except RuntimeError as error:
+            if not any(gap in str(error) for gap in _VMAP_GAPS):
+                raise
+        devices = devices_of([t for t in pytree.tree_leaves(first) if isinstance(t, torch.Tensor)])
+        with torch.random.fork_rng(devices=list(devices)):  # the caller's streams stay as they were
+            before = RandomState.capture(devices)
+            _loop(fn, first)
+            drew = before.moved(devices)
+    if drew:
+        raise RuntimeError("vmap: called random operation while in randomness error mode.")  # what calls() explains
 
 
 def per_task(fn: Callable, loop: bool, bn: str) -> Callable:
@@ -266,7 +305,8 @@ def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 _looped: list = []  # the loop fallback warns once per process
 # torch.func.vmap's own messages for what it cannot batch (not errors of the user's code)
-_VMAP_GAPS = ("Batching rule not implemented", "inside of vmap for memory_format")
+_VMAP_GAPS = ("Batching rule not implemented", "inside of vmap for memory_format", "data-dependent control flow",
+              "calling .item() on a Tensor")
 
 
 def along_tasks(per_task: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

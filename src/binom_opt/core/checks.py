@@ -104,7 +104,9 @@ def check_replay(host: Dict[str, list], steps: List[int], tasks: Tasks) -> None:
         f"{host['replay_then'][row]} at inner step {steps[row]}: the closure is not a pure "
         f"function of {pure}. Either it reads a "
         "variable that changed after the inner loop, such as a loop variable captured by a lambda (bind the data "
-        "when you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)), or it draws random numbers, "
+        "when you build it, e.g. lambda m, x=x_s, y=y_s: F.cross_entropy(m(x), y)) or a cache one call fills and the "
+        "next reads (a key/value cache, past_key_values, made outside the closure: build it inside the closure), or it "
+        "draws random numbers, "
         "e.g. dropout, which randomness='error' does not replay (leave the default randomness='replay', or pass "
         "'same' or 'different'; see binom_opt.Options)."
     )

@@ -69,18 +69,32 @@ class BatchedLearner:
         return Learner(self.module, {n: t[index] for n, t in self.params.items()}, self.bn)
 
     def __call__(self, *args, **kwargs):
-        sizes = {a.shape[0] for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        batched = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]  # the others (flags) go to every task
+        sizes = {leaves[i].shape[0] for i in batched}
         if sizes and sizes != {len(self)}:
             raise ValueError(
                 f"The inputs of a batched learner need a leading task dimension of {len(self)} (one slice per task), "
                 f"got leading sizes {sorted(sizes)}. To run one task, index the learner: learners[b](x)."
             )
 
-        def one(params, a, kw):
-            return call_with(self.module, params, a, kw)
+        def one(params, tensors):
+            given = list(leaves)
+            for i, t in zip(batched, tensors):
+                given[i] = t
+            a, kw = pytree.tree_unflatten(given, spec)
+            out = call_with(self.module, params, a, kw)
+            others = sorted({type(v).__name__ for v in pytree.tree_leaves(out) if not isinstance(v, torch.Tensor)})
+            if others:
+                raise TypeError(
+                    f"A batched learner returns tensors with a leading task dimension, but the model returned {others}. "
+                    "Have it return tensors only (a transformers model returns its key/value cache, a DynamicCache, "
+                    "unless given use_cache=False), or run the tasks one by one: learners[b](...)."
+                )
+            return out
 
         with module_policy(self.bn), autograd_through_vmap():
-            return per_task(one, self.loop, self.bn)(self.params, args, kwargs)
+            return per_task(one, self.loop, self.bn)(self.params, [leaves[i] for i in batched])
 
     def __repr__(self) -> str:
         return f"BatchedLearner({type(self.module).__name__}, tasks={len(self)}, adapted={list(self.params)})"
@@ -215,7 +229,7 @@ class AdaptedModule(nn.Module):
     _detach: bool
     _modes: List[bool]
 
-    def __init__(self, loop, model: nn.Module, bn: str, fixed: Optional[Tensors] = None, detach: bool = False):
+    def __init__(self, loop: Any, model: nn.Module, bn: str, fixed: Optional[Tensors] = None, detach: bool = False):
         super().__init__()
         vars(self).update(_loop=loop, _model=model, _bn=bn, _fixed=dict(fixed or {}), _detach=detach,
                           _modes=[m.training for m in model.modules()])
