@@ -174,8 +174,10 @@ def test_randomness_error_still_refuses_random_ops():
 
 def test_compiled_replays_refuse_random_steps_before_compiling():
     learner = bo.MAML(dropout_mlp(), lr=LR, compile_hvps=True).clone()
+    before = torch.get_rng_state()
     with pytest.raises(ValueError, match="drew random numbers.*compile_hvps cannot replay"):
         learner.adapt(lambda m: support(m))
+    assert learner.steps_taken == 0 and torch.equal(torch.get_rng_state(), before)  # nothing changed
 
 
 def test_step_context_replays_autocast_and_forks_the_generator():

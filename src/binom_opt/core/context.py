@@ -66,13 +66,17 @@ class RandomState:
             return True
         return any(_bytes(torch.cuda.get_rng_state(d)) != _bytes(self.cuda[d]) for d in devices)
 
+    def restore(self) -> None:
+        """Set the generators back to this state."""
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Run from this state; the caller's generators are restored afterwards."""
         with torch.random.fork_rng(devices=list(self.cuda)):
-            torch.set_rng_state(self.cpu)
-            for device, state in self.cuda.items():
-                torch.cuda.set_rng_state(state, device)
+            self.restore()
             yield
 
 

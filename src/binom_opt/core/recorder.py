@@ -265,6 +265,7 @@ class InnerLoop:
         yield None, recorded
         drew = before is not None and before.moved(devices)
         if drew and options.compile_hvps:
+            before.restore()  # the step is refused: the caller's generators as they were
             raise ValueError(
                 f"Inner step {k} drew random numbers (dropout or another random op), which compile_hvps cannot replay: "
                 "compiled random ops draw other numbers than eager ones. Leave compile_hvps=False, or make the support "
