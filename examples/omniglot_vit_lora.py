@@ -1,7 +1,7 @@
 """A small ViT meta-learned on Omniglot that adapts to each task through LoRA adapters (Hugging Face + peft).
 
 The base is a Vision Transformer built from ``transformers.ViTConfig`` (random init, no download):
-the 28x28 drawings cut into 7x7 patches (16 patches and a CLS token), width 64, 4 layers of 4 heads,
+the 28x28 drawings cut into 7x7 patches (16 patches and a CLS token), width 64, 2 layers of 4 heads,
 dropout 0, Hugging Face's default attention (SDPA; binom_opt replays it under the math kernel, which
 has second derivatives). ``peft.get_peft_model`` puts LoRA adapters of rank ``--lora-rank`` on the
 query and value projections of every layer. What adapts to a task in the inner loop: the LoRA
@@ -11,7 +11,7 @@ meta-gradient through that closure; the adapters' and the head's initial values 
 
     python examples/omniglot_vit_lora.py                                 # 5-way 1-shot, under 10 min on 2 CPU cores
     python examples/omniglot_vit_lora.py --estimator exact --out runs/vit_exact
-    python examples/omniglot_vit_lora.py --layers 2 --lora-rank 8 --iterations 500
+    python examples/omniglot_vit_lora.py --layers 4 --lora-rank 8 --iterations 500
 
 The flags, progress bar, checkpoints, ``results.json``, ``curves.png`` and summary table are the
 Omniglot examples' (``examples/fewshot/run.py``).
@@ -33,9 +33,12 @@ import binom_opt as bo
 
 from fewshot.run import Run, common_parser, confidence, load_tasks, make_estimator, meta_batch_numbers, parse, sampler
 
-# One thread: a tiny ViT's kernels are too small to share, and with two threads on a busy 2-core machine one meta-step
-# measured 30x slower (OpenMP threads waiting on each other) than with one.
-DEFAULTS = dict(iterations=2000, meta_batch=4, queries=5, inner_lr=0.1, eval_every=500, checkpoint_every=500, threads=1,
+# A 2-core CPU budget: 0.37 s per iteration, 6.6 minutes in all with the 600-task meta-test (measured on a busy 2-core
+# Xeon: docs/examples.md). One thread: a tiny ViT's kernels are too small to share, and with two threads on a busy 2-core
+# machine one meta-step measured 30x slower (OpenMP threads waiting on each other) than with one. At alpha = 0.4 the
+# adapters and the head diverged (21 % after 300 iterations, against 60 % at 0.1); the adapters alone, under a head
+# that does not adapt, stayed at chance (21 %), and the head alone reached 58 %.
+DEFAULTS = dict(iterations=1000, meta_batch=4, queries=5, inner_lr=0.1, eval_every=250, checkpoint_every=250, threads=1,
                 out=Path("runs/omniglot_vit_lora"), network="vit-lora")
 PRESETS = {
     "paper": dict(ways=5, shots=1, queries=15, steps=5, eval_steps=10, meta_batch=32, iterations=60000, eval_every=1000,
@@ -44,7 +47,7 @@ PRESETS = {
 LORA_TARGETS = ["q_proj", "v_proj"]  # the attention's query and value projections (transformers >= 5 names)
 
 
-def build_model(ways: int, hidden: int = 64, layers: int = 4, heads: int = 4, lora_rank: int = 4, image_size: int = 28,
+def build_model(ways: int, hidden: int = 64, layers: int = 2, heads: int = 4, lora_rank: int = 4, image_size: int = 28,
                 patch_size: int = 7, attn_implementation: str | None = None) -> torch.nn.Module:
     """The ViT with LoRA adapters, every parameter requiring grad (the base is meta-learned as well).
 
@@ -65,9 +68,12 @@ def build_model(ways: int, hidden: int = 64, layers: int = 4, heads: int = 4, lo
     return model
 
 
-def adapted_parameters(model: torch.nn.Module) -> list:
-    """What adapts in the inner loop: the LoRA adapters and the classifier head."""
-    return [p for n, p in model.named_parameters() if "lora_" in n or ".classifier." in n]
+ADAPT = {"lora+head": ("lora_", ".classifier."), "lora": ("lora_",), "head": (".classifier.",)}
+
+
+def adapted_parameters(model: torch.nn.Module, adapt: str = "lora+head") -> list:
+    """What adapts in the inner loop: the LoRA adapters and the classifier head (``adapt``: one of ``ADAPT``)."""
+    return [p for n, p in model.named_parameters() if any(part in n for part in ADAPT[adapt])]
 
 
 def logits(m, images: torch.Tensor) -> torch.Tensor:
@@ -98,9 +104,9 @@ def meta_step(model, engine, meta_opt, batch, rank=0, world=1):
     return meta_batch_numbers(out, batch[3][tasks], diverging, engine, len(batch[0]), world)
 
 
-def evaluate(model, tasks, count, steps, lr, device):
-    """Accuracy after ``steps`` plain SGD steps of the adapters and the head on each task's support set, with its 95% CI."""
-    names = {id(p) for p in adapted_parameters(model)}
+def evaluate(model, tasks, count, steps, lr, device, adapt="lora+head"):
+    """Accuracy after ``steps`` plain SGD steps of what adapts on each task's support set, with its 95% CI."""
+    names = {id(p) for p in adapted_parameters(model, adapt)}
     adapted = {n: p.detach() for n, p in model.named_parameters() if id(p) in names}
     accuracies = []
     for _ in range(count):
@@ -119,9 +125,10 @@ def evaluate(model, tasks, count, steps, lr, device):
 
 def main(argv=None):
     parser = common_parser(__doc__, DEFAULTS, PRESETS)
-    parser.add_argument("--layers", type=int, default=4, help="transformer layers of the ViT")
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers of the ViT")
     parser.add_argument("--heads", type=int, default=4, help="attention heads per layer")
     parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters")
+    parser.add_argument("--adapt", choices=sorted(ADAPT), default="lora+head", help="what adapts to each task")
     parser.set_defaults(hidden=64)  # --hidden: the ViT's width
     args = parse(parser, argv)
     if args.task_batched:
@@ -138,14 +145,14 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model = build_model(args.ways, args.hidden, args.layers, args.heads, args.lora_rank).to(device)
-    inner_opt = torch.optim.SGD(adapted_parameters(model), lr=args.inner_lr)  # what adapts: the adapters and the head
+    inner_opt = torch.optim.SGD(adapted_parameters(model, args.adapt), lr=args.inner_lr)  # what adapts: by default the adapters and the head
     engine = bo.MetaGradientEngine(model, inner_opt, steps=args.steps, estimator=estimator, nan_policy=args.nan_policy)
     meta_opt = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
     train = sampler(splits["train"], args, args.seed)
     if args.resume:
         run.restore(model, meta_opt, train)
 
-    evaluate_on = functools.partial(evaluate, model, steps=args.eval_steps, lr=args.inner_lr, device=device)
+    evaluate_on = functools.partial(evaluate, model, steps=args.eval_steps, lr=args.inner_lr, device=device, adapt=args.adapt)
     run.train(model, meta_opt, train, lambda batch: meta_step(model, engine, meta_opt, batch, rank, world), evaluate_on, device)
     return run.finish(evaluate_on, model)  # the meta-test, results.json, curves.png and the summary table
 
