@@ -55,10 +55,10 @@ from suite.transformer import CONFIGS, adapter_numel, build_model
 # minutes on 2 CPU cores; the graph-free Exact grows by an adapter's copy per step, so its Ks reach further, to show
 # that growth against the measurement's noise
 METHODS: Dict[str, Tuple[str, Tuple[int, ...]]] = {
-    "higher": ("higher", (1, 2, 3)),
-    "autograd": ("autograd", (1, 2, 3)),
-    "exact": ("exact", (1, 2, 4)),
-    "exact-inner-step": ("exact-inner-step", (1, 2, 4, 8)),
+    "higher": ("higher", (1, 2, 3, 4)),
+    "autograd": ("autograd", (1, 2, 3, 4)),
+    "exact": ("exact", (1, 2, 4, 8)),
+    "exact-inner-step": ("exact-inner-step", (1, 2, 4, 8, 16, 32)),
 }
 DEFAULT_METHODS = ("higher", "exact", "exact-inner-step")
 DEFAULT_CONFIG = "bert-small"
