@@ -14,7 +14,8 @@ meta-gradient through that closure; the adapters' and the head's initial values 
     python examples/omniglot_vit_lora.py --layers 4 --lora-rank 8 --iterations 500
 
 The flags, progress bar, checkpoints, ``results.json``, ``curves.png`` and summary table are the
-Omniglot examples' (``examples/fewshot/run.py``).
+Omniglot examples' (``examples/fewshot/run.py``); ``--hidden`` is the ViT's width. Needs
+``pip install transformers peft``.
 """
 
 from __future__ import annotations
@@ -129,12 +130,16 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=4, help="attention heads per layer")
     parser.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters")
     parser.add_argument("--adapt", choices=sorted(ADAPT), default="lora+head", help="what adapts to each task")
-    parser.set_defaults(hidden=64)  # --hidden: the ViT's width
     args = parse(parser, argv)
     if args.task_batched:
         parser.error("--task-batched: this example adapts task by task (engine.adapt)")
     if args.estimator == "reptile":
         parser.error("--estimator reptile moves only what adapts, and here the base does not")
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"error: this example needs transformers and peft ({e}): pip install transformers peft") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -145,7 +150,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model = build_model(args.ways, args.hidden, args.layers, args.heads, args.lora_rank).to(device)
-    inner_opt = torch.optim.SGD(adapted_parameters(model, args.adapt), lr=args.inner_lr)  # what adapts: by default the adapters and the head
+    inner_opt = torch.optim.SGD(adapted_parameters(model, args.adapt), lr=args.inner_lr)  # the adapters and the head
     engine = bo.MetaGradientEngine(model, inner_opt, steps=args.steps, estimator=estimator, nan_policy=args.nan_policy)
     meta_opt = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
     train = sampler(splits["train"], args, args.seed)
