@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the exactness, batching and memory tests on the device, the benchmark suite
-# (Omniglot at meta-batch 32, the 84x84 miniImageNet setting), the HVP backends and the ResNet-12 memory wall
-# (K up to 100 measured, where the CPU's default run extrapolates). Results go to
+# (Omniglot at meta-batch 32, the 84x84 miniImageNet setting), the HVP backends, the ResNet-12 memory wall
+# (K up to 100 measured, where the CPU's default run extrapolates) and the transformer memory wall at BERT-base's
+# shape (12 layers, hidden 768, 128 tokens; needs transformers and peft). Results go to
 # benchmarks/results/*_<device>.* (or --out), with the wall time of each part in gpu_<device>.log.
 #
-#   bash benchmarks/gpu.sh                       # on the GPU machine: about 6-8 minutes on an H100
+#   bash benchmarks/gpu.sh                       # on the GPU machine: about 6-8 minutes on an H100, a few more for the transformer wall
 #   bash benchmarks/gpu.sh --device cpu --dry-run  # the same pipeline on tiny settings, on any machine
 #
 # It runs from source (PYTHONPATH=src) on whatever torch the machine has (>= 2.11). A machine without
@@ -40,6 +41,7 @@ if [ "$dry" = 1 ]; then
   mini=(--config tiny --ks --methods exact-task exact-batch)
   backends=(--hidden 8 --points 2 --tasks 2 --repeats 1 --no-compile)
   wall=(--tiny --methods higher exact exact-ckpt --ks 1 2)
+  transformer=(--config bert-tiny --methods higher exact --ks 1 2)
 else
   tests=(tests/test_exactness.py tests/test_entry_points.py tests/test_engine.py tests/test_batching.py tests/test_memory.py
          tests/test_oracle.py tests/test_trajectory.py -x)
@@ -50,6 +52,8 @@ else
   # every method at K=10 (the first target) and the checkpointed Exact at K=100 (the third); a peer's point
   # predicted above 60 % of the GPU's memory is skipped
   wall=(--ks 1 2 3 10 100)
+  # LoRA r=8 adapting, the rest meta-learned: higher, Exact and Exact with memory_budget="inner_step" up to K=16
+  transformer=(--config bert-base --ks 1 2 4 8 16)
 fi
 
 # Each part runs whatever the one before gave: a failure is written down and the next part still runs.
@@ -65,5 +69,6 @@ part "run_omniglot_$device" python benchmarks/run.py --device "$device" --out "$
 part "run_miniimagenet_$device" python benchmarks/run.py --device "$device" --out "$out" "${mini[@]}"
 part "hvp_backends_$device" python benchmarks/hvp_backends.py --device "$device" --out "$out" "${backends[@]}"
 part "memory_wall_$device" python benchmarks/memory_wall.py --device "$device" --out "$out" "${wall[@]}"
+part "transformer_wall_$device" python benchmarks/transformer_wall.py --device "$device" --out "$out" "${transformer[@]}"
 stamp "done"
 exit $status

@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -89,9 +89,10 @@ def parse_mib(text: str) -> float:
     return float(text)
 
 
-def plan(names: List[str], ks: Optional[List[int]]) -> List[Tuple[str, int]]:
-    """(method, K) in order: each method's Ks ascending, so that each point is predicted from the ones before."""
-    return [(name, k) for name in names for k in sorted(set(ks or METHODS[name][1])) if k >= LEVELS.get(name, 1)]
+def plan(names: List[str], ks: Optional[List[int]], methods: Dict[str, Tuple[str, Tuple[int, ...]]] = METHODS) -> List[Tuple[str, int]]:
+    """(method, K) in order: each method's Ks ascending, so that each point is predicted from the ones before;
+    without ``ks``, each method's own of ``methods``."""
+    return [(name, k) for name in names for k in sorted(set(ks or methods[name][1])) if k >= LEVELS.get(name, 1)]
 
 
 def suite_method(name: str, cfg: Config, k: int) -> Method:
@@ -99,7 +100,14 @@ def suite_method(name: str, cfg: Config, k: int) -> Method:
     return replace(method, L=k if method.exact else method.L)
 
 
-def measure(points_plan: List[Tuple[str, int]], cfg: Config, args: argparse.Namespace, workdir: Path) -> List[dict]:
+def measure(points_plan: List[Tuple[str, int]], cfg: Optional[Config], args: argparse.Namespace, workdir: Path,
+            run_point: Optional[Callable[[str, int], dict]] = None) -> List[dict]:
+    """Each (method, K) of the plan in a child of its own, or skipped where predicted above ``args.max_memory``.
+    ``run_point(method, K)`` measures one point (default: the suite's method on ``cfg``; ``run_job``'s result)."""
+    if run_point is None:
+        def run_point(name: str, k: int) -> dict:
+            return run_job(suite_method(name, cfg, k), replace(cfg, steps=k), args, workdir, repeats=0, with_grad=False,
+                           for_memory=args.device == "cpu")
     points: List[dict] = []
     start = time.perf_counter()
     for i, (name, k) in enumerate(points_plan, 1):
@@ -109,8 +117,7 @@ def measure(points_plan: List[Tuple[str, int]], cfg: Config, args: argparse.Name
         if guess is not None and guess > limit:
             point.update(status="skipped", note=f"skipped: predicted {guess / 1024:.1f} GiB > --max-memory {limit / 1024:.1f} GiB")
         else:
-            result = run_job(suite_method(name, cfg, k), replace(cfg, steps=k), args, workdir, repeats=0, with_grad=False,
-                             for_memory=args.device == "cpu")
+            result = run_point(name, k)
             if "error" in result:
                 point.update(status="failed", note=f"failed: {result['error']}")
             else:

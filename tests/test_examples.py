@@ -333,3 +333,98 @@ def test_two_runs_with_one_seed_are_bitwise_identical(tmp_path, cache_dir):
     assert first["history"]["train"] == second["history"]["train"] and first["test"] == second["test"]
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_data
+def test_vit_lora_example_runs_end_to_end_and_meta_learns_its_base(tmp_path, cache_dir, capsys):
+    """The ViT + LoRA example through the harness: the report, and a base that moved (it is not in the inner
+    optimizer; its meta-gradient comes through the closure) next to adapters that moved from their init."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    vit = script("omniglot_vit_lora")
+    results = vit.main(tiny(tmp_path, cache_dir, 3, "--layers", "1", "--heads", "2", "--lora-rank", "2"))
+    check_results(results, tmp_path, 3)
+    assert results["method"] == "ViT-LoRA" and results["hvps_per_task"] == 2 and results["config"]["threads"] == 1
+    assert "| training | 3 iterations," in capsys.readouterr().out
+    torch.manual_seed(0)
+    initial = vit.build_model(5, hidden=8, layers=1, heads=2, lora_rank=2).state_dict()
+    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert initial.keys() == trained.keys()
+    moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    for part in ("q_proj.base_layer.weight", "mlp.fc1.weight", "patch_embeddings", "lora_A", "lora_B", "classifier"):
+        assert any(part in k for k in moved), part
+    with pytest.raises(SystemExit, match="lora_rank: 2 -> 4"):
+        vit.main(tiny(tmp_path, cache_dir, 4, "--layers", "1", "--heads", "2", "--resume"))
+
+
+def test_vit_lora_meta_step_is_exact_against_unrolled_autograd(monkeypatch):
+    """The ViT example's own meta-gradient (its SDPA model, LoRA adapters, closure and loop over tasks; K = 3, Exact)
+    equals autograd through the unrolled inner loop (create_graph) of the same model with eager attention, float64,
+    for the meta-learned base as well as the adapters' and the head's initial values."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from transformers.models.vit import modeling_vit
+
+    vit = script("omniglot_vit_lora")
+    sizes = dict(ways=3, hidden=16, layers=2, heads=2, lora_rank=2, image_size=8, patch_size=4)
+    torch.manual_seed(0)
+    model = vit.build_model(**sizes).double()
+    reference = vit.build_model(**sizes, attn_implementation="eager").double()
+    assert (model.config._attn_implementation, reference.config._attn_implementation) == ("sdpa", "eager")
+    with torch.no_grad():  # LoRA's B starts at zero (every A then has a zero gradient at first): move every weight
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    reference.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x_s, x_q = (torch.rand(2, n, 1, 8, 8, generator=gen, dtype=torch.float64) for n in (6, 9))
+    y_s, y_q = (torch.arange(6) % 3).repeat(2, 1), (torch.arange(9) % 3).repeat(2, 1)
+    steps, lr = 3, 0.5
+    adapted = [n for n, p in reference.named_parameters() if any(p is q for q in vit.adapted_parameters(reference))]
+    params = dict(reference.named_parameters())
+    base = [n for n in params if n not in adapted]
+    assert any("lora_A" in n for n in adapted) and any("classifier" in n for n in adapted)
+    assert any("base_layer" in n for n in base) and any("layers.1.mlp.fc1" in n for n in base)
+
+    def unrolled():
+        outer = 0
+        for t in range(2):
+            fast = dict(params)
+            for _ in range(steps):
+                loss = F.cross_entropy(torch.func.functional_call(reference, fast, (), {"pixel_values": x_s[t]}).logits, y_s[t])
+                grads = torch.autograd.grad(loss, [fast[n] for n in adapted], create_graph=True)
+                fast.update({n: fast[n] - lr * g for n, g in zip(adapted, grads)})
+            query = torch.func.functional_call(reference, fast, (), {"pixel_values": x_q[t]}).logits
+            outer = outer + F.cross_entropy(query, y_q[t]) / 2
+        return dict(zip(params, torch.autograd.grad(outer, list(params.values()))))
+
+    def binom_opt_gradient(estimator):
+        model.zero_grad(set_to_none=True)
+        engine = bo.MetaGradientEngine(model, torch.optim.SGD(vit.adapted_parameters(model), lr=lr), steps=steps, estimator=estimator)
+        vit.meta_gradient(engine, (x_s, y_s, x_q, y_q), range(2))
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def relative_error(got, want, names):
+        got, want = (torch.cat([g[n].flatten() for n in names]) for g in (got, want))
+        assert want.norm() > 0
+        return float((got - want).norm() / want.norm())
+
+    hf_eager = unrolled()  # Hugging Face's eager attention takes its softmax in float32, whatever the model's dtype
+    monkeypatch.setattr(modeling_vit, "eager_attention_forward", _eager_attention_in_dtype)
+    expected = unrolled()
+    exact = binom_opt_gradient(bo.Exact())
+    for names in (base, adapted):
+        assert relative_error(exact, expected, names) < 1e-10
+        assert relative_error(exact, hf_eager, names) < 1e-6  # that float32 softmax, and nothing else
+    for n in params:  # k_proj's bias has a zero gradient (softmax ignores a shift of every score), hence the atol
+        torch.testing.assert_close(exact[n], expected[n], rtol=1e-9, atol=1e-12, msg=n)
+    # the comparison can tell: first-order leaves out the second-order terms, by far more than the tolerance
+    assert relative_error(binom_opt_gradient(bo.FirstOrder()), expected, base) > 1e-3
+
+
+def _eager_attention_in_dtype(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Hugging Face's eager attention (matmul, softmax, matmul) with the softmax in the inputs' dtype."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights

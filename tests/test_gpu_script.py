@@ -16,7 +16,8 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (tmp_path / "gpu_cpu.log").read_text()
-    for part in ("tests_cpu", "run_omniglot_cpu", "run_miniimagenet_cpu", "hvp_backends_cpu", "memory_wall_cpu", "done"):
+    for part in ("tests_cpu", "run_omniglot_cpu", "run_miniimagenet_cpu", "hvp_backends_cpu", "memory_wall_cpu", "transformer_wall_cpu",
+                 "done"):
         assert part in log
     assert "passed" in (tmp_path / "tests_cpu.txt").read_text()
     report = json.loads((tmp_path / "tiny_cpu.json").read_text())
@@ -26,3 +27,6 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     wall = json.loads((tmp_path / "memory_wall_cpu_tiny.json").read_text())
     assert {(p["method"], p["K"]) for p in wall["points"] if p["status"] == "measured"} == {
         (m, k) for m in ("higher", "exact", "exact-ckpt") for k in (1, 2)}
+    transformer = json.loads((tmp_path / "transformer_wall_cpu_bert-tiny.json").read_text())
+    assert {(p["method"], p["K"]) for p in transformer["points"] if p["status"] == "measured"} == {
+        (m, k) for m in ("higher", "exact") for k in (1, 2)}

@@ -83,6 +83,11 @@ def engine_options(args: argparse.Namespace) -> dict:
     return {**options, "compile_hvps": True} if args.compile else options
 
 
+def preload(*modules: str) -> None:
+    """Modules the forkserver imports once for all children (before its first child; later, each child imports them)."""
+    CHILD_PRELOAD.extend(m for m in modules if m not in CHILD_PRELOAD)
+
+
 def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path, repeats: int, with_grad: bool,
             for_memory: bool = False) -> dict:
     """Run one method in a child process of its own; its result, or ``{"error": ...}`` if it failed."""
@@ -99,6 +104,24 @@ def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path
         "result_path": str(workdir / f"{tag}.json"),
         "count": with_grad,  # the table's own rows: count their kernel ops and host syncs after the timed steps
     }
+    result = run_child_job(job, tag, method.name, workdir, for_memory)
+    if with_grad and "error" not in result:
+        result["grad"] = torch.load(job["grad_path"])
+    return result
+
+
+def run_step_job(factory: str, spec: dict, tag: str, args: argparse.Namespace, workdir: Path, repeats: int,
+                 for_memory: bool = False) -> dict:
+    """Measure a meta-step that ``factory`` ("module:function", importable from ``SUITE_PATHS``) builds as
+    ``function(spec, device, engine_options)`` in a child of its own, as :func:`run_job` measures a method."""
+    tag += f"_r{repeats}" + ("_memory" if for_memory else "")
+    job = {"factory": factory, "spec": spec, "device": args.device, "threads": args.threads, "engine_options": engine_options(args),
+           "repeats": repeats, "grad_path": None, "result_path": str(workdir / f"{tag}.json")}
+    return run_child_job(job, tag, tag, workdir, for_memory)
+
+
+def run_child_job(job: dict, tag: str, name: str, workdir: Path, for_memory: bool) -> dict:
+    """Write ``job``, run it in a forked child and read its result; ``{"error": ...}`` with its log's tail if it failed."""
     job_path, log_path = workdir / f"{tag}.job.json", workdir / f"{tag}.log"
     job_path.write_text(json.dumps(job))
     names = {"SUITE_PATHS": SUITE_PATHS, "JOB": str(job_path), "LOG": str(log_path), "FOR_MEMORY": for_memory}
@@ -109,10 +132,6 @@ def run_job(method: Method, cfg: Config, args: argparse.Namespace, workdir: Path
         lines = log_path.read_text().strip().splitlines() if log_path.exists() else []
         tail = "\n".join(lines[-8:])
         why = f"exit code {child.exitcode}" if child.exitcode > 0 else f"killed by signal {-child.exitcode}"
-        log(f"  {method.name} failed ({why}):\n{tail}")
+        log(f"  {name} failed ({why}):\n{tail}")
         return {"error": lines[-1] if lines else why}
-    result = json.loads(Path(job["result_path"]).read_text())
-    if with_grad:
-        result["grad"] = torch.load(job["grad_path"])
-    return result
-
+    return json.loads(Path(job["result_path"]).read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import resource
@@ -81,12 +82,18 @@ def timed(step: MetaStep, device: torch.device) -> Tuple[float, Tuple[Optional[i
 def run_child(job_path: Path) -> None:
     """Measure one method as described by the job file and write the result next to it."""
     job = json.loads(job_path.read_text())
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()})
-    method, device = Method(**job["method"]), torch.device(job["device"])
+    device = torch.device(job["device"])
     torch.set_num_threads(job["threads"])
     warnings.simplefilter("ignore", bo.ExpansionDivergenceWarning)  # both are flagged in the table instead
     warnings.simplefilter("ignore", bo.ImplicitSolveWarning)
+    if "factory" in job:  # a meta-step of a setting outside the suite's configs (run_step_job)
+        module, name = job["factory"].split(":")
+        step = getattr(importlib.import_module(module), name)(job["spec"], device, job["engine_options"])
+        Path(job["result_path"]).write_text(json.dumps(measure_step(step, device, job["repeats"])))
+        return
     result = {}
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()})
+    method = Method(**job["method"])
     if job["repeats"] >= 0:
         result = measure_cost(method, cfg, device, job["repeats"], job["engine_options"], job.get("count", False))
     if job["grad_path"]:
@@ -100,7 +107,11 @@ def measure_cost(method: Method, cfg: Config, device: torch.device, repeats: int
     ``count``, one more meta-step after the timed ones, under the cost counter (which slows what it counts):
     kernel ops and host syncs per meta-step, and the graph breaks of everything compiled in this child."""
     model, batch = build_model(cfg, device), build_batch(cfg, device)
-    step = make_step(method, model, batch, cfg, engine_options)
+    return measure_step(make_step(method, model, batch, cfg, engine_options), device, repeats, count)
+
+
+def measure_step(step: MetaStep, device: torch.device, repeats: int, count: bool = False) -> dict:
+    """:func:`measure_cost` of a meta-step already built."""
     memory = PeakMemory(device)
     breaks = graph_breaks()
     memory.start()

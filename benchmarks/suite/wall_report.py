@@ -10,7 +10,7 @@ from . import log
 from .wall import LARGEST_K_SCANNED, acceptance, fit, growth, largest_k, peak_at, predict
 
 LABELS = {"higher": "higher exact", "autograd": "autograd exact", "exact": "Exact", "exact-ckpt": "Exact, checkpointed",
-          "binom1": "Binomial(1)", "binom2": "Binomial(2)"}
+          "binom1": "Binomial(1)", "binom2": "Binomial(2)", "exact-inner-step": 'Exact, memory_budget="inner_step"'}
 BUDGETS_GIB = (8, 16)
 SHOWN_KS = (10, 100)  # rows the table always has, from the fits where not measured
 PLOT_MAX_K = 100
@@ -36,13 +36,39 @@ def largest_cell(entry: dict) -> str:
         entry["how"], f"{entry['K']} ({entry['how']})")
 
 
+def copy_unit(document: dict) -> Tuple[str, float]:
+    """What the growth per step is counted in: copies of the parameters, or of ``document["copy_unit"]`` (a run
+    where only part of the model adapts: ``{"name", "mib"}``)."""
+    unit = document.get("copy_unit")
+    return ("parameter copies", document["parameter_mib"]) if unit is None else (f"copies of the {unit['name']}", unit["mib"])
+
+
 def derive(document: dict) -> dict:
+    """Per method the fit, the growth per step and the largest K per budget; the ResNet-12 targets unless the document
+    says ``"targets": false``; for each ``[a, b]`` of ``"compare"``, method a's peaks and growth over method b's."""
     points, pmib = document["points"], document["parameter_mib"]
     per_method = {}
     for m in methods_of(document):
-        per_method[m] = {"fit": fit(points, m), "growth": growth(points, m, pmib),
+        per_method[m] = {"fit": fit(points, m), "growth": growth(points, m, copy_unit(document)[1]),
                          "largest_k": {f"{b}GiB": largest_k(points, m, b * 1024) for b in BUDGETS_GIB}}
-    return {"methods": per_method, "acceptance": acceptance(points, pmib)}
+    derived = {"methods": per_method}
+    if document.get("targets", True):
+        derived["acceptance"] = acceptance(points, pmib)
+    if document.get("compare"):
+        derived["ratios"] = [ratio(document, a, b, per_method) for a, b in document["compare"] if {a, b} <= set(per_method)]
+    return derived
+
+
+def ratio(document: dict, a: str, b: str, per_method: dict) -> dict:
+    """Method a over method b: the peak at every K of the table (each measured or extrapolated) and the growth per step."""
+    points, rows = document["points"], []
+    for k in sorted({p["K"] for p in points} | set(SHOWN_KS)):
+        (pa, how_a), (pb, how_b) = peak_at(points, a, k), peak_at(points, b, k)
+        if pa is not None and pb is not None and pb > 0:
+            rows.append({"K": k, "ratio": pa / pb, "how": "measured" if how_a == how_b == "measured" else "extrapolated"})
+    ga, gb = (per_method[m]["growth"] for m in (a, b))
+    growth_ratio = ga["mib_per_step"] / gb["mib_per_step"] if ga and gb and gb["mib_per_step"] > 0 else None
+    return {"of": [a, b], "peaks": rows, "growth": growth_ratio}
 
 
 def markdown(document: dict) -> Tuple[str, dict]:
@@ -55,7 +81,10 @@ def markdown(document: dict) -> Tuple[str, dict]:
         f"Command: `{document['command']}` (wall time {document['wall_seconds'] / 60:.1f} min)",
         "",
         f"{document['setting']}. {document['parameters'] / 1e6:.1f}M parameters; one copy of them is "
-        f"{document['parameter_mib']:.1f} MiB. Memory: {document['memory']}; each (method, K) point in a fresh process. "
+        f"{document['parameter_mib']:.1f} MiB."
+        + (f" The {document['copy_unit']['name']} (what adapts): {document['copy_unit']['parameters']:,} parameters, "
+           f"{document['copy_unit']['mib']:.3f} MiB." if document.get("copy_unit") else "")
+        + f" Memory: {document['memory']}; each (method, K) point in a fresh process. "
         "Time: that one meta-step (the process's first, so it includes first-call costs"
         + (", and on the CPU under the fixed mmap threshold, which slows large allocations" if document["device"] == "cpu" else "")
         + "; slower on a busy machine, where the peaks stay the same). Extrapolated (*italic*): from a least-squares "
@@ -71,7 +100,7 @@ def markdown(document: dict) -> Tuple[str, dict]:
         "|---:|" + "---:|" * len(methods),
         *[f"| {k} | " + " | ".join(cell(points, m, k) for m in methods) + " |" for k in ks],
         "",
-        "| method | growth per inner step | in parameter copies | largest K in 8 GiB | largest K in 16 GiB | fitted on |",
+        f"| method | growth per inner step | in {copy_unit(document)[0]} | largest K in 8 GiB | largest K in 16 GiB | fitted on |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for m in methods:
@@ -80,10 +109,17 @@ def markdown(document: dict) -> Tuple[str, dict]:
         grown = ("—", "—", "fewer than two K") if g is None else (f"{g['mib_per_step']:,.1f} MiB", f"{g['copies_per_step']:.2f}", g["basis"])
         largest = [largest_cell(info["largest_k"][f"{b}GiB"]) for b in BUDGETS_GIB]
         lines.append(f"| {LABELS[m]} | {grown[0]} | {grown[1]} | {largest[0]} | {largest[1]} | {grown[2]} |")
-    lines += ["", "Targets:", ""]
-    for key, target in derived["acceptance"].items():
-        verdict = {True: "met", False: "NOT met", None: "not judged"}[target["met"]]
-        lines.append(f"- ({key}) {verdict}: {target['text']}.")
+    for r in derived.get("ratios", []):
+        a, b = r["of"]
+        cells = [f"{row['ratio']:,.1f}x at K={row['K']}" + ("" if row["how"] == "measured" else " (extrapolated)")
+                 for row in r["peaks"]]
+        lines += ["", f"{LABELS[a]} / {LABELS[b]}: peak " + ", ".join(cells) + "; growth per inner step "
+                  + ("— (no fit)" if r["growth"] is None else f"{r['growth']:,.1f}x") + "."]
+    if "acceptance" in derived:
+        lines += ["", "Targets:", ""]
+        for key, target in derived["acceptance"].items():
+            verdict = {True: "met", False: "NOT met", None: "not judged"}[target["met"]]
+            lines.append(f"- ({key}) {verdict}: {target['text']}.")
     unmeasured = [p for p in points if p["status"] != "measured"]
     if unmeasured:
         lines += ["", "Not measured: " + "; ".join(f"{LABELS[p['method']]} K={p['K']}: {p['note']}" for p in unmeasured) + "."]

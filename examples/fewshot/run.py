@@ -31,9 +31,10 @@ from .omniglot import ALLOW_MODIFIED_ENV, OmniglotCharacters, OmniglotDataError,
 __all__ = ["common_parser", "parse", "make_estimator", "load_tasks", "sampler", "confidence", "meta_batch_numbers", "Run"]
 
 ESTIMATORS = ("fo", "reptile", "imaml", "trunc", "binom", "hybrid", "exact")
-# Settings that define the model and the task stream: a checkpoint resumes only with the same ones.
+# Settings that define the model and the task stream: a checkpoint resumes only with the same ones (layers, heads,
+# lora_rank, adapt: the ViT example's; a script without them has None on both sides).
 RESUME_KEYS = ("network", "ways", "shots", "queries", "steps", "inner_lr", "estimator", "L", "C", "hessian_scale", "reg",
-               "meta_batch", "meta_lr", "hidden", "seed")
+               "meta_batch", "meta_lr", "hidden", "seed", "layers", "heads", "lora_rank", "adapt")
 # what a checkpoint written before a setting existed ran with (every network was Conv4 before --network)
 RESUME_DEFAULTS = {"network": "conv4"}
 
