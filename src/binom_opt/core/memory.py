@@ -160,6 +160,9 @@ class Chunking:
         check_chunk_size(chunk_size)
         self.cap = chunk_size
         self.budget = auto_budget(device) if parse_memory_budget(memory_budget) == AUTO else parse_memory_budget(memory_budget)
+        # "auto" with no budget (off CUDA): the mixed terms of other meta-parameters take one step at a time, so that
+        # they hold one step's graph, not K (an adapter's meta-learned base: 2x higher's memory per step otherwise)
+        self.steps_at_once = 1 if parse_memory_budget(memory_budget) == AUTO and self.budget is None else None
         self.inner_batch = inner_batch
         self.per_hvp_bytes: Optional[int] = None
         self.budget_bytes: Optional[int] = None  # the budget in bytes, once known

@@ -59,7 +59,10 @@ class MixedTerms:
         if k in self.skip:
             return
         if not self._pending:
-            limit = self.oracle.chunking.limit(lambda: self.oracle.measure(trajectory.loss_fns[k], k))
+            chunking = self.oracle.chunking
+            limit = chunking.limit(lambda: self.oracle.measure(trajectory.loss_fns[k], k))
+            if limit is None and chunking.steps_at_once is not None:
+                limit = chunking.steps_at_once * self.oracle.tasks.at_once
             self._span = None if limit is None else max(1, limit // self.oracle.tasks.at_once)
         weight = self.transpose.vjp(k, adjoint)[1]
         if self.drop is not None:

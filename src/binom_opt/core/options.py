@@ -45,7 +45,8 @@ class Options:
             ``None``: everything at once on every device (a meta-batch's tasks vmapped together in the
             inner steps, the rounds over points x tasks and the query). ``"auto"`` (default) depends on
             the device. On CUDA: the tasks vmapped together, a round's HVPs capped at a quarter of the
-            free device memory, at most 512 MiB. On the CPU: a meta-batch's tasks one after another,
+            free device memory, at most 512 MiB. On the CPU: a round at once, the mixed terms of other
+            meta-parameters one step at a time, and a meta-batch's tasks one after another,
             each run as a task of its own (its round's points vmapped), which is faster and lighter
             there than vmapped tasks and gives bitwise the per-task results: ``meta_gradient_batched``
             takes each task's whole meta-gradient before the next (the cost of a loop over
