@@ -264,7 +264,7 @@ class InnerLoop:
         recorded: List[StepContext] = []
         yield None, recorded
         drew = before is not None and before.moved(devices)
-        if drew and options.compile_hvps:
+        if before is not None and drew and options.compile_hvps:
             before.restore()  # the step is refused: the caller's generators as they were
             raise ValueError(
                 f"Inner step {k} drew random numbers (dropout or another random op), which compile_hvps cannot replay: "
