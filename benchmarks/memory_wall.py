@@ -158,18 +158,25 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="ResNet-12 4-10-20-40 on 3x16x16 at K=1, 2: a smoke test of seconds")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--from-json", type=Path, metavar="PATH", help="re-render a run's table and plot without measuring")
-    args = p.parse_args(argv)
+    args = checked(p.parse_args(argv), METHODS)
+    args.error_tasks = None  # what the suite's children read besides
+    return args
+
+
+def checked(args: argparse.Namespace, methods) -> argparse.Namespace:
+    """A wall's command line checked (device, K values, method patterns over ``methods``), ``--memory-budget`` in
+    bytes where it is a number, and ``compile`` off (the suite's children read it)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.ks and min(args.ks) < 1:
         raise SystemExit(f"--ks {args.ks}: every K must be at least 1")
     if args.methods:
-        unmatched = [pat for pat in args.methods if not fnmatch.filter(METHODS, pat)]
+        unmatched = [pat for pat in args.methods if not fnmatch.filter(methods, pat)]
         if unmatched:
-            raise SystemExit(f"--methods {unmatched} match none of: {' '.join(METHODS)}")
+            raise SystemExit(f"--methods {unmatched} match none of: {' '.join(methods)}")
     if args.memory_budget is not None and args.memory_budget.isdigit():
         args.memory_budget = int(args.memory_budget)
-    args.compile, args.error_tasks = False, None  # what the suite's children read besides
+    args.compile = False
     return args
 
 

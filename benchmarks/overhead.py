@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import higher
 import torch
@@ -57,35 +57,28 @@ def median_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def unrolled(model, params: dict, loss: Callable, x, y, steps: int, lr: float, create_graph: bool = True) -> dict:
-    """The hand-written inner loop: ``steps`` SGD steps on ``loss(functional model, x, y)`` with autograd."""
-    for _ in range(steps):
-        grads = torch.autograd.grad(loss(lambda *a: torch.func.functional_call(model, params, a), x, y), list(params.values()),
-                                    create_graph=create_graph)
-        params = {n: p - lr * (g if create_graph else g.detach()) for (n, p), g in zip(params.items(), grads)}
-    return params
-
-
-def sine(tasks: int = 25, steps: int = 5, lr: float = 0.01):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
-    gen = torch.Generator().manual_seed(0)
-    batch = [tuple(torch.randn(10, 1, generator=gen) for _ in range(4)) for _ in range(tasks)]
-    mse = lambda f, x, y: F.mse_loss(f(x), y)
+def per_task(model: nn.Module, batch, loss: Callable, steps: int, lr: float) -> Steps:
+    """The per-task meta-step of each peer on ``batch`` (``(x_s, y_s, x_q, y_q)`` per task), ``loss(outputs, targets)``:
+    the hand-written loop (``create_graph`` autograd, learn2learn's idiom, and its first-order twin), higher, and
+    ``bo.MAML`` with ``Exact``, ``Binomial(1)`` and ``FirstOrder``."""
 
     def hand(create_graph):
         def run():
             for xs, ys, xq, yq in batch:
-                phi = unrolled(model, dict(model.named_parameters()), mse, xs, ys, steps, lr, create_graph)
-                mse(lambda *a: torch.func.functional_call(model, phi, a), xq, yq).backward()
+                phi = dict(model.named_parameters())
+                for _ in range(steps):
+                    grads = torch.autograd.grad(loss(torch.func.functional_call(model, phi, (xs,)), ys), list(phi.values()),
+                                                create_graph=create_graph)
+                    phi = {n: p - lr * (g if create_graph else g.detach()) for (n, p), g in zip(phi.items(), grads)}
+                loss(torch.func.functional_call(model, phi, (xq,)), yq).backward()
         return run
 
     def with_higher():
         for xs, ys, xq, yq in batch:
             with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=lr), copy_initial_weights=False) as (f, d):
                 for _ in range(steps):
-                    d.step(F.mse_loss(f(xs), ys))
-                F.mse_loss(f(xq), yq).backward()
+                    d.step(loss(f(xs), ys))
+                loss(f(xq), yq).backward()
 
     def maml(estimator):
         wrapper = bo.MAML(model, lr=lr, estimator=estimator)
@@ -94,10 +87,19 @@ def sine(tasks: int = 25, steps: int = 5, lr: float = 0.01):
             for xs, ys, xq, yq in batch:
                 learner = wrapper.clone()
                 for _ in range(steps):
-                    learner.adapt(lambda m, xs=xs, ys=ys: F.mse_loss(m(xs), ys))
-                F.mse_loss(learner(xq), yq).backward()
+                    learner.adapt(lambda m, xs=xs, ys=ys: loss(m(xs), ys))
+                loss(learner(xq), yq).backward()
         return run
 
+    return {"hand-written exact": hand(True), "hand-written first-order": hand(False), "higher": with_higher,
+            "bo.MAML Exact": maml(bo.Exact()), "bo.MAML Binomial(1)": maml(bo.Binomial(1)), "bo.MAML FirstOrder": maml(bo.FirstOrder())}
+
+
+def sine(tasks: int = 25, steps: int = 5, lr: float = 0.01):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    gen = torch.Generator().manual_seed(0)
+    batch = [tuple(torch.randn(10, 1, generator=gen) for _ in range(4)) for _ in range(tasks)]
     stacked = [torch.stack(t) for t in zip(*batch)]
 
     def adapt_batch(estimator, **options):
@@ -108,11 +110,9 @@ def sine(tasks: int = 25, steps: int = 5, lr: float = 0.01):
             engine.meta_backward(F.mse_loss(learners(stacked[2]), stacked[3], reduction="sum") / 10)  # the sum of task means
         return run
 
-    steps_ = {"hand-written exact": hand(True), "hand-written first-order": hand(False), "higher": with_higher,
-              "bo.MAML Exact": maml(bo.Exact()), "bo.MAML Binomial(1)": maml(bo.Binomial(1)), "bo.MAML FirstOrder": maml(bo.FirstOrder()),
-              "adapt_batch Exact": adapt_batch(bo.Exact()), "adapt_batch Exact, memory_budget=None": adapt_batch(bo.Exact(), memory_budget=None),
-              "adapt_batch Binomial(1), memory_budget=None": adapt_batch(bo.Binomial(1), memory_budget=None)}
-    return model, steps_
+    return model, {**per_task(model, batch, F.mse_loss, steps, lr), "adapt_batch Exact": adapt_batch(bo.Exact()),
+                   "adapt_batch Exact, memory_budget=None": adapt_batch(bo.Exact(), memory_budget=None),
+                   "adapt_batch Binomial(1), memory_budget=None": adapt_batch(bo.Binomial(1), memory_budget=None)}
 
 
 def anil(tasks: int = 4, steps: int = 5, lr: float = 0.1, ways: int = 5, queries: int = 5):
@@ -176,9 +176,14 @@ def main(argv=None) -> dict:
              "| setting | method | ms per meta-step | vs hand-written exact | vs higher |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['setting']} | {r['method']} | {r['ms']:.1f} | {r['vs_hand_written']:.2f}x | "
               f"{'' if r['vs_higher'] is None else format(r['vs_higher'], '.2f') + 'x'} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "overhead_cpu.md").write_text("\n".join(lines) + "\n")
+    return write(args.out, "overhead_cpu", result, lines)
+
+
+def write(out: Path, stem: str, result: dict, lines: List[str]) -> dict:
+    """``result`` as ``out/stem.json`` and the table ``lines`` as ``out/stem.md`` (and printed); returns ``result``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memory_wall import MEMORY_SHARE, measure, parse_mib, plan, total_memory_mib, write
+from memory_wall import MEMORY_SHARE, checked, measure, parse_mib, plan, total_memory_mib, write
 
 from suite import MIB, log
 from suite.children import preload, run_step_job
@@ -79,19 +79,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--memory-budget", help="memory_budget= of the binom_opt engine (bytes, e.g. 512MiB)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--from-json", type=Path, metavar="PATH", help="re-render a run's table and plot without measuring")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    if args.ks and min(args.ks) < 1:
-        raise SystemExit(f"--ks {args.ks}: every K must be at least 1")
-    if args.methods:
-        unmatched = [pat for pat in args.methods if not fnmatch.filter(METHODS, pat)]
-        if unmatched:
-            raise SystemExit(f"--methods {unmatched} match none of: {' '.join(METHODS)}")
-    if args.memory_budget is not None and args.memory_budget.isdigit():
-        args.memory_budget = int(args.memory_budget)
-    args.compile = False  # what the suite's children read besides
-    return args
+    return checked(p.parse_args(argv), METHODS)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

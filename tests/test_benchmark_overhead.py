@@ -13,7 +13,8 @@ import dropout_cost
 def test_dropout_benchmark_writes_every_method_with_and_without_dropout(tmp_path):
     result = dropout_cost.main(["--width", "8", "--steps", "2", "--tasks", "1", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
     methods = {r["method"] for r in result["rows"]}
-    assert methods == {"hand-written", "higher", "bo.MAML Exact", "bo.MAML Binomial(1)", "bo.MAML FirstOrder"}
+    assert methods == {"hand-written exact", "hand-written first-order", "higher", "bo.MAML Exact", "bo.MAML Binomial(1)",
+                       "bo.MAML FirstOrder"}
     assert sorted({r["dropout"] for r in result["rows"]}) == [0.0, 0.1]
     assert json.loads((tmp_path / "dropout_cpu.json").read_text())["rows"] == result["rows"]
     assert "| bo.MAML Exact | 0.1 |" in (tmp_path / "dropout_cpu.md").read_text()
