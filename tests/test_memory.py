@@ -105,3 +105,22 @@ def test_auto_budget_is_a_quarter_of_free_cuda_memory_capped(monkeypatch):
     assert Chunking(memory_budget="auto", device=cuda).limit(lambda: sizes) == 256 // 30  # HVPs that fit in the budget
     assert Chunking(memory_budget="auto", device=torch.device("cpu")).limit(lambda: sizes) is None
     assert bo.Options().memory_budget == "auto"
+
+
+def test_auto_on_the_cpu_caps_the_mixed_terms_by_their_measured_activations():
+    """Off CUDA, "auto" runs a round at once but takes the mixed terms of other meta-parameters as many steps at once
+    as fit in AUTO_MIXED_CAP: a large model's (a LoRA base) one step at a time, a small one's (an ANIL head) all K."""
+    from binom_opt.core.memory import AUTO_MIXED_CAP
+
+    measured = []
+
+    def measure(hvp_bytes):
+        return lambda: measured.append(hvp_bytes) or ActivationBytes(gradient=hvp_bytes // 2, hvp=hvp_bytes)
+
+    cpu = Chunking(memory_budget="auto", device=torch.device("cpu"))
+    assert cpu.limit(measure(1)) is None and not measured  # the HVP rounds: no cap, nothing measured
+    assert cpu.mixed_limit(measure(250 * 2**20)) == 1
+    assert Chunking(memory_budget="auto").mixed_limit(measure(4096)) == AUTO_MIXED_CAP // 4096
+    assert Chunking(memory_budget=None).mixed_limit(measure(1)) is None  # everything at once when asked
+    assert Chunking(memory_budget="1MiB").mixed_limit(measure(2**19)) == 2  # an explicit budget is the budget
+    assert measured == [250 * 2**20, 4096, 2**19]

@@ -24,6 +24,10 @@ __all__ = ["Chunking", "ActivationBytes", "parse_memory_budget", "auto_budget", 
 INNER_STEP = "inner_step"
 AUTO = "auto"
 AUTO_CUDA_CAP = 512 * 2**20  # "auto" on CUDA: a quarter of the free memory, at most this
+# "auto" elsewhere: the activations the mixed terms of other meta-parameters hold at once (measured for one step, at
+# least one step): a LoRA base's terms take a step at a time, an ANIL body's head-sized ones all K at once (each call
+# runs a backward through the graph the closure's data came from, a body's features, so fewer calls cost less)
+AUTO_MIXED_CAP = 64 * 2**20
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -160,9 +164,7 @@ class Chunking:
         check_chunk_size(chunk_size)
         self.cap = chunk_size
         self.budget = auto_budget(device) if parse_memory_budget(memory_budget) == AUTO else parse_memory_budget(memory_budget)
-        # "auto" with no budget (off CUDA): the mixed terms of other meta-parameters take one step at a time, so that
-        # they hold one step's graph, not K (an adapter's meta-learned base: 2x higher's memory per step otherwise)
-        self.steps_at_once = 1 if parse_memory_budget(memory_budget) == AUTO and self.budget is None else None
+        self.mixed_budget = AUTO_MIXED_CAP if parse_memory_budget(memory_budget) == AUTO and self.budget is None else None
         self.inner_batch = inner_batch
         self.per_hvp_bytes: Optional[int] = None
         self.budget_bytes: Optional[int] = None  # the budget in bytes, once known
@@ -180,6 +182,16 @@ class Chunking:
             by_budget = max(1, self.budget_bytes // self.per_hvp_bytes)  # pyright: ignore[reportOptionalOperand]  # both set just above
             cap = by_budget if cap is None else min(cap, by_budget)
         return cap
+
+    def mixed_limit(self, measure: Callable[[], ActivationBytes]) -> Optional[int]:
+        """:meth:`limit` for the mixed terms of other meta-parameters; with ``"auto"`` and no budget (off CUDA), the
+        evaluations whose measured activations fit in :data:`AUTO_MIXED_CAP` (at least one), so that they hold a few
+        steps' graphs, not K."""
+        if self.mixed_budget is None:
+            return self.limit(measure)
+        if self.per_hvp_bytes is None:
+            self.per_hvp_bytes = measure().hvp
+        return max(1, self.mixed_budget // self.per_hvp_bytes)
 
     def run(self, count: int, measure: Callable[[], ActivationBytes], call: Callable[[Optional[int]], T]) -> T:
         """``call(limit)`` for a round of ``count`` HVPs; halves the limit and retries after an OOM.

@@ -59,10 +59,7 @@ class MixedTerms:
         if k in self.skip:
             return
         if not self._pending:
-            chunking = self.oracle.chunking
-            limit = chunking.limit(lambda: self.oracle.measure(trajectory.loss_fns[k], k))
-            if limit is None and chunking.steps_at_once is not None:
-                limit = chunking.steps_at_once * self.oracle.tasks.at_once
+            limit = self.oracle.chunking.mixed_limit(lambda: self.oracle.measure(trajectory.loss_fns[k], k))
             self._span = None if limit is None else max(1, limit // self.oracle.tasks.at_once)
         weight = self.transpose.vjp(k, adjoint)[1]
         if self.drop is not None:

@@ -46,7 +46,8 @@ class Options:
             inner steps, the rounds over points x tasks and the query). ``"auto"`` (default) depends on
             the device. On CUDA: the tasks vmapped together, a round's HVPs capped at a quarter of the
             free device memory, at most 512 MiB. On the CPU: a round at once, the mixed terms of other
-            meta-parameters one step at a time, and a meta-batch's tasks one after another,
+            meta-parameters as many steps at once as fit in 64 MiB of measured activations (at least one),
+            and a meta-batch's tasks one after another,
             each run as a task of its own (its round's points vmapped), which is faster and lighter
             there than vmapped tasks and gives bitwise the per-task results: ``meta_gradient_batched``
             takes each task's whole meta-gradient before the next (the cost of a loop over
