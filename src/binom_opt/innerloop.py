@@ -85,13 +85,18 @@ class DifferentiableOptimizer:
     def _written(self) -> bool:
         """Whether a learning rate in :attr:`param_groups` changed since the last step (other hyperparameters cannot)."""
         for group, fixed in zip(self.param_groups, self._fixed):
-            changed = [k for k, v in fixed.items() if group.get(k) is not v]
+            changed = [k for k, v in fixed.items() if not _same_value(group.get(k), v)]
             if changed:
                 raise ValueError(
                     f"diffopt.param_groups: {changed} changed between inner steps; only 'lr' may change during the inner "
                     "loop (set the others on the torch.optim instance before the block)."
                 )
         return any(group["lr"] is not lr for group, lr in zip(self.param_groups, self._lrs))
+
+
+def _same_value(a: object, b: object) -> bool:
+    """The same hyperparameter: the same tensor, or equal plain values (a float written again is no change)."""
+    return a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
 
 
 @contextlib.contextmanager
