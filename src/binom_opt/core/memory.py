@@ -93,7 +93,9 @@ def activation_bytes(loss_fn: Callable[[Tensors], torch.Tensor], point: Tensors)
         if t.untyped_storage().data_ptr() not in inputs:  # a tensor saved twice (or a view) counts once
             size = t.numel() * t.element_size()
             saved[(t.data_ptr(), size)] = size
-        return t
+        # not t itself: a node that saved its own output through a hook returning it would hold it strongly, a cycle
+        # (output -> node -> output) that only the cycle collector frees, with the closure's data in it
+        return t.detach()
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(leaves)
