@@ -185,3 +185,17 @@ def test_meta_backward_writes_nothing_when_the_meta_gradient_fails():
     with pytest.raises(RuntimeError, match="not a pure function"):
         engine.meta_backward(loss)
     assert temperature.grad is None and all(p.grad is None for p in case.model.parameters())
+
+
+def test_a_model_called_by_a_learner_is_freed_with_its_last_reference():
+    """The per-model cache of where its parameters sit (learner.call_with) holds the model only weakly."""
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(4, 3)  # parameters on the model itself
+    learner = bo.MAML(model, lr=0.1).clone()
+    learner.adapt(lambda m: m(torch.randn(2, 4)).sum())
+    alive = weakref.ref(model)
+    del model, learner
+    gc.collect()
+    assert alive() is None

@@ -106,12 +106,14 @@ _PLACES: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary(
 def _places(model: nn.Module) -> list:
     """``(module, attribute, name, parameter)`` for every place a parameter of ``model`` sits (a tied parameter in each
     of its places, under the name ``named_parameters()`` gives it), found once per model."""
-    places = _PLACES.get(model)
+    cached = _PLACES.get(model)
+    places = None if cached is None else [(model if module is None else module, *rest) for module, *rest in cached]
     if places is None or any(module._parameters.get(attr) is not param for module, attr, _, param in places):
         names = {id(p): n for n, p in model.named_parameters()}
         places = [(module, attr, names[id(p)], p) for prefix, module in model.named_modules(remove_duplicate=False)
                   for attr, p in module._parameters.items() if p is not None and id(p) in names]
-        _PLACES[model] = places
+        # the model itself as None: a cached value that referred to its weak key would keep the model alive for good
+        _PLACES[model] = [(None if module is model else module, *rest) for module, *rest in places]
     return places
 
 
