@@ -1,4 +1,4 @@
-"""benchmarks/dropout_cost.py and benchmarks/overhead.py run end to end at tiny sizes and write their tables (speed itself is
+"""benchmarks/dropout_cost.py, overhead.py and task_plan.py run end to end at tiny sizes and write their tables (speed itself is
 not tested)."""
 
 import json
@@ -28,3 +28,18 @@ def test_overhead_benchmark_writes_every_setting_and_method(tmp_path):
     assert ("sine", "higher") in methods and ("sine", "adapt_batch Exact, memory_budget=None") in methods
     assert ("anil", "engine.adapt Binomial(1)") in methods and len(methods) == 14
     assert "| sine | bo.MAML Exact |" in (tmp_path / "overhead_cpu.md").read_text()
+
+
+def test_task_plan_benchmark_times_both_plans_and_restores_the_cap(tmp_path):
+    import task_plan
+
+    from binom_opt.core import memory
+
+    cap = memory.AUTO_VMAP_TASKS_CAP
+    result = task_plan.main(["--small", "--repeats", "1", "--out", str(tmp_path)])
+    assert memory.AUTO_VMAP_TASKS_CAP == cap
+    assert [r["setting"] for r in result["rows"]] == ["MLP 1-8-8-1, 4 points", "Conv4-4, Omniglot"]
+    for row in result["rows"]:
+        assert row["vmapped_ms"] > 0 and row["loop_ms"] > 0 and 0 < row["activations_mib"] < 16
+        assert row["auto"] == "vmapped"  # tiny tasks: under the cap
+    assert "| MLP 1-8-8-1, 4 points | 2 |" in (tmp_path / "task_plan_cpu.md").read_text()

@@ -100,17 +100,18 @@ def test_auto_budget_is_a_quarter_of_free_cuda_memory_capped(monkeypatch):
     assert memory.auto_budget(cuda) == memory.AUTO_CUDA_CAP == 512 * 2**20  # 2 GiB free / 4 would be more: capped
     free["bytes"] = 1 * 2**30
     assert memory.auto_budget(cuda) == 256 * 2**20  # a quarter of what is free
-    assert memory.auto_budget(torch.device("cpu")) is None  # on the CPU: a round at once
+    assert memory.auto_budget(torch.device("cpu")) == memory.AUTO_CPU_CAP == 64 * 2**20  # off CUDA: a fixed cap
     sizes = ActivationBytes(gradient=10 * 2**20, hvp=30 * 2**20)
     assert Chunking(memory_budget="auto", device=cuda).limit(lambda: sizes) == 256 // 30  # HVPs that fit in the budget
-    assert Chunking(memory_budget="auto", device=torch.device("cpu")).limit(lambda: sizes) is None
+    assert Chunking(memory_budget="auto", device=torch.device("cpu")).limit(lambda: sizes) == 64 // 30
     assert bo.Options().memory_budget == "auto"
 
 
-def test_auto_on_the_cpu_caps_the_mixed_terms_by_their_measured_activations():
-    """Off CUDA, "auto" runs a round at once but takes the mixed terms of other meta-parameters as many steps at once
-    as fit in AUTO_MIXED_CAP: a large model's (a LoRA base) one step at a time, a small one's (an ANIL head) all K."""
-    from binom_opt.core.memory import AUTO_MIXED_CAP
+def test_auto_on_the_cpu_caps_a_round_by_its_measured_activations():
+    """Off CUDA, "auto" runs as many HVPs of a round (and mixed terms of other meta-parameters) at once as fit in
+    AUTO_CPU_CAP of measured activations: a large model's (a ResNet-12, a LoRA base) one at a time, a small one's
+    (an MLP, an ANIL head) a whole round."""
+    from binom_opt.core.memory import AUTO_CPU_CAP
 
     measured = []
 
@@ -118,9 +119,47 @@ def test_auto_on_the_cpu_caps_the_mixed_terms_by_their_measured_activations():
         return lambda: measured.append(hvp_bytes) or ActivationBytes(gradient=hvp_bytes // 2, hvp=hvp_bytes)
 
     cpu = Chunking(memory_budget="auto", device=torch.device("cpu"))
-    assert cpu.limit(measure(1)) is None and not measured  # the HVP rounds: no cap, nothing measured
-    assert cpu.mixed_limit(measure(250 * 2**20)) == 1
-    assert Chunking(memory_budget="auto").mixed_limit(measure(4096)) == AUTO_MIXED_CAP // 4096
-    assert Chunking(memory_budget=None).mixed_limit(measure(1)) is None  # everything at once when asked
-    assert Chunking(memory_budget="1MiB").mixed_limit(measure(2**19)) == 2  # an explicit budget is the budget
+    assert cpu.limit(measure(250 * 2**20)) == 1
+    assert Chunking(memory_budget="auto").limit(measure(4096)) == AUTO_CPU_CAP // 4096
+    assert Chunking(memory_budget=None).limit(measure(1)) is None and len(measured) == 2  # everything at once when asked
+    assert Chunking(memory_budget="1MiB").limit(measure(2**19)) == 2  # an explicit budget is the budget
     assert measured == [250 * 2**20, 4096, 2**19]
+
+
+def test_a_large_model_takes_a_round_one_hvp_at_a_time_by_default(monkeypatch):
+    """Binomial's round under default options holds one HVP's activations at a time where one HVP's exceed the cap
+    (a cap of 1 byte stands for a model larger than it), with the meta-gradient of the whole round at once."""
+    from binom_opt.core import memory
+
+    def run(**options):
+        case = mlp_sine()
+        engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=6, estimator=bo.Binomial(2), **options)
+        case.query(engine.adapt(case.support)).backward()
+        return {n: p.grad for n, p in case.model.named_parameters()}, engine.last_stats
+
+    expected, whole = run(memory_budget=None)
+    monkeypatch.setattr(memory, "AUTO_CPU_CAP", 1)
+    monkeypatch.setattr(memory, "_MEASURED", {})
+    got, stats = run()
+    assert whole.hvps_at_once == 5 and stats.hvps_at_once == 1
+    assert R.relative_error(got, expected) < 1e-13
+
+
+def test_the_activations_of_a_support_loss_are_measured_once_per_shapes(monkeypatch):
+    """The probe behind a round's cap (a forward and two backwards) runs once per closure and data shapes, not once per
+    meta-gradient: the next task's loop reuses it, other shapes measure again."""
+    from binom_opt.core import memory, oracle
+
+    monkeypatch.setattr(memory, "_MEASURED", {})
+    probes = []
+    measure = oracle.activation_bytes
+    monkeypatch.setattr(oracle, "activation_bytes", lambda *a: probes.append(1) or measure(*a))
+    model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    maml = bo.MAML(model, lr=0.01, estimator=bo.Binomial(1))
+    for points in (10, 10, 10, 7):
+        x = torch.randn(points, 1, dtype=torch.float64)
+        learner = maml.clone()
+        for _ in range(3):
+            learner.adapt(lambda m: F.mse_loss(m(x), x.sin()))
+        F.mse_loss(learner(x), x.sin()).backward()
+    assert len(probes) == 2  # the first task, then the first of other shapes

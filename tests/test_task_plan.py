@@ -1,11 +1,13 @@
 """The plan for a meta-batch's tasks (core/memory.py ``loops_over_tasks``): on the CPU ``memory_budget="auto"``
-runs them one after another, ``None`` vmaps them together; both give the same meta-gradients."""
+runs them one after another where their measured activations exceed ``AUTO_VMAP_TASKS_CAP`` and vmaps them below,
+``None`` vmaps them together; both give the same meta-gradients."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import binom_opt as bo
+from binom_opt.core import memory
 from binom_opt.core.batching import Tasks
 from binom_opt.core.memory import loops_over_tasks
 from binom_opt.functional import meta_gradient_batched
@@ -16,6 +18,14 @@ from cases import conv_bn, grads, image_tasks
 K, LR = 4, 0.1
 ESTIMATORS = [bo.FirstOrder(), bo.Truncated(1), bo.Binomial(1), bo.Binomial(2), bo.Exact()]
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def loop_plan(monkeypatch):
+    """The test models are small enough for "auto" to vmap their tasks: a cap of no bytes makes it loop over them,
+    the plan of large models, which most tests here check (tests of the cap itself set it back)."""
+    monkeypatch.setattr(memory, "AUTO_VMAP_TASKS_CAP", -1)
+    monkeypatch.setattr(memory, "_MEASURED", {})
 
 
 @pytest.mark.parametrize("options, loop", [
@@ -36,6 +46,62 @@ def test_auto_loops_over_tasks_on_the_cpu_and_none_vmaps(options, loop):
 
 def test_auto_vmaps_the_tasks_on_cuda():
     assert loops_over_tasks(bo.Options(), torch.device("cuda")) is False
+
+
+def sine_engine(width, **options):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, width), torch.nn.ReLU(), torch.nn.Linear(width, 1)).double()
+    return model, bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=0.01), steps=3, **options)
+
+
+@pytest.mark.parametrize("width, loop", [(40, False), (4000, True)])
+def test_auto_on_the_cpu_vmaps_small_tasks_and_loops_over_large_ones(monkeypatch, width, loop):
+    """The measured activations of one HVP of every task decide: a sine MLP's 25 tasks hold a fraction of a MiB (vmapped,
+    several times faster there), a wide one's above the cap (a loop); measured once per support loss and shapes."""
+    monkeypatch.setattr(memory, "AUTO_VMAP_TASKS_CAP", 2**20)
+    measured = []
+    activation_bytes = memory.activation_bytes
+    monkeypatch.setattr(memory, "activation_bytes", lambda *a: measured.append(1) or activation_bytes(*a))
+    _, engine = sine_engine(width)
+    support = lambda m, t: F.mse_loss(m(t[0]), t[1])
+    xs, ys = torch.randn(25, 10, 1, dtype=torch.float64), torch.randn(25, 10, 1, dtype=torch.float64)
+    state = torch.get_rng_state()
+    for _ in range(2):
+        learners = engine.adapt_batch(support, (xs, ys))
+        assert learners.loop is loop
+        engine.meta_backward(F.mse_loss(learners(xs), ys))
+    assert measured == [1]  # the second meta-batch reuses the measurement
+    assert torch.equal(torch.get_rng_state(), state)
+    engine.adapt_batch(support, (xs[:5, :4], ys[:5, :4]))  # other shapes: measured again
+    assert measured == [1, 1]
+
+
+def test_auto_on_the_cpu_gives_the_meta_gradient_of_either_plan(monkeypatch):
+    monkeypatch.setattr(memory, "AUTO_VMAP_TASKS_CAP", 2**20)
+    xs, ys = torch.randn(6, 10, 1, dtype=torch.float64), torch.randn(6, 10, 1, dtype=torch.float64)
+    got = {}
+    for budget in ("auto", None):
+        model, engine = sine_engine(40, estimator=bo.Binomial(1), memory_budget=budget)
+        learners = engine.adapt_batch(lambda m, t: F.mse_loss(m(t[0]), t[1]), (xs, ys))
+        assert not learners.loop
+        engine.meta_backward(F.mse_loss(learners(xs), ys))
+        got[budget] = grads(model)
+    for n in got[None]:
+        assert torch.equal(got["auto"][n], got[None][n])  # the same plan: bitwise
+
+
+def test_a_support_loss_that_draws_random_numbers_is_planned_as_a_loop(monkeypatch):
+    """Measuring draws nothing from the caller's generators; a support loss that draws is planned as the loop over tasks,
+    whose first inner step refuses it with the message that names the choices (as the vmapped plan would)."""
+    monkeypatch.setattr(memory, "AUTO_VMAP_TASKS_CAP", 2**30)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3)).double()
+    engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.parameters(), lr=LR), steps=K)
+    xs, ys = torch.randn(3, 6, 4, dtype=torch.float64), (torch.arange(6) % 3).repeat(3, 1)
+    support = lambda m, t: F.cross_entropy(m(t[0]), t[1])
+    assert memory.task_activations(engine._setups[True].make_loss(support), dict(model.named_parameters()), (xs, ys),
+                                   "auto", "dropout") is None
+    with pytest.raises(RuntimeError, match="vmapped tasks cannot draw the numbers a loop over tasks draws"):
+        engine.adapt_batch(support, (xs, ys))
 
 
 def adapt_batch(estimator, tasks, dtype=torch.float64, **options):

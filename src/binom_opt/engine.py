@@ -113,7 +113,11 @@ class MetaGradientEngine:
             24
         """
         first = next(iter(self.model.parameters()), None)
-        planned = Tasks(tasks).planned(self.options, None if first is None else first.device)
+        named = dict(self.model.named_parameters())
+        point = {n: named[n].detach() for n in read_optimizer(named, self.inner_opt, self.override).adapted}
+        key = (id(self.model), getattr(closure, "__code__", None) or id(closure))  # the same support loss, for the measured plan
+        planned = Tasks(tasks).planned(self.options, None if first is None else first.device,
+                                       self._setups[True].make_loss(closure), point, key)
         loop = self._loop(planned)
         for _ in range(self.steps):
             loop.step(closure)

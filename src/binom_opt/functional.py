@@ -150,7 +150,10 @@ def _meta_gradients(inner_loss, outer_loss, params, tasks: Tasks, steps, lr, inn
         if sorted(adapted) != sorted(params):
             raise ValueError(f"inner_opt must be built over every tensor of params ({sorted(params)}), got {sorted(adapted)}.")
     extra = dict(meta_params or {})
-    tasks = tasks.planned(options, next(iter(params.values())).device) if params else tasks
+    if params and tasks.batched:
+        point = {n: t.detach() for n, t in params.items()}
+        key = getattr(inner_loss, "__code__", None) or id(inner_loss)  # the same support loss, for the measured plan
+        tasks = tasks.planned(options, next(iter(params.values())).device, inner_loss, point, key)
     if tasks.loop:
         return _task_by_task(inner_loss, outer_loss, params, tasks, steps, rules, hyper, estimators, extra, options)
     return _one_call(inner_loss, outer_loss, params, tasks, steps, rules, hyper, estimators, extra, options, _MONITOR)

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 from .context import RandomState, StepContext, devices_of
-from .memory import loops_over_tasks
+from .memory import loops_over_tasks, task_activations
 from .norm_layers import module_policy
 
 __all__ = ["Tasks", "stack", "HVPBackendError", "calls", "add_note", "over_tasks", "vmap_or_loop", "per_task",
@@ -52,9 +52,15 @@ class Tasks:
     def batched(self) -> bool:
         return self.data is not None
 
-    def planned(self, options, device: Optional[torch.device]) -> Tasks:
-        """These tasks, run as ``options`` plan them on ``device`` (:func:`~binom_opt.core.memory.loops_over_tasks`)."""
-        return Tasks(self.data, loops_over_tasks(options, device))
+    def planned(self, options, device: Optional[torch.device], loss_fn: Optional[Callable] = None, point=None,
+                key: object = None) -> Tasks:
+        """These tasks, run as ``options`` plan them on ``device`` (:func:`~binom_opt.core.memory.loops_over_tasks`),
+        from the measured activations of their support loss ``loss_fn(point, task)`` (``key``: what identifies it)."""
+        def activations() -> Optional[int]:
+            one = task_activations(loss_fn, point, self.data, options.bn, key)  # pyright: ignore[reportArgumentType]  # given below
+            return None if one is None else one * self.size
+
+        return Tasks(self.data, loops_over_tasks(options, device, None if loss_fn is None or point is None else activations))
 
     @property
     def at_once(self) -> int:

@@ -14,20 +14,29 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 import torch
+from torch.utils import _pytree as pytree
+
+from .context import RandomState, devices_of
+from .norm_layers import module_policy
 
 Tensors = Dict[str, torch.Tensor]
 T = TypeVar("T")
 
 __all__ = ["Chunking", "ActivationBytes", "parse_memory_budget", "auto_budget", "loops_over_tasks", "activation_bytes",
-           "check_chunk_size"]
+           "check_chunk_size", "AUTO_VMAP_TASKS_CAP", "AUTO_CPU_CAP", "task_activations", "measured_once"]
 
 INNER_STEP = "inner_step"
 AUTO = "auto"
 AUTO_CUDA_CAP = 512 * 2**20  # "auto" on CUDA: a quarter of the free memory, at most this
-# "auto" elsewhere: the activations the mixed terms of other meta-parameters hold at once (measured for one step, at
-# least one step): a LoRA base's terms take a step at a time, an ANIL body's head-sized ones all K at once (each call
-# runs a backward through the graph the closure's data came from, a body's features, so fewer calls cost less)
-AUTO_MIXED_CAP = 64 * 2**20
+# "auto" elsewhere: the activations the HVPs of a round (and the mixed terms of other meta-parameters) hold at once,
+# measured for one HVP, at least one: a ResNet-12's or a LoRA base's one at a time, an MLP's or an ANIL head's all K
+# at once (fewer calls cost less host time, and the mixed terms' backward through a body's features runs once)
+AUTO_CPU_CAP = 64 * 2**20
+# "auto" on the CPU: a meta-batch's tasks are vmapped together where one HVP of every task at once holds at most this
+# many bytes of activations (measured for the first task, times B); a loop over the tasks above. Small models gain
+# most from one call per meta-batch; large per-task activations run faster task by task (grouped convolutions, caches);
+# calibrated by benchmarks/task_plan.py (benchmarks/results/task_plan_cpu.md)
+AUTO_VMAP_TASKS_CAP = 16 * 2**20
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -107,27 +116,71 @@ def activation_bytes(loss_fn: Callable[[Tensors], torch.Tensor], point: Tensors)
     return ActivationBytes(gradient=max(1, forward), hvp=max(1, sum(saved.values())))
 
 
-def auto_budget(device: Optional[torch.device]) -> Optional[int]:
-    """``memory_budget="auto"``: on CUDA a quarter of the device's free memory, at most 512 MiB, so that the
-    HVPs a round runs at once leave room for the rest of a training step; elsewhere no budget, a round at
-    once (an out-of-memory error still halves the chunk).
+_MEASURED: Dict[tuple, object] = {}  # measured activations, by support loss and shapes
 
-    >>> auto_budget(torch.device("cpu")) is None
+
+def measured_once(key: object, point: Tensors, data, measure: Callable[[], T]) -> T:
+    """``measure()`` once per ``key`` (what identifies a support loss across adaptations, ``None``: not known, always
+    measured) and the shapes of one task's ``point`` and ``data``: the activations of a model and shapes do not change
+    from one meta-batch to the next, so their probe (a forward and two backwards) is paid once."""
+    if key is None:
+        return measure()
+    shapes = lambda tree: tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+    full = (key, shapes(point), shapes(data))
+    if full not in _MEASURED:
+        if len(_MEASURED) >= 256:  # bounded: shapes that change every call measure again
+            _MEASURED.clear()
+        _MEASURED[full] = measure()
+    return _MEASURED[full]  # pyright: ignore[reportReturnType]  # what measure() returned for this key
+
+
+def task_activations(loss_fn: Callable, point: Tensors, data, bn: str, key: object) -> Optional[int]:
+    """The activation bytes of one HVP of ``loss_fn(point, task)`` for the first task of ``data`` (a pytree with a
+    leading task dimension), measured once per ``key`` (what identifies the support loss) and shapes.
+
+    ``None`` where the support loss draws random numbers (the caller's generators are left as they were) or fails:
+    the plan that runs it then is the loop over tasks, whose first inner step names any error.
+    """
+    first = pytree.tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, data)
+
+    def measure() -> Optional[int]:
+        devices = devices_of([*point.values(), *(t for t in pytree.tree_leaves(data) if isinstance(t, torch.Tensor))])
+        with torch.random.fork_rng(devices=list(devices)):
+            before = RandomState.capture(devices)
+            try:
+                with module_policy(bn):
+                    hvp: Optional[int] = activation_bytes(lambda p: loss_fn(p, first), point).hvp
+            except Exception:  # the loop plan runs it and its first inner step raises the error in context
+                return None
+            return None if before.moved(devices) else hvp
+
+    return measured_once(("tasks", key), point, first, measure)
+
+
+def auto_budget(device: Optional[torch.device]) -> int:
+    """``memory_budget="auto"``: on CUDA a quarter of the device's free memory, at most 512 MiB, so that the
+    HVPs a round runs at once leave room for the rest of a training step; elsewhere :data:`AUTO_CPU_CAP`
+    (an out-of-memory error still halves the chunk).
+
+    >>> auto_budget(torch.device("cpu")) == AUTO_CPU_CAP
     True
     """
     if device is None or torch.device(device).type != "cuda":
-        return None
+        return AUTO_CPU_CAP
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(free // 4, AUTO_CUDA_CAP))
 
 
-def loops_over_tasks(options, device: Optional[torch.device]) -> bool:
+def loops_over_tasks(options, device: Optional[torch.device], activations: Optional[Callable[[], Optional[int]]] = None) -> bool:
     """Whether a meta-batch runs its tasks one after another (a Python loop) instead of vmapped together.
 
-    ``memory_budget="auto"`` on the CPU: a loop. Vmapped over tasks, per-task weights turn every
-    convolution into a grouped one, and a meta-batch's activations (480 MB a layer for 32 Omniglot
-    query sets on Conv4-64) leave the cache; on a CPU both make the vmapped meta-batch slower than
-    the loop and several times heavier (benchmarks/results/task_batching_cpu.md). Each task then
+    ``memory_budget="auto"`` on the CPU: a loop, unless ``activations()`` (the measured activation bytes of one HVP
+    of every task at once; ``None``: not measured) is at most :data:`AUTO_VMAP_TASKS_CAP`. Vmapped over tasks,
+    per-task weights turn every convolution into a grouped one, and a meta-batch's activations (480 MB a layer for
+    32 Omniglot query sets on Conv4-64) leave the cache; on a CPU both make the vmapped meta-batch slower than
+    the loop and several times heavier (benchmarks/results/task_batching_cpu.md), while a small model (the MAML
+    paper's sine MLP, a linear head) runs several times faster in one call per meta-batch
+    (benchmarks/results/task_plan_cpu.md). Each looped task then
     runs exactly the per-task path (its round's points still vmapped), so the result does not
     depend on how many tasks the batch holds, and its meta-gradient is taken whole before the next
     task's (:meth:`~binom_opt.core.batching.Tasks.alone`). On CUDA, and with any other budget, the tasks are
@@ -141,8 +194,11 @@ def loops_over_tasks(options, device: Optional[torch.device]) -> bool:
     (True, False)
     """
     cpu = device is None or torch.device(device).type == "cpu"
-    return (options.memory_budget == AUTO and cpu and options.chunk_size is None and not options.compile_hvps
-            and options.randomness != "same")
+    if not (options.memory_budget == AUTO and cpu and options.chunk_size is None and not options.compile_hvps
+            and options.randomness != "same"):
+        return False
+    measured = None if activations is None else activations()
+    return measured is None or measured > AUTO_VMAP_TASKS_CAP
 
 
 class Chunking:
@@ -166,7 +222,6 @@ class Chunking:
         check_chunk_size(chunk_size)
         self.cap = chunk_size
         self.budget = auto_budget(device) if parse_memory_budget(memory_budget) == AUTO else parse_memory_budget(memory_budget)
-        self.mixed_budget = AUTO_MIXED_CAP if parse_memory_budget(memory_budget) == AUTO and self.budget is None else None
         self.inner_batch = inner_batch
         self.per_hvp_bytes: Optional[int] = None
         self.budget_bytes: Optional[int] = None  # the budget in bytes, once known
@@ -184,16 +239,6 @@ class Chunking:
             by_budget = max(1, self.budget_bytes // self.per_hvp_bytes)  # pyright: ignore[reportOptionalOperand]  # both set just above
             cap = by_budget if cap is None else min(cap, by_budget)
         return cap
-
-    def mixed_limit(self, measure: Callable[[], ActivationBytes]) -> Optional[int]:
-        """:meth:`limit` for the mixed terms of other meta-parameters; with ``"auto"`` and no budget (off CUDA), the
-        evaluations whose measured activations fit in :data:`AUTO_MIXED_CAP` (at least one), so that they hold a few
-        steps' graphs, not K."""
-        if self.mixed_budget is None:
-            return self.limit(measure)
-        if self.per_hvp_bytes is None:
-            self.per_hvp_bytes = measure().hvp
-        return max(1, self.mixed_budget // self.per_hvp_bytes)
 
     def run(self, count: int, measure: Callable[[], ActivationBytes], call: Callable[[Optional[int]], T]) -> T:
         """``call(limit)`` for a round of ``count`` HVPs; halves the limit and retries after an OOM.

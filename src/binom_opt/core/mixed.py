@@ -59,7 +59,7 @@ class MixedTerms:
         if k in self.skip:
             return
         if not self._pending:
-            limit = self.oracle.chunking.mixed_limit(lambda: self.oracle.measure(trajectory.loss_fns[k], k))
+            limit = self.oracle.chunking.limit(lambda: self.oracle.measure(trajectory.loss_fns[k], k))
             self._span = None if limit is None else max(1, limit // self.oracle.tasks.at_once)
         weight = self.transpose.vjp(k, adjoint)[1]
         if self.drop is not None:

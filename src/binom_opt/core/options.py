@@ -45,11 +45,12 @@ class Options:
             ``None``: everything at once on every device (a meta-batch's tasks vmapped together in the
             inner steps, the rounds over points x tasks and the query). ``"auto"`` (default) depends on
             the device. On CUDA: the tasks vmapped together, a round's HVPs capped at a quarter of the
-            free device memory, at most 512 MiB. On the CPU: a round at once, the mixed terms of other
-            meta-parameters as many steps at once as fit in 64 MiB of measured activations (at least one),
-            and a meta-batch's tasks one after another,
-            each run as a task of its own (its round's points vmapped), which is faster and lighter
-            there than vmapped tasks and gives bitwise the per-task results: ``meta_gradient_batched``
+            free device memory, at most 512 MiB. On the CPU: as many HVPs of a round (and mixed terms of
+            other meta-parameters) at once as fit in 64 MiB of measured activations (at least one; measured
+            once per support loss and shapes), and a meta-batch's tasks vmapped together where one HVP of
+            every task holds at most 16 MiB of activations (small models, several times faster so), else
+            one after another, each run as a task of its own (its round's points vmapped), which is faster
+            and lighter there than vmapped tasks and gives bitwise the per-task results: ``meta_gradient_batched``
             takes each task's whole meta-gradient before the next (the cost of a loop over
             ``meta_gradient``); ``adapt_batch``, whose query the caller writes for the whole meta-batch,
             checkpoints each task's query forward but the last (recomputed in the backward) and takes

@@ -12,7 +12,7 @@ import torch
 from torch.func import grad, jvp, vjp
 
 from .batching import Tasks, calls, map_points
-from .memory import Chunking, activation_bytes
+from .memory import Chunking, activation_bytes, measured_once
 from .options import Options
 from .trajectory import Trajectory
 
@@ -103,8 +103,13 @@ class HVPOracle:
         return self.chunking.run(count * self.tasks.at_once, lambda: self.measure(loss_fn, measured_at), call)
 
     def measure(self, loss_fn: LossFn, step: int):
-        """The activation bytes of one gradient and one HVP of the first task at ``step``."""
+        """The activation bytes of one gradient and one HVP of the first task at ``step``, measured once per support
+        loss and shapes (:func:`~binom_opt.core.memory.measured_once`)."""
         task = self.tasks.first()
         point = {n: t[0] for n, t in self.trajectory.point(step).items()}
-        with calls(self.options, self.trajectory.context(step), "the measurement of one HVP's memory"):
-            return activation_bytes(lambda p: loss_fn(p, task), point)
+
+        def measure():
+            with calls(self.options, self.trajectory.context(step), "the measurement of one HVP's memory"):
+                return activation_bytes(lambda p: loss_fn(p, task), point)
+
+        return measured_once(self.trajectory.keys[step], point, task, measure)

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.func import grad_and_value
+from torch.utils import _pytree as pytree
 
 from .adaptation import Adaptation, check_scalar_loss, leaves_requiring_grad
 from .batching import Tasks, calls, compiled, over_tasks, refuse_random_ops, stack
@@ -142,6 +143,17 @@ def closure_key(closure: Callable) -> tuple:
     return (code, cells, defaults, id(getattr(closure, "__self__", None)))
 
 
+def captured_shapes(closure: Callable) -> tuple:
+    """The shapes, dtypes and devices of the tensors a closure captures (its cells and defaults, in tuples, lists and
+    dicts too): with its code, what fixes the activations of its support loss (the data it reads)."""
+    captured = []
+    for cell in getattr(closure, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # a captured variable not assigned yet
+            captured.append(cell.cell_contents)
+    captured += [*(getattr(closure, "__defaults__", None) or ()), *(getattr(closure, "__kwdefaults__", None) or {}).values()]
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.tree_leaves(captured) if isinstance(t, torch.Tensor))
+
+
 class InnerLoop:
     """One adaptation of ``B`` tasks (or one task), recorded so that its meta-gradient can be estimated later.
 
@@ -169,9 +181,10 @@ class InnerLoop:
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
         self._stored: List[Optional[Stored]] = []
         self._loss_fns: List[LossFn] = []
+        self._keys: List[object] = []  # what identifies each step's support loss across adaptations (measurements)
         self._losses: List[torch.Tensor] = []
         self._bad: List[torch.Tensor] = []  # per step, [1 + entries, B]: loss, then each gradient not finite
-        self._closures: Dict[tuple, Tuple[Callable, LossFn]] = {}
+        self._closures: Dict[tuple, Tuple[Callable, LossFn, tuple]] = {}  # by closure_key: closure, loss, measure key
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._versions = {n: t._version for n, t in self.initial.items()}
         self._hyper_steps: List[Dict[str, Hyper]] = []  # each step's hyperparameters (``override`` per step)
@@ -220,11 +233,12 @@ class InnerLoop:
         key = (*closure_key(closure), modes)
         known = self._closures.get(key)
         loss_fn = known[1] if known else self._support_loss(closure, modes)
+        measure_key = known[2] if known else (key[0], modes, self._proximal, captured_shapes(closure))
         k = self.steps_taken
         with self._recording(k) as (live, recorded):
             grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
                                                          context=live)
-        self._closures[key] = (closure, loss_fn)
+        self._closures[key] = (closure, loss_fn, measure_key)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
         with torch.no_grad():
@@ -237,6 +251,7 @@ class InnerLoop:
         if self._window is not None and k >= self._window and not self._values[k - self._window]:
             self._stored[k - self._window] = DROPPED
         self._loss_fns.append(loss_fn)
+        self._keys.append(measure_key)
         self._losses.append(losses)
         self._hyper_steps.append(self.hyper)
         self.stepper.hyper.append({n: detached(h) for n, h in self._hyper_steps[-1].items()})
@@ -289,7 +304,7 @@ class InnerLoop:
         if not self._loss_fns:
             return self.initial_inputs
         trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
-                                self._every, keep_grads=any(self._values))
+                                self._every, keep_grads=any(self._values), keys=list(self._keys))
         hyper = list(self._hyper_steps)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
                         list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),

@@ -43,11 +43,14 @@ class Trajectory:
         stepper: what took the steps; recomputes gradients and, with checkpoints, whole segments.
         every: the checkpoint interval (1: every point is stored).
         keep_grads: whether recomputed segments keep their gradients (for transposes that read them).
+        keys: what identifies each step's support loss across adaptations (the same closure of the same model), so
+            that a measurement of its activations is taken once (``None``: not known).
     """
 
     def __init__(self, stored: List[Optional[Stored]], loss_fns: List[LossFn], losses: torch.Tensor,
-                 final: Tensors, stepper, every: int = 1, keep_grads: bool = True):
+                 final: Tensors, stepper, every: int = 1, keep_grads: bool = True, keys: Optional[List[object]] = None):
         self.stored, self.loss_fns, self.losses, self.final = stored, loss_fns, losses, final
+        self.keys = keys or [None] * len(loss_fns)
         self.stepper, self.every, self.keep_grads = stepper, every, keep_grads
         self._segments: Dict[int, List[Tuple[Tensors, States, Tensors]]] = {}
         self._grads: Dict[int, Tensors] = {}
