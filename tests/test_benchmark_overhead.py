@@ -37,7 +37,7 @@ def test_task_plan_benchmark_times_both_plans_and_restores_the_cap(tmp_path):
 
     cap = memory.AUTO_VMAP_TASKS_CAP
     result = task_plan.main(["--small", "--repeats", "1", "--out", str(tmp_path)])
-    assert memory.AUTO_VMAP_TASKS_CAP == cap
+    assert cap == memory.AUTO_VMAP_TASKS_CAP
     assert [r["setting"] for r in result["rows"]] == ["MLP 1-8-8-1, 4 points", "Conv4-4, Omniglot"]
     for row in result["rows"]:
         assert row["vmapped_ms"] > 0 and row["loop_ms"] > 0 and 0 < row["activations_mib"] < 16

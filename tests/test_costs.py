@@ -32,11 +32,11 @@ PER_TASK_B, BATCHED_B = 2, 32
 PINS = {
     ("2.13", "cpu"): {
         ("higher", PER_TASK_B): 6_126,
-        ("exact-task", PER_TASK_B): 7_572,
-        ("binom1-task", PER_TASK_B): 3_734,
+        ("exact-task", PER_TASK_B): 6_324,
+        ("binom1-task", PER_TASK_B): 2_472,
         ("higher", BATCHED_B): 98_286,
-        ("exact-batch", BATCHED_B): 5_145,
-        ("binom1-batch", BATCHED_B): 2_571,
+        ("exact-batch", BATCHED_B): 4_672,
+        ("binom1-batch", BATCHED_B): 2_008,
     },
 }
 TOLERANCE = 0.05

@@ -14,6 +14,7 @@ import torch
 
 from .batching import Tasks, calls, over_tasks
 from .readback import Readback
+from .reductions import INF, norms, not_finite
 
 __all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "raise_bad_tasks", "raise_bad_others",
            "naming", "finite_flag", "all_finite", "nan_max"]
@@ -48,25 +49,50 @@ def check_estimator_fits(estimator, plan, proximal: Optional[float], hyper_input
             "detach the others, or use another estimator."
         )
 
-def check_inner_loop(host: Dict[str, list], tasks: Tasks, names: List[str]) -> None:
-    """Raise for the first inner step whose loss or gradient was not finite (flags recorded by the inner loop)."""
-    steps = host.get("inner_bad", [])
-    k = next((k for k, flags in enumerate(steps) if any(map(any, flags))), None)
-    if k is None:
-        return
-    flags = steps[k]
-    which = naming(tasks, [b for b in range(tasks.size) if any(f[b] for f in flags)])
-    if any(flags[0]):
-        value = host["losses"][k][flags[0].index(1.0)]
+def check_inner_loop(host: Dict[str, list], tasks: Tasks, names: List[str], trajectory) -> None:
+    """Raise for the first inner step whose loss or gradient was not finite.
+
+    The inner loop records no flag per step (host work per step is what small models pay for): each step's loss is
+    read back with the checks, and a non-finite gradient makes every later point non-finite (``phi - lr * grad`` and
+    the other rules carry a NaN or an infinity on, whatever the rate), so the final point is checked, and only when it
+    is not finite are the stored points searched for the step that caused it (an error path: its host reads cost
+    nothing in the loop that succeeds).
+    """
+    losses = host.get("losses", [])
+    k_loss = next((k for k, row in enumerate(losses) if not all(map(math.isfinite, row))), None)
+    found = _first_bad_gradient(trajectory) if any(map(any, host.get("final_bad", []))) else None
+    if k_loss is not None and (found is None or k_loss <= found[0]):
+        row = losses[k_loss]
+        bad = [b for b, value in enumerate(row) if not math.isfinite(value)]
         raise FloatingPointError(
-            f"The inner loss is {value} at inner step {k}{which}: the inner loop diverged or the support data holds "
-            "NaN/Inf (or is empty). Lower the inner learning rate or check the support set."
+            f"The inner loss is {row[bad[0]]} at inner step {k_loss}{naming(tasks, bad)}: the inner loop diverged or the "
+            "support data holds NaN/Inf (or is empty). Lower the inner learning rate or check the support set."
         )
+    if found is None:
+        return
+    k, flags, exact = found
+    which = naming(tasks, [b for b in range(tasks.size) if any(f[b] for f in flags)])
     raise FloatingPointError(
-        f"The inner gradient of {[n for n, row in zip(names, flags[1:]) if any(row)]} is not finite at inner step "
-        f"{k}{which} although the loss is finite: an operation in the support loss has an infinite derivative there "
-        "(e.g. sqrt or log at 0). Clamp its input away from the singularity."
+        f"The inner gradient of {[n for n, row in zip(names, flags) if any(row)]} is not finite at inner step "
+        f"{k}{'' if exact else ' (or an earlier step, whose point was not kept)'}{which} although the loss is finite: an "
+        "operation in the support loss has an infinite derivative there (e.g. sqrt or log at 0). Clamp its input away "
+        "from the singularity."
     )
+
+
+def _first_bad_gradient(trajectory) -> Optional[tuple]:
+    """``(k, flags [entries][B], exact)``: the step whose gradient first made the next point non-finite, found from the
+    kept points (``exact``: the point before it was kept and finite, so it is that step and no earlier one)."""
+    points = [(k, trajectory.stored[k].phi) for k in range(1, trajectory.steps)
+              if trajectory.stored[k] is not None and trajectory.available(k)]
+    previous_kept = 0  # the initial point is finite (the meta-parameters)
+    for k, point in [*points, (trajectory.steps, trajectory.final)]:
+        flags = not_finite(norms(point.values(), INF)).tolist()
+        if any(map(any, flags)):
+            return k - 1, flags, previous_kept == k - 1
+        previous_kept = k
+    return None
+
 
 def replay(trajectory, tasks: Tasks, options, read: Readback) -> List[int]:
     """Replay each distinct support loss at its first kept point, for :func:`check_replay`.

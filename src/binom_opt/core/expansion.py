@@ -20,12 +20,13 @@ import torch
 
 from .batching import stack
 from .estimators import ExpansionPlan
+from .reductions import task_norms
 from .update_rules import StepTranspose
 
 Tensors = Dict[str, torch.Tensor]
 HVPOracle = Callable[[range, Tensors], Tensors]
 
-__all__ = ["ExpansionResult", "expand", "nonfinite_tasks", "task_norms"]
+__all__ = ["ExpansionResult", "expand"]
 
 
 @dataclass
@@ -84,12 +85,13 @@ def expand(
     names = list(g)
     result = ExpansionResult(meta_grad=g)
 
-    def hessian_vector(j: int, z: Tensors) -> Tensors:  # s B_j^T z, the vector H_j multiplies
-        w = transpose.vjp(j, z)[1]
+    def scaled(w: Tensors) -> Tensors:  # s B_j^T z, the vector H_j multiplies
         return {n: t * scale for n, t in w.items()} if scale != 1.0 else w
 
-    def step(j: int, z: Tensors, hv: Tensors) -> Tensors:  # D_j^T z + H_j (...)
-        direct = transpose.vjp(j, z)[0]
+    def hessian_vector(j: int, z: Tensors) -> Tensors:
+        return scaled(transpose.vjp(j, z)[1])
+
+    def step(direct: Tensors, hv: Tensors) -> Tensors:  # D_j^T z + H_j (...)
         return {**direct, **{n: direct[n] + hv[n] for n in names}}
 
     keep_all = with_full_adjoints or plan.schedule == "binomial"
@@ -99,8 +101,9 @@ def expand(
         for j in reversed(range(f, K)):
             if on_adjoint is not None:
                 on_adjoint(j, v)
-            hv = {n: t.squeeze(0) for n, t in hvp(range(j, j + 1), _stacked([hessian_vector(j, v)], names)).items()}
-            v = step(j, v, hv)
+            direct, through, _ = transpose.vjp(j, v)  # both parts of one step's transpose, from one call
+            hv = {n: t.squeeze(0) for n, t in hvp(range(j, j + 1), _stacked([scaled(through)], names)).items()}
+            v = step(direct, hv)
             result.contributions.append(task_norms(hv))
             result.hvp_count += 1
             result.oracle_calls += 1
@@ -109,7 +112,7 @@ def expand(
         u[f] = v
     else:
         for j in reversed(range(max(L - 1, f), K)):  # level 0 where round 1 reads it
-            u[j] = transpose.vjp(j, u[j + 1])[0]
+            u[j] = transpose.direct(j, u[j + 1])
         for level in range(1, L + 1):
             if on_adjoint is not None and level == L:
                 for k in reversed(range(f, K)):
@@ -119,12 +122,12 @@ def expand(
             before = u[window]
             hv = hvp(range(lo, hi + 1), _stacked([hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)], names))
             for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
-                u[j] = step(j, u[j + 1], {n: hv[n][j - lo] for n in names})
+                u[j] = step(transpose.direct(j, u[j + 1]), {n: hv[n][j - lo] for n in names})
             result.contributions.append(task_norms({n: u[window][n] - before[n] for n in names}))
             result.hvp_count += hi - lo + 1
             result.oracle_calls += 1
     for j in reversed(range(f)):  # below the first kept Hessian only D_j^T acts
-        u[j] = transpose.vjp(j, u[j + 1])[0]
+        u[j] = transpose.direct(j, u[j + 1])
         if not keep_all:
             del u[j + 1]
     if with_full_adjoints:
@@ -135,15 +138,3 @@ def expand(
 
 def _stacked(vectors: List[Tensors], names: List[str]) -> Tensors:
     return {n: stack([v[n] for v in vectors]) for n in names}
-
-
-def nonfinite_tasks(tensors: Tensors) -> torch.Tensor:
-    """``[B]``: whether each task's slice of any entry (the task dimension first) holds a NaN or Inf, on the device."""
-    return torch.stack([~torch.isfinite(t.flatten(1)).all(1) for t in tensors.values()]).any(0)
-
-
-def task_norms(tensors: Tensors) -> torch.Tensor:
-    """The norm of each task's slice over all entries (the task dimension first), in float64, on the device:
-    one reduction per entry (in float64 without a float64 copy), then one over the entries."""
-    norms = [torch.linalg.vector_norm(t.detach().flatten(1), dim=1, dtype=torch.float64) for t in tensors.values()]
-    return torch.linalg.vector_norm(stack(norms), dim=0)

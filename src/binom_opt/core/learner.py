@@ -37,7 +37,7 @@ class Learner:
         self.module, self.params, self.bn, self.modes = module, params, bn, modes
 
     def __call__(self, *args, **kwargs):
-        with module_policy(self.bn), (contextlib.nullcontext() if self.modes is None else _modes(self.module, self.modes)):
+        with module_policy(self.bn), (contextlib.nullcontext() if self.modes is None else _modes(list(self.module.modules()), self.modes)):
             return call_with(self.module, self.params, args, kwargs)
 
     def __repr__(self) -> str:
@@ -154,11 +154,12 @@ def module_loss(model: nn.Module, bn: str, batched: bool, fixed: Optional[Tensor
     fixed = fixed or {}
 
     def make(closure: Callable, modes: Optional[Sequence[bool]] = None) -> Callable:
-        modes = [m.training for m in model.modules()] if modes is None else list(modes)
+        modules = list(model.modules())  # found once per support loss, not at every call
+        modes = [m.training for m in modules] if modes is None else list(modes)
 
         def loss(phi: Tensors, task) -> torch.Tensor:
             learner = Learner(model, {**fixed, **phi} if fixed else phi, bn)
-            with _modes(model, modes):
+            with _modes(modules, modes):
                 return closure(learner, task) if batched else closure(learner)
 
         return loss
@@ -167,17 +168,18 @@ def module_loss(model: nn.Module, bn: str, batched: bool, fixed: Optional[Tensor
 
 
 @contextlib.contextmanager
-def _modes(model: nn.Module, modes: Sequence[bool]) -> Iterator[None]:
-    now = [m.training for m in model.modules()]
+def _modes(modules: Sequence[nn.Module], modes: Sequence[bool]) -> Iterator[None]:
+    """Run with ``modules`` (a model's ``modules()``) in the train/eval ``modes``, set back afterwards."""
+    now = [m.training for m in modules]
     if now == list(modes):  # the usual case: nothing to set, nothing for torch.compile to trace
         yield
         return
     try:
-        for module, mode in zip(model.modules(), modes):
+        for module, mode in zip(modules, modes):
             module.training = mode
         yield
     finally:
-        for module, mode in zip(model.modules(), now):
+        for module, mode in zip(modules, now):
             module.training = mode
 
 

@@ -14,8 +14,8 @@ from torch.func import grad
 
 from .batching import along_tasks, autograd_through_vmap, calls, map_points
 from .context import StepContext
-from .expansion import nonfinite_tasks
 from .oracle import HVPOracle
+from .reductions import nonfinite_tasks
 from .update_rules import StepTranspose
 
 Tensors = Dict[str, torch.Tensor]
@@ -88,6 +88,8 @@ def directional_gradients(oracle: HVPOracle, loss_fn, points: Tensors, weights: 
     """``d/dc sum <grad_phi loss_fn(phi, c), w>`` over the ``[n, B, ...]`` ``points`` and ``weights``, for each ``c``
     of ``meta_inputs`` (``None`` if unreached), with the oracle's tasks and options, in the steps' ``context``."""
     tasks, options = oracle.tasks, oracle.options
+    if tasks.at_once == 1 and tasks.size == 1 and not options.compile_hvps:
+        return _plain_directional(loss_fn, points, weights, meta_inputs, tasks, calls(options, context, during))
 
     def inner(phi: Tensors, w: Tensors, task) -> torch.Tensor:
         g = grad(loss_fn)(phi, task)
@@ -98,6 +100,28 @@ def directional_gradients(oracle: HVPOracle, loss_fn, points: Tensors, weights: 
         # retain_graph: the support loss may reuse a graph built outside the closure (features computed
         # once per task), which later chunks and the rest of the backward differentiate again.
         return torch.autograd.grad(values.sum(), meta_inputs, allow_unused=True, retain_graph=True)
+
+
+def _plain_directional(loss_fn, points: Tensors, weights: Tensors, meta_inputs: List[torch.Tensor], tasks, context
+                       ) -> Tuple[Optional[torch.Tensor], ...]:
+    """:func:`directional_gradients` for one task with plain autograd: each point's gradient with its graph, weighted
+    and summed, then one backward to the meta-inputs. No ``vmap`` over the points, so none of its per-call machinery
+    and no routing around torch's gaps in autograd through ``vmap``."""
+    with torch.enable_grad(), context:
+        task = tasks.first()  # sliced with grad enabled: data computed by a body (features) carries its graph
+        total = None
+        for i in range(next(iter(points.values())).shape[0]):
+            phi = {n: t[i, 0].detach().requires_grad_(True) for n, t in points.items()}
+            grads = torch.autograd.grad(loss_fn(phi, task), list(phi.values()), create_graph=True, allow_unused=True)
+            for n, g in zip(phi, grads):
+                if g is not None:
+                    term = (g * weights[n][i, 0]).sum()
+                    total = term if total is None else total + term
+        if total is None or not total.requires_grad:
+            return (None,) * len(meta_inputs)
+        # retain_graph: the support loss may reuse a graph built outside the closure (features computed
+        # once per task), which later chunks and the rest of the backward differentiate again.
+        return torch.autograd.grad(total, meta_inputs, allow_unused=True, retain_graph=True)
 
 
 def hyper_gradients(transpose: StepTranspose, adjoints: Dict[int, Tensors]) -> List[torch.Tensor]:

@@ -18,13 +18,14 @@ from .adaptation import sum_present
 from .batching import Tasks, along_tasks
 from .checks import all_finite, check_estimator_fits, check_inner_loop, check_replay, finite_flag, raise_bad_others, raise_bad_tasks, replay
 from .estimators import Estimator
-from .expansion import ExpansionResult, expand, nonfinite_tasks, task_norms
+from .expansion import ExpansionResult, expand
 from .implicit import check_implicit, implicit_others, implicit_solve
 from .memory import Chunking
 from .mixed import MixedTerms, hyper_gradients
 from .norm_layers import module_policy
 from .oracle import HVPOracle
 from .readback import Readback
+from .reductions import INF, nonfinite_tasks, norms, not_finite, task_norms
 from .setup import Setup
 from .stats import make_stats, merge_stats, stats_tensor
 from .trajectory import Trajectory, check_recomputed
@@ -62,7 +63,6 @@ class Record:
     status: Status
     initial: Tensors
     versions: Dict[str, int]
-    inner_bad: torch.Tensor  # [K, 1 + entries, B]: each step's loss, then each gradient, not finite
     first_order: frozenset = frozenset()  # steps whose Hessians are dropped
     proximal: Optional[float] = None  # the reg of the proximal term the inner loop added (Implicit)
 
@@ -96,8 +96,8 @@ class Record:
         # Every check and the stats are read back at once (the one host sync of a meta-gradient, module
         # readback), then raised in the order of their causes: inner loop, replay, meta-gradient.
         read = Readback()
-        read.add("inner_bad", self.inner_bad)
-        read.add("losses", self.trajectory.losses)
+        read.add("losses", self.trajectory.losses)  # each step's loss; a non-finite gradient shows in the final point
+        read.add("final_bad", not_finite(norms(self.trajectory.final.values(), INF)))
         replayed = (replay(self.trajectory, self.tasks, options, read)
                     if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different" else [])
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
@@ -132,7 +132,7 @@ class Record:
             read.add("recomputed", torch.stack([same for *_, same in recomputed]))
 
         def finish(host: Dict[str, list]) -> Gradients:
-            check_inner_loop(host, self.tasks, list(self.initial))
+            check_inner_loop(host, self.tasks, list(self.initial), self.trajectory)
             check_replay(host, replayed, self.tasks)
             check_recomputed(recomputed, host.get("recomputed", []))
             residual, unsolved = (check_implicit(host, self.estimator, self.tasks, options.nan_policy)
@@ -162,7 +162,7 @@ class Record:
         for b in range(self.tasks.size):
             tasks = self.tasks.alone(b, detach=bool(shared))
             one = dataclasses.replace(self, setup=setup, trajectory=self.trajectory.alone(b, tasks), tasks=tasks,
-                                      inner_bad=self.inner_bad[..., b : b + 1], meta_inputs=[*self.meta_inputs, *tasks.requiring_grad()])
+                                      meta_inputs=[*self.meta_inputs, *tasks.requiring_grad()])
             pending.append(one._compute({n: t[b : b + 1] for n, t in g.items()}))
         # every task's checks and stats in one host read, as for the vmapped meta-batch
         hosts = Readback.read_all([read for read, _ in pending])

@@ -26,7 +26,7 @@ from .node import Record, Status
 from .options import Options
 from .setup import Setup
 from .trajectory import DROPPED, Stored, Trajectory
-from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
+from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned, plain_sgd_rate
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
@@ -77,6 +77,10 @@ class Stepper:
         return grads, losses, found
 
     def update(self, k: int, phi: Tensors, state: Dict[str, Tensors], grads: Tensors) -> Tuple[Tensors, Dict[str, Tensors]]:
+        lr = plain_sgd_rate(self.rules, self.hyper[k])
+        if lr is not None:  # plain SGD with one float rate: every parameter in one call
+            with torch.no_grad():
+                return dict(zip(phi, torch._foreach_add(list(phi.values()), [grads[n] for n in phi], alpha=-lr))), {}  # pyright: ignore[reportPrivateImportUsage]  # as torch.optim.SGD
         with torch.no_grad():
             new = {n: rule.update(k, phi[n], state.get(n, {}), grads[n], self.hyper[k][n]) for n, rule in self.rules.items()}
         return {n: v[0] for n, v in new.items()}, {n: v[1] for n, v in new.items()}
@@ -86,12 +90,15 @@ _CLOSURE_HINT = "Check that the data, the model and the adapted parameters share
 
 
 def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool):
-    with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    # a closure's first call (the probe) is watched for activation checkpointing; later calls of it run plainly
+    watch = warnings.catch_warnings(record=True) if probe else contextlib.nullcontext()
+    with torch.enable_grad(), watch as caught:
+        if probe:
+            warnings.simplefilter("always")
         leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
-        with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT):  # refused now, not in the replays
-            loss = check_scalar_loss(loss_fn(leaves, task), "The support-loss closure")
-        if any("None of the inputs have requires_grad=True" in str(w.message) for w in caught):
+        with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT) if probe else contextlib.nullcontext():
+            loss = check_scalar_loss(loss_fn(leaves, task), "The support-loss closure")  # checkpointing refused now
+        if probe and any("None of the inputs have requires_grad=True" in str(w.message) for w in caught or ()):
             raise RuntimeError(_CHECKPOINT)  # reentrant checkpointing hides the parameters from the gradient
         if not loss.requires_grad:
             raise ValueError(_NO_DEPENDENCE)
@@ -100,7 +107,7 @@ def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         except RuntimeError as error:
             raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
-    for w in caught:  # the closure's own warnings, as they would have been shown
+    for w in caught or ():  # the closure's own warnings, as they would have been shown
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     unused = [n for n, g in zip(leaves, grads) if g is None]
     if len(unused) == len(leaves):
@@ -179,11 +186,13 @@ class InnerLoop:
         if options.compile_hvps:  # the strides of every later step, so that the compiled step is reused for the first
             self._phi = {n: t.contiguous() for n, t in self._phi.items()}
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
+        tensors = list(self._phi.values())  # every step's point lives where the initial point does
+        self._devices = device_types(tensors), devices_of(tensors)
+        self._last_hyper: Optional[Tuple[Dict[str, Hyper], bool, Dict[str, Hyper]]] = None  # (hyper, values, detached)
         self._stored: List[Optional[Stored]] = []
         self._loss_fns: List[LossFn] = []
         self._keys: List[object] = []  # what identifies each step's support loss across adaptations (measurements)
         self._losses: List[torch.Tensor] = []
-        self._bad: List[torch.Tensor] = []  # per step, [1 + entries, B]: loss, then each gradient not finite
         self._closures: Dict[tuple, Tuple[Callable, LossFn, tuple]] = {}  # by closure_key: closure, loss, measure key
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._versions = {n: t._version for n, t in self.initial.items()}
@@ -241,10 +250,10 @@ class InnerLoop:
         self._closures[key] = (closure, loss_fn, measure_key)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
-        with torch.no_grad():
-            sums = [losses.double(), *(g.flatten(1).sum(1, dtype=torch.float64) for g in grads.values())]
-            self._bad.append(~torch.isfinite(torch.stack(sums)))  # a NaN or Inf anywhere makes its sum one too
-        values = self._transpose.needs_values(self.hyper)  # whether this step's transpose reads its values
+        if self._last_hyper is None or self._last_hyper[0] is not self.hyper:  # read once per hyperparameter setting
+            self._last_hyper = (self.hyper, self._transpose.needs_values(self.hyper),
+                                {n: detached(h) for n, h in self.hyper.items()})
+        values = self._last_hyper[1]  # whether this step's transpose reads its values
         keep_state = any(r.state_names for r in self.rules.values()) and (values or self._every > 1)
         self._stored.append(Stored(self._phi, self._state if keep_state else None) if k % self._every == 0 else None)
         self._values.append(values)
@@ -254,7 +263,7 @@ class InnerLoop:
         self._keys.append(measure_key)
         self._losses.append(losses)
         self._hyper_steps.append(self.hyper)
-        self.stepper.hyper.append({n: detached(h) for n, h in self._hyper_steps[-1].items()})
+        self.stepper.hyper.append(self._last_hyper[2])
         self.stepper.contexts.append(recorded[0])
         if first_order:
             self._first_order.append(k)
@@ -267,8 +276,7 @@ class InnerLoop:
         list that holds the recorded one afterwards: its autocast state and, under ``randomness="replay"``, the
         random state it started from if it drew random numbers (one task at a time only: a meta-batch refuses
         random ops there). Under ``"same"`` every step runs from one stream, the caller's left untouched."""
-        options, tensors = self.setup.options, list(self._phi.values())
-        types, devices = device_types(tensors), devices_of(tensors)
+        options, (types, devices) = self.setup.options, self._devices
         if options.randomness == "same":
             if self._stream is None:
                 self._stream = RandomState.capture(devices)
@@ -308,7 +316,7 @@ class InnerLoop:
         hyper = list(self._hyper_steps)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
                         list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),
-                        dict(self._versions), torch.stack(self._bad), frozenset(self._first_order), self._proximal)
+                        dict(self._versions), frozenset(self._first_order), self._proximal)
         hyper_inputs = (v for _, _, v in record.hyper_inputs)
         outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *record.meta_inputs, *hyper_inputs)))
         if estimator is None:

@@ -17,7 +17,8 @@ Tensors = Dict[str, torch.Tensor]
 Hyper = Dict[str, Union[float, torch.Tensor]]
 StepValues = Tuple[Tensors, Dict[str, Tensors], Tensors]  # (phi_k, state_k, grad_k), by parameter
 
-__all__ = ["SUPPORTED_OPTIMIZERS", "UpdateRule", "SGDRule", "AdamRule", "InnerOptimizer", "read_optimizer", "sgd_rules", "StepTranspose"]
+__all__ = ["SUPPORTED_OPTIMIZERS", "UpdateRule", "SGDRule", "AdamRule", "InnerOptimizer", "read_optimizer", "sgd_rules", "StepTranspose",
+           "plain_sgd_rate"]
 
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD (momentum, dampening, nesterov, weight_decay)", "torch.optim.Adam", "torch.optim.AdamW")
 
@@ -217,6 +218,16 @@ def _rule_for_group(kind, group) -> UpdateRule:
     return AdamRule(float(beta1), float(beta2), group["eps"], group["weight_decay"], kind is torch.optim.AdamW)
 
 
+def plain_sgd_rate(rules: Mapping[str, UpdateRule], hyper: Mapping[str, Hyper]) -> Optional[float]:
+    """The one float learning rate of a step whose every rule is plain SGD (no momentum, no weight decay), else ``None``:
+    such a step is ``phi - lr * grad`` for every parameter, one ``torch._foreach_add`` call."""
+    rates = {h["lr"] for h in hyper.values()}
+    if len(rates) != 1 or not all(isinstance(r, SGDRule) and r.identity_direct for r in rules.values()):
+        return None
+    lr = rates.pop()
+    return float(lr) if isinstance(lr, numbers.Real) and not isinstance(lr, bool) else None
+
+
 def learned(*hypers: Mapping[str, Hyper]) -> List[Tuple[str, str, torch.Tensor]]:
     """``(parameter, hyperparameter, tensor)`` for every distinct hyperparameter tensor that requires grad."""
     found: Dict[int, Tuple[str, str, torch.Tensor]] = {}
@@ -262,6 +273,12 @@ class StepTranspose:
     def extend(self, g: Tensors) -> Tensors:
         """``(g, 0)``: the outer gradient with zero cotangents for the final optimizer state."""
         return {**g, **{f"{n}/{s}": torch.zeros_like(g[n]) for n, r in self.rules.items() for s in r.state_names}}
+
+    def direct(self, k: int, z: Tensors) -> Tensors:
+        """``D_k^T z`` alone (``z`` itself for plain SGD: no operator)."""
+        if self._identity and not self.needs_values(self.hyper(k)):
+            return {n: z[n] for n in self.rules}
+        return self.vjp(k, z)[0]
 
     def vjp(self, k: int, z: Tensors, with_hyper: bool = False) -> Tuple[Tensors, Tensors, Dict[int, torch.Tensor]]:
         hyper = self.hyper(k)
