@@ -19,8 +19,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -58,23 +57,46 @@ _active: List[_Policy] = []  # nested contexts keep the outermost
 _hooks: list = []  # installed once: hooks that come and go would make torch.compile recompile at every call
 
 
-@contextlib.contextmanager
-def module_policy(bn: str) -> Iterator[None]:
-    """Run every module forward inside under the normalisation policy ``bn``, refusing buffer writes."""
-    if _active:
-        yield
-        return
-    if not _hooks:
-        _hooks.extend([register_module_forward_pre_hook(_before), register_module_forward_hook(_after)])
-    policy = _Policy(bn)
-    _active.append(policy)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # attention's fused eval path has no derivative and no vmap rule
-    try:
-        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no second derivative
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+# torch's switches of each scaled_dot_product_attention backend (what sdpa_kernel sets), read and set directly: entered
+# at every inner step and HVP, sdpa_kernel's own bookkeeping would be a fair share of a small model's host time
+_SDP_SWITCHES = [(getattr(torch._C, f"_get_{name}_sdp_enabled", None), getattr(torch._C, f"_set_sdp_use_{name}", None), name == "math")
+                 for name in ("flash", "mem_efficient", "cudnn", "math", "overrideable")]
+_SDP_SWITCHES = [s for s in _SDP_SWITCHES if s[0] is not None and s[1] is not None]
+
+
+class module_policy:
+    """Run every module forward inside under the normalisation policy ``bn``, refusing buffer writes (a class, not a
+    generator: it is entered at every support-loss call)."""
+
+    def __init__(self, bn: str):
+        self.bn = bn
+        self.policy: Optional[_Policy] = None
+
+    def __enter__(self) -> None:
+        if _active:  # nested: the outermost policy holds
+            return
+        if not _hooks:
+            _hooks.extend([register_module_forward_pre_hook(_before), register_module_forward_hook(_after)])
+        self.policy = _Policy(self.bn)
+        _active.append(self.policy)
+        self.fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # attention's fused eval path has no derivative and no vmap rule
+        self.sdp = [get() for get, _, _ in _SDP_SWITCHES]
+        for _, set_, math in _SDP_SWITCHES:  # the math kernel only: the fused kernels have no second derivative
+            set_(math)
+        if not _SDP_SWITCHES:  # a torch without these switches
+            self.kernel = sdpa_kernel(SDPBackend.MATH)
+            self.kernel.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        policy, self.policy = self.policy, None
+        if policy is None:
+            return
+        if not _SDP_SWITCHES:
+            self.kernel.__exit__(*exc)
+        for (_, set_, _), enabled in zip(_SDP_SWITCHES, self.sdp):
+            set_(enabled)
+        torch.backends.mha.set_fastpath_enabled(self.fastpath)
         _active.pop()
         for module, buffers, attributes in policy.touched.values():
             module._buffers.update(buffers)
