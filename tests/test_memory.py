@@ -73,7 +73,7 @@ def test_per_task_budget_equals_unbudgeted(budget):
         case.query(engine.adapt(case.support)).backward()
         return {n: p.grad for n, p in case.model.named_parameters()}, engine.last_stats
 
-    expected, whole = run()
+    expected, whole = run(memory_budget=None)  # a round at once ("auto" takes one task's points one by one)
     got, stats = run(memory_budget=budget)
     assert R.relative_error(got, expected) < 1e-13
     assert whole.hvps_at_once == 5 and stats.per_hvp_bytes > 0
@@ -126,34 +126,44 @@ def test_auto_on_the_cpu_caps_a_round_by_its_measured_activations():
     assert measured == [250 * 2**20, 4096, 2**19]
 
 
-def test_a_large_model_takes_a_round_one_hvp_at_a_time_by_default(monkeypatch):
-    """Binomial's round under default options holds one HVP's activations at a time where one HVP's exceed the cap
-    (a cap of 1 byte stands for a model larger than it), with the meta-gradient of the whole round at once."""
+def test_a_task_takes_its_round_one_hvp_at_a_time_and_a_vmapped_meta_batch_as_many_as_fit(monkeypatch):
+    """Under the default options one task's round runs its points one by one (one HVP's activations at a time, the
+    computation a kept graph's product is), and a vmapped meta-batch's round as many HVPs as fit in AUTO_CPU_CAP (a
+    cap of 1 byte stands for a meta-batch larger than it): the meta-gradient of the whole round at once, to rounding."""
     from binom_opt.core import memory
 
-    def run(**options):
+    def run(batched, **options):
         case = mlp_sine()
         engine = bo.MetaGradientEngine(case.model, case.inner_opt(), steps=6, estimator=bo.Binomial(2), **options)
-        case.query(engine.adapt(case.support)).backward()
+        if batched:
+            x = torch.randn(3, 5, 1, dtype=torch.float64)
+            learners = engine.adapt_batch(lambda m, t: F.mse_loss(m(t), t.sin()), x)
+            assert not learners.loop
+            F.mse_loss(learners(x), x.sin()).backward()
+        else:
+            case.query(engine.adapt(case.support)).backward()
         return {n: p.grad for n, p in case.model.named_parameters()}, engine.last_stats
 
-    expected, whole = run(memory_budget=None)
+    for batched, at_once in ((False, 5), (True, 15)):
+        expected, whole = run(batched, memory_budget=None)
+        got, stats = run(batched)
+        assert whole.hvps_at_once == at_once and stats.hvps_at_once == (1 if not batched else at_once)
+        assert R.relative_error(got, expected) < 1e-13
     monkeypatch.setattr(memory, "AUTO_CPU_CAP", 1)
     monkeypatch.setattr(memory, "_MEASURED", {})
-    got, stats = run()
-    assert whole.hvps_at_once == 5 and stats.hvps_at_once == 1
-    assert R.relative_error(got, expected) < 1e-13
+    got, stats = run(True)
+    assert stats.hvps_at_once == 1 and R.relative_error(got, expected) < 1e-13
 
 
 def test_the_activations_of_a_support_loss_are_measured_once_per_shapes(monkeypatch):
     """The probe behind a round's cap (a forward and two backwards) runs once per closure and data shapes, not once per
     meta-gradient: the next task's loop reuses it, other shapes measure again."""
-    from binom_opt.core import memory, oracle
+    from binom_opt.core import memory, recorder
 
     monkeypatch.setattr(memory, "_MEASURED", {})
     probes = []
-    measure = oracle.activation_bytes
-    monkeypatch.setattr(oracle, "activation_bytes", lambda *a: probes.append(1) or measure(*a))
+    measure = recorder.activation_bytes
+    monkeypatch.setattr(recorder, "activation_bytes", lambda *a: probes.append(1) or measure(*a))
     model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
     maml = bo.MAML(model, lr=0.01, estimator=bo.Binomial(1))
     for points in (10, 10, 10, 7):

@@ -40,9 +40,10 @@ def test_out_of_memory_in_a_batched_round_retries_with_smaller_chunks(monkeypatc
 
         return call
 
-    expected = adapt_and_backward(mlp_sine(), bo.Binomial(2), steps=5)[1]
+    # memory_budget=None: a round's points vmapped at once ("auto" takes one task's points one by one)
+    expected = adapt_and_backward(mlp_sine(), bo.Binomial(2), steps=5, memory_budget=None)[1]
     monkeypatch.setattr(batching_module, "vmap", vmap_that_fits_one_at_a_time)
-    engine, got = adapt_and_backward(mlp_sine(), bo.Binomial(2), steps=5)
+    engine, got = adapt_and_backward(mlp_sine(), bo.Binomial(2), steps=5, memory_budget=None)
     assert R.relative_error(got, expected) < 1e-14
     assert engine.last_stats.chunk_fallbacks == [2, 1]
 

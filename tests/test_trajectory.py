@@ -131,3 +131,135 @@ def test_learners_between_steps_keep_their_own_prefix():
     engine = bo.MetaGradientEngine(reference, torch.optim.SGD(reference.parameters(), lr=0.1), 1, bo.Exact())
     F.cross_entropy(engine.adapt(lambda m: F.cross_entropy(m(xs), ys))(xq), yq).backward()
     assert all(torch.allclose(a.grad, b.grad, rtol=1e-12, atol=0) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+class GraphSpy:
+    """Counts the products taken from kept graphs, and holds weak references to every graph kept."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        from binom_opt.core import recorder, trajectory
+
+        self.products, self.kept = 0, []
+        spy = self
+        hvp = trajectory.Graph.hvp
+
+        class Graph(trajectory.Graph):
+            def __init__(self, *args):
+                super().__init__(*args)
+                spy.kept.append(weakref.ref(self.grads[0]))
+
+            def hvp(self, vector):
+                spy.products += 1
+                return hvp(self, vector)
+
+        monkeypatch.setattr(recorder, "Graph", Graph)
+
+
+def meta_step(estimator, model, support, query, steps=4, **options):
+    """One bo.MAML meta-step's meta-gradient (a fresh model each call: the same seed, the same weights)."""
+    model.zero_grad(set_to_none=True)
+    learner = bo.MAML(model, lr=0.1, estimator=estimator, **options).clone()
+    for _ in range(steps):
+        learner.adapt(support)
+    query(learner).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+CASES = {
+    "dropout": lambda: (dropout_model(), *(lambda x, y: (lambda m: F.cross_entropy(m(x), y), lambda m: F.cross_entropy(m(x), y)))(
+        torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3)),
+    "sine": lambda: (lambda case: (case.model, case.support, case.query))(mlp_sine()),
+}
+
+
+@pytest.mark.parametrize("estimator", [bo.Exact(), bo.Binomial(1), bo.Binomial(2), bo.Truncated(2)], ids=repr)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kept_graphs_give_the_meta_gradient_of_the_replayed_steps(monkeypatch, case, estimator):
+    """A small model keeps each step's graph under the default options and takes its HVPs from it: the meta-gradient
+    of the replays (memory_budget=None keeps none), to rounding in float64, dropout's masks included."""
+    spy = GraphSpy(monkeypatch)
+    torch.manual_seed(3)
+    model, support, query = CASES[case]()
+    state = torch.get_rng_state()
+    replayed = meta_step(estimator, model, support, query, memory_budget=None)
+    assert spy.products == 0 and not spy.kept
+    torch.set_rng_state(state)
+    kept = meta_step(estimator, model, support, query)
+    assert spy.products > 0
+    for n in replayed:
+        torch.testing.assert_close(kept[n], replayed[n], rtol=1e-12, atol=1e-14)
+
+
+def test_graphs_are_kept_within_the_cap_and_released_after_the_backward(monkeypatch):
+    """Steps keep their graphs while the adaptation's stay within AUTO_KEEP_GRAPH_CAP (measured per step): here two of
+    five, whose HVPs come from their graphs, the others replayed; the backward frees every graph."""
+    from binom_opt.core import memory, recorder
+
+    case = mlp_sine()
+    point = {n: p.detach() for n, p in case.model.named_parameters()}
+    support = module_loss(case.model, "auto", False)(case.support)
+    per_step = memory.activation_bytes(lambda p: support(p, None), point).hvp
+    monkeypatch.setattr(recorder, "AUTO_KEEP_GRAPH_CAP", 2 * per_step)
+    spy = GraphSpy(monkeypatch)
+    expected = meta_step(bo.Exact(), case.model, case.support, case.query, steps=5, memory_budget=None)
+    got = meta_step(bo.Exact(), case.model, case.support, case.query, steps=5)
+    assert spy.products == 2 and len(spy.kept) == 2
+    assert all(ref() is None for ref in spy.kept)  # released by the backward, without the cycle collector
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("estimator", [bo.Exact(), bo.Binomial(2)], ids=repr)
+def test_kept_graphs_give_the_mixed_terms_of_a_body(monkeypatch, estimator):
+    """ANIL's form: the head adapts on features of a meta-learned body; the body's mixed terms come from the kept
+    graphs (their gradients reach the body through the features), as from the replays."""
+    from cases import BodyHead
+
+    spy = GraphSpy(monkeypatch)
+    xs, ys = torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3
+    got = {}
+    for budget in (None, "auto"):
+        torch.manual_seed(0)
+        model = BodyHead().double()
+        engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.head.parameters(), lr=0.5), 4, estimator, memory_budget=budget)
+        features = model.body(xs)
+        learner = engine.adapt(lambda m: F.cross_entropy(F.linear(features, m.params["head.weight"], m.params["head.bias"]), ys))
+        F.cross_entropy(learner(xs), ys).backward()
+        got[budget] = {n: p.grad for n, p in model.named_parameters()}
+    assert spy.kept and got[None]["body.0.weight"].abs().sum() > 0
+    for n in got[None]:
+        torch.testing.assert_close(got["auto"][n], got[None][n], rtol=1e-12, atol=1e-14)
+
+
+def test_a_large_model_keeps_no_graph(monkeypatch):
+    """Above the cap (a cap of 1 byte stands for a large model) the first step's graph, kept until its size is
+    measured, is dropped at once, and every HVP replays its step."""
+    from binom_opt.core import recorder
+
+    monkeypatch.setattr(recorder, "AUTO_KEEP_GRAPH_CAP", 1)
+    spy = GraphSpy(monkeypatch)
+    case = mlp_sine()
+    meta_step(bo.Exact(), case.model, case.support, case.query)
+    assert spy.products == 0 and all(ref() is None for ref in spy.kept)
+
+
+@pytest.mark.parametrize("options, keeps", [
+    ({}, True), ({"memory_budget": None}, False), ({"memory_budget": "inner_step"}, False), ({"checkpoint_every": 2}, False),
+    ({"randomness": "different"}, False), ({"randomness": "same"}, False), ({"hvp": "fwd"}, False), ({"compile_hvps": True}, False),
+])
+def test_which_options_keep_graphs(options, keeps):
+    from binom_opt.core.memory import keeps_graphs
+
+    assert keeps_graphs(Options(**options), batched=False) is keeps
+    assert keeps_graphs(Options(**options), batched=True) is False  # a meta-batch's steps run vmapped: no graph
+
+
+@pytest.mark.filterwarnings("ignore")  # Implicit's CG warns on this untrained model: only what is kept matters here
+@pytest.mark.parametrize("estimator", [bo.FirstOrder(), bo.Implicit(2, reg=1.0)], ids=repr)
+def test_estimators_without_hvps_at_the_points_keep_no_graph(monkeypatch, estimator):
+    spy = GraphSpy(monkeypatch)
+    case = mlp_sine()
+    meta_step(estimator, case.model, case.support, case.query, nan_policy="skip_task")
+    assert spy.products == 0 and not spy.kept

@@ -266,13 +266,15 @@ def enable_input_require_grads(model):
 def test_input_require_grads_hook_works_in_plain_replays_and_is_refused_clearly_under_torch_func(hook):
     """transformers' gradient_checkpointing_enable() also hooks a text model's input embeddings to call requires_grad_()
     on their output, as enable_input_require_grads() does; it stays in eval mode, where nothing is checkpointed. One
-    task's single-point HVPs run with plain autograd, where the hook is harmless; a round of several points runs
-    under torch.func, which refuses it: the error names the fix."""
+    task's HVPs run with plain autograd (from kept graphs, or replayed one point at a time), where the hook is harmless;
+    points replayed under torch.func (a model too large to keep its graphs, and the vmapped tasks) refuse it: the error
+    names the fix."""
+
     model = hook[1](build("bert"))
     assert_exact(meta_grads("adapt", "bert", model=model, train=model.training), reference("bert", train=model.training))
     model.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match=r"disable_input_require_grads\(\)"):
-        meta_grads("adapt", "bert", model=model, estimator=bo.Binomial(1))
+        meta_grads("adapt_batch-vmap", "bert", model=model, estimator=bo.Binomial(1))
     model.disable_input_require_grads()
     model.zero_grad(set_to_none=True)
     assert_exact(meta_grads("adapt", "bert", model=model, train=model.training), reference("bert", train=model.training))

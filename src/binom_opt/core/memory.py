@@ -23,7 +23,8 @@ Tensors = Dict[str, torch.Tensor]
 T = TypeVar("T")
 
 __all__ = ["Chunking", "ActivationBytes", "parse_memory_budget", "auto_budget", "loops_over_tasks", "activation_bytes",
-           "check_chunk_size", "AUTO_VMAP_TASKS_CAP", "AUTO_CPU_CAP", "task_activations", "measured_once"]
+           "check_chunk_size", "AUTO_VMAP_TASKS_CAP", "AUTO_CPU_CAP", "AUTO_KEEP_GRAPH_CAP", "task_activations", "measured_once",
+           "keeps_graphs"]
 
 INNER_STEP = "inner_step"
 AUTO = "auto"
@@ -37,6 +38,10 @@ AUTO_CPU_CAP = 64 * 2**20
 # most from one call per meta-batch; large per-task activations run faster task by task (grouped convolutions, caches);
 # calibrated by benchmarks/task_plan.py (benchmarks/results/task_plan_cpu.md)
 AUTO_VMAP_TASKS_CAP = 16 * 2**20
+# "auto", one task at a time: each inner step keeps its gradient's graph (as unrolled autograd does) while the graphs
+# one adaptation keeps stay within this many bytes (measured activations of an HVP per step): a small model's HVPs then
+# differentiate the kept graph instead of replaying the step's forward and backward, which is most of their time there
+AUTO_KEEP_GRAPH_CAP = 4 * 2**20
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -119,14 +124,17 @@ def activation_bytes(loss_fn: Callable[[Tensors], torch.Tensor], point: Tensors)
 _MEASURED: Dict[tuple, object] = {}  # measured activations, by support loss and shapes
 
 
-def measured_once(key: object, point: Tensors, data, measure: Callable[[], T]) -> T:
+def measured_once(key: object, point: Tensors, data, measure: Optional[Callable[[], T]] = None) -> T:
     """``measure()`` once per ``key`` (what identifies a support loss across adaptations, ``None``: not known, always
     measured) and the shapes of one task's ``point`` and ``data``: the activations of a model and shapes do not change
-    from one meta-batch to the next, so their probe (a forward and two backwards) is paid once."""
+    from one meta-batch to the next, so their probe (a forward and two backwards) is paid once. Without ``measure``:
+    what was measured, or ``None``."""
     if key is None:
-        return measure()
+        return None if measure is None else measure()  # pyright: ignore[reportReturnType]  # None only when not asked to measure
     shapes = lambda tree: tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
     full = (key, shapes(point), shapes(data))
+    if measure is None:
+        return _MEASURED.get(full)  # pyright: ignore[reportReturnType]  # None when not measured yet
     if full not in _MEASURED:
         if len(_MEASURED) >= 256:  # bounded: shapes that change every call measure again
             _MEASURED.clear()
@@ -155,6 +163,19 @@ def task_activations(loss_fn: Callable, point: Tensors, data, bn: str, key: obje
             return None if before.moved(devices) else hvp
 
     return measured_once(("tasks", key), point, first, measure)
+
+
+def keeps_graphs(options, batched: bool) -> bool:
+    """Whether an inner loop may keep its steps' graphs (within :data:`AUTO_KEEP_GRAPH_CAP`): ``memory_budget="auto"``,
+    one task at a time, reverse-over-reverse HVPs in eager mode, each replay the step itself (``randomness`` "replay" or
+    "error": a kept graph holds the step's own random draws) and every point stored.
+
+    >>> from binom_opt import Options
+    >>> keeps_graphs(Options(), batched=False), keeps_graphs(Options(memory_budget="inner_step"), batched=False)
+    (True, False)
+    """
+    return (options.memory_budget == AUTO and not batched and not options.compile_hvps and options.hvp_mode == "rev"
+            and options.randomness in ("replay", "error") and (options.checkpoint_every or 1) == 1)
 
 
 def auto_budget(device: Optional[torch.device]) -> int:

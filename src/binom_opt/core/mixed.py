@@ -16,6 +16,7 @@ from .batching import along_tasks, autograd_through_vmap, calls, map_points
 from .context import StepContext
 from .oracle import HVPOracle
 from .reductions import nonfinite_tasks
+from .trajectory import Graph
 from .update_rules import StepTranspose
 
 Tensors = Dict[str, torch.Tensor]
@@ -78,8 +79,14 @@ class MixedTerms:
         stacked = {n: torch.stack([self._pending[k][n] for k in range(lo, hi)]) for n in self._pending[lo]}
         self._pending = {}
         trajectory = self.oracle.trajectory
-        grads = directional_gradients(self.oracle, trajectory.loss_fns[lo], trajectory.points(lo, hi), stacked, self.meta_inputs,
-                                      f"the mixed second-order terms at steps {lo}..{hi - 1}", trajectory.context(lo))
+        kept = [trajectory.graphs.get(k) for k in range(lo, hi)]
+        if all(kept):  # kept graphs: one backward from their gradients, no replay
+            with calls(self.oracle.options, None, f"the mixed second-order terms at steps {lo}..{hi - 1}"):
+                grads = _from_graphs(kept, stacked, self.meta_inputs)  # pyright: ignore[reportArgumentType]  # none is None
+        else:
+            grads = directional_gradients(self.oracle, trajectory.loss_fns[lo], trajectory.points(lo, hi), stacked,
+                                          self.meta_inputs, f"the mixed second-order terms at steps {lo}..{hi - 1}",
+                                          trajectory.context(lo))
         self._totals = [t if d is None else (d if t is None else t + d) for t, d in zip(self._totals, grads)]
 
 
@@ -100,6 +107,21 @@ def directional_gradients(oracle: HVPOracle, loss_fn, points: Tensors, weights: 
         # retain_graph: the support loss may reuse a graph built outside the closure (features computed
         # once per task), which later chunks and the rest of the backward differentiate again.
         return torch.autograd.grad(values.sum(), meta_inputs, allow_unused=True, retain_graph=True)
+
+
+def _from_graphs(graphs: List[Graph], weights: Tensors, meta_inputs: List[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """:func:`directional_gradients` from the steps' kept graphs (one task): their gradients weighted and summed, one
+    backward to the meta-inputs (the graphs stay for later products)."""
+    with torch.enable_grad():  # the expansion runs without grad: these products must reach the meta-inputs
+        total = None
+        for i, graph in enumerate(graphs):
+            for n, g in zip(graph.names, graph.grads):
+                if g is not None and g.requires_grad:
+                    term = (g * weights[n][i, 0]).sum()
+                    total = term if total is None else total + term
+        if total is None:
+            return (None,) * len(meta_inputs)
+        return torch.autograd.grad(total, meta_inputs, allow_unused=True, retain_graph=True)
 
 
 def _plain_directional(loss_fn, points: Tensors, weights: Tensors, meta_inputs: List[torch.Tensor], tasks, context

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,9 +59,10 @@ _hooks: list = []  # installed once: hooks that come and go would make torch.com
 
 # torch's switches of each scaled_dot_product_attention backend (what sdpa_kernel sets), read and set directly: entered
 # at every inner step and HVP, sdpa_kernel's own bookkeeping would be a fair share of a small model's host time
-_SDP_SWITCHES = [(getattr(torch._C, f"_get_{name}_sdp_enabled", None), getattr(torch._C, f"_set_sdp_use_{name}", None), name == "math")
-                 for name in ("flash", "mem_efficient", "cudnn", "math", "overrideable")]
-_SDP_SWITCHES = [s for s in _SDP_SWITCHES if s[0] is not None and s[1] is not None]
+_SDP_SWITCHES: List[Tuple[Callable[[], bool], Callable[[bool], None], bool]] = [
+    (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"), name == "math")
+    for name in ("flash", "mem_efficient", "cudnn", "math", "overrideable")
+    if hasattr(torch._C, f"_get_{name}_sdp_enabled") and hasattr(torch._C, f"_set_sdp_use_{name}")]
 
 
 class module_policy:

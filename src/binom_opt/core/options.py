@@ -44,9 +44,14 @@ class Options:
             for one HVP (:mod:`binom_opt.core.memory`); ``"inner_step"``: no more than the inner step's;
             ``None``: everything at once on every device (a meta-batch's tasks vmapped together in the
             inner steps, the rounds over points x tasks and the query). ``"auto"`` (default) depends on
-            the device. On CUDA: the tasks vmapped together, a round's HVPs capped at a quarter of the
-            free device memory, at most 512 MiB. On the CPU: as many HVPs of a round (and mixed terms of
-            other meta-parameters) at once as fit in 64 MiB of measured activations (at least one; measured
+            the device. On every device, one task at a time (``adapt``, the drop-ins, a meta-batch's tasks one
+            after another) keeps each inner step's graph while the graphs of one adaptation stay within
+            4 MiB of measured activations (a small model, where replaying a step costs more than keeping it:
+            its HVPs and mixed terms are then backwards of the kept graphs), and takes a round's other
+            points one by one with plain autograd (the same computation, so kept and replayed steps give the
+            same bits). On CUDA: the tasks vmapped together, a round's HVPs capped at a quarter of the
+            free device memory, at most 512 MiB. On the CPU: as many HVPs of a vmapped round (and mixed terms
+            of other meta-parameters) at once as fit in 64 MiB of measured activations (at least one; measured
             once per support loss and shapes), and a meta-batch's tasks vmapped together where one HVP of
             every task holds at most 16 MiB of activations (small models, several times faster so), else
             one after another, each run as a task of its own (its round's points vmapped), which is faster

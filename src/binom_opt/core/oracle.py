@@ -12,7 +12,7 @@ import torch
 from torch.func import grad, jvp, vjp
 
 from .batching import Tasks, calls, map_points
-from .memory import Chunking, activation_bytes, measured_once
+from .memory import AUTO, Chunking, activation_bytes, measured_once
 from .options import Options
 from .trajectory import Trajectory
 
@@ -67,14 +67,28 @@ class HVPOracle:
     def __init__(self, trajectory: Trajectory, tasks: Tasks, options: Options, chunking: Chunking, zero=frozenset()):
         self.trajectory, self.tasks, self.options, self.chunking, self.zero = trajectory, tasks, options, chunking, zero
         self._hvps: Dict[int, tuple] = {}  # per support loss: its lifted HVP and its plain one
+        # "auto" with one task at a time: a round's points run one by one with plain autograd, the computation a kept
+        # graph's product is (memory.keeps_graphs), so that kept and replayed steps give the same bits (checkpointed
+        # or not, a meta-batch's CPU plan or its tasks one by one); one HVP's activations at a time. Not under
+        # randomness="same", whose points replay one stream together (vmap's "same"), where a loop would draw on
+        self.one_by_one = (options.memory_budget == AUTO and tasks.at_once == 1 and options.hvp_mode == "rev"
+                           and not options.compile_hvps and options.randomness != "same")
         self.computed = 0  # HVPs per task actually taken (steps in ``zero`` have H = 0 and cost nothing)
 
     def __call__(self, steps: range, vectors: Tensors) -> Tensors:
         parts = []
+        graphs = self.trajectory.graphs
         for lo, hi, loss_fn in self.trajectory.runs(steps.start, steps.stop, split=self.zero):
             at = {n: t[lo - steps.start : hi - steps.start] for n, t in vectors.items()}
             if lo in self.zero:
                 parts.append({n: torch.zeros_like(t) for n, t in at.items()})
+                continue
+            if all(k in graphs for k in range(lo, hi)):  # kept graphs: one backward each, no replay
+                self.computed += hi - lo
+                self.chunking.used = 1
+                with calls(self.options, None, f"the Hessian-vector products at steps {lo}..{hi - 1}"):  # errors explained
+                    products = [graphs[k].hvp({n: t[k - lo, 0] for n, t in at.items()}) for k in range(lo, hi)]
+                parts.append({n: torch.stack([p[n] for p in products]).unsqueeze(1) for n in at})
                 continue
             parts.append(self._lifted(loss_fn, lo, lambda lo=lo, hi=hi: self.trajectory.points(lo, hi), at,
                                       f"the Hessian-vector products at steps {lo}..{hi - 1}"))
@@ -100,6 +114,9 @@ class HVPOracle:
                 return map_points(hvp, (points(), at), self.tasks, self.options.randomness, limit, self.options.compile_hvps,
                                   plain=plain)
 
+        if self.one_by_one:  # a task's points one at a time with plain autograd: each its own HVP, as from a kept graph
+            self.chunking.used = 1
+            return call(1)
         return self.chunking.run(count * self.tasks.at_once, lambda: self.measure(loss_fn, measured_at), call)
 
     def measure(self, loss_fn: LossFn, step: int):

@@ -22,10 +22,11 @@ from .batching import Tasks, calls, compiled, over_tasks, refuse_random_ops, sta
 from .context import RandomState, StepContext, device_types, devices_of
 from .estimators import Estimator, Implicit
 from .implicit import proximal
+from .memory import AUTO_KEEP_GRAPH_CAP, ActivationBytes, activation_bytes, keeps_graphs, measured_once
 from .node import Record, Status
 from .options import Options
 from .setup import Setup
-from .trajectory import DROPPED, Stored, Trajectory
+from .trajectory import DROPPED, Graph, Stored, Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned, plain_sgd_rate
 
 Tensors = Dict[str, torch.Tensor]
@@ -50,10 +51,11 @@ class Stepper:
     contexts: List[StepContext] = field(default_factory=list)  # the context each step ran in
 
     def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
-                 context: Optional[StepContext] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
+                 context: Optional[StepContext] = None, keep: Optional[list] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
         """``(grads [B, ...], losses [B], leaves found)`` at ``phi``, in ``context`` (the step's own, to recompute
         it; ``None`` in the inner loop: the caller's); ``probe`` validates the closure with plain autograd on the
-        first task and walks its graph for meta-parameters."""
+        first task and walks its graph for meta-parameters. ``keep`` (one task): a list that receives the step's
+        :class:`~binom_opt.core.trajectory.Graph`, its leaves and its gradient with the graph that computed it."""
         found: List[torch.Tensor] = []
         unused = self.allow_unused if allow_unused is None else allow_unused
         tasks = self.tasks
@@ -64,7 +66,8 @@ class Stepper:
             with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
                 for b in range(tasks.size if tasks.loop else 1):
                     one = {n: t[b] for n, t in phi.items()}
-                    outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0))
+                    outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0,
+                                                None if tasks.batched else keep))
                 # after the probe's clearer errors; once per meta-batch (its first task), even split task by task
                 if probe and tasks.loop and tasks.offset == 0 and self.options.randomness in ("error", "replay"):
                     refuse_random_ops(loss_fn, (phi,), tasks)
@@ -89,7 +92,7 @@ class Stepper:
 _CLOSURE_HINT = "Check that the data, the model and the adapted parameters share one dtype and one device."
 
 
-def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool):
+def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool, keep: Optional[list] = None):
     # a closure's first call (the probe) is watched for activation checkpointing; later calls of it run plainly
     watch = warnings.catch_warnings(record=True) if probe else contextlib.nullcontext()
     with torch.enable_grad(), watch as caught:
@@ -104,7 +107,7 @@ def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused
             raise ValueError(_NO_DEPENDENCE)
         found = leaves_requiring_grad(loss, exclude={id(t) for t in leaves.values()}) if probe else []
         try:
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, create_graph=keep is not None)
         except RuntimeError as error:
             raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
     for w in caught or ():  # the closure's own warnings, as they would have been shown
@@ -117,6 +120,9 @@ def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused
             f"The support loss does not depend on the adapted parameter(s) {unused}. Adapt only parameters the "
             "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
         )
+    if keep is not None:
+        keep.append(Graph(list(leaves), list(leaves.values()), list(grads)))
+        grads = [None if g is None else g.detach() for g in grads]
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}, loss.detach(), found
 
 
@@ -204,6 +210,12 @@ class InnerLoop:
         self._stream: Optional[RandomState] = None  # randomness="same": the one stream every step runs from
         # the reg of the proximal term every support loss gets (Implicit's inner loop), else None
         self._proximal = setup.estimator.reg if isinstance(setup.estimator, Implicit) else None
+        # "auto", one task: each step keeps its gradient's graph, as unrolled autograd does, while the graphs of this
+        # adaptation stay within AUTO_KEEP_GRAPH_CAP (a small model), so that the estimator's HVPs differentiate it
+        # instead of replaying the step's forward and backward (Implicit's HVPs are at the final point: none kept)
+        self._keep = keeps_graphs(options, tasks.batched) and self._window != 0 and self._proximal is None
+        self._graphs: Dict[int, Graph] = {}
+        self._sizes: Dict[tuple, Optional[ActivationBytes]] = {}  # measured activations, by support loss (this loop's)
 
     @property
     def steps_taken(self) -> int:
@@ -244,9 +256,20 @@ class InnerLoop:
         loss_fn = known[1] if known else self._support_loss(closure, modes)
         measure_key = known[2] if known else (key[0], modes, self._proximal, captured_shapes(closure))
         k = self.steps_taken
+        sizes = self._sizes.get(measure_key) if self._keep else None  # None: not measured yet
+        if self._keep and sizes is None:
+            sizes = self._sizes[measure_key] = measured_once(measure_key, {n: t[0] for n, t in self._phi.items()}, None)
+        kept: Optional[list] = [] if self._keep and not first_order and (sizes is None or self._fits(sizes)) else None
+        point = self._phi
         with self._recording(k) as (live, recorded):
             grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
-                                                         context=live)
+                                                         context=live, keep=kept)
+        if kept and sizes is None:  # kept until measured, once the probe has vetted the closure: a large one's is dropped
+            sizes = self._sizes[measure_key] = self._measure_graph(loss_fn, {n: t[0] for n, t in point.items()}, measure_key,
+                                                                   recorded[0])
+            kept = kept if self._fits(sizes) else None
+        if kept:
+            self._graphs[k] = kept[0]
         self._closures[key] = (closure, loss_fn, measure_key)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
@@ -259,6 +282,7 @@ class InnerLoop:
         self._values.append(values)
         if self._window is not None and k >= self._window and not self._values[k - self._window]:
             self._stored[k - self._window] = DROPPED
+            self._graphs.pop(k - self._window, None)
         self._loss_fns.append(loss_fn)
         self._keys.append(measure_key)
         self._losses.append(losses)
@@ -296,6 +320,24 @@ class InnerLoop:
             )
         recorded.append(StepContext.now(types, before if drew else None))
 
+    def _fits(self, sizes: ActivationBytes) -> bool:
+        """Whether one more step's graph keeps this adaptation's within :data:`AUTO_KEEP_GRAPH_CAP`, by the measured
+        activations of an HVP of its support loss (what a step's graph holds, and a little more)."""
+        return (len(self._graphs) + 1) * sizes.hvp <= AUTO_KEEP_GRAPH_CAP
+
+    def _measure_graph(self, loss_fn: LossFn, point: Tensors, key: tuple, context: StepContext) -> ActivationBytes:
+        """The activations of the support loss at ``point``, measured after the step took its gradient there (the
+        probe raised the closure's errors in their context), once per support loss and shapes, in the step's context
+        (its random draws replayed, the caller's generators kept)."""
+        def measure():
+            try:
+                with calls(self.setup.options, context, "the measurement of one step's graph"):
+                    return activation_bytes(lambda p: loss_fn(p, None), point)
+            except RuntimeError:  # e.g. an operator without a second derivative: its HVPs will say so
+                return ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
+
+        return measured_once(key, point, None, measure)
+
     def _support_loss(self, closure: Callable, modes: Optional[tuple]) -> LossFn:
         """The support loss of a closure (in ``modes``); with :class:`~binom_opt.Implicit`, plus its proximal term."""
         loss_fn = self.setup.make_loss(closure) if modes is None else self.setup.make_loss(closure, modes)
@@ -312,7 +354,7 @@ class InnerLoop:
         if not self._loss_fns:
             return self.initial_inputs
         trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
-                                self._every, keep_grads=any(self._values), keys=list(self._keys))
+                                self._every, keep_grads=any(self._values), keys=list(self._keys), graphs=dict(self._graphs))
         hyper = list(self._hyper_steps)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
                         list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),

@@ -18,7 +18,7 @@ Tensors = Dict[str, torch.Tensor]
 States = Dict[str, Tensors]
 LossFn = Callable[..., Any]
 
-__all__ = ["Trajectory", "Stored", "DROPPED", "check_recomputed"]
+__all__ = ["Trajectory", "Stored", "Graph", "DROPPED", "check_recomputed"]
 
 
 @dataclass
@@ -30,6 +30,25 @@ class Stored:
 
 
 DROPPED = Stored({})  # a point before the estimator's window: never stored, never read
+
+
+@dataclass
+class Graph:
+    """An inner step's gradient with the graph that computed it, kept where it is small (``memory.keeps_graphs``):
+    ``leaves`` are the step's point (one tensor per adapted parameter, named by ``names``), ``grads`` the support
+    loss's gradient in them, ``None`` where it does not depend on one. ``H v`` is then one backward of ``grads`` against
+    ``v``, and a mixed term one backward to the other meta-parameters, instead of a replay of the step."""
+
+    names: List[str]
+    leaves: List[torch.Tensor]
+    grads: List[Optional[torch.Tensor]]
+
+    def hvp(self, vector: Tensors) -> Tensors:
+        """``H v`` at this point for ``vector`` (by name); the graph stays for later products."""
+        used = [(g, vector[n]) for n, g in zip(self.names, self.grads) if g is not None and g.requires_grad]
+        products = (torch.autograd.grad([g for g, _ in used], self.leaves, [v for _, v in used], retain_graph=True,
+                                        allow_unused=True) if used else [None] * len(self.leaves))
+        return {n: torch.zeros_like(t) if h is None else h for n, t, h in zip(self.names, self.leaves, products)}
 
 
 class Trajectory:
@@ -45,12 +64,15 @@ class Trajectory:
         keep_grads: whether recomputed segments keep their gradients (for transposes that read them).
         keys: what identifies each step's support loss across adaptations (the same closure of the same model), so
             that a measurement of its activations is taken once (``None``: not known).
+        graphs: the :class:`Graph` of the steps that kept theirs (one task), until :meth:`release`.
     """
 
     def __init__(self, stored: List[Optional[Stored]], loss_fns: List[LossFn], losses: torch.Tensor,
-                 final: Tensors, stepper, every: int = 1, keep_grads: bool = True, keys: Optional[List[object]] = None):
+                 final: Tensors, stepper, every: int = 1, keep_grads: bool = True, keys: Optional[List[object]] = None,
+                 graphs: Optional[Dict[int, Graph]] = None):
         self.stored, self.loss_fns, self.losses, self.final = stored, loss_fns, losses, final
         self.keys = keys or [None] * len(loss_fns)
+        self.graphs = graphs or {}
         self.stepper, self.every, self.keep_grads = stepper, every, keep_grads
         self._segments: Dict[int, List[Tuple[Tensors, States, Tensors]]] = {}
         self._grads: Dict[int, Tensors] = {}
@@ -114,9 +136,10 @@ class Trajectory:
                           dataclasses.replace(self.stepper, tasks=tasks), self.every, self.keep_grads)
 
     def release(self) -> None:
-        """Drop what was recomputed for one meta-gradient."""
+        """Drop what was recomputed for one meta-gradient, and the kept graphs (a later estimator replays the steps)."""
         self._segments.clear()
         self._grads.clear()
+        self.graphs.clear()
 
     def _segment(self, k: int) -> List[Tuple[Tensors, States, Tensors]]:
         start = k - k % self.every
