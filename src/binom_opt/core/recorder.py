@@ -259,15 +259,14 @@ class InnerLoop:
         sizes = self._sizes.get(measure_key) if self._keep else None  # None: not measured yet
         if self._keep and sizes is None:
             sizes = self._sizes[measure_key] = measured_once(measure_key, {n: t[0] for n, t in self._phi.items()}, None)
-        kept: Optional[list] = [] if self._keep and not first_order and (sizes is None or self._fits(sizes)) else None
+        kept: Optional[list] = [] if self._keep and not first_order and sizes is not None and self._fits(sizes) else None
         point = self._phi
         with self._recording(k) as (live, recorded):
             grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
                                                          context=live, keep=kept)
-        if kept and sizes is None:  # kept until measured, once the probe has vetted the closure: a large one's is dropped
-            sizes = self._sizes[measure_key] = self._measure_graph(loss_fn, {n: t[0] for n, t in point.items()}, measure_key,
-                                                                   recorded[0])
-            kept = kept if self._fits(sizes) else None
+        if self._keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come
+            self._sizes[measure_key] = self._measure_graph(loss_fn, {n: t[0] for n, t in point.items()}, measure_key,
+                                                           recorded[0])
         if kept:
             self._graphs[k] = kept[0]
         self._closures[key] = (closure, loss_fn, measure_key)
