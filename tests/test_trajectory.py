@@ -263,3 +263,17 @@ def test_estimators_without_hvps_at_the_points_keep_no_graph(monkeypatch, estima
     case = mlp_sine()
     meta_step(estimator, case.model, case.support, case.query, nan_policy="skip_task")
     assert spy.products == 0 and not spy.kept
+
+
+def test_an_adaptation_without_grad_keeps_no_graph(monkeypatch):
+    """Adapted under torch.no_grad() (evaluation), no meta-gradient can follow: no step keeps its graph, so learners
+    kept for many tasks hold their points only."""
+    spy = GraphSpy(monkeypatch)
+    case = mlp_sine()
+    meta_step(bo.Exact(), case.model, case.support, case.query)  # measured and kept with grad
+    kept = len(spy.kept)
+    learner = bo.MAML(case.model, lr=0.1).clone()
+    with torch.no_grad():
+        for _ in range(4):
+            learner.adapt(case.support)
+    assert kept > 0 and len(spy.kept) == kept

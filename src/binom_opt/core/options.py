@@ -45,7 +45,8 @@ class Options:
             ``None``: everything at once on every device (a meta-batch's tasks vmapped together in the
             inner steps, the rounds over points x tasks and the query). ``"auto"`` (default) depends on
             the device. On every device, one task at a time (``adapt``, the drop-ins, a meta-batch's tasks one
-            after another) keeps each inner step's graph while the graphs of one adaptation stay within
+            after another) keeps each inner step's graph (taken with grad enabled: under ``torch.no_grad()``
+            no meta-gradient follows) while the graphs of one adaptation stay within
             4 MiB of measured activations (a small model, where replaying a step costs more than keeping it:
             its HVPs and mixed terms are then backwards of the kept graphs), and takes a round's other
             points one by one with plain autograd (the same computation, so kept and replayed steps give the

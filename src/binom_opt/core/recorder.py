@@ -256,15 +256,17 @@ class InnerLoop:
         loss_fn = known[1] if known else self._support_loss(closure, modes)
         measure_key = known[2] if known else (key[0], modes, self._proximal, captured_shapes(closure))
         k = self.steps_taken
-        sizes = self._sizes.get(measure_key) if self._keep else None  # None: not measured yet
-        if self._keep and sizes is None:
+        # adapted without grad (evaluation), no meta-gradient follows: nothing to keep a graph for
+        keep = self._keep and torch.is_grad_enabled()
+        sizes = self._sizes.get(measure_key) if keep else None  # None: not measured yet
+        if keep and sizes is None:
             sizes = self._sizes[measure_key] = measured_once(measure_key, {n: t[0] for n, t in self._phi.items()}, None)
-        kept: Optional[list] = [] if self._keep and not first_order and sizes is not None and self._fits(sizes) else None
+        kept: Optional[list] = [] if keep and not first_order and sizes is not None and self._fits(sizes) else None
         point = self._phi
         with self._recording(k) as (live, recorded):
             grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
                                                          context=live, keep=kept)
-        if self._keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come
+        if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come
             self._sizes[measure_key] = self._measure_graph(loss_fn, {n: t[0] for n, t in point.items()}, measure_key,
                                                            recorded[0])
         if kept:
