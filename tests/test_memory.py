@@ -158,12 +158,12 @@ def test_a_task_takes_its_round_one_hvp_at_a_time_and_a_vmapped_meta_batch_as_ma
 def test_the_activations_of_a_support_loss_are_measured_once_per_shapes(monkeypatch):
     """The probe behind a round's cap (a forward and two backwards) runs once per closure and data shapes, not once per
     meta-gradient: the next task's loop reuses it, other shapes measure again."""
-    from binom_opt.core import memory, recorder
+    from binom_opt.core import memory, oracle
 
     monkeypatch.setattr(memory, "_MEASURED", {})
     probes = []
-    measure = recorder.activation_bytes
-    monkeypatch.setattr(recorder, "activation_bytes", lambda *a: probes.append(1) or measure(*a))
+    measure = oracle.activation_bytes  # every measurement of a support loss goes through oracle.support_activations
+    monkeypatch.setattr(oracle, "activation_bytes", lambda *a: probes.append(1) or measure(*a))
     model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
     maml = bo.MAML(model, lr=0.01, estimator=bo.Binomial(1))
     for points in (10, 10, 10, 7):

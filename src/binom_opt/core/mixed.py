@@ -121,6 +121,8 @@ def _from_graphs(graphs: List[Graph], weights: Tensors, meta_inputs: List[torch.
                     total = term if total is None else total + term
         if total is None:
             return (None,) * len(meta_inputs)
+        # retain_graph: the support loss may reuse a graph built outside the closure (features computed
+        # once per task), which later chunks and the rest of the backward differentiate again.
         return torch.autograd.grad(total, meta_inputs, allow_unused=True, retain_graph=True)
 
 
@@ -131,19 +133,9 @@ def _plain_directional(loss_fn, points: Tensors, weights: Tensors, meta_inputs: 
     and no routing around torch's gaps in autograd through ``vmap``."""
     with torch.enable_grad(), context:
         task = tasks.first()  # sliced with grad enabled: data computed by a body (features) carries its graph
-        total = None
-        for i in range(next(iter(points.values())).shape[0]):
-            phi = {n: t[i, 0].detach().requires_grad_(True) for n, t in points.items()}
-            grads = torch.autograd.grad(loss_fn(phi, task), list(phi.values()), create_graph=True, allow_unused=True)
-            for n, g in zip(phi, grads):
-                if g is not None:
-                    term = (g * weights[n][i, 0]).sum()
-                    total = term if total is None else total + term
-        if total is None or not total.requires_grad:
-            return (None,) * len(meta_inputs)
-        # retain_graph: the support loss may reuse a graph built outside the closure (features computed
-        # once per task), which later chunks and the rest of the backward differentiate again.
-        return torch.autograd.grad(total, meta_inputs, allow_unused=True, retain_graph=True)
+        graphs = [Graph.at(loss_fn, {n: t[i, 0] for n, t in points.items()}, task)
+                  for i in range(next(iter(points.values())).shape[0])]
+        return _from_graphs(graphs, weights, meta_inputs)
 
 
 def hyper_gradients(transpose: StepTranspose, adjoints: Dict[int, Tensors]) -> List[torch.Tensor]:

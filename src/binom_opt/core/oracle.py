@@ -6,20 +6,20 @@ over the requested points and the tasks, chunked by :class:`~binom_opt.core.memo
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch.func import grad, jvp, vjp
 
 from .batching import Tasks, calls, map_points
-from .memory import AUTO, Chunking, activation_bytes, measured_once
+from .memory import AUTO, ActivationBytes, Chunking, activation_bytes, measured_once
 from .options import Options
-from .trajectory import Trajectory
+from .trajectory import Graph, Trajectory
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
 
-__all__ = ["hvp_function", "plain_hvp", "HVPOracle"]
+__all__ = ["hvp_function", "plain_hvp", "support_activations", "HVPOracle"]
 
 
 def hvp_function(loss_fn: LossFn, mode: str) -> Callable[[Tensors, Tensors, object], Tensors]:
@@ -43,16 +43,24 @@ def plain_hvp(loss_fn: LossFn) -> Callable[[Tensors, Tensors, object], Tensors]:
     >>> plain_hvp(f)({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}, None)["w"]
     tensor([ 6., 12.])
     """
-    def hvp(point: Tensors, vector: Tensors, task) -> Tensors:
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in point.values()]
-            grads = torch.autograd.grad(loss_fn(dict(zip(point, leaves)), task), leaves, create_graph=True, allow_unused=True)
-            used = [(g, v) for g, v in zip(grads, vector.values()) if g is not None and g.requires_grad]
-            products = (torch.autograd.grad([g for g, _ in used], leaves, [v for _, v in used], allow_unused=True)
-                        if used else [None] * len(leaves))
-        return {n: torch.zeros_like(t) if h is None else h for (n, t), h in zip(point.items(), products)}
+    return lambda point, vector, task: Graph.at(loss_fn, point, task).hvp(vector)  # a kept graph's product, replayed
 
-    return hvp
+
+def support_activations(loss_fn: LossFn, point: Tensors, task, options: Options, context, key: object,
+                        fallback: Optional[ActivationBytes] = None) -> ActivationBytes:
+    """The activation bytes of one gradient and one HVP of ``loss_fn(point, task)`` in the step's ``context``, measured
+    once per support loss ``key`` and shapes (:func:`~binom_opt.core.memory.measured_once`); ``fallback``, if given,
+    stands for a measurement that failed (the error is then raised where the support loss runs next)."""
+    def measure() -> ActivationBytes:
+        try:
+            with calls(options, context, "the measurement of one HVP's memory"):
+                return activation_bytes(lambda p: loss_fn(p, task), point)
+        except RuntimeError:
+            if fallback is None:
+                raise
+            return fallback
+
+    return measured_once(key, point, task, measure)
 
 
 class HVPOracle:
@@ -120,13 +128,6 @@ class HVPOracle:
         return self.chunking.run(count * self.tasks.at_once, lambda: self.measure(loss_fn, measured_at), call)
 
     def measure(self, loss_fn: LossFn, step: int):
-        """The activation bytes of one gradient and one HVP of the first task at ``step``, measured once per support
-        loss and shapes (:func:`~binom_opt.core.memory.measured_once`)."""
-        task = self.tasks.first()
-        point = {n: t[0] for n, t in self.trajectory.point(step).items()}
-
-        def measure():
-            with calls(self.options, self.trajectory.context(step), "the measurement of one HVP's memory"):
-                return activation_bytes(lambda p: loss_fn(p, task), point)
-
-        return measured_once(self.trajectory.keys[step], point, task, measure)
+        """The activation bytes of one gradient and one HVP of the first task at ``step``."""
+        return support_activations(loss_fn, {n: t[0] for n, t in self.trajectory.point(step).items()}, self.tasks.first(),
+                                   self.options, self.trajectory.context(step), self.trajectory.keys[step])

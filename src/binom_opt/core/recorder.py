@@ -22,9 +22,10 @@ from .batching import Tasks, calls, compiled, over_tasks, refuse_random_ops, sta
 from .context import RandomState, StepContext, device_types, devices_of
 from .estimators import Estimator, Implicit
 from .implicit import proximal
-from .memory import AUTO_KEEP_GRAPH_CAP, ActivationBytes, activation_bytes, keeps_graphs, measured_once
+from .memory import AUTO_KEEP_GRAPH_CAP, ActivationBytes, keeps_graphs, measured_once
 from .node import Record, Status
 from .options import Options
+from .oracle import support_activations
 from .setup import Setup
 from .trajectory import DROPPED, Graph, Stored, Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned, plain_sgd_rate
@@ -259,16 +260,18 @@ class InnerLoop:
         # adapted without grad (evaluation), no meta-gradient follows: nothing to keep a graph for
         keep = self._keep and torch.is_grad_enabled()
         sizes = self._sizes.get(measure_key) if keep else None  # None: not measured yet
+        point = {n: t[0] for n, t in self._phi.items()} if keep and sizes is None else {}
         if keep and sizes is None:
-            sizes = self._sizes[measure_key] = measured_once(measure_key, {n: t[0] for n, t in self._phi.items()}, None)
+            sizes = self._sizes[measure_key] = measured_once(measure_key, point, None)
         kept: Optional[list] = [] if keep and not first_order and sizes is not None and self._fits(sizes) else None
-        point = self._phi
         with self._recording(k) as (live, recorded):
             grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
                                                          context=live, keep=kept)
-        if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come
-            self._sizes[measure_key] = self._measure_graph(loss_fn, {n: t[0] for n, t in point.items()}, measure_key,
-                                                           recorded[0])
+        if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come; a failure
+            # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
+            too_large = ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
+            self._sizes[measure_key] = support_activations(loss_fn, point, None, self.setup.options, recorded[0], measure_key,
+                                                           fallback=too_large)
         if kept:
             self._graphs[k] = kept[0]
         self._closures[key] = (closure, loss_fn, measure_key)
@@ -325,19 +328,6 @@ class InnerLoop:
         """Whether one more step's graph keeps this adaptation's within :data:`AUTO_KEEP_GRAPH_CAP`, by the measured
         activations of an HVP of its support loss (what a step's graph holds, and a little more)."""
         return (len(self._graphs) + 1) * sizes.hvp <= AUTO_KEEP_GRAPH_CAP
-
-    def _measure_graph(self, loss_fn: LossFn, point: Tensors, key: tuple, context: StepContext) -> ActivationBytes:
-        """The activations of the support loss at ``point``, measured after the step took its gradient there (the
-        probe raised the closure's errors in their context), once per support loss and shapes, in the step's context
-        (its random draws replayed, the caller's generators kept)."""
-        def measure():
-            try:
-                with calls(self.setup.options, context, "the measurement of one step's graph"):
-                    return activation_bytes(lambda p: loss_fn(p, None), point)
-            except RuntimeError:  # e.g. an operator without a second derivative: its HVPs will say so
-                return ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
-
-        return measured_once(key, point, None, measure)
 
     def _support_loss(self, closure: Callable, modes: Optional[tuple]) -> LossFn:
         """The support loss of a closure (in ``modes``); with :class:`~binom_opt.Implicit`, plus its proximal term."""

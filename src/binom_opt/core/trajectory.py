@@ -43,6 +43,14 @@ class Graph:
     leaves: List[torch.Tensor]
     grads: List[Optional[torch.Tensor]]
 
+    @classmethod
+    def at(cls, loss_fn: LossFn, point: Tensors, task) -> Graph:
+        """The graph of ``loss_fn(point, task)``'s gradient, taken now with plain autograd (a replayed step)."""
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in point.values()]
+            grads = torch.autograd.grad(loss_fn(dict(zip(point, leaves)), task), leaves, create_graph=True, allow_unused=True)
+        return cls(list(point), leaves, list(grads))
+
     def hvp(self, vector: Tensors) -> Tensors:
         """``H v`` at this point for ``vector`` (by name); the graph stays for later products."""
         used = [(g, vector[n]) for n, g in zip(self.names, self.grads) if g is not None and g.requires_grad]
