@@ -15,6 +15,7 @@ from binom_opt.core.trajectory import DROPPED
 from binom_opt.core.update_rules import read_optimizer
 
 from cases import dropout_model, mlp_sine, small_model, tasks
+from references import unrolled_autograd
 
 K = 7
 
@@ -139,22 +140,24 @@ class GraphSpy:
     def __init__(self, monkeypatch):
         import weakref
 
-        from binom_opt.core import recorder, trajectory
+        from binom_opt.core import oracle, recorder, trajectory
 
         self.products, self.kept = 0, []
         spy = self
-        hvp = trajectory.Graph.hvp
+        products = trajectory.products
 
         class Graph(trajectory.Graph):
             def __init__(self, *args):
                 super().__init__(*args)
                 spy.kept.append(weakref.ref(self.grads[0]))
 
-            def hvp(self, vector):
-                spy.products += 1
-                return hvp(self, vector)
+        def counted(graphs, vectors):
+            spy.products += sum(isinstance(graph, Graph) for graph in graphs)  # kept ones (a replay builds its own)
+            return products(graphs, vectors)
 
         monkeypatch.setattr(recorder, "Graph", Graph)
+        for module in (trajectory, oracle):
+            monkeypatch.setattr(module, "products", counted)
 
 
 def meta_step(estimator, model, support, query, steps=4, **options):
@@ -231,6 +234,40 @@ def test_kept_graphs_give_the_mixed_terms_of_a_body(monkeypatch, estimator):
     assert spy.kept and got[None]["body.0.weight"].abs().sum() > 0
     for n in got[None]:
         torch.testing.assert_close(got["auto"][n], got[None][n], rtol=1e-12, atol=1e-14)
+
+
+def test_kept_graphs_differentiate_the_loop_as_it_ran_with_no_replay_check(monkeypatch):
+    """A closure that reads data changed after the inner loop: when every step kept its graph nothing is replayed,
+    so the meta-gradient is the unrolled one of the loop as it ran (no replay check, no forward for it); replayed
+    steps (memory_budget=None) refuse it as before."""
+    from binom_opt.core import checks
+
+    case = mlp_sine()
+    data = {"scale": 1.0}
+    support = lambda m: data["scale"] * case.support(m)
+    meta_step(bo.Exact(), case.model, support, case.query)  # the support loss measured: every later step keeps its graph
+    replays = []
+    monkeypatch.setattr(checks, "over_tasks", lambda *a: replays.append(a) or (lambda point: torch.zeros(1, 1)))
+
+    def changed_after(options):
+        data["scale"] = 1.0
+        case.model.zero_grad(set_to_none=True)
+        learner = bo.MAML(case.model, lr=0.1, **options).clone()
+        for _ in range(4):
+            learner.adapt(support)
+        data["scale"] = 2.0
+        case.query(learner).backward()
+        return {n: p.grad.clone() for n, p in case.model.named_parameters()}
+
+    got = changed_after({})
+    assert not replays
+    data["scale"] = 1.0
+    expected = unrolled_autograd(case.model, case.adapted, {n: 0.1 for n in case.adapted}, case.support, case.query, 4)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-13)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="not a pure function"):
+        changed_after({"memory_budget": None})
 
 
 def test_a_large_model_keeps_no_graph(monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch.func import vmap
@@ -127,27 +127,49 @@ class HVPBackendError(RuntimeError):
     """An HVP backend failed inside PyTorch for a reason that another backend avoids."""
 
 
-@contextlib.contextmanager
-def calls(options, context: Optional[StepContext], during: str, hint: str = "") -> Iterator[None]:
+class calls:
     """The context of every support-loss call: the module policy, the recorded context of the step it
     replays (``None`` for the inner step itself, which runs in the caller's), and errors that say what to
-    change (``during``: what was running)."""
-    try:
-        with module_policy(options.bn), (context.replay() if context is not None else contextlib.nullcontext()):
-            yield
-    except RuntimeError as error:
-        if "randomness error mode" in str(error) and options.randomness in ("error", "replay"):  # vmap's own message
-            raise RuntimeError(_RANDOM_UNDER_VMAP[options.randomness]) from error
-        if options.hvp_mode == "fwd" and "ZeroTensors are immutable" in str(error):
-            raise HVPBackendError(
-                "The forward-over-reverse HVP (hvp='fwd') failed inside PyTorch: forward-mode AD is broken for an "
-                "operator in your loss (known for F.mse_loss in torch 2.13). Use hvp='rev' or hvp='auto'."
-            ) from error
-        for clue, explanation in _KNOWN_FAILURES:
-            if all(part in str(error) for part in clue):
-                raise RuntimeError(f"{explanation} (Raised during {during}: {str(error).splitlines()[0]})") from error
-        add_note(error, f"binom_opt: raised during {during}. {hint or REPLAY_HINT}")
-        raise
+    change (``during``: what was running). A class, not a generator: it is entered at every inner step and HVP."""
+
+    def __init__(self, options, context: Optional[StepContext], during: str, hint: str = ""):
+        self.options, self.context, self.during, self.hint = options, context, during, hint
+
+    def __enter__(self) -> None:
+        self.policy = module_policy(self.options.bn)
+        self.policy.__enter__()
+        self.replay = None
+        if self.context is not None:
+            self.replay = self.context.replay()
+            try:
+                self.replay.__enter__()
+            except BaseException:
+                self.policy.__exit__(None, None, None)
+                raise
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if self.replay is not None:
+                self.replay.__exit__(kind, error, traceback)
+        finally:
+            self.policy.__exit__(kind, error, traceback)
+        if isinstance(error, RuntimeError):
+            _explain(error, self.options, self.during, self.hint)
+
+
+def _explain(error: RuntimeError, options, during: str, hint: str) -> None:
+    """Raise ``error`` as what to change, where it is a known failure; else add a note of where it was raised."""
+    if "randomness error mode" in str(error) and options.randomness in ("error", "replay"):  # vmap's own message
+        raise RuntimeError(_RANDOM_UNDER_VMAP[options.randomness]) from error
+    if options.hvp_mode == "fwd" and "ZeroTensors are immutable" in str(error):
+        raise HVPBackendError(
+            "The forward-over-reverse HVP (hvp='fwd') failed inside PyTorch: forward-mode AD is broken for an "
+            "operator in your loss (known for F.mse_loss in torch 2.13). Use hvp='rev' or hvp='auto'."
+        ) from error
+    for clue, explanation in _KNOWN_FAILURES:
+        if all(part in str(error) for part in clue):
+            raise RuntimeError(f"{explanation} (Raised during {during}: {str(error).splitlines()[0]})") from error
+    add_note(error, f"binom_opt: raised during {during}. {hint or REPLAY_HINT}")
 
 
 # what torch says when the support loss does what replays cannot (substrings it must all contain), and what to do

@@ -99,11 +99,12 @@ def replay(trajectory, tasks: Tasks, options, read: Readback) -> List[int]:
 
     The estimators replay the support loss at recorded points; a closure that reads a variable that has
     changed since (a loop variable captured by a lambda, a later batch) would silently differentiate
-    another loss. One forward per distinct support loss catches that.
+    another loss. One forward per distinct support loss catches that. Steps whose kept graphs serve the
+    meta-gradient replay nothing (``Trajectory.replays``): it differentiates the loop as it ran, and needs no check.
     """
     firsts: Dict[int, int] = {}  # the first step of each support loss whose point is kept
     for k, fn in enumerate(trajectory.loss_fns):
-        if trajectory.available(k):
+        if trajectory.replays(k):
             firsts.setdefault(id(fn), k)
     if not firsts:
         return []

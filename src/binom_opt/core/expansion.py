@@ -20,7 +20,7 @@ import torch
 
 from .batching import stack
 from .estimators import ExpansionPlan
-from .reductions import task_norms
+from .reductions import RoundNorms
 from .update_rules import StepTranspose
 
 Tensors = Dict[str, torch.Tensor]
@@ -91,9 +91,17 @@ def expand(
     def hessian_vector(j: int, z: Tensors) -> Tensors:
         return scaled(transpose.vjp(j, z)[1])
 
-    def step(direct: Tensors, hv: Tensors) -> Tensors:  # D_j^T z + H_j (...)
-        return {**direct, **{n: direct[n] + hv[n] for n in names}}
+    def step(direct: Tensors, hv: Tensors) -> Tensors:  # D_j^T z + H_j (...), one call for every entry
+        return {**direct, **dict(zip(names, torch._foreach_add([direct[n] for n in names], [hv[n] for n in names])))}  # pyright: ignore[reportPrivateImportUsage]
 
+    one = getattr(hvp, "one", None)  # the oracle's product at one step, [B, ...] in and out (no stacking)
+
+    def hvp_at(j: int, z: Tensors) -> Tensors:
+        if one is not None:
+            return one(j, z)
+        return {n: t.squeeze(0) for n, t in hvp(range(j, j + 1), _stacked([z], names)).items()}
+
+    rounds = RoundNorms()
     keep_all = with_full_adjoints or plan.schedule == "binomial"
     u: Dict[int, Tensors] = {K: transpose.extend(g)}
     if plan.schedule == "sequential":
@@ -102,9 +110,9 @@ def expand(
             if on_adjoint is not None:
                 on_adjoint(j, v)
             direct, through, _ = transpose.vjp(j, v)  # both parts of one step's transpose, from one call
-            hv = {n: t.squeeze(0) for n, t in hvp(range(j, j + 1), _stacked([scaled(through)], names)).items()}
+            hv = hvp_at(j, scaled(through))
             v = step(direct, hv)
-            result.contributions.append(task_norms(hv))
+            rounds.add(hv)
             result.hvp_count += 1
             result.oracle_calls += 1
             if keep_all:
@@ -123,13 +131,14 @@ def expand(
             hv = hvp(range(lo, hi + 1), _stacked([hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)], names))
             for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
                 u[j] = step(transpose.direct(j, u[j + 1]), {n: hv[n][j - lo] for n in names})
-            result.contributions.append(task_norms({n: u[window][n] - before[n] for n in names}))
+            rounds.add({n: u[window][n] - before[n] for n in names})
             result.hvp_count += hi - lo + 1
             result.oracle_calls += 1
     for j in reversed(range(f)):  # below the first kept Hessian only D_j^T acts
         u[j] = transpose.direct(j, u[j + 1])
         if not keep_all:
             del u[j + 1]
+    result.contributions = rounds.rounds()
     if with_full_adjoints:
         result.full_adjoints = {k: u[k + 1] for k in range(K)}
     result.meta_grad = {n: u[0][n] for n in names}

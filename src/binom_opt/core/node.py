@@ -188,9 +188,8 @@ class Record:
             bad |= nonfinite_tasks(tensors)
         read.add("bad", bad)
         if self.setup.options.nan_policy == "raise":  # which round went bad first, for the message
-            finite = [torch.isfinite(c).all() for c in result.contributions]
-            if finite:
-                read.add("finite_rounds", torch.stack(finite))
+            if result.contributions:
+                read.add("finite_rounds", torch.isfinite(torch.stack(result.contributions)).all(1))
             return bad
         for tensors in vectors:
             for n, t in tensors.items():

@@ -14,7 +14,7 @@ from torch.func import grad, jvp, vjp
 from .batching import Tasks, calls, map_points
 from .memory import AUTO, ActivationBytes, Chunking, activation_bytes, measured_once
 from .options import Options
-from .trajectory import Graph, Trajectory
+from .trajectory import Graph, Trajectory, products
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
@@ -95,12 +95,22 @@ class HVPOracle:
                 self.computed += hi - lo
                 self.chunking.used = 1
                 with calls(self.options, None, f"the Hessian-vector products at steps {lo}..{hi - 1}"):  # errors explained
-                    products = [graphs[k].hvp({n: t[k - lo, 0] for n, t in at.items()}) for k in range(lo, hi)]
-                parts.append({n: torch.stack([p[n] for p in products]).unsqueeze(1) for n in at})
+                    done = products([graphs[k] for k in range(lo, hi)], [{n: t[k - lo, 0] for n, t in at.items()} for k in range(lo, hi)])
+                parts.append({n: torch.stack([p[n] for p in done]).unsqueeze(1) for n in at})
                 continue
             parts.append(self._lifted(loss_fn, lo, lambda lo=lo, hi=hi: self.trajectory.points(lo, hi), at,
                                       f"the Hessian-vector products at steps {lo}..{hi - 1}"))
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+    def one(self, j: int, vectors: Tensors) -> Tensors:
+        """``H_j v`` at one step for every task (``[B, ...]`` in and out): a kept graph's product directly, else a call."""
+        graph = self.trajectory.graphs.get(j)
+        if graph is None or j in self.zero:
+            return {n: t.squeeze(0) for n, t in self(range(j, j + 1), {n: v.unsqueeze(0) for n, v in vectors.items()}).items()}
+        self.computed += 1
+        self.chunking.used = 1
+        with calls(self.options, None, f"the Hessian-vector products at steps {j}..{j}"):  # errors explained
+            return {n: t.unsqueeze(0) for n, t in graph.hvp({n: v[0] for n, v in vectors.items()}).items()}
 
     def at_final(self, vectors: Tensors) -> Tensors:
         """``H(phi_K) v`` for every task (``[B, ...]`` in and out), with the last step's support loss."""

@@ -17,6 +17,7 @@ import torch
 from torch.func import grad_and_value
 from torch.utils import _pytree as pytree
 
+from . import backprop
 from .adaptation import Adaptation, check_scalar_loss, leaves_requiring_grad
 from .batching import Tasks, calls, compiled, over_tasks, refuse_random_ops, stack
 from .context import RandomState, StepContext, device_types, devices_of
@@ -50,6 +51,7 @@ class Stepper:
     allow_unused: bool = False
     hyper: List[Dict[str, Hyper]] = field(default_factory=list)  # each step's hyperparameters, detached
     contexts: List[StepContext] = field(default_factory=list)  # the context each step ran in
+    _rates: Dict[int, Optional[float]] = field(default_factory=dict)  # plain_sgd_rate per hyperparameter mapping
 
     def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
                  context: Optional[StepContext] = None, keep: Optional[list] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
@@ -81,7 +83,8 @@ class Stepper:
         return grads, losses, found
 
     def update(self, k: int, phi: Tensors, state: Dict[str, Tensors], grads: Tensors) -> Tuple[Tensors, Dict[str, Tensors]]:
-        lr = plain_sgd_rate(self.rules, self.hyper[k])
+        hyper = self.hyper[k]  # one mapping for many steps (held in self.hyper: its id stays its own)
+        lr = self._rates[id(hyper)] if id(hyper) in self._rates else self._rates.setdefault(id(hyper), plain_sgd_rate(self.rules, hyper))
         if lr is not None:  # plain SGD with one float rate: every parameter in one call
             with torch.no_grad():
                 return dict(zip(phi, torch._foreach_add(list(phi.values()), [grads[n] for n in phi], alpha=-lr))), {}  # pyright: ignore[reportPrivateImportUsage]  # as torch.optim.SGD
@@ -108,7 +111,7 @@ def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused
             raise ValueError(_NO_DEPENDENCE)
         found = leaves_requiring_grad(loss, exclude={id(t) for t in leaves.values()}) if probe else []
         try:
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, create_graph=keep is not None)
+            grads = backprop.grad([loss], leaves.values(), create_graph=keep is not None)
         except RuntimeError as error:
             raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
     for w in caught or ():  # the closure's own warnings, as they would have been shown
@@ -193,6 +196,7 @@ class InnerLoop:
         if options.compile_hvps:  # the strides of every later step, so that the compiled step is reused for the first
             self._phi = {n: t.contiguous() for n, t in self._phi.items()}
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
+        self._stateful = any(r.state_names for r in rules.values())
         tensors = list(self._phi.values())  # every step's point lives where the initial point does
         self._devices = device_types(tensors), devices_of(tensors)
         self._last_hyper: Optional[Tuple[Dict[str, Hyper], bool, Dict[str, Hyper]]] = None  # (hyper, values, detached)
@@ -281,7 +285,7 @@ class InnerLoop:
             self._last_hyper = (self.hyper, self._transpose.needs_values(self.hyper),
                                 {n: detached(h) for n, h in self.hyper.items()})
         values = self._last_hyper[1]  # whether this step's transpose reads its values
-        keep_state = any(r.state_names for r in self.rules.values()) and (values or self._every > 1)
+        keep_state = self._stateful and (values or self._every > 1)
         self._stored.append(Stored(self._phi, self._state if keep_state else None) if k % self._every == 0 else None)
         self._values.append(values)
         if self._window is not None and k >= self._window and not self._values[k - self._window]:

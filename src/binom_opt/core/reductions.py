@@ -18,11 +18,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List
 
 import torch
 
-__all__ = ["INF", "norms", "not_finite", "nonfinite_tasks", "task_norms"]
+__all__ = ["INF", "norms", "not_finite", "nonfinite_tasks", "task_norms", "RoundNorms"]
 
 INF = float("inf")
 
@@ -30,13 +30,45 @@ INF = float("inf")
 def norms(tensors: Iterable[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
     """``[len(tensors), B]``: the ``ord``-norm of each task's slice of each tensor, in float64."""
     tensors = list(tensors)
+    entries = _entry_norms(tensors, ord)
+    return torch.stack(entries).reshape(len(tensors), -1)
+
+
+def _entry_norms(tensors: List[torch.Tensor], ord: float = 2.0) -> List[torch.Tensor]:
+    """Each tensor's per-task norms (``[B]``, or a 0-d tensor for one task), in float64, in as few calls as can be."""
     with torch.no_grad():
         if all(t.shape[0] == 1 for t in tensors):
             try:  # one call for every tensor (grouped by device and dtype inside)
-                return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float64)).unsqueeze(1)  # pyright: ignore[reportPrivateImportUsage]  # as clip_grad_norm_
+                return list(torch._foreach_norm(tensors, ord, dtype=torch.float64))  # pyright: ignore[reportPrivateImportUsage]  # as clip_grad_norm_
             except RuntimeError:  # a backend without the foreach kernel for these tensors: one call each
                 pass
-        return torch.stack([torch.linalg.vector_norm(t.flatten(1), ord, dim=1, dtype=torch.float64) for t in tensors])
+        return [torch.linalg.vector_norm(t.flatten(1), ord, dim=1, dtype=torch.float64) for t in tensors]
+
+
+class RoundNorms:
+    """:func:`task_norms` of one vector per round, each round's entries reduced when it ends (one call for one task)
+    and the rounds' totals taken together at the end: ``rounds()``, one ``[B]`` tensor per round.
+
+    >>> rounds = RoundNorms()
+    >>> rounds.add({"a": torch.tensor([[3.0]]), "b": torch.tensor([[4.0]])})
+    >>> rounds.add({"a": torch.tensor([[1.0]]), "b": torch.tensor([[0.0]])})
+    >>> [r.tolist() for r in rounds.rounds()]
+    [[5.0], [1.0]]
+    """
+
+    def __init__(self) -> None:
+        self._entries: List[torch.Tensor] = []
+        self._count = 0
+
+    def add(self, tensors: Dict[str, torch.Tensor]) -> None:
+        self._entries += _entry_norms(list(tensors.values()))
+        self._count += 1
+
+    def rounds(self) -> List[torch.Tensor]:
+        if not self._count:
+            return []
+        per_entry = torch.stack(self._entries).reshape(self._count, len(self._entries) // self._count, -1)
+        return list(torch.linalg.vector_norm(per_entry, dim=1).unbind(0))
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from . import backprop
 from .batching import stack
 
 Tensors = Dict[str, torch.Tensor]
 States = Dict[str, Tensors]
 LossFn = Callable[..., Any]
 
-__all__ = ["Trajectory", "Stored", "Graph", "DROPPED", "check_recomputed"]
+__all__ = ["Trajectory", "Stored", "Graph", "products", "DROPPED", "check_recomputed"]
 
 
 @dataclass
@@ -48,15 +49,28 @@ class Graph:
         """The graph of ``loss_fn(point, task)``'s gradient, taken now with plain autograd (a replayed step)."""
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in point.values()]
-            grads = torch.autograd.grad(loss_fn(dict(zip(point, leaves)), task), leaves, create_graph=True, allow_unused=True)
+            grads = backprop.grad([loss_fn(dict(zip(point, leaves)), task)], leaves, create_graph=True)
         return cls(list(point), leaves, list(grads))
 
     def hvp(self, vector: Tensors) -> Tensors:
         """``H v`` at this point for ``vector`` (by name); the graph stays for later products."""
-        used = [(g, vector[n]) for n, g in zip(self.names, self.grads) if g is not None and g.requires_grad]
-        products = (torch.autograd.grad([g for g, _ in used], self.leaves, [v for _, v in used], retain_graph=True,
-                                        allow_unused=True) if used else [None] * len(self.leaves))
-        return {n: torch.zeros_like(t) if h is None else h for n, t, h in zip(self.names, self.leaves, products)}
+        return products([self], [vector])[0]
+
+
+def products(graphs: List[Graph], vectors: List[Tensors]) -> List[Tensors]:
+    """``H_i v_i`` for each kept graph and its vector, in one backward: the graphs share no node, so each product is
+    the one its graph alone gives, bit for bit, without an engine call per point (a round of the binomial schedule)."""
+    used = [(g, vector[n]) for graph, vector in zip(graphs, vectors) for n, g in zip(graph.names, graph.grads)
+            if g is not None and g.requires_grad]
+    leaves = [t for graph in graphs for t in graph.leaves]
+    found = (backprop.grad([g for g, _ in used], leaves, [v for _, v in used], retain_graph=True)
+             if used else [None] * len(leaves))
+    out, start = [], 0
+    for graph in graphs:
+        out.append({n: torch.zeros_like(t) if h is None else h
+                    for n, t, h in zip(graph.names, graph.leaves, found[start:start + len(graph.leaves)])})
+        start += len(graph.leaves)
+    return out
 
 
 class Trajectory:
@@ -100,6 +114,11 @@ class Trajectory:
     def available(self, k: int) -> bool:
         """Whether point ``k`` can be read (points before the estimator's window are not kept)."""
         return self.stored[k] is not DROPPED
+
+    def replays(self, k: int) -> bool:
+        """Whether a meta-gradient may run step ``k``'s support loss again: its point is kept without its graph, or the
+        transposes read its gradient (recomputed). A step whose kept graph serves every product replays nothing."""
+        return self.available(k) and (k not in self.graphs or self.keep_grads)
 
     def points(self, lo: int, hi: int) -> Tensors:
         """``phi_lo .. phi_{hi-1}`` stacked, ``[hi - lo, B, ...]`` per entry."""

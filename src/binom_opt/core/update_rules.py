@@ -265,10 +265,19 @@ class StepTranspose:
         self.learned = learned(*hyper) if isinstance(hyper, (list, tuple)) else learned(hyper)  # pyright: ignore[reportArgumentType]  # one mapping
         self.nonlinear = not all(r.linear for r in self.rules.values())  # its Jacobians read each step's values
         self._identity = all(r.identity_direct for r in self.rules.values())
+        self._reads: Dict[int, Tuple[bool, Optional[float]]] = {}  # per hyperparameter mapping: needs_values, one rate
 
     def needs_values(self, hyper: Mapping[str, Hyper]) -> bool:
         """Whether a step with these hyperparameters reads its recorded ``(phi, state, grad)``."""
-        return self.nonlinear or bool(learned(hyper))
+        return self._read(hyper)[0]
+
+    def _read(self, hyper: Mapping[str, Hyper]) -> Tuple[bool, Optional[float]]:
+        """``(needs_values, plain_sgd_rate)`` of a hyperparameter mapping, once per mapping (one backward reads each
+        step's)."""
+        known = self._reads.get(id(hyper))
+        if known is None:
+            known = self._reads[id(hyper)] = (self.nonlinear or bool(learned(hyper)), plain_sgd_rate(self.rules, hyper))
+        return known
 
     def extend(self, g: Tensors) -> Tensors:
         """``(g, 0)``: the outer gradient with zero cotangents for the final optimizer state."""
@@ -282,9 +291,12 @@ class StepTranspose:
 
     def vjp(self, k: int, z: Tensors, with_hyper: bool = False) -> Tuple[Tensors, Tensors, Dict[int, torch.Tensor]]:
         hyper = self.hyper(k)
-        needs_values = self.needs_values(hyper)
+        needs_values, rate = self._read(hyper)
         if self._identity and not needs_values:
-            return {n: z[n] for n in self.rules}, {n: -hyper[n]["lr"] * z[n] for n in self.rules}, {}
+            zs = [z[n] for n in self.rules]
+            through = (torch._foreach_mul(zs, -rate) if rate is not None  # pyright: ignore[reportPrivateImportUsage]  # one call
+                       else [-hyper[n]["lr"] * t for n, t in zip(self.rules, zs)])
+            return dict(zip(self.rules, zs)), dict(zip(self.rules, through)), {}
         phi, state, grad = self.values(k) if needs_values else (z, {}, z)  # pyright: ignore[reportOptionalCall]  # given where needed
         direct: Tensors = {}
         through_grad: Tensors = {}
