@@ -15,11 +15,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.func import grad_and_value
-from torch.utils import _pytree as pytree
 
 from . import backprop
 from .adaptation import Adaptation, check_scalar_loss, leaves_requiring_grad
 from .batching import Tasks, calls, compiled, over_tasks, refuse_random_ops, stack
+from .closures import captured_shapes, closure_key, cut_captured
 from .context import RandomState, StepContext, device_types, devices_of
 from .estimators import Estimator, Implicit
 from .implicit import proximal
@@ -142,35 +142,6 @@ _NO_DEPENDENCE = (
 )
 
 
-def closure_key(closure: Callable) -> tuple:
-    """What makes two closures the same support loss: the same code over the same captured objects and defaults.
-
-    ``lambda m: loss(m(x_s), y_s)`` written inside the inner loop is a new function object at every step,
-    but the same function of the learner; recognising it records one support loss, probes it once and
-    replays it once.
-    """
-    code = getattr(closure, "__code__", None)
-    if code is None:
-        return (id(closure),)
-    try:
-        cells = tuple(id(cell.cell_contents) for cell in closure.__closure__ or ())
-    except ValueError:  # a captured variable not assigned yet
-        return (id(closure),)
-    defaults = tuple(id(v) for v in (closure.__defaults__ or ())) + tuple(id(v) for v in (closure.__kwdefaults__ or {}).values())
-    return (code, cells, defaults, id(getattr(closure, "__self__", None)))
-
-
-def captured_shapes(closure: Callable) -> tuple:
-    """The shapes, dtypes and devices of the tensors a closure captures (its cells and defaults, in tuples, lists and
-    dicts too): with its code, what fixes the activations of its support loss (the data it reads)."""
-    captured = []
-    for cell in getattr(closure, "__closure__", None) or ():
-        with contextlib.suppress(ValueError):  # a captured variable not assigned yet
-            captured.append(cell.cell_contents)
-    captured += [*(getattr(closure, "__defaults__", None) or ()), *(getattr(closure, "__kwdefaults__", None) or {}).values()]
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.tree_leaves(captured) if isinstance(t, torch.Tensor))
-
-
 class InnerLoop:
     """One adaptation of ``B`` tasks (or one task), recorded so that its meta-gradient can be estimated later.
 
@@ -206,6 +177,7 @@ class InnerLoop:
         self._losses: List[torch.Tensor] = []
         self._closures: Dict[tuple, Tuple[Callable, LossFn, tuple]] = {}  # by closure_key: closure, loss, measure key
         self._meta_inputs: Dict[int, torch.Tensor] = {}
+        self._origins: Dict[int, torch.Tensor] = {}  # a closure's cut captured tensor, by the id of the leaf it reads
         self._versions = {n: t._version for n, t in self.initial.items()}
         self._hyper_steps: List[Dict[str, Hyper]] = []  # each step's hyperparameters (``override`` per step)
         self._values: List[bool] = []  # whether each step's transpose reads its recorded values
@@ -335,6 +307,8 @@ class InnerLoop:
 
     def _support_loss(self, closure: Callable, modes: Optional[tuple]) -> LossFn:
         """The support loss of a closure (in ``modes``); with :class:`~binom_opt.Implicit`, plus its proximal term."""
+        closure, origins = cut_captured(closure)  # captured tensors with a graph: leaves here, mapped back in outputs()
+        self._origins.update(origins)
         loss_fn = self.setup.make_loss(closure) if modes is None else self.setup.make_loss(closure, modes)
         return loss_fn if self._proximal is None else proximal(loss_fn, self.initial, self._proximal)
 
@@ -355,7 +329,8 @@ class InnerLoop:
                         list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),
                         dict(self._versions), frozenset(self._first_order), self._proximal)
         hyper_inputs = (v for _, _, v in record.hyper_inputs)
-        outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *record.meta_inputs, *hyper_inputs)))
+        meta_inputs = (self._origins.get(id(t), t) for t in record.meta_inputs)  # a cut leaf's gradient is its tensor's
+        outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *meta_inputs, *hyper_inputs)))
         if estimator is None:
             self._sealed = outputs
         return outputs
