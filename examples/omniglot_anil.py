@@ -58,8 +58,8 @@ def meta_step(model, engine, meta_opt, batch, args, rank=0, world=1):
     else:
         logits, diverging = [], False
         for t in tasks:
-            features = model.features(x_s[t])  # the body, once per task; the engine follows its graph to the body
-            learner = engine.adapt(lambda m, f=features, y=y_s[t]: F.cross_entropy(head(m, f), y))  # K steps, no graph
+            features = model.features(x_s[t])  # the body, once per task; its meta-gradient reaches the body through these
+            learner = engine.adapt(lambda m, f=features, y=y_s[t]: F.cross_entropy(head(m, f), y))  # K steps
             logits.append(learner(x_q[t]))
             (F.cross_entropy(logits[-1], y_q[t]) / len(x_s)).backward()  # the meta-gradient lands in .grad, body included
             diverging |= engine.last_stats.diverging

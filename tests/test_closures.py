@@ -41,7 +41,7 @@ def test_cut_replaces_captured_tensors_with_a_graph_by_leaves_sharing_their_stor
 def test_cells_holding_a_tensor_with_a_graph_are_cut_and_the_others_stay_shared():
     w = torch.ones(2, requires_grad=True)
     features, factor = w * 3, [1.0]
-    closure = lambda m: (m * features).sum() * factor[0]  # noqa: E731
+    closure = lambda m: (m * features).sum() * factor[0]
     cut, origins = cut_captured(closure)
     cells = {type(c.cell_contents).__name__: c for c in cut.__closure__}
     assert cells["Tensor"].cell_contents.is_leaf and list(origins.values()) == [features]
@@ -58,7 +58,7 @@ def test_closures_without_a_cut_come_back_as_they_are(closure):
 
 def test_closure_key_is_unchanged_by_the_cut_of_another_closure():
     features = torch.ones(2, requires_grad=True) * 2
-    closure = lambda m, f=features: (m * f).sum()  # noqa: E731
+    closure = lambda m, f=features: (m * f).sum()
     key = closure_key(closure)
     cut_captured(closure)
     assert closure_key(closure) == key and closure.__defaults__[0] is features

@@ -111,6 +111,17 @@ class MAML(nn.Module):
 
     def _rules(self, allow_nograd: bool):
         named = dict(self.module.named_parameters())
+        # a float step size over parameters of the same names and flags gives the same rules: read once, not per clone
+        key = ((allow_nograd, self.lr, tuple((n, p.requires_grad) for n, p in named.items()))
+               if self.inner_opt is None and isinstance(self.lr, float) else None)
+        cached = vars(self).get("_rules_read")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        read = self._read_rules(named, allow_nograd)
+        vars(self)["_rules_read"] = (key, read)
+        return read
+
+    def _read_rules(self, named: Mapping[str, torch.Tensor], allow_nograd: bool):
         if self.inner_opt is not None:
             adapted, rules, hyper, _ = read_optimizer(named, self.inner_opt)
         else:

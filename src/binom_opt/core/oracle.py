@@ -110,7 +110,7 @@ class HVPOracle:
         self.computed += 1
         self.chunking.used = 1
         with calls(self.options, None, f"the Hessian-vector products at steps {j}..{j}"):  # errors explained
-            return {n: t.unsqueeze(0) for n, t in graph.hvp({n: v[0] for n, v in vectors.items()}).items()}
+            return {n: t.unsqueeze(0) for n, t in graph.hvp({n: v.squeeze(0) for n, v in vectors.items()}).items()}
 
     def at_final(self, vectors: Tensors) -> Tensors:
         """``H(phi_K) v`` for every task (``[B, ...]`` in and out), with the last step's support loss."""

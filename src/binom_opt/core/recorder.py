@@ -68,7 +68,7 @@ class Stepper:
             outs = []
             with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
                 for b in range(tasks.size if tasks.loop else 1):
-                    one = {n: t[b] for n, t in phi.items()}
+                    one = {n: t[b] for n, t in phi.items()} if tasks.size > 1 else {n: t.squeeze(0) for n, t in phi.items()}
                     outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0,
                                                 None if tasks.batched else keep))
                 # after the probe's clearer errors; once per meta-batch (its first task), even split task by task
@@ -142,6 +142,11 @@ _NO_DEPENDENCE = (
 )
 
 
+def _tasks_of(t: torch.Tensor, B: int) -> torch.Tensor:
+    """``t`` as the same point for each of ``B`` tasks, ``[B, ...]`` (a view)."""
+    return t.unsqueeze(0) if B == 1 else t.unsqueeze(0).expand(B, *t.shape)
+
+
 class InnerLoop:
     """One adaptation of ``B`` tasks (or one task), recorded so that its meta-gradient can be estimated later.
 
@@ -163,7 +168,7 @@ class InnerLoop:
         # points before the estimator's window are never read, unless the transposes read every step
         self._window = None if self._transpose.nonlinear or self._every > 1 else setup.estimator.window
         B = tasks.size
-        self._phi = {n: t.detach().unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
+        self._phi = {n: _tasks_of(t.detach(), B) for n, t in self.initial.items()}
         if options.compile_hvps:  # the strides of every later step, so that the compiled step is reused for the first
             self._phi = {n: t.contiguous() for n, t in self._phi.items()}
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
@@ -319,7 +324,7 @@ class InnerLoop:
         if self._sealed is not None and estimator is None:
             return self._sealed
         B = self.tasks.size
-        self.initial_inputs = {n: t.unsqueeze(0).expand(B, *t.shape) for n, t in self.initial.items()}
+        self.initial_inputs = {n: _tasks_of(t, B) for n, t in self.initial.items()}
         if not self._loss_fns:
             return self.initial_inputs
         trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,

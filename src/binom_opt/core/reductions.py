@@ -18,11 +18,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Iterable, List
 
 import torch
 
-__all__ = ["INF", "norms", "not_finite", "nonfinite_tasks", "task_norms", "RoundNorms"]
+__all__ = ["INF", "norms", "not_finite", "nonfinite_tasks", "task_norms", "RoundNorms", "scaled_all"]
 
 INF = float("inf")
 
@@ -84,3 +85,18 @@ def nonfinite_tasks(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
 def task_norms(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
     """``[B]``: the norm of each task's slice over all entries, in float64, on the device."""
     return torch.linalg.vector_norm(norms(tensors.values()), dim=0)
+
+
+def scaled_all(tensors: List[torch.Tensor], factor: float) -> List[torch.Tensor]:
+    """``[t * factor for t in tensors]`` in one call. On the CPU, for float32 and float64, the factor is a cached 0-d
+    tensor of their dtype: the same products, bit for bit, at half the host time of a Python scalar (which
+    ``torch._foreach_mul`` wraps into a tensor at every call)."""
+    dtype = tensors[0].dtype if tensors else None
+    if dtype in (torch.float32, torch.float64) and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors):
+        return list(torch._foreach_mul(tensors, _factor(factor, dtype)))  # pyright: ignore[reportPrivateImportUsage]
+    return list(torch._foreach_mul(tensors, factor))  # pyright: ignore[reportPrivateImportUsage]
+
+
+@functools.lru_cache(maxsize=64)
+def _factor(value: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import torch
 from torch.func import vjp
 
+from .reductions import scaled_all
+
 Tensors = Dict[str, torch.Tensor]
 Hyper = Dict[str, Union[float, torch.Tensor]]
 StepValues = Tuple[Tensors, Dict[str, Tensors], Tensors]  # (phi_k, state_k, grad_k), by parameter
@@ -294,8 +296,7 @@ class StepTranspose:
         needs_values, rate = self._read(hyper)
         if self._identity and not needs_values:
             zs = [z[n] for n in self.rules]
-            through = (torch._foreach_mul(zs, -rate) if rate is not None  # pyright: ignore[reportPrivateImportUsage]  # one call
-                       else [-hyper[n]["lr"] * t for n, t in zip(self.rules, zs)])
+            through = scaled_all(zs, -rate) if rate is not None else [-hyper[n]["lr"] * t for n, t in zip(self.rules, zs)]
             return dict(zip(self.rules, zs)), dict(zip(self.rules, through)), {}
         phi, state, grad = self.values(k) if needs_values else (z, {}, z)  # pyright: ignore[reportOptionalCall]  # given where needed
         direct: Tensors = {}
