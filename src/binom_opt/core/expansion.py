@@ -94,12 +94,13 @@ def expand(
     def step(direct: Tensors, hv: Tensors) -> Tensors:  # D_j^T z + H_j (...), one call for every entry
         return {**direct, **dict(zip(names, torch._foreach_add([direct[n] for n in names], [hv[n] for n in names])))}  # pyright: ignore[reportPrivateImportUsage]
 
-    one = getattr(hvp, "one", None)  # the oracle's product at one step, [B, ...] in and out (no stacking)
+    many = getattr(hvp, "many", None)  # the oracle's products as a list of [B, ...] vectors (no stacking)
 
-    def hvp_at(j: int, z: Tensors) -> Tensors:
-        if one is not None:
-            return one(j, z)
-        return {n: t.squeeze(0) for n, t in hvp(range(j, j + 1), _stacked([z], names)).items()}
+    def hvps(steps: range, vectors: List[Tensors]) -> List[Tensors]:
+        if many is not None:
+            return many(steps, vectors)
+        stacked = hvp(steps, _stacked(vectors, names))
+        return [{n: t[i] for n, t in stacked.items()} for i in range(len(steps))]
 
     rounds = RoundNorms()
     keep_all = with_full_adjoints or plan.schedule == "binomial"
@@ -110,7 +111,7 @@ def expand(
             if on_adjoint is not None:
                 on_adjoint(j, v)
             direct, through, _ = transpose.vjp(j, v)  # both parts of one step's transpose, from one call
-            hv = hvp_at(j, scaled(through))
+            (hv,) = hvps(range(j, j + 1), [scaled(through)])
             v = step(direct, hv)
             rounds.add(hv)
             result.hvp_count += 1
@@ -128,9 +129,9 @@ def expand(
             lo, hi = max(L - level, f), K - level  # this round's HVP indices j = lo..hi
             window = max(L - level + 1, f)  # raised from level l-1 to l here: the difference is order l
             before = u[window]
-            hv = hvp(range(lo, hi + 1), _stacked([hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)], names))
+            hv = hvps(range(lo, hi + 1), [hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)])
             for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
-                u[j] = step(transpose.direct(j, u[j + 1]), {n: hv[n][j - lo] for n in names})
+                u[j] = step(transpose.direct(j, u[j + 1]), hv[j - lo])
             rounds.add({n: u[window][n] - before[n] for n in names})
             result.hvp_count += hi - lo + 1
             result.oracle_calls += 1

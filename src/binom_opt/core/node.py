@@ -25,7 +25,7 @@ from .mixed import MixedTerms, hyper_gradients
 from .norm_layers import module_policy
 from .oracle import HVPOracle
 from .readback import Readback
-from .reductions import INF, nonfinite_tasks, norms, not_finite, task_norms
+from .reductions import INF, norms, not_finite, task_norms
 from .setup import Setup
 from .stats import make_stats, merge_stats, stats_tensor
 from .trajectory import Trajectory, check_recomputed
@@ -97,7 +97,6 @@ class Record:
         # readback), then raised in the order of their causes: inner loop, replay, meta-gradient.
         read = Readback()
         read.add("losses", self.trajectory.losses)  # each step's loss; a non-finite gradient shows in the final point
-        read.add("final_bad", not_finite(norms(self.trajectory.final.values(), INF)))
         replayed = (replay(self.trajectory, self.tasks, options, read)
                     if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different" else [])
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
@@ -181,11 +180,12 @@ class Record:
         """The tasks whose meta-gradient (or an adjoint, ``bad_adjoints``) is not finite, ``[B]`` on the device, added
         to ``read``; under ``nan_policy="skip_task"`` they are zeroed (and their adjoints) without reading them first."""
         vectors = [result.meta_grad, *result.full_adjoints.values()]
-        bad = torch.zeros(self.tasks.size, dtype=torch.bool, device=next(iter(result.meta_grad.values())).device)
+        final = list(self.trajectory.final.values())  # the inner loop's end point, flagged in the same reduction
+        flags = not_finite(norms([*final, *(t for tensors in vectors for t in tensors.values())], INF))  # [entries, B]
+        read.add("final_bad", flags[:len(final)])
+        bad = flags[len(final):].any(0)
         if bad_adjoints is not None:
-            bad |= bad_adjoints
-        for tensors in vectors:
-            bad |= nonfinite_tasks(tensors)
+            bad = bad | bad_adjoints
         read.add("bad", bad)
         if self.setup.options.nan_policy == "raise":  # which round went bad first, for the message
             if result.contributions:

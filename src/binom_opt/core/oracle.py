@@ -6,12 +6,12 @@ over the requested points and the tasks, chunked by :class:`~binom_opt.core.memo
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.func import grad, jvp, vjp
 
-from .batching import Tasks, calls, map_points
+from .batching import Tasks, calls, map_points, stack
 from .memory import AUTO, ActivationBytes, Chunking, activation_bytes, measured_once
 from .options import Options
 from .trajectory import Graph, Trajectory, products
@@ -102,15 +102,18 @@ class HVPOracle:
                                       f"the Hessian-vector products at steps {lo}..{hi - 1}"))
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
-    def one(self, j: int, vectors: Tensors) -> Tensors:
-        """``H_j v`` at one step for every task (``[B, ...]`` in and out): a kept graph's product directly, else a call."""
-        graph = self.trajectory.graphs.get(j)
-        if graph is None or j in self.zero:
-            return {n: t.squeeze(0) for n, t in self(range(j, j + 1), {n: v.unsqueeze(0) for n, v in vectors.items()}).items()}
-        self.computed += 1
+    def many(self, steps: range, vectors: List[Tensors]) -> List[Tensors]:
+        """``H_j v_j`` for each step ``j`` of ``steps``, one ``[B, ...]`` vector each in and out: kept graphs take
+        theirs directly, in one backward (no stacking into a round's ``[n, B, ...]`` and back), others one call."""
+        graphs = [self.trajectory.graphs.get(j) for j in steps]
+        if not all(graphs) or any(j in self.zero for j in steps):
+            stacked = self(steps, {n: stack([v[n] for v in vectors]) for n in vectors[0]})
+            return [{n: t[i] for n, t in stacked.items()} for i in range(len(steps))]
+        self.computed += len(steps)
         self.chunking.used = 1
-        with calls(self.options, None, f"the Hessian-vector products at steps {j}..{j}"):  # errors explained
-            return {n: t.unsqueeze(0) for n, t in graph.hvp({n: v.squeeze(0) for n, v in vectors.items()}).items()}
+        with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}"):  # errors explained
+            done = products(graphs, [{n: t.squeeze(0) for n, t in v.items()} for v in vectors])  # pyright: ignore[reportArgumentType]  # none is None
+        return [{n: t.unsqueeze(0) for n, t in d.items()} for d in done]
 
     def at_final(self, vectors: Tensors) -> Tensors:
         """``H(phi_K) v`` for every task (``[B, ...]`` in and out), with the last step's support loss."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.func import grad_and_value
@@ -245,13 +245,14 @@ class InnerLoop:
         if keep and sizes is None:
             sizes = self._sizes[measure_key] = measured_once(measure_key, point, None)
         kept: Optional[list] = [] if keep and not first_order and sizes is not None and self._fits(sizes) else None
-        with self._recording(k) as (live, recorded):
-            grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
-                                                         context=live, keep=kept)
+        live, before = self._context_before()
+        grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
+                                                     context=live, keep=kept)
+        recorded = live or self._context_after(k, before)
         if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
             too_large = ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
-            self._sizes[measure_key] = support_activations(loss_fn, point, None, self.setup.options, recorded[0], measure_key,
+            self._sizes[measure_key] = support_activations(loss_fn, point, None, self.setup.options, recorded, measure_key,
                                                            fallback=too_large)
         if kept:
             self._graphs[k] = kept[0]
@@ -273,28 +274,27 @@ class InnerLoop:
         self._losses.append(losses)
         self._hyper_steps.append(self.hyper)
         self.stepper.hyper.append(self._last_hyper[2])
-        self.stepper.contexts.append(recorded[0])
+        self.stepper.contexts.append(recorded)
         if first_order:
             self._first_order.append(k)
         self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
         self._sealed = None
 
-    @contextlib.contextmanager
-    def _recording(self, k: int) -> Iterator[Tuple[Optional[StepContext], List[StepContext]]]:
-        """Record the context step ``k`` runs in: yields the context to run it in (``None``: the caller's) and a
-        list that holds the recorded one afterwards: its autocast state and, under ``randomness="replay"``, the
-        random state it started from if it drew random numbers (one task at a time only: a meta-batch refuses
-        random ops there). Under ``"same"`` every step runs from one stream, the caller's left untouched."""
+    def _context_before(self) -> Tuple[Optional[StepContext], Optional[RandomState]]:
+        """Before a step: the context to run it in (``None``: the caller's) and, under ``randomness="replay"`` with one
+        task at a time (a meta-batch refuses random ops there), the random state it starts from. Under ``"same"``
+        every step runs from one stream, the caller's left untouched."""
         options, (types, devices) = self.setup.options, self._devices
         if options.randomness == "same":
             if self._stream is None:
                 self._stream = RandomState.capture(devices)
-            context = StepContext.now(types, self._stream)
-            yield context, [context]
-            return
-        before = RandomState.capture(devices) if options.randomness == "replay" and not self.tasks.batched else None
-        recorded: List[StepContext] = []
-        yield None, recorded
+            return StepContext.now(types, self._stream), None
+        return None, RandomState.capture(devices) if options.randomness == "replay" and not self.tasks.batched else None
+
+    def _context_after(self, k: int, before: Optional[RandomState]) -> StepContext:
+        """After step ``k`` ran in the caller's context: that context, recorded (its autocast state, and the random
+        state ``before`` it if it drew random numbers)."""
+        options, (types, devices) = self.setup.options, self._devices
         drew = before is not None and before.moved(devices)
         if before is not None and drew and options.compile_hvps:
             before.restore()  # the step is refused: the caller's generators as they were
@@ -303,7 +303,7 @@ class InnerLoop:
                 "compiled random ops draw other numbers than eager ones. Leave compile_hvps=False, or make the support "
                 "loss deterministic (dropout layers in eval mode)."
             )
-        recorded.append(StepContext.now(types, before if drew else None))
+        return StepContext.now(types, before if drew else None)
 
     def _fits(self, sizes: ActivationBytes) -> bool:
         """Whether one more step's graph keeps this adaptation's within :data:`AUTO_KEEP_GRAPH_CAP`, by the measured
