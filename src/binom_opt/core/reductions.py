@@ -29,21 +29,24 @@ INF = float("inf")
 
 
 def norms(tensors: Iterable[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
-    """``[len(tensors), B]``: the ``ord``-norm of each task's slice of each tensor, in float64."""
+    """``[len(tensors), B]``: the ``ord``-norm of each task's slice of each tensor, as float64."""
     tensors = list(tensors)
     entries = _entry_norms(tensors, ord)
-    return torch.stack(entries).reshape(len(tensors), -1)
+    return torch.stack(entries).reshape(len(tensors), -1).double()
 
 
 def _entry_norms(tensors: List[torch.Tensor], ord: float = 2.0) -> List[torch.Tensor]:
-    """Each tensor's per-task norms (``[B]``, or a 0-d tensor for one task), in float64, in as few calls as can be."""
+    """Each tensor's per-task norms (``[B]``, or a 0-d tensor for one task), in as few calls as can be: in the
+    tensors' own float32 or float64 (a cast to float64 first would copy every tensor), in float32 for narrower ones
+    (whose own range would overflow); :func:`norms` and :class:`RoundNorms` give them in float64."""
+    wide = all(t.dtype in (torch.float32, torch.float64) for t in tensors)
     with torch.no_grad():
         if all(t.shape[0] == 1 for t in tensors):
             try:  # one call for every tensor (grouped by device and dtype inside)
-                return list(torch._foreach_norm(tensors, ord, dtype=torch.float64))  # pyright: ignore[reportPrivateImportUsage]  # as clip_grad_norm_
+                return list(torch._foreach_norm(tensors, ord, dtype=None if wide else torch.float32))  # pyright: ignore[reportPrivateImportUsage]  # as clip_grad_norm_
             except RuntimeError:  # a backend without the foreach kernel for these tensors: one call each
                 pass
-        return [torch.linalg.vector_norm(t.flatten(1), ord, dim=1, dtype=torch.float64) for t in tensors]
+        return [torch.linalg.vector_norm(t.flatten(1), ord, dim=1, dtype=None if wide else torch.float32) for t in tensors]
 
 
 class RoundNorms:
@@ -68,7 +71,7 @@ class RoundNorms:
     def rounds(self) -> List[torch.Tensor]:
         if not self._count:
             return []
-        per_entry = torch.stack(self._entries).reshape(self._count, len(self._entries) // self._count, -1)
+        per_entry = torch.stack(self._entries).reshape(self._count, len(self._entries) // self._count, -1).double()
         return list(torch.linalg.vector_norm(per_entry, dim=1).unbind(0))
 
 
@@ -92,7 +95,7 @@ def scaled_all(tensors: List[torch.Tensor], factor: float) -> List[torch.Tensor]
     tensor of their dtype: the same products, bit for bit, at half the host time of a Python scalar (which
     ``torch._foreach_mul`` wraps into a tensor at every call)."""
     dtype = tensors[0].dtype if tensors else None
-    if dtype in (torch.float32, torch.float64) and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors):
+    if dtype in (torch.float32, torch.float64) and all(t.is_cpu and t.dtype == dtype for t in tensors):
         return list(torch._foreach_mul(tensors, _factor(factor, dtype)))  # pyright: ignore[reportPrivateImportUsage]
     return list(torch._foreach_mul(tensors, factor))  # pyright: ignore[reportPrivateImportUsage]
 
