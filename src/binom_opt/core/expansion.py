@@ -94,13 +94,18 @@ def expand(
     def step(direct: Tensors, hv: Tensors) -> Tensors:  # D_j^T z + H_j (...), one call for every entry
         return {**direct, **dict(zip(names, torch._foreach_add([direct[n] for n in names], [hv[n] for n in names])))}  # pyright: ignore[reportPrivateImportUsage]
 
-    many = getattr(hvp, "many", None)  # the oracle's products as a list of [B, ...] vectors (no stacking)
+    kept = getattr(hvp, "kept", None)  # HVPOracle: kept graphs take a list of vectors, unstacked
 
-    def hvps(steps: range, vectors: List[Tensors]) -> List[Tensors]:
-        if many is not None:
-            return many(steps, vectors)
-        stacked = hvp(steps, _stacked(vectors, names))
-        return [{n: t[i] for n, t in stacked.items()} for i in range(len(steps))]
+    def hvps(steps: range, vectors: Callable[[], List[Tensors]]) -> List[Tensors]:
+        """The products at ``steps`` of the ``[B, ...]`` vectors ``vectors()`` makes, as a list. Made here, not by the
+        caller: stacked for the oracle, the list is a temporary, so a round never holds its vectors twice."""
+        if kept is not None and kept(steps):
+            return hvp.from_graphs(steps, vectors())  # pyright: ignore[reportFunctionMemberAccess]  # an HVPOracle
+        made = vectors()
+        stacked = {n: stack([v[n] for v in made]) for n in names}
+        del made  # the stacked copies only, while the products run
+        out = hvp(steps, stacked)
+        return [{n: t[i] for n, t in out.items()} for i in range(len(steps))]
 
     rounds = RoundNorms()
     keep_all = with_full_adjoints or plan.schedule == "binomial"
@@ -111,7 +116,7 @@ def expand(
             if on_adjoint is not None:
                 on_adjoint(j, v)
             direct, through, _ = transpose.vjp(j, v)  # both parts of one step's transpose, from one call
-            (hv,) = hvps(range(j, j + 1), [scaled(through)])
+            (hv,) = hvps(range(j, j + 1), lambda: [scaled(through)])
             v = step(direct, hv)
             rounds.add(hv)
             result.hvp_count += 1
@@ -129,7 +134,7 @@ def expand(
             lo, hi = max(L - level, f), K - level  # this round's HVP indices j = lo..hi
             window = max(L - level + 1, f)  # raised from level l-1 to l here: the difference is order l
             before = u[window]
-            hv = hvps(range(lo, hi + 1), [hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)])
+            hv = hvps(range(lo, hi + 1), lambda: [hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)])
             for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
                 u[j] = step(transpose.direct(j, u[j + 1]), hv[j - lo])
             rounds.add({n: u[window][n] - before[n] for n in names})
@@ -144,7 +149,3 @@ def expand(
         result.full_adjoints = {k: u[k + 1] for k in range(K)}
     result.meta_grad = {n: u[0][n] for n in names}
     return result
-
-
-def _stacked(vectors: List[Tensors], names: List[str]) -> Tensors:
-    return {n: stack([v[n] for v in vectors]) for n in names}

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.func import grad, jvp, vjp
 
-from .batching import Tasks, calls, map_points, stack
+from .batching import Tasks, calls, map_points
 from .memory import AUTO, ActivationBytes, Chunking, activation_bytes, measured_once
 from .options import Options
 from .trajectory import Graph, Trajectory, products
@@ -91,28 +91,26 @@ class HVPOracle:
             if lo in self.zero:
                 parts.append({n: torch.zeros_like(t) for n, t in at.items()})
                 continue
-            if all(k in graphs for k in range(lo, hi)):  # kept graphs: one backward each, no replay
-                self.computed += hi - lo
-                self.chunking.used = 1
-                with calls(self.options, None, f"the Hessian-vector products at steps {lo}..{hi - 1}"):  # errors explained
-                    done = products([graphs[k] for k in range(lo, hi)], [{n: t[k - lo, 0] for n, t in at.items()} for k in range(lo, hi)])
-                parts.append({n: torch.stack([p[n] for p in done]).unsqueeze(1) for n in at})
+            if all(k in graphs for k in range(lo, hi)):  # kept graphs: one backward, no replay
+                done = self.from_graphs(range(lo, hi), [{n: t[i] for n, t in at.items()} for i in range(hi - lo)])
+                parts.append({n: torch.stack([d[n] for d in done]) for n in at})
                 continue
             parts.append(self._lifted(loss_fn, lo, lambda lo=lo, hi=hi: self.trajectory.points(lo, hi), at,
                                       f"the Hessian-vector products at steps {lo}..{hi - 1}"))
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
-    def many(self, steps: range, vectors: List[Tensors]) -> List[Tensors]:
-        """``H_j v_j`` for each step ``j`` of ``steps``, one ``[B, ...]`` vector each in and out: kept graphs take
-        theirs directly, in one backward (no stacking into a round's ``[n, B, ...]`` and back), others one call."""
-        graphs = [self.trajectory.graphs.get(j) for j in steps]
-        if not all(graphs) or any(j in self.zero for j in steps):
-            stacked = self(steps, {n: stack([v[n] for v in vectors]) for n in vectors[0]})
-            return [{n: t[i] for n, t in stacked.items()} for i in range(len(steps))]
+    def kept(self, steps: range) -> bool:
+        """Whether every step of ``steps`` has a kept graph (and a Hessian): :meth:`from_graphs` can take them."""
+        return all(j in self.trajectory.graphs and j not in self.zero for j in steps)
+
+    def from_graphs(self, steps: range, vectors: List[Tensors]) -> List[Tensors]:
+        """``H_j v_j`` from the kept graphs of ``steps`` (one task: ``[1, ...]`` vectors in and out), in one backward,
+        without stacking a round's vectors into ``[n, B, ...]`` and back."""
         self.computed += len(steps)
         self.chunking.used = 1
+        graphs = [self.trajectory.graphs[j] for j in steps]
         with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}"):  # errors explained
-            done = products(graphs, [{n: t.squeeze(0) for n, t in v.items()} for v in vectors])  # pyright: ignore[reportArgumentType]  # none is None
+            done = products(graphs, [{n: t.squeeze(0) for n, t in v.items()} for v in vectors])
         return [{n: t.unsqueeze(0) for n, t in d.items()} for d in done]
 
     def at_final(self, vectors: Tensors) -> Tensors:
