@@ -17,7 +17,7 @@ has the paper's error bounds and :mod:`binom_opt.distributed` shards meta-batche
 
 from . import bounds, distributed, functional
 from .core.adaptation import meta_backward
-from .core.batching import HVPBackendError
+from .core.calls import HVPBackendError
 from .core.estimators import Binomial, Estimator, Exact, FirstOrder, Hybrid, Implicit, Reptile, Truncated
 from .core.implicit import ImplicitSolveWarning
 from .core.learner import BatchedLearner, Learner

@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .core.adaptation import check_scalar_loss, sum_present
-from .core.batching import Tasks, autograd_through_vmap, calls, per_task
+from .core.batching import Tasks, autograd_through_vmap, per_task
+from .core.calls import calls
 from .core.estimators import Estimator, Exact, Implicit, check_estimator
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup

@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .batching import Tasks, calls, over_tasks
+from .batching import Tasks, over_tasks
+from .calls import calls
 from .readback import Readback
 from .reductions import INF, norms, not_finite
 

@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.func import grad
 
-from .batching import along_tasks, autograd_through_vmap, calls, map_points
+from .batching import along_tasks, autograd_through_vmap, map_points
+from .calls import calls
 from .context import StepContext
 from .oracle import HVPOracle
 from .reductions import nonfinite_tasks

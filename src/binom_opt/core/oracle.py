@@ -11,7 +11,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.func import grad, jvp, vjp
 
-from .batching import Tasks, calls, map_points
+from .batching import Tasks, map_points
+from .calls import calls
 from .memory import AUTO, ActivationBytes, Chunking, activation_bytes, measured_once
 from .options import Options
 from .trajectory import Graph, Trajectory, products

@@ -18,7 +18,8 @@ from torch.func import grad_and_value
 
 from . import backprop
 from .adaptation import Adaptation, check_scalar_loss, leaves_requiring_grad
-from .batching import Tasks, calls, compiled, over_tasks, refuse_random_ops, stack
+from .batching import Tasks, compiled, over_tasks, refuse_random_ops, stack
+from .calls import calls
 from .closures import captured_shapes, closure_key, cut_captured
 from .context import RandomState, StepContext, device_types, devices_of
 from .estimators import Estimator, Implicit
