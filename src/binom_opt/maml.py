@@ -87,6 +87,7 @@ class MAML(nn.Module):
         self._monitor = DivergenceMonitor()
         self._setup = Setup(estimator, self.options, module_loss(model, self.options.bn, False), steps, self.allow_unused,
                             self._monitor)
+        self._rules_read: Optional[tuple] = None  # (key, rules) of the last read that a float step size makes reusable
         self._rules(allow_nograd)  # validates now
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -114,11 +115,10 @@ class MAML(nn.Module):
         # a float step size over parameters of the same names and flags gives the same rules: read once, not per clone
         key = ((allow_nograd, self.lr, tuple((n, p.requires_grad) for n, p in named.items()))
                if self.inner_opt is None and isinstance(self.lr, float) else None)
-        cached = vars(self).get("_rules_read")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        if key is not None and self._rules_read is not None and self._rules_read[0] == key:
+            return self._rules_read[1]
         read = self._read_rules(named, allow_nograd)
-        vars(self)["_rules_read"] = (key, read)
+        self._rules_read = (key, read)
         return read
 
     def _read_rules(self, named: Mapping[str, torch.Tensor], allow_nograd: bool):

@@ -86,13 +86,12 @@ class HVPOracle:
 
     def __call__(self, steps: range, vectors: Tensors) -> Tensors:
         parts = []
-        graphs = self.trajectory.graphs
         for lo, hi, loss_fn in self.trajectory.runs(steps.start, steps.stop, split=self.zero):
             at = {n: t[lo - steps.start : hi - steps.start] for n, t in vectors.items()}
             if lo in self.zero:
                 parts.append({n: torch.zeros_like(t) for n, t in at.items()})
                 continue
-            if all(k in graphs for k in range(lo, hi)):  # kept graphs: one backward, no replay
+            if self.kept(range(lo, hi)):  # kept graphs: one backward, no replay
                 done = self.from_graphs(range(lo, hi), [{n: t[i] for n, t in at.items()} for i in range(hi - lo)])
                 parts.append({n: torch.stack([d[n] for d in done]) for n in at})
                 continue

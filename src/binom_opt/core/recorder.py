@@ -30,7 +30,7 @@ from .options import Options
 from .oracle import support_activations
 from .setup import Setup
 from .trajectory import DROPPED, Graph, Stored, Trajectory
-from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned, plain_sgd_rate
+from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
@@ -52,7 +52,7 @@ class Stepper:
     allow_unused: bool = False
     hyper: List[Dict[str, Hyper]] = field(default_factory=list)  # each step's hyperparameters, detached
     contexts: List[StepContext] = field(default_factory=list)  # the context each step ran in
-    _rates: Dict[int, Optional[float]] = field(default_factory=dict)  # plain_sgd_rate per hyperparameter mapping
+    rates: List[Optional[float]] = field(default_factory=list)  # each step's one float SGD rate (plain_sgd_rate), if any
 
     def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
                  context: Optional[StepContext] = None, keep: Optional[list] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
@@ -84,8 +84,7 @@ class Stepper:
         return grads, losses, found
 
     def update(self, k: int, phi: Tensors, state: Dict[str, Tensors], grads: Tensors) -> Tuple[Tensors, Dict[str, Tensors]]:
-        hyper = self.hyper[k]  # one mapping for many steps (held in self.hyper: its id stays its own)
-        lr = self._rates[id(hyper)] if id(hyper) in self._rates else self._rates.setdefault(id(hyper), plain_sgd_rate(self.rules, hyper))
+        lr = self.rates[k]
         if lr is not None:  # plain SGD with one float rate: every parameter in one call
             with torch.no_grad():
                 return dict(zip(phi, torch._foreach_add(list(phi.values()), [grads[n] for n in phi], alpha=-lr))), {}  # pyright: ignore[reportPrivateImportUsage]  # as torch.optim.SGD
@@ -176,7 +175,8 @@ class InnerLoop:
         self._stateful = any(r.state_names for r in rules.values())
         tensors = list(self._phi.values())  # every step's point lives where the initial point does
         self._devices = device_types(tensors), devices_of(tensors)
-        self._last_hyper: Optional[Tuple[Dict[str, Hyper], bool, Dict[str, Hyper]]] = None  # (hyper, values, detached)
+        # (hyper, whether its transposes read values, its one float SGD rate, detached)
+        self._last_hyper: Optional[Tuple[Dict[str, Hyper], bool, Optional[float], Dict[str, Hyper]]] = None
         self._stored: List[Optional[Stored]] = []
         self._loss_fns: List[LossFn] = []
         self._keys: List[object] = []  # what identifies each step's support loss across adaptations (measurements)
@@ -261,8 +261,7 @@ class InnerLoop:
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
         if self._last_hyper is None or self._last_hyper[0] is not self.hyper:  # read once per hyperparameter setting
-            self._last_hyper = (self.hyper, self._transpose.needs_values(self.hyper),
-                                {n: detached(h) for n, h in self.hyper.items()})
+            self._last_hyper = (self.hyper, *self._transpose.reads(self.hyper), {n: detached(h) for n, h in self.hyper.items()})
         values = self._last_hyper[1]  # whether this step's transpose reads its values
         keep_state = self._stateful and (values or self._every > 1)
         self._stored.append(Stored(self._phi, self._state if keep_state else None) if k % self._every == 0 else None)
@@ -274,7 +273,8 @@ class InnerLoop:
         self._keys.append(measure_key)
         self._losses.append(losses)
         self._hyper_steps.append(self.hyper)
-        self.stepper.hyper.append(self._last_hyper[2])
+        self.stepper.hyper.append(self._last_hyper[3])
+        self.stepper.rates.append(self._last_hyper[2])
         self.stepper.contexts.append(recorded)
         if first_order:
             self._first_order.append(k)

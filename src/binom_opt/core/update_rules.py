@@ -271,11 +271,11 @@ class StepTranspose:
 
     def needs_values(self, hyper: Mapping[str, Hyper]) -> bool:
         """Whether a step with these hyperparameters reads its recorded ``(phi, state, grad)``."""
-        return self._read(hyper)[0]
+        return self.reads(hyper)[0]
 
-    def _read(self, hyper: Mapping[str, Hyper]) -> Tuple[bool, Optional[float]]:
+    def reads(self, hyper: Mapping[str, Hyper]) -> Tuple[bool, Optional[float]]:
         """``(needs_values, plain_sgd_rate)`` of a hyperparameter mapping, once per mapping (one backward reads each
-        step's)."""
+        step's; the recorder, each setting's)."""
         known = self._reads.get(id(hyper))
         if known is None:
             known = self._reads[id(hyper)] = (self.nonlinear or bool(learned(hyper)), plain_sgd_rate(self.rules, hyper))
@@ -293,7 +293,7 @@ class StepTranspose:
 
     def vjp(self, k: int, z: Tensors, with_hyper: bool = False) -> Tuple[Tensors, Tensors, Dict[int, torch.Tensor]]:
         hyper = self.hyper(k)
-        needs_values, rate = self._read(hyper)
+        needs_values, rate = self.reads(hyper)
         if self._identity and not needs_values:
             zs = [z[n] for n in self.rules]
             through = scaled_all(zs, -rate) if rate is not None else [-hyper[n]["lr"] * t for n, t in zip(self.rules, zs)]
