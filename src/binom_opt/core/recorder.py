@@ -8,7 +8,6 @@ found by walking its graph the first time a closure runs (docs/design.md, "Other
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -65,18 +64,23 @@ class Stepper:
         tasks = self.tasks
         # one task at a time (one task, or a loop over tasks): plain autograd is faster than torch.func's grad
         plain = probe or (not self.options.compile_hvps and (tasks.loop or not tasks.batched))
+        if plain and not tasks.batched:  # one task without data: its point squeezed, its gradient given [1, ...]
+            with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
+                grads, loss, found = _plain_gradient(loss_fn, {n: t.squeeze(0) for n, t in phi.items()}, None, step, unused,
+                                                     probe, keep, unsqueeze=True)
+            return grads, loss.unsqueeze(0), found
         if plain:
             outs = []
             with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
                 for b in range(tasks.size if tasks.loop else 1):
                     one = {n: t[b] for n, t in phi.items()} if tasks.size > 1 else {n: t.squeeze(0) for n, t in phi.items()}
                     outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0,
-                                                None if tasks.batched else keep))
+                                                None))
                 # after the probe's clearer errors; once per meta-batch (its first task), even split task by task
                 if probe and tasks.loop and tasks.offset == 0 and self.options.randomness in ("error", "replay"):
                     refuse_random_ops(loss_fn, (phi,), tasks)
             found = outs[0][2]
-            if not tasks.batched or len(outs) == tasks.size:
+            if len(outs) == tasks.size:
                 return ({n: stack([o[0][n] for o in outs]) for n in phi}, stack([o[1] for o in outs]), found)
         with torch.no_grad(), calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
             step_fn = over_tasks(grad_and_value(loss_fn), self.tasks, self.options.randomness)
@@ -96,38 +100,61 @@ class Stepper:
 _CLOSURE_HINT = "Check that the data, the model and the adapted parameters share one dtype and one device."
 
 
-def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool, keep: Optional[list] = None):
-    # a closure's first call (the probe) is watched for activation checkpointing; later calls of it run plainly
-    watch = warnings.catch_warnings(record=True) if probe else contextlib.nullcontext()
-    with torch.enable_grad(), watch as caught:
-        if probe:
-            warnings.simplefilter("always")
-        leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
-        with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT) if probe else contextlib.nullcontext():
-            loss = check_scalar_loss(loss_fn(leaves, task), "The support-loss closure")  # checkpointing refused now
-        if probe and any("None of the inputs have requires_grad=True" in str(w.message) for w in caught or ()):
+def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool, keep: Optional[list] = None,
+                    unsqueeze: bool = False):
+    """``(grads, loss, found)`` of one task at ``phi`` with plain autograd (``unsqueeze``: each gradient ``[1, ...]``)."""
+    if probe:  # a closure's first call is watched for activation checkpointing; later calls of it run plainly
+        return _probed_gradient(loss_fn, phi, task, allow_unused, keep, unsqueeze)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in phi.values()]
+        loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
+        if not loss.requires_grad:
+            raise ValueError(_NO_DEPENDENCE)
+        grads = backprop.grad([loss], leaves, create_graph=keep is not None)
+    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze), loss.detach(), []
+
+
+def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool):
+    """A closure's first call: checkpointing refused (saved-tensor hooks off, its warning caught), and the other
+    tensors requiring grad that the loss reaches found."""
+    with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        leaves = [t.detach().requires_grad_(True) for t in phi.values()]
+        with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT):
+            loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
+        if any("None of the inputs have requires_grad=True" in str(w.message) for w in caught):
             raise RuntimeError(_CHECKPOINT)  # reentrant checkpointing hides the parameters from the gradient
         if not loss.requires_grad:
             raise ValueError(_NO_DEPENDENCE)
-        found = leaves_requiring_grad(loss, exclude={id(t) for t in leaves.values()}) if probe else []
+        found = leaves_requiring_grad(loss, exclude={id(t) for t in leaves})
         try:
-            grads = backprop.grad([loss], leaves.values(), create_graph=keep is not None)
+            grads = backprop.grad([loss], leaves, create_graph=keep is not None)
         except RuntimeError as error:
             raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
-    for w in caught or ():  # the closure's own warnings, as they would have been shown
+    for w in caught:  # the closure's own warnings, as they would have been shown
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    unused = [n for n, g in zip(leaves, grads) if g is None]
-    if len(unused) == len(leaves):
-        raise ValueError(_NO_DEPENDENCE)
-    if unused and not allow_unused:
-        raise ValueError(
-            f"The support loss does not depend on the adapted parameter(s) {unused}. Adapt only parameters the "
-            "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
-        )
+    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze), loss.detach(), found
+
+
+def _gradients(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unused: bool, keep: Optional[list],
+               unsqueeze: bool) -> Tensors:
+    """The gradients by name (zero where the loss does not reach a parameter, if allowed); ``keep`` receives the
+    step's :class:`~binom_opt.core.trajectory.Graph`."""
+    if any(g is None for g in grads):
+        unused = [n for n, g in zip(phi, grads) if g is None]
+        if len(unused) == len(leaves):
+            raise ValueError(_NO_DEPENDENCE)
+        if not allow_unused:
+            raise ValueError(
+                f"The support loss does not depend on the adapted parameter(s) {unused}. Adapt only parameters the "
+                "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
+            )
     if keep is not None:
-        keep.append(Graph(list(leaves), list(leaves.values()), list(grads)))
+        keep.append(Graph(list(phi), leaves, list(grads)))
         grads = [None if g is None else g.detach() for g in grads]
-    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}, loss.detach(), found
+    if unsqueeze:
+        return {n: stack([torch.zeros_like(t) if g is None else g]) for n, t, g in zip(phi, leaves, grads)}
+    return {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(phi, leaves, grads)}
 
 
 _CHECKPOINT = (
@@ -140,6 +167,9 @@ _NO_DEPENDENCE = (
     "The support loss does not depend on the adapted parameters: the closure must compute it from the learner it "
     "is given, e.g. lambda m: F.cross_entropy(m(x), y), not from a loss computed beforehand or from the model itself."
 )
+
+
+_NOT_REPLAYED = StepContext(())  # the context of a step outside every estimator's window (FirstOrder, Reptile)
 
 
 def _tasks_of(t: torch.Tensor, B: int) -> torch.Tensor:
@@ -246,10 +276,15 @@ class InnerLoop:
         if keep and sizes is None:
             sizes = self._sizes[measure_key] = measured_once(measure_key, point, None)
         kept: Optional[list] = [] if keep and not first_order and sizes is not None and self._fits(sizes) else None
-        live, before = self._context_before()
+        if self._last_hyper is None or self._last_hyper[0] is not self.hyper:  # read once per hyperparameter setting
+            self._last_hyper = (self.hyper, *self._transpose.reads(self.hyper), {n: detached(h) for n, h in self.hyper.items()})
+        values = self._last_hyper[1]  # whether this step's transpose reads its values
+        # a step outside the estimator's window whose values no transpose reads never runs again: no context to record
+        replayed = self._window != 0 or values or self.setup.options.randomness == "same"
+        live, before = self._context_before() if replayed else (None, None)
         grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
                                                      context=live, keep=kept)
-        recorded = live or self._context_after(k, before)
+        recorded = live or (self._context_after(k, before) if replayed else _NOT_REPLAYED)
         if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
             too_large = ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
@@ -260,9 +295,6 @@ class InnerLoop:
         self._closures[key] = (closure, loss_fn, measure_key)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
-        if self._last_hyper is None or self._last_hyper[0] is not self.hyper:  # read once per hyperparameter setting
-            self._last_hyper = (self.hyper, *self._transpose.reads(self.hyper), {n: detached(h) for n, h in self.hyper.items()})
-        values = self._last_hyper[1]  # whether this step's transpose reads its values
         keep_state = self._stateful and (values or self._every > 1)
         self._stored.append(Stored(self._phi, self._state if keep_state else None) if k % self._every == 0 else None)
         self._values.append(values)
