@@ -160,6 +160,16 @@ def test_clone_first_order_overrides_the_wrapper():
     assert isinstance(maml.clone(first_order=False)._loop.setup.estimator, bo.Exact)
 
 
+def test_each_clone_reads_the_wrappers_estimator_and_flags_then():
+    maml = bo.MAML(small_model(), lr=0.1)
+    estimator_of = lambda learner: learner._loop.setup.estimator
+    assert estimator_of(maml.clone()) == bo.Exact() and maml.clone()._loop.setup is maml.clone()._loop.setup  # one setup
+    maml.estimator = bo.Binomial(1)  # switched between clones: the next clone uses it
+    assert estimator_of(maml.clone()) == bo.Binomial(1) and estimator_of(maml.clone(first_order=True)) == bo.FirstOrder()
+    maml.allow_unused = True
+    assert maml.clone()._loop.setup.allow_unused and not maml.clone(allow_unused=False)._loop.setup.allow_unused
+
+
 def test_learner_module_is_the_adapted_model_and_parameters_are_the_adapted_ones():
     (xs, ys, xq, yq), = tasks(1)
     model = small_model()

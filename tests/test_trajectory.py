@@ -151,9 +151,9 @@ class GraphSpy:
                 super().__init__(*args)
                 spy.kept.append(weakref.ref(self.grads[0]))
 
-        def counted(graphs, vectors):
+        def counted(graphs, vectors, **keywords):
             spy.products += sum(isinstance(graph, Graph) for graph in graphs)  # kept ones (a replay builds its own)
-            return products(graphs, vectors)
+            return products(graphs, vectors, **keywords)
 
         monkeypatch.setattr(recorder, "Graph", Graph)
         for module in (trajectory, oracle):

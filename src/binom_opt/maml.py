@@ -88,6 +88,7 @@ class MAML(nn.Module):
         self._setup = Setup(estimator, self.options, module_loss(model, self.options.bn, False), steps, self.allow_unused,
                             self._monitor)
         self._rules_read: Optional[tuple] = None  # (key, rules) of the last read that a float step size makes reusable
+        self._setups: dict = {}  # the clones' setups, by (estimator, allow_unused)
         self._rules(allow_nograd)  # validates now
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -99,8 +100,14 @@ class MAML(nn.Module):
         """A learner for one task, starting at the model's current parameters; the flags default to the wrapper's."""
         first_order = self.first_order if first_order is None else first_order
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
-        setup = dataclasses.replace(self._setup, estimator=FirstOrder() if first_order else self.estimator,
-                                    allow_unused=self.allow_unused if allow_unused is None else allow_unused)
+        allow_unused = self.allow_unused if allow_unused is None else allow_unused
+        estimator = FirstOrder() if first_order else self.estimator
+        key = (estimator, allow_unused) if getattr(estimator, "__hash__", None) else None  # an unhashable estimator: no reuse
+        setup = None if key is None else self._setups.get(key)  # one per setting, not one per clone
+        if setup is None:
+            setup = dataclasses.replace(self._setup, estimator=estimator, allow_unused=allow_unused)
+            if key is not None:
+                self._setups[key] = setup
         return self._learner(dict(self.module.named_parameters()), setup, allow_nograd, None)
 
     def _learner(self, initial: Mapping[str, torch.Tensor], setup: Setup, allow_nograd: bool,

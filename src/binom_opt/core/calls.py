@@ -35,21 +35,24 @@ class HVPBackendError(RuntimeError):
 class calls:
     """The context of every support-loss call: the module policy, the recorded context of the step it
     replays (``None`` for the inner step itself, which runs in the caller's), and errors that say what to
-    change (``during``: what was running). A class, not a generator: it is entered at every inner step and HVP."""
+    change (``during``: what was running). A class, not a generator: it is entered at every inner step and HVP.
+    ``modules=False``: a call that runs no module (a kept graph's backward) takes the errors only."""
 
-    def __init__(self, options, context: Optional[StepContext], during: str, hint: str = ""):
+    def __init__(self, options, context: Optional[StepContext], during: str, hint: str = "", modules: bool = True):
         self.options, self.context, self.during, self.hint = options, context, during, hint
+        self.policy = module_policy(options.bn) if modules else None
 
     def __enter__(self) -> None:
-        self.policy = module_policy(self.options.bn)
-        self.policy.__enter__()
+        if self.policy is not None:
+            self.policy.__enter__()
         self.replay = None
         if self.context is not None:
             self.replay = self.context.replay()
             try:
                 self.replay.__enter__()
             except BaseException:
-                self.policy.__exit__(None, None, None)
+                if self.policy is not None:
+                    self.policy.__exit__(None, None, None)
                 raise
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -57,7 +60,8 @@ class calls:
             if self.replay is not None:
                 self.replay.__exit__(kind, error, traceback)
         finally:
-            self.policy.__exit__(kind, error, traceback)
+            if self.policy is not None:
+                self.policy.__exit__(kind, error, traceback)
         if isinstance(error, RuntimeError):
             _explain(error, self.options, self.during, self.hint)
 

@@ -81,6 +81,7 @@ class RandomState:
 
 
 Autocast = Tuple[Tuple[str, bool, torch.dtype], ...]
+_WITHOUT_RANDOM: Dict[Autocast, StepContext] = {}
 
 
 def _autocast_now(types: Sequence[str]) -> Autocast:
@@ -98,7 +99,13 @@ class StepContext:
     @classmethod
     def now(cls, types: Sequence[str], random: Optional[RandomState] = None) -> StepContext:
         """The context in force now (autocast of the device ``types``), with the step's ``random`` state."""
-        return cls(_autocast_now(types), random)
+        autocast = _autocast_now(types)
+        if random is not None:
+            return cls(autocast, random)
+        known = _WITHOUT_RANDOM.get(autocast)  # frozen: one object per autocast state serves every step
+        if known is None:
+            known = _WITHOUT_RANDOM[autocast] = cls(autocast)
+        return known
 
     def joins(self, other: StepContext) -> bool:
         """Whether one batched call can replay both steps: the same autocast and the same random stream (none,

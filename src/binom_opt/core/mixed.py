@@ -82,7 +82,7 @@ class MixedTerms:
         trajectory = self.oracle.trajectory
         kept = [trajectory.graphs.get(k) for k in range(lo, hi)]
         if all(kept):  # kept graphs: one backward from their gradients, no replay
-            with calls(self.oracle.options, None, f"the mixed second-order terms at steps {lo}..{hi - 1}"):
+            with calls(self.oracle.options, None, f"the mixed second-order terms at steps {lo}..{hi - 1}", modules=False):
                 grads = _from_graphs(kept, stacked, self.meta_inputs)  # pyright: ignore[reportArgumentType]  # none is None
         else:
             grads = directional_gradients(self.oracle, trajectory.loss_fns[lo], trajectory.points(lo, hi), stacked,

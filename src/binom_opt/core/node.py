@@ -101,7 +101,7 @@ class Record:
                     if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different" else [])
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
         oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
-        transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values)
+        transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values, self.hyper_inputs)
         try:
             if plan.schedule == "reptile":  # theta - phi_K per task; g only carries it
                 final = self.trajectory.final

@@ -109,9 +109,8 @@ class HVPOracle:
         self.computed += len(steps)
         self.chunking.used = 1
         graphs = [self.trajectory.graphs[j] for j in steps]
-        with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}"):  # errors explained
-            done = products(graphs, [{n: t.squeeze(0) for n, t in v.items()} for v in vectors])
-        return [{n: t.unsqueeze(0) for n, t in d.items()} for d in done]
+        with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}", modules=False):
+            return products(graphs, vectors, task_dim=True)
 
     def at_final(self, vectors: Tensors) -> Tensors:
         """``H(phi_K) v`` for every task (``[B, ...]`` in and out), with the last step's support loss."""

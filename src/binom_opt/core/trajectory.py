@@ -57,18 +57,19 @@ class Graph:
         return products([self], [vector])[0]
 
 
-def products(graphs: List[Graph], vectors: List[Tensors]) -> List[Tensors]:
+def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False) -> List[Tensors]:
     """``H_i v_i`` for each kept graph and its vector, in one backward: the graphs share no node, so each product is
-    the one its graph alone gives, bit for bit, without an engine call per point (a round of the binomial schedule)."""
-    used = [(g, vector[n]) for graph, vector in zip(graphs, vectors) for n, g in zip(graph.names, graph.grads)
-            if g is not None and g.requires_grad]
+    the one its graph alone gives, bit for bit, without an engine call per point (a round of the binomial schedule).
+    ``task_dim``: vectors and products are ``[1, ...]`` (one task's), the graphs' own tensors without it."""
+    used = [(g, vector[n].squeeze(0) if task_dim else vector[n]) for graph, vector in zip(graphs, vectors)
+            for n, g in zip(graph.names, graph.grads) if g is not None and g.requires_grad]
     leaves = [t for graph in graphs for t in graph.leaves]
     found = (backprop.grad([g for g, _ in used], leaves, [v for _, v in used], retain_graph=True)
              if used else [None] * len(leaves))
     out, start = [], 0
     for graph in graphs:
-        out.append({n: torch.zeros_like(t) if h is None else h
-                    for n, t, h in zip(graph.names, graph.leaves, found[start:start + len(graph.leaves)])})
+        made = [torch.zeros_like(t) if h is None else h for t, h in zip(graph.leaves, found[start:start + len(graph.leaves)])]
+        out.append(dict(zip(graph.names, [t.unsqueeze(0) for t in made] if task_dim else made)))
         start += len(graph.leaves)
     return out
 

@@ -261,10 +261,13 @@ class StepTranspose:
     """
 
     def __init__(self, rules: Mapping[str, UpdateRule], hyper: Union[Mapping[str, Hyper], Sequence[Mapping[str, Hyper]]],
-                 values: Optional[Callable[[int], StepValues]] = None):
+                 values: Optional[Callable[[int], StepValues]] = None, learned_tensors: Optional[List[Tuple[str, str, torch.Tensor]]] = None):
+        """``learned_tensors``: :func:`learned` of ``hyper``, where the caller has it already."""
         self.rules, self.values = dict(rules), values
         self.hyper: Callable[[int], Mapping[str, Hyper]] = (lambda k: hyper[k]) if isinstance(hyper, (list, tuple)) else (lambda k: hyper)  # pyright: ignore[reportAttributeAccessIssue, reportReturnType]
-        self.learned = learned(*hyper) if isinstance(hyper, (list, tuple)) else learned(hyper)  # pyright: ignore[reportArgumentType]  # one mapping
+        if learned_tensors is None:
+            learned_tensors = learned(*hyper) if isinstance(hyper, (list, tuple)) else learned(hyper)  # pyright: ignore[reportArgumentType]  # one mapping
+        self.learned = learned_tensors
         self.nonlinear = not all(r.linear for r in self.rules.values())  # its Jacobians read each step's values
         self._identity = all(r.identity_direct for r in self.rules.values())
         self._reads: Dict[int, Tuple[bool, Optional[float]]] = {}  # per hyperparameter mapping: needs_values, one rate
