@@ -66,3 +66,42 @@ def test_no_warning_on_the_sine_task_at_small_inner_lr(L):
             learner = engine.adapt(lambda m: squared_error(m(batch.x_support[t]), batch.y_support[t]))
             engine.meta_backward(squared_error(learner(batch.x_query[t]), batch.y_query[t]))
             assert not engine.last_stats.diverging
+
+
+def test_stats_norms_are_the_norms_of_the_outer_gradient_and_of_each_rounds_terms():
+    """The sums over entries and tasks are taken on the host: they equal the device's norms of the same vectors."""
+    from binom_opt.core.estimators import ExpansionPlan
+    from binom_opt.core.memory import Chunking
+    from binom_opt.core.readback import Readback
+    from binom_opt.core.reductions import entry_norms
+    from binom_opt.core.stats import add_stats, make_stats
+
+    gen = torch.Generator().manual_seed(0)
+    g = {"w": torch.randn(3, 4, 5, generator=gen), "b": torch.randn(3, 5, generator=gen)}  # 3 tasks
+    rounds = [torch.rand(3, generator=gen, dtype=torch.float64) * 10 ** -r for r in range(2)]
+    rounds[1][2] = 5.0  # task 2 grows from round 1 to round 2
+    read = Readback()
+    add_stats(read, entry_norms(g.values()), rounds)
+    read.add("losses", torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]]))
+    stats = make_stats(bo.Binomial(2), ExpansionPlan(2, 0, "binomial", 1.0), read.read(), 3, 2, Chunking(), 0)
+    flat = torch.cat([t.flatten(1) for t in g.values()], 1).double()
+    assert stats.g_norm == pytest.approx(float(flat.norm()), rel=1e-6)  # per-entry norms in float32, as g
+    assert stats.contributions == pytest.approx([float(r.norm()) for r in rounds], rel=1e-12)
+    assert stats.inner_losses == pytest.approx([2.0, 0.5]) and stats.hvp_count == 6 and stats.rounds == 2
+    per_task = flat.norm(dim=1)
+    growing = [b for b in range(3) if rounds[0][b] > per_task[b] or rounds[1][b] > rounds[0][b]]
+    assert list(stats.diverging_tasks) == growing and 2 in growing
+
+
+def test_task_flags_name_the_tasks_whose_meta_gradient_or_end_point_is_not_finite():
+    from binom_opt.core.checks import task_flags
+
+    inf, nan = float("inf"), float("nan")
+    host = {"largest": [[1.0, inf], [2.0, 3.0], [nan, 1.0], [0.5, 0.5]], "bad_adjoints": [0.0, 0.0],
+            "contributions": [[1.0, 2.0], [inf, 1.0]]}
+    task_flags(host, final_entries=2, tasks=2)  # two entries of the end point, two of the meta-gradient
+    assert host["final_bad"] == [[False, True], [False, False]] and host["bad"] == [True, False]
+    assert host["finite_rounds"] == [True, False]
+    host = {"largest": [[1.0], [1.0]], "bad_adjoints": [1.0]}
+    task_flags(host, final_entries=1, tasks=1)
+    assert host["bad"] == [True] and host["finite_rounds"] == []

@@ -17,7 +17,7 @@ from .calls import calls
 from .readback import Readback
 from .reductions import INF, norms, not_finite
 
-__all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "raise_bad_tasks", "raise_bad_others",
+__all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "task_flags", "raise_bad_tasks", "raise_bad_others",
            "naming", "finite_flag", "all_finite", "nan_max"]
 
 
@@ -138,6 +138,18 @@ def check_replay(host: Dict[str, list], steps: List[int], tasks: Tasks) -> None:
         "e.g. dropout, which randomness='error' does not replay (leave the default randomness='replay', or pass "
         "'same' or 'different'; see binom_opt.Options)."
     )
+
+def task_flags(host: Dict[str, list], final_entries: int, tasks: int) -> None:
+    """What the host values of a meta-gradient say about finiteness, added to ``host``: ``"final_bad"``
+    (``[entries][B]``, the end point of the inner loop), ``"bad"`` (``[B]``, a task whose meta-gradient or adjoints are
+    not finite) and ``"finite_rounds"`` (per round, every task's contribution finite), from the largest magnitudes
+    ``"largest"`` (``[entries][B]``, the end point's ``final_entries`` first) and the rounds' ``"contributions"``."""
+    largest = host.get("largest", [])
+    host["final_bad"] = [[not math.isfinite(v) for v in row] for row in largest[:final_entries]]
+    bad = [any(not math.isfinite(row[b]) for row in largest[final_entries:]) for b in range(tasks)]
+    host["bad"] = [b or bool(a) for b, a in zip(bad, host.get("bad_adjoints", [False] * tasks))]
+    host["finite_rounds"] = [all(map(math.isfinite, row)) for row in host.get("contributions", [])]
+
 
 def raise_bad_tasks(host: Dict[str, list], tasks: Tasks, nan_policy: str) -> None:
     """Under ``nan_policy="raise"``, raise for the tasks whose meta-gradient is not finite."""

@@ -16,7 +16,17 @@ import torch
 
 from .adaptation import sum_present
 from .batching import Tasks, along_tasks
-from .checks import all_finite, check_estimator_fits, check_inner_loop, check_replay, finite_flag, raise_bad_others, raise_bad_tasks, replay
+from .checks import (
+    all_finite,
+    check_estimator_fits,
+    check_inner_loop,
+    check_replay,
+    finite_flag,
+    raise_bad_others,
+    raise_bad_tasks,
+    replay,
+    task_flags,
+)
 from .estimators import Estimator
 from .expansion import ExpansionResult, expand
 from .implicit import check_implicit, implicit_others, implicit_solve
@@ -25,9 +35,9 @@ from .mixed import MixedTerms, hyper_gradients
 from .norm_layers import module_policy
 from .oracle import HVPOracle
 from .readback import Readback
-from .reductions import INF, norms, not_finite, task_norms
+from .reductions import INF, entry_norms, not_finite
 from .setup import Setup
-from .stats import make_stats, merge_stats, stats_tensor
+from .stats import add_stats, make_stats, merge_stats
 from .trajectory import Trajectory, check_recomputed
 from .update_rules import Hyper, StepTranspose, UpdateRule
 
@@ -123,7 +133,9 @@ class Record:
                 bad = self._bad_tasks(result, read, None if mixed is None else mixed.bad)
                 meta_grads, hyper_grads = self._other_gradients(result, bad, mixed, expansion, transpose, read)
             if setup.on_stats is not None:
-                read.add("stats", stats_tensor(task_norms(g), result.contributions, self.trajectory.losses))
+                add_stats(read, entry_norms(g.values()), result.contributions)
+            elif result.contributions:  # the round a non-finite meta-gradient first showed in, for the error
+                read.add("contributions", torch.stack(result.contributions))
         finally:
             self.trajectory.release()
         recomputed, self.trajectory.recomputed = self.trajectory.recomputed, []
@@ -131,6 +143,7 @@ class Record:
             read.add("recomputed", torch.stack([same for *_, same in recomputed]))
 
         def finish(host: Dict[str, list]) -> Gradients:
+            task_flags(host, len(self.trajectory.final), B)
             check_inner_loop(host, self.tasks, list(self.initial), self.trajectory)
             check_replay(host, replayed, self.tasks)
             check_recomputed(recomputed, host.get("recomputed", []))
@@ -141,8 +154,7 @@ class Record:
             self.status.finished = True
             if setup.on_stats is not None:
                 skipped = int(sum(host["bad"]))
-                setup.on_stats(make_stats(self.estimator, plan, host["stats"], B, len(result.contributions), oracle.computed,
-                                          chunking, skipped, residual, unsolved))
+                setup.on_stats(make_stats(self.estimator, plan, host, B, oracle.computed, chunking, skipped, residual, unsolved))
             return result.meta_grad, meta_grads, hyper_grads
 
         return read, finish
@@ -176,31 +188,33 @@ class Record:
         return ({n: torch.cat([meta_grad[n] for meta_grad, _, _ in parts]) for n in g}, others,
                 [sum_present(grads) for grads in zip(*(hyper for _, _, hyper in parts))])  # pyright: ignore[reportReturnType]  # hyper gradients exist
 
-    def _bad_tasks(self, result: ExpansionResult, read: Readback, bad_adjoints: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The tasks whose meta-gradient (or an adjoint, ``bad_adjoints``) is not finite, ``[B]`` on the device, added
-        to ``read``; under ``nan_policy="skip_task"`` they are zeroed (and their adjoints) without reading them first."""
+    def _bad_tasks(self, result: ExpansionResult, read: Readback, bad_adjoints: Optional[torch.Tensor] = None
+                   ) -> Optional[torch.Tensor]:
+        """Adds to ``read`` the largest magnitude of each entry of the end point and of the meta-gradient (and adjoints)
+        per task, from which :func:`~binom_opt.core.checks.task_flags` finds the tasks that are not finite on the host.
+        Under ``nan_policy="skip_task"`` those tasks are also zeroed on the device without reading them first: their
+        flags ``[B]`` are returned (``None`` under ``"raise"``)."""
         vectors = [result.meta_grad, *result.full_adjoints.values()]
-        final = list(self.trajectory.final.values())  # the inner loop's end point, flagged in the same reduction
-        flags = not_finite(norms([*final, *(t for tensors in vectors for t in tensors.values())], INF))  # [entries, B]
-        read.add("final_bad", flags[:len(final)])
-        bad = flags[len(final):].any(0)
+        final = list(self.trajectory.final.values())  # the inner loop's end point, in the same reduction
+        largest = entry_norms([*final, *(t for tensors in vectors for t in tensors.values())], INF)  # [entries, B]
+        read.add("largest", largest)
+        if bad_adjoints is not None:
+            read.add("bad_adjoints", bad_adjoints)
+        if self.setup.options.nan_policy == "raise":
+            return None
+        bad = not_finite(largest[len(final):]).any(0)
         if bad_adjoints is not None:
             bad = bad | bad_adjoints
-        read.add("bad", bad)
-        if self.setup.options.nan_policy == "raise":  # which round went bad first, for the message
-            if result.contributions:
-                read.add("finite_rounds", torch.isfinite(torch.stack(result.contributions)).all(1))
-            return bad
         for tensors in vectors:
             for n, t in tensors.items():
                 tensors[n] = torch.where(along_tasks(bad, t), torch.zeros_like(t), t)
         return bad
 
-    def _other_gradients(self, result: ExpansionResult, bad: torch.Tensor, mixed: Optional[MixedTerms], expansion: Callable,
-                         transpose: StepTranspose, read: Readback):
+    def _other_gradients(self, result: ExpansionResult, bad: Optional[torch.Tensor], mixed: Optional[MixedTerms],
+                         expansion: Callable, transpose: StepTranspose, read: Readback):
         meta_grads = [] if mixed is None else mixed.totals()
         hyper_grads = hyper_gradients(transpose, result.full_adjoints)
-        if mixed is not None and self.setup.options.nan_policy == "skip_task":
+        if mixed is not None and bad is not None:  # nan_policy="skip_task"
             def without(drop: torch.Tensor) -> List[Optional[torch.Tensor]]:
                 return expansion(drop)[1].totals()
 

@@ -34,10 +34,10 @@ class Readback:
         self._parts[name] = tensor.detach()
 
     def read(self) -> Dict[str, list]:
-        """Every tensor added, as nested lists of Python floats (bools as 0.0 / 1.0), in float64."""
+        """Every tensor added, as nested lists of Python floats (bools as 0.0 / 1.0; every value exactly as held)."""
         if not self._parts:
             return {}
-        flat = torch.cat([t.flatten().double() for t in self._parts.values()]).tolist()
+        flat = torch.cat([t.reshape(-1) for t in self._parts.values()]).double().tolist()  # cat promotes to the widest
         out, start = {}, 0
         for name, t in self._parts.items():
             out[name] = _nested(flat[start:start + t.numel()], list(t.shape))

@@ -23,16 +23,20 @@ from typing import Dict, Iterable, List
 
 import torch
 
-__all__ = ["INF", "norms", "not_finite", "nonfinite_tasks", "task_norms", "RoundNorms", "scaled_all"]
+__all__ = ["INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "task_norms", "RoundNorms", "scaled_all"]
 
 INF = float("inf")
 
 
 def norms(tensors: Iterable[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
     """``[len(tensors), B]``: the ``ord``-norm of each task's slice of each tensor, as float64."""
+    return entry_norms(tensors, ord).double()
+
+
+def entry_norms(tensors: Iterable[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
+    """:func:`norms` in the tensors' own float32 or float64 (float32 for narrower ones): what a read to the host takes."""
     tensors = list(tensors)
-    entries = _entry_norms(tensors, ord)
-    return torch.stack(entries).reshape(len(tensors), -1).double()
+    return torch.stack(_entry_norms(tensors, ord)).reshape(len(tensors), -1)
 
 
 def _entry_norms(tensors: List[torch.Tensor], ord: float = 2.0) -> List[torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 
 from .estimators import Estimator, ExpansionPlan
 
-__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "stats_tensor", "make_stats", "merge_stats"]
+__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "add_stats", "make_stats", "merge_stats"]
 
 
 @dataclass(frozen=True)
@@ -86,23 +86,28 @@ class MetaGradientStats:
         return bool(self.unsolved_tasks)
 
 
-def stats_tensor(g_norms: torch.Tensor, contributions: Sequence[torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
-    """What :func:`make_stats` reads, as one float64 tensor on the device (read back with the meta-gradient's checks):
-    the per-task norms ``[1 + rounds, B]`` flattened, their totals over the tasks, and the mean loss of each step."""
-    per_task = torch.stack([g_norms, *contributions]).double()  # [1 + rounds, B]
-    return torch.cat([per_task.flatten(), per_task.pow(2).sum(1).sqrt(), losses.double().mean(1)])
+def add_stats(read, g_norms: torch.Tensor, contributions: Sequence[torch.Tensor]) -> None:
+    """Add to ``read`` (a :class:`~binom_opt.core.readback.Readback`) what :func:`make_stats` reads besides the inner
+    losses: the norms of each entry of ``g`` per task (``[entries, B]``) and each round's per-task norms (``[rounds,
+    B]``), as they are. Their sums over entries and tasks are taken on the host, a few floats, instead of by a dozen
+    operators on the device."""
+    read.add("g_norms", g_norms)
+    if contributions:
+        read.add("contributions", torch.stack(list(contributions)).reshape(len(contributions), -1))
 
 
-def make_stats(estimator: Estimator, plan: ExpansionPlan, flat: Sequence[float], tasks: int, rounds: int, hvp_count: int,
-               chunking, skipped: int, cg_residual: Optional[float] = None, unsolved_tasks: Tuple[int, ...] = ()
-               ) -> MetaGradientStats:
-    """The stats from the host values of :func:`stats_tensor` (``tasks`` tasks, ``rounds`` rounds)."""
-    B, count = tasks, (rounds + 1) * tasks
-    norms = [flat[r * B:(r + 1) * B] for r in range(rounds + 1)]
-    totals, inner_losses = list(flat[count:count + rounds + 1]), list(flat[count + rounds + 1:])
-    growing = tuple(b for b in range(B) if any(norms[r + 1][b] > norms[r][b] for r in range(rounds)))
+def make_stats(estimator: Estimator, plan: ExpansionPlan, host: dict, tasks: int, hvp_count: int, chunking, skipped: int,
+               cg_residual: Optional[float] = None, unsolved_tasks: Tuple[int, ...] = ()) -> MetaGradientStats:
+    """The stats from the host values :func:`add_stats` added (and the inner ``"losses"``, ``[K, B]``), for ``tasks``
+    tasks: norms over entries and tasks in float64 (``math.hypot``: no overflow of the squares)."""
+    B = tasks
+    g_rows, rounds = host["g_norms"], host.get("contributions", [])
+    per_task = [[math.hypot(*(row[b] for row in g_rows)) for b in range(B)], *rounds]  # [1 + rounds][B]
+    totals = [math.hypot(*row) for row in per_task]
+    inner_losses = [math.fsum(row) / len(row) for row in host["losses"]]
+    growing = tuple(b for b in range(B) if any(per_task[r + 1][b] > per_task[r][b] for r in range(len(rounds))))
     return MetaGradientStats(
-        estimator=estimator, steps=len(inner_losses), levels=plan.levels, hvp_count=hvp_count * B, rounds=rounds,
+        estimator=estimator, steps=len(inner_losses), levels=plan.levels, hvp_count=hvp_count * B, rounds=len(rounds),
         contributions=totals[1:], inner_losses=inner_losses, schedule=plan.schedule, g_norm=totals[0],
         tasks=B, diverging_tasks=growing if plan.schedule == "binomial" else (),
         chunk_fallbacks=list(chunking.fallbacks), skipped=skipped, hvps_at_once=chunking.used,
