@@ -21,7 +21,7 @@ keeps every step's graph alive instead, which is what makes its memory grow with
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -108,17 +108,19 @@ class MAML(nn.Module):
             setup = dataclasses.replace(self._setup, estimator=estimator, allow_unused=allow_unused)
             if key is not None:
                 self._setups[key] = setup
-        return self._learner(dict(self.module.named_parameters()), setup, allow_nograd, None)
+        named = dict(self.module.named_parameters())
+        return self._learner(named, setup, allow_nograd, None, named)
 
     def _learner(self, initial: Mapping[str, torch.Tensor], setup: Setup, allow_nograd: bool,
-                 modes: Optional[Sequence[bool]]) -> MAMLLearner:
-        """A learner whose adaptation starts at ``initial`` (the model's parameters, or a learner's adapted ones)."""
-        adapted, rules, hyper = self._rules(allow_nograd)
+                 modes: Optional[Sequence[bool]], named: Optional[Dict[str, torch.Tensor]] = None) -> MAMLLearner:
+        """A learner whose adaptation starts at ``initial`` (the model's parameters, or a learner's adapted ones);
+        ``named``: the model's named parameters, where the caller has them."""
+        adapted, rules, hyper = self._rules(allow_nograd, named)
         loop = InnerLoop(setup, {n: initial[n] for n in adapted}, rules, hyper, Tasks())
         return MAMLLearner(loop, self, setup, allow_nograd, modes)
 
-    def _rules(self, allow_nograd: bool):
-        named = dict(self.module.named_parameters())
+    def _rules(self, allow_nograd: bool, named: Optional[Dict[str, torch.Tensor]] = None):
+        named = dict(self.module.named_parameters()) if named is None else named
         # a float step size over parameters of the same names and flags gives the same rules: read once, not per clone
         key = ((allow_nograd, self.lr, tuple((n, p.requires_grad) for n, p in named.items()))
                if self.inner_opt is None and isinstance(self.lr, float) else None)

@@ -7,9 +7,8 @@ Learners call the model with its parameters swapped for the adapted ones (:func:
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ class Learner:
         self.module, self.params, self.bn, self.modes = module, params, bn, modes
 
     def __call__(self, *args, **kwargs):
-        with module_policy(self.bn), (contextlib.nullcontext() if self.modes is None else _modes(list(self.module.modules()), self.modes)):
+        with module_policy(self.bn), _modes(self.module, self.modes):
             return call_with(self.module, self.params, args, kwargs)
 
     def __repr__(self) -> str:
@@ -167,20 +166,28 @@ def module_loss(model: nn.Module, bn: str, batched: bool, fixed: Optional[Tensor
     return make
 
 
-@contextlib.contextmanager
-def _modes(modules: Sequence[nn.Module], modes: Sequence[bool]) -> Iterator[None]:
-    """Run with ``modules`` (a model's ``modules()``) in the train/eval ``modes``, set back afterwards."""
-    now = [m.training for m in modules]
-    if now == list(modes):  # the usual case: nothing to set, nothing for torch.compile to trace
-        yield
-        return
-    try:
-        for module, mode in zip(modules, modes):
+class _modes:
+    """Run with the modules of ``model`` (its ``modules()``, or that list) in the train/eval ``modes`` (``None``: as they
+    are), set back afterwards. A class, not a generator: it is entered at every support-loss call."""
+
+    def __init__(self, model: Union[nn.Module, Sequence[nn.Module]], modes: Optional[Sequence[bool]]):
+        self.model, self.modes, self.now = model, modes, None
+
+    def __enter__(self) -> None:
+        if self.modes is None:
+            return
+        modules = self.modules = list(self.model.modules()) if isinstance(self.model, nn.Module) else self.model
+        now = [m.training for m in modules]
+        if now == list(self.modes):  # the usual case: nothing to set, nothing for torch.compile to trace
+            return
+        self.now = now
+        for module, mode in zip(modules, self.modes):
             module.training = mode
-        yield
-    finally:
-        for module, mode in zip(modules, now):
-            module.training = mode
+
+    def __exit__(self, *exc) -> None:
+        if self.now is not None:
+            for module, mode in zip(self.modules, self.now):
+                module.training = mode
 
 
 def adapted_module(model: nn.Module, params: Tensors, modes: Optional[Sequence[bool]] = None) -> nn.Module:

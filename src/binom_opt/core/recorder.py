@@ -201,8 +201,8 @@ class InnerLoop:
         self._phi = {n: _tasks_of(t.detach(), B) for n, t in self.initial.items()}
         if options.compile_hvps:  # the strides of every later step, so that the compiled step is reused for the first
             self._phi = {n: t.contiguous() for n, t in self._phi.items()}
-        self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi}
         self._stateful = any(r.state_names for r in rules.values())
+        self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi} if self._stateful else {}
         tensors = list(self._phi.values())  # every step's point lives where the initial point does
         self._devices = device_types(tensors), devices_of(tensors)
         # (hyper, whether its transposes read values, its one float SGD rate, detached)
@@ -363,8 +363,9 @@ class InnerLoop:
         trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
                                 self._every, keep_grads=any(self._values), keys=list(self._keys), graphs=dict(self._graphs))
         hyper = list(self._hyper_steps)
+        settings = {id(h): h for h in hyper}.values()  # the steps share a few hyperparameter settings (usually one)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
-                        list(self._meta_inputs.values()), learned(*hyper), self._status, dict(self.initial),
+                        list(self._meta_inputs.values()), learned(*settings), self._status, dict(self.initial),
                         dict(self._versions), frozenset(self._first_order), self._proximal)
         hyper_inputs = (v for _, _, v in record.hyper_inputs)
         meta_inputs = (self._origins.get(id(t), t) for t in record.meta_inputs)  # a cut leaf's gradient is its tensor's
