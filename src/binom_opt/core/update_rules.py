@@ -262,9 +262,12 @@ class StepTranspose:
 
     def __init__(self, rules: Mapping[str, UpdateRule], hyper: Union[Mapping[str, Hyper], Sequence[Mapping[str, Hyper]]],
                  values: Optional[Callable[[int], StepValues]] = None, learned_tensors: Optional[List[Tuple[str, str, torch.Tensor]]] = None):
-        """``learned_tensors``: :func:`learned` of ``hyper``, where the caller has it already."""
+        """``learned_tensors``: :func:`learned` of every step's ``hyper``, where the caller has it already."""
         self.rules, self.values = dict(rules), values
         self.hyper: Callable[[int], Mapping[str, Hyper]] = (lambda k: hyper[k]) if isinstance(hyper, (list, tuple)) else (lambda k: hyper)  # pyright: ignore[reportAttributeAccessIssue, reportReturnType]
+        # whether ``learned`` covers every setting :meth:`reads` is asked about (the recorder's transposes also read
+        # settings given later, higher's ``override``)
+        self._every_setting = learned_tensors is not None or isinstance(hyper, (list, tuple))
         if learned_tensors is None:
             learned_tensors = learned(*hyper) if isinstance(hyper, (list, tuple)) else learned(hyper)  # pyright: ignore[reportArgumentType]  # one mapping
         self.learned = learned_tensors
@@ -281,7 +284,9 @@ class StepTranspose:
         step's; the recorder, each setting's)."""
         known = self._reads.get(id(hyper))
         if known is None:
-            known = self._reads[id(hyper)] = (self.nonlinear or bool(learned(hyper)), plain_sgd_rate(self.rules, hyper))
+            # where every step's setting is known, one without learned hyperparameters overall has none in any
+            has_learned = (bool(self.learned) or not self._every_setting) and bool(learned(hyper))
+            known = self._reads[id(hyper)] = (self.nonlinear or has_learned, plain_sgd_rate(self.rules, hyper))
         return known
 
     def extend(self, g: Tensors) -> Tensors:
