@@ -92,16 +92,3 @@ def test_stats_norms_are_the_norms_of_the_outer_gradient_and_of_each_rounds_term
     growing = [b for b in range(3) if rounds[0][b] > per_task[b] or rounds[1][b] > rounds[0][b]]
     assert list(stats.diverging_tasks) == growing and 2 in growing
 
-
-def test_task_flags_name_the_tasks_whose_meta_gradient_or_end_point_is_not_finite():
-    from binom_opt.core.checks import task_flags
-
-    inf, nan = float("inf"), float("nan")
-    host = {"largest": [[1.0, inf], [2.0, 3.0], [nan, 1.0], [0.5, 0.5]], "bad_adjoints": [0.0, 0.0],
-            "contributions": [[1.0, 2.0], [inf, 1.0]]}
-    task_flags(host, final_entries=2, tasks=2)  # two entries of the end point, two of the meta-gradient
-    assert host["final_bad"] == [[False, True], [False, False]] and host["bad"] == [True, False]
-    assert host["finite_rounds"] == [True, False]
-    host = {"largest": [[1.0], [1.0]], "bad_adjoints": [1.0]}
-    task_flags(host, final_entries=1, tasks=1)
-    assert host["bad"] == [True] and host["finite_rounds"] == []

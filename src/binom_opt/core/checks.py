@@ -17,7 +17,7 @@ from .calls import calls
 from .readback import Readback
 from .reductions import INF, norms, not_finite
 
-__all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "task_flags", "raise_bad_tasks", "raise_bad_others",
+__all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "raise_bad_tasks", "raise_bad_others",
            "naming", "finite_flag", "all_finite", "nan_max"]
 
 
@@ -61,7 +61,7 @@ def check_inner_loop(host: Dict[str, list], tasks: Tasks, names: List[str], traj
     """
     losses = host.get("losses", [])
     k_loss = next((k for k, row in enumerate(losses) if not all(map(math.isfinite, row))), None)
-    found = _first_bad_gradient(trajectory) if any(map(any, host.get("final_bad", []))) else None
+    found = _first_bad_gradient(trajectory) if any(host.get("final_bad", [])) else None
     if k_loss is not None and (found is None or k_loss <= found[0]):
         row = losses[k_loss]
         bad = [b for b, value in enumerate(row) if not math.isfinite(value)]
@@ -139,24 +139,12 @@ def check_replay(host: Dict[str, list], steps: List[int], tasks: Tasks) -> None:
         "'same' or 'different'; see binom_opt.Options)."
     )
 
-def task_flags(host: Dict[str, list], final_entries: int, tasks: int) -> None:
-    """What the host values of a meta-gradient say about finiteness, added to ``host``: ``"final_bad"``
-    (``[entries][B]``, the end point of the inner loop), ``"bad"`` (``[B]``, a task whose meta-gradient or adjoints are
-    not finite) and ``"finite_rounds"`` (per round, every task's contribution finite), from the largest magnitudes
-    ``"largest"`` (``[entries][B]``, the end point's ``final_entries`` first) and the rounds' ``"contributions"``."""
-    largest = host.get("largest", [])
-    host["final_bad"] = [[not math.isfinite(v) for v in row] for row in largest[:final_entries]]
-    bad = [any(not math.isfinite(row[b]) for row in largest[final_entries:]) for b in range(tasks)]
-    host["bad"] = [b or bool(a) for b, a in zip(bad, host.get("bad_adjoints", [False] * tasks))]
-    host["finite_rounds"] = [all(map(math.isfinite, row)) for row in host.get("contributions", [])]
-
-
 def raise_bad_tasks(host: Dict[str, list], tasks: Tasks, nan_policy: str) -> None:
     """Under ``nan_policy="raise"``, raise for the tasks whose meta-gradient is not finite."""
     flags = host["bad"]
     if nan_policy != "raise" or not any(flags):
         return
-    rounds = [r + 1 for r, ok in enumerate(host.get("finite_rounds", [])) if not ok]
+    rounds = [r + 1 for r, norms in enumerate(host.get("contributions", [])) if not all(map(math.isfinite, norms))]
     where = f"in HVP round {rounds[0]}" if rounds else "in the outer-loss gradient"
     raise FloatingPointError(
         f"The meta-gradient is not finite{naming(tasks, [b for b, f in enumerate(flags) if f])} (first seen {where}): "

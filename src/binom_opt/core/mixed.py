@@ -49,7 +49,7 @@ class MixedTerms:
 
     def add(self, k: int, adjoint: Tensors) -> None:
         """Take step ``k``'s adjoint ``lambda_{k+1}`` (steps come in decreasing ``k``)."""
-        bad = nonfinite_tasks(adjoint)
+        bad = nonfinite_tasks(adjoint.values())
         self.bad = bad if self.bad is None else self.bad | bad
         trajectory = self.oracle.trajectory
         if self._pending:

@@ -16,17 +16,7 @@ import torch
 
 from .adaptation import sum_present
 from .batching import Tasks, along_tasks
-from .checks import (
-    all_finite,
-    check_estimator_fits,
-    check_inner_loop,
-    check_replay,
-    finite_flag,
-    raise_bad_others,
-    raise_bad_tasks,
-    replay,
-    task_flags,
-)
+from .checks import all_finite, check_estimator_fits, check_inner_loop, check_replay, finite_flag, raise_bad_others, raise_bad_tasks, replay
 from .estimators import Estimator
 from .expansion import ExpansionResult, expand
 from .implicit import check_implicit, implicit_others, implicit_solve
@@ -35,7 +25,7 @@ from .mixed import MixedTerms, hyper_gradients
 from .norm_layers import module_policy
 from .oracle import HVPOracle
 from .readback import Readback
-from .reductions import INF, entry_norms, not_finite
+from .reductions import entry_norms, nonfinite_tasks
 from .setup import Setup
 from .stats import add_stats, make_stats, merge_stats
 from .trajectory import Trajectory, check_recomputed
@@ -143,7 +133,6 @@ class Record:
             read.add("recomputed", torch.stack([same for *_, same in recomputed]))
 
         def finish(host: Dict[str, list]) -> Gradients:
-            task_flags(host, len(self.trajectory.final), B)
             check_inner_loop(host, self.tasks, list(self.initial), self.trajectory)
             check_replay(host, replayed, self.tasks)
             check_recomputed(recomputed, host.get("recomputed", []))
@@ -190,21 +179,17 @@ class Record:
 
     def _bad_tasks(self, result: ExpansionResult, read: Readback, bad_adjoints: Optional[torch.Tensor] = None
                    ) -> Optional[torch.Tensor]:
-        """Adds to ``read`` the largest magnitude of each entry of the end point and of the meta-gradient (and adjoints)
-        per task, from which :func:`~binom_opt.core.checks.task_flags` finds the tasks that are not finite on the host.
-        Under ``nan_policy="skip_task"`` those tasks are also zeroed on the device without reading them first: their
-        flags ``[B]`` are returned (``None`` under ``"raise"``)."""
+        """Adds to ``read`` the tasks whose inner loop ended at a non-finite point and those whose meta-gradient (or an
+        adjoint, ``bad_adjoints``) is not finite, ``[B]`` each. Under ``nan_policy="skip_task"`` the latter are zeroed
+        without reading them first and their flags returned (``None`` under ``"raise"``)."""
         vectors = [result.meta_grad, *result.full_adjoints.values()]
-        final = list(self.trajectory.final.values())  # the inner loop's end point, in the same reduction
-        largest = entry_norms([*final, *(t for tensors in vectors for t in tensors.values())], INF)  # [entries, B]
-        read.add("largest", largest)
-        if bad_adjoints is not None:
-            read.add("bad_adjoints", bad_adjoints)
-        if self.setup.options.nan_policy == "raise":
-            return None
-        bad = not_finite(largest[len(final):]).any(0)
+        read.add("final_bad", nonfinite_tasks(self.trajectory.final.values()))
+        bad = nonfinite_tasks(t for tensors in vectors for t in tensors.values())
         if bad_adjoints is not None:
             bad = bad | bad_adjoints
+        read.add("bad", bad)
+        if self.setup.options.nan_policy == "raise":
+            return None
         for tensors in vectors:
             for n, t in tensors.items():
                 tensors[n] = torch.where(along_tasks(bad, t), torch.zeros_like(t), t)

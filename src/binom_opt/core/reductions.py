@@ -84,9 +84,22 @@ def not_finite(x: torch.Tensor) -> torch.Tensor:
     return (x * 0) != 0
 
 
-def nonfinite_tasks(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[B]``: whether each task's slice of any entry holds a NaN or an infinity, on the device."""
-    return not_finite(norms(tensors.values(), INF)).any(0)
+def nonfinite_tasks(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``[B]``: whether each task's slice of any of ``tensors`` holds a NaN or an infinity, on the device.
+
+    Up to :data:`CONCATENATED_VALUES` values a task, every task's values are concatenated, times zero and summed (NaN
+    where one is not finite, zero elsewhere, never an overflow): four operators whatever the number of tensors. Above
+    it, the largest magnitude of each tensor, which copies nothing."""
+    tensors = [t for t in tensors if t.numel()]
+    B = tensors[0].shape[0] if tensors else 1
+    if not tensors:
+        return torch.zeros(B, dtype=torch.bool)
+    if sum(t.numel() for t in tensors) <= B * CONCATENATED_VALUES:
+        return torch.cat([t.reshape(B, -1) for t in tensors], 1).mul(0).sum(1).isnan()
+    return not_finite(norms(tensors, INF)).any(0)
+
+
+CONCATENATED_VALUES = 1 << 20  # per task: a copy of up to 4 MiB (float32) to find the non-finite tasks in four operators
 
 
 def task_norms(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:

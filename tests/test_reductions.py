@@ -1,0 +1,21 @@
+"""Per-task reductions: which tasks hold a NaN or an infinity, whatever the reduction's plan."""
+
+import pytest
+import torch
+
+from binom_opt.core import reductions
+
+
+@pytest.mark.parametrize("concatenated", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nonfinite_tasks_flags_nan_and_inf_and_never_a_large_finite_value(monkeypatch, concatenated, dtype):
+    if not concatenated:  # above the cap: the largest magnitude of each tensor
+        monkeypatch.setattr(reductions, "CONCATENATED_VALUES", 0)
+    big = torch.finfo(dtype).max
+    w = torch.ones(4, 3, 2, dtype=dtype)
+    b = torch.full((4, 3), big, dtype=dtype)  # sums of these overflow; no task is flagged for them
+    w[1, 2, 0], b[2, 0] = float("nan"), float("-inf")
+    empty = torch.ones(4, 0, dtype=dtype)
+    assert reductions.nonfinite_tasks([w, empty, b]).tolist() == [False, True, True, False]
+    assert reductions.nonfinite_tasks([b]).tolist() == [False, False, True, False]
+    assert reductions.nonfinite_tasks([torch.ones(1, 5, dtype=dtype)]).tolist() == [False]
