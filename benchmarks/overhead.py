@@ -13,6 +13,9 @@ machine), the median of ``--repeats`` after two warm-ups, the methods interleave
 machine's load falls on all of them; ratios against higher and the hand-written exact loop. One command::
 
     python benchmarks/overhead.py      # writes benchmarks/results/overhead_cpu.{json,md}
+
+``--sweep 1 5 10`` times the sine MLP's per-task methods at several numbers of inner steps instead and splits each
+method's time into what it pays once per task and what it pays per inner step (``overhead_cpu_steps.{json,md}``).
 """
 
 from __future__ import annotations
@@ -95,11 +98,16 @@ def per_task(model: nn.Module, batch, loss: Callable, steps: int, lr: float) -> 
             "bo.MAML Exact": maml(bo.Exact()), "bo.MAML Binomial(1)": maml(bo.Binomial(1)), "bo.MAML FirstOrder": maml(bo.FirstOrder())}
 
 
-def sine(tasks: int = 25, steps: int = 5, lr: float = 0.01):
+def sine_tasks(tasks: int):
+    """The sine MLP and ``tasks`` tasks of 10 support and 10 query points, ``(x_s, y_s, x_q, y_q)`` each."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
     gen = torch.Generator().manual_seed(0)
-    batch = [tuple(torch.randn(10, 1, generator=gen) for _ in range(4)) for _ in range(tasks)]
+    return model, [tuple(torch.randn(10, 1, generator=gen) for _ in range(4)) for _ in range(tasks)]
+
+
+def sine(tasks: int = 25, steps: int = 5, lr: float = 0.01):
+    model, batch = sine_tasks(tasks)
     stacked = [torch.stack(t) for t in zip(*batch)]
 
     def adapt_batch(estimator, **options):
@@ -153,15 +161,55 @@ def anil(tasks: int = 4, steps: int = 5, lr: float = 0.1, ways: int = 5, queries
 SETTINGS = {"sine": sine, "anil": anil}
 
 
+def sweep(ks: List[int], repeats: int, tasks: int = 25, lr: float = 0.01) -> List[dict]:
+    """The sine MLP's per-task methods at each number of inner steps ``K`` of ``ks``, in ms per task, and the line
+    ``a + b K`` fitted to them by least squares: ``a`` is what a method pays once per task (the clone, the closure's
+    first call, the meta-gradient's checks and stats, its one host read), ``b`` what it pays per inner step (the
+    step, and its HVP)."""
+    model, batch = sine_tasks(tasks)
+    steps = {f"{name} @{k}": step for k in ks for name, step in per_task(model, batch, F.mse_loss, k, lr).items()}
+    times = median_ms(steps, model, repeats)
+    rows = []
+    for name in dict.fromkeys(key.split(" @")[0] for key in steps):
+        per = [times[f"{name} @{k}"] / tasks for k in ks]
+        mean_k, mean_t = statistics.fmean(ks), statistics.fmean(per)
+        slope = sum((k - mean_k) * (t - mean_t) for k, t in zip(ks, per)) / sum((k - mean_k) ** 2 for k in ks)
+        rows.append({"method": name, "ms_per_task": dict(zip(map(str, ks), per)), "per_task": mean_t - slope * mean_k,
+                     "per_step": slope})
+    return rows
+
+
+def sweep_table(rows: List[dict], ks: List[int], machine: str, repeats: int) -> List[str]:
+    hand = next(r for r in rows if r["method"] == "hand-written exact")
+    lines = ["# Host overhead per task and per inner step (sine MLP)", "", f"CPU time per task at K = {', '.join(map(str, ks))} "
+             f"inner steps (25 tasks per meta-step, median of {repeats} after 2 warm-ups, interleaved) and the line a + b K "
+             f"fitted to it. Machine: {machine}. Command: `python benchmarks/overhead.py --sweep {' '.join(map(str, ks))}`.", "",
+             "| method | " + " | ".join(f"K = {k}" for k in ks) + " | per task (a) | per step (b) | a - hand's a | b / hand's b |",
+             "|---|" + "---:|" * (len(ks) + 4)]
+    lines += [f"| {r['method']} | " + " | ".join(f"{r['ms_per_task'][str(k)]:.3f}" for k in ks) + f" | {r['per_task']:.3f} | "
+              f"{r['per_step']:.3f} | {r['per_task'] - hand['per_task']:+.3f} | {r['per_step'] / hand['per_step']:.2f}x |" for r in rows]
+    return lines
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS), metavar="SETTING")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is measured: 1 keeps it wall time)")
     parser.add_argument("--small", action="store_true", help="tiny sizes, for the tests")
+    parser.add_argument("--sweep", type=int, nargs="+", metavar="K",
+                        help="instead: the sine MLP's per-task methods at these numbers of inner steps, split into a cost per "
+                             "task and one per step (writes overhead_cpu_steps.{json,md})")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    machine = f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}"
+    if args.sweep:
+        if len(set(args.sweep)) < 2:
+            parser.error("--sweep needs at least two different numbers of steps to fit a line")
+        rows = sweep(sorted(set(args.sweep)), args.repeats, **({"tasks": 2} if args.small else {}))
+        result = {"machine": machine, "repeats": args.repeats, "steps": sorted(set(args.sweep)), "rows": rows}
+        return write(args.out, "overhead_cpu_steps", result, sweep_table(rows, result["steps"], machine, args.repeats))
     rows = []
     for setting in args.settings:
         model, steps = SETTINGS[setting](**({"tasks": 2, "steps": 2} if args.small else {}))
@@ -169,7 +217,6 @@ def main(argv=None) -> dict:
         hand = times["hand-written exact"]
         rows += [{"setting": setting, "method": name, "ms": ms, "vs_hand_written": ms / hand,
                   "vs_higher": ms / times["higher"] if "higher" in times else None} for name, ms in times.items()]
-    machine = f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}"
     result = {"machine": machine, "repeats": args.repeats, "rows": rows}
     lines = ["# Host overhead on small adapted parts", "", f"CPU time per meta-step, median of {args.repeats} after 2 "
              f"warm-ups, methods interleaved. Machine: {machine}. Settings: see `benchmarks/overhead.py`.", "",

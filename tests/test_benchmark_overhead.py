@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import dropout_cost
@@ -43,3 +45,16 @@ def test_task_plan_benchmark_times_both_plans_and_restores_the_cap(tmp_path):
         assert row["vmapped_ms"] > 0 and row["loop_ms"] > 0 and 0 < row["activations_mib"] < 16
         assert row["auto"] == "vmapped"  # tiny tasks: under the cap
     assert "| MLP 1-8-8-1, 4 points | 2 |" in (tmp_path / "task_plan_cpu.md").read_text()
+
+
+def test_overhead_sweep_splits_each_method_into_a_cost_per_task_and_per_step(tmp_path):
+    import overhead
+
+    result = overhead.main(["--small", "--repeats", "1", "--sweep", "1", "2", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"hand-written exact", "hand-written first-order", "higher", "bo.MAML Exact", "bo.MAML Binomial(1)",
+                         "bo.MAML FirstOrder"}
+    for r in rows.values():  # two points: the line goes through both
+        assert r["per_task"] + r["per_step"] == pytest.approx(r["ms_per_task"]["1"])
+        assert r["per_task"] + 2 * r["per_step"] == pytest.approx(r["ms_per_task"]["2"])
+    assert "| bo.MAML Exact |" in (tmp_path / "overhead_cpu_steps.md").read_text()
