@@ -21,7 +21,7 @@ keeps every step's graph alive instead, which is what makes its memory grow with
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -112,14 +112,14 @@ class MAML(nn.Module):
         return self._learner(named, setup, allow_nograd, None, named)
 
     def _learner(self, initial: Mapping[str, torch.Tensor], setup: Setup, allow_nograd: bool,
-                 modes: Optional[Sequence[bool]], named: Optional[Dict[str, torch.Tensor]] = None) -> MAMLLearner:
+                 modes: Optional[Sequence[bool]], named: Optional[Mapping[str, torch.Tensor]] = None) -> MAMLLearner:
         """A learner whose adaptation starts at ``initial`` (the model's parameters, or a learner's adapted ones);
         ``named``: the model's named parameters, where the caller has them."""
         adapted, rules, hyper = self._rules(allow_nograd, named)
         loop = InnerLoop(setup, {n: initial[n] for n in adapted}, rules, hyper, Tasks())
         return MAMLLearner(loop, self, setup, allow_nograd, modes)
 
-    def _rules(self, allow_nograd: bool, named: Optional[Dict[str, torch.Tensor]] = None):
+    def _rules(self, allow_nograd: bool, named: Optional[Mapping[str, torch.Tensor]] = None):
         named = dict(self.module.named_parameters()) if named is None else named
         # a float step size over parameters of the same names and flags gives the same rules: read once, not per clone
         key = ((allow_nograd, self.lr, tuple((n, p.requires_grad) for n, p in named.items()))
