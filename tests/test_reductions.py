@@ -19,3 +19,4 @@ def test_nonfinite_tasks_flags_nan_and_inf_and_never_a_large_finite_value(monkey
     assert reductions.nonfinite_tasks([w, empty, b]).tolist() == [False, True, True, False]
     assert reductions.nonfinite_tasks([b]).tolist() == [False, False, True, False]
     assert reductions.nonfinite_tasks([torch.ones(1, 5, dtype=dtype)]).tolist() == [False]
+    assert reductions.nonfinite_tasks([empty]).tolist() == [False] * 4  # no values: no task flagged, one flag each

@@ -90,10 +90,12 @@ def nonfinite_tasks(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     Up to :data:`CONCATENATED_VALUES` values a task, every task's values are concatenated, times zero and summed (NaN
     where one is not finite, zero elsewhere, never an overflow): four operators whatever the number of tensors. Above
     it, the largest magnitude of each tensor, which copies nothing."""
+    tensors = list(tensors)
+    if not any(t.numel() for t in tensors):  # nothing to flag: B tasks (one without tensors), where the tensors live
+        first = tensors[0] if tensors else None
+        return torch.zeros(1 if first is None else first.shape[0], dtype=torch.bool, device=None if first is None else first.device)
     tensors = [t for t in tensors if t.numel()]
-    B = tensors[0].shape[0] if tensors else 1
-    if not tensors:
-        return torch.zeros(B, dtype=torch.bool)
+    B = tensors[0].shape[0]
     if sum(t.numel() for t in tensors) <= B * CONCATENATED_VALUES:
         return torch.cat([t.reshape(B, -1) for t in tensors], 1).mul(0).sum(1).isnan()
     return not_finite(norms(tensors, INF)).any(0)
