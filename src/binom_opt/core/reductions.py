@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List
 
 import torch
 
-__all__ = ["INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "task_norms", "RoundNorms", "scaled_all"]
+__all__ = ["INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "RoundNorms", "scaled_all"]
 
 INF = float("inf")
 
@@ -54,8 +54,8 @@ def _entry_norms(tensors: List[torch.Tensor], ord: float = 2.0) -> List[torch.Te
 
 
 class RoundNorms:
-    """:func:`task_norms` of one vector per round, each round's entries reduced when it ends (one call for one task)
-    and the rounds' totals taken together at the end: ``rounds()``, one ``[B]`` tensor per round.
+    """Each task's norm over all entries of one vector per round, each round's entries reduced when it ends (one call
+    for one task) and the rounds' totals taken together at the end: ``rounds()``, one ``[B]`` float64 tensor per round.
 
     >>> rounds = RoundNorms()
     >>> rounds.add({"a": torch.tensor([[3.0]]), "b": torch.tensor([[4.0]])})
@@ -102,11 +102,6 @@ def nonfinite_tasks(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 CONCATENATED_VALUES = 1 << 20  # per task: a copy of up to 4 MiB (float32) to find the non-finite tasks in four operators
-
-
-def task_norms(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[B]``: the norm of each task's slice over all entries, in float64, on the device."""
-    return torch.linalg.vector_norm(norms(tensors.values()), dim=0)
 
 
 def scaled_all(tensors: List[torch.Tensor], factor: float) -> List[torch.Tensor]:
