@@ -16,6 +16,8 @@ machine's load falls on all of them; ratios against higher and the hand-written 
 
 ``--sweep 1 5 10`` times the sine MLP's per-task methods at several numbers of inner steps instead and splits each
 method's time into what it pays once per task and what it pays per inner step (``overhead_cpu_steps.{json,md}``).
+``--phases`` splits each of them by phase of a task instead: its start (a clone, or higher's context), its inner steps,
+the query's forward and its backward (``overhead_cpu_phases.{json,md}``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import higher
 import torch
@@ -60,38 +62,79 @@ def median_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def per_task(model: nn.Module, batch, loss: Callable, steps: int, lr: float) -> Steps:
+PHASES = ("start", "inner steps", "query forward", "backward")
+
+
+def _unmarked(phase: Optional[str]) -> None:
+    pass
+
+
+class PhaseClock:
+    """Wall time per phase of a per-task loop: ``mark(phase)`` gives ``phase`` the time since the last mark (``None``
+    starts the clock). The loop's own time between tasks, and a task's teardown, fall in the next task's start."""
+
+    def __init__(self) -> None:
+        self.totals: Dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.last = 0.0
+
+    def __call__(self, phase: Optional[str]) -> None:
+        now = time.perf_counter()
+        if phase is not None:
+            self.totals[phase] += now - self.last
+        self.last = now
+
+
+def per_task(model: nn.Module, batch, loss: Callable, steps: int, lr: float, mark: Callable[[Optional[str]], None] = _unmarked) -> Steps:
     """The per-task meta-step of each peer on ``batch`` (``(x_s, y_s, x_q, y_q)`` per task), ``loss(outputs, targets)``:
     the hand-written loop (``create_graph`` autograd, learn2learn's idiom, and its first-order twin), higher, and
-    ``bo.MAML`` with ``Exact``, ``Binomial(1)`` and ``FirstOrder``."""
+    ``bo.MAML`` with ``Exact``, ``Binomial(1)`` and ``FirstOrder``. ``mark`` is told where each phase of a task ends
+    (:data:`PHASES`; a :class:`PhaseClock`)."""
 
     def hand(create_graph):
         def run():
+            mark(None)
             for xs, ys, xq, yq in batch:
                 phi = dict(model.named_parameters())
+                mark("start")
                 for _ in range(steps):
                     grads = torch.autograd.grad(loss(torch.func.functional_call(model, phi, (xs,)), ys), list(phi.values()),
                                                 create_graph=create_graph)
                     phi = {n: p - lr * (g if create_graph else g.detach()) for (n, p), g in zip(phi.items(), grads)}
-                loss(torch.func.functional_call(model, phi, (xq,)), yq).backward()
+                mark("inner steps")
+                query = loss(torch.func.functional_call(model, phi, (xq,)), yq)
+                mark("query forward")
+                query.backward()
+                mark("backward")
         return run
 
     def with_higher():
+        mark(None)
         for xs, ys, xq, yq in batch:
             with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=lr), copy_initial_weights=False) as (f, d):
+                mark("start")
                 for _ in range(steps):
                     d.step(loss(f(xs), ys))
-                loss(f(xq), yq).backward()
+                mark("inner steps")
+                query = loss(f(xq), yq)
+                mark("query forward")
+                query.backward()
+                mark("backward")
 
     def maml(estimator):
         wrapper = bo.MAML(model, lr=lr, estimator=estimator)
 
         def run():
+            mark(None)
             for xs, ys, xq, yq in batch:
                 learner = wrapper.clone()
+                mark("start")
                 for _ in range(steps):
                     learner.adapt(lambda m, xs=xs, ys=ys: loss(m(xs), ys))
-                loss(learner(xq), yq).backward()
+                mark("inner steps")
+                query = loss(learner(xq), yq)
+                mark("query forward")
+                query.backward()
+                mark("backward")
         return run
 
     return {"hand-written exact": hand(True), "hand-written first-order": hand(False), "higher": with_higher,
@@ -191,6 +234,41 @@ def sweep_table(rows: List[dict], ks: List[int], machine: str, repeats: int) -> 
     return lines
 
 
+def phases(repeats: int, tasks: int = 25, steps: int = 5, lr: float = 0.01) -> List[dict]:
+    """The sine MLP's per-task methods split by phase of a task (:data:`PHASES`): the wall time of each phase per task in
+    microseconds, the median over ``repeats`` meta-steps of ``tasks`` tasks (after two warm-ups, methods interleaved)."""
+    model, batch = sine_tasks(tasks)
+    clock = PhaseClock()
+    runs = per_task(model, batch, F.mse_loss, steps, lr, mark=clock)
+    seen: Dict[str, List[Dict[str, float]]] = {name: [] for name in runs}
+    for i in range(repeats + 2):
+        for name, run in runs.items():
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            clock.totals = dict.fromkeys(PHASES, 0.0)
+            run()
+            if i >= 2:
+                seen[name].append({phase: 1e6 * t / tasks for phase, t in clock.totals.items()})
+    return [{"method": name, "us_per_task": {phase: statistics.median(r[phase] for r in rows) for phase in PHASES}}
+            for name, rows in seen.items()]
+
+
+def phases_table(rows: List[dict], machine: str, repeats: int, tasks: int, steps: int) -> List[str]:
+    hand = next(r for r in rows if r["method"] == "hand-written exact")["us_per_task"]
+    lines = ["# Host overhead by phase of a task (sine MLP)", "", "Wall time per task in microseconds, by phase: the "
+             f"task's start (the clone, higher's context; the previous task's teardown falls here too), its K = {steps} "
+             "inner steps, the query's forward, its backward (the meta-gradient). Median over "
+             f"{repeats} meta-steps of {tasks} tasks after 2 warm-ups, methods interleaved; in brackets the difference to the "
+             f"hand-written exact loop. Machine: {machine}. Command: `python benchmarks/overhead.py --phases`.", "",
+             "| method | " + " | ".join(PHASES) + " | total |", "|---|" + "---:|" * (len(PHASES) + 1)]
+    for r in rows:
+        us = r["us_per_task"]
+        cells = [*(f"{us[p]:.0f} ({us[p] - hand[p]:+.0f})" for p in PHASES),
+                 f"{sum(us.values()):.0f} ({sum(us.values()) - sum(hand.values()):+.0f})"]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS), metavar="SETTING")
@@ -200,10 +278,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep", type=int, nargs="+", metavar="K",
                         help="instead: the sine MLP's per-task methods at these numbers of inner steps, split into a cost per "
                              "task and one per step (writes overhead_cpu_steps.{json,md})")
+    parser.add_argument("--phases", action="store_true",
+                        help="instead: the sine MLP's per-task methods split by phase of a task (writes overhead_cpu_phases.{json,md})")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}"
+    if args.sweep and args.phases:
+        parser.error("--sweep and --phases are two different runs: give one of them")
+    if args.phases:
+        sizes = {"tasks": 2, "steps": 2} if args.small else {"tasks": 25, "steps": 5}
+        rows = phases(args.repeats, **sizes)
+        result = {"machine": machine, "repeats": args.repeats, **sizes, "rows": rows}
+        return write(args.out, "overhead_cpu_phases", result, phases_table(rows, machine, args.repeats, **sizes))
     if args.sweep:
         if len(set(args.sweep)) < 2:
             parser.error("--sweep needs at least two different numbers of steps to fit a line")

@@ -58,3 +58,17 @@ def test_overhead_sweep_splits_each_method_into_a_cost_per_task_and_per_step(tmp
         assert r["per_task"] + r["per_step"] == pytest.approx(r["ms_per_task"]["1"])
         assert r["per_task"] + 2 * r["per_step"] == pytest.approx(r["ms_per_task"]["2"])
     assert "| bo.MAML Exact |" in (tmp_path / "overhead_cpu_steps.md").read_text()
+
+
+def test_overhead_phases_split_each_method_by_phase_of_a_task(tmp_path):
+    import overhead
+
+    result = overhead.main(["--small", "--repeats", "1", "--phases", "--out", str(tmp_path)])
+    rows = {r["method"]: r["us_per_task"] for r in result["rows"]}
+    assert set(rows) == {"hand-written exact", "hand-written first-order", "higher", "bo.MAML Exact", "bo.MAML Binomial(1)",
+                         "bo.MAML FirstOrder"}
+    for phases in rows.values():  # every phase of every method was timed
+        assert list(phases) == list(overhead.PHASES) and all(t > 0 for t in phases.values())
+    assert "| bo.MAML Exact |" in (tmp_path / "overhead_cpu_phases.md").read_text()
+    with pytest.raises(SystemExit):  # one run at a time
+        overhead.main(["--small", "--phases", "--sweep", "1", "2", "--out", str(tmp_path)])
