@@ -37,7 +37,9 @@ def without_meta(hessians, g, step):
     return R.Unrolled(hessians, [g.new_zeros(0, g.numel())] * len(hessians), g, g.new_zeros(0), step)
 
 
-def random_problem(seed, K, d):
+def random_problem(seed, K, d, scalar_step=False):
+    """``K`` symmetric Hessians, ``g`` and the step sizes: per entry, or one float (``scalar_step``: plain SGD, whose
+    step Jacobian an approximation multiplies after the Hessian's product)."""
     gen = generator(seed)
     hessians = []
     for _ in range(K):
@@ -45,7 +47,7 @@ def random_problem(seed, K, d):
         hessians.append((a + a.T) / 2)
     g = torch.randn(d, generator=gen, dtype=torch.float64)
     step = 0.05 + 0.2 * torch.rand(d, generator=gen, dtype=torch.float64)  # per-entry step sizes
-    return hessians, g, step
+    return hessians, g, float(step[0]) if scalar_step else step
 
 
 estimators = st.integers(1, 6).flatmap(
@@ -64,10 +66,10 @@ estimators = st.integers(1, 6).flatmap(
 
 
 @settings(max_examples=60, deadline=None)
-@given(estimators, st.integers(0, 2**16), st.integers(1, 4))
-def test_expansion_equals_brute_force(K_estimator, seed, d):
+@given(estimators, st.integers(0, 2**16), st.integers(1, 4), st.booleans())
+def test_expansion_equals_brute_force(K_estimator, seed, d, scalar_step):
     K, estimator = K_estimator
-    hessians, g, step = random_problem(seed, K, d)
+    hessians, g, step = random_problem(seed, K, d, scalar_step)
     calls = []
     result = run(estimator, K, hessians, g, step, calls)
     expected, _ = R.brute_force(without_meta(hessians, g, step), estimator, K)
@@ -86,10 +88,11 @@ def test_each_binomial_round_is_one_batched_call_of_K_minus_L_plus_1_hvps():
     assert calls == [4, 3]  # Hessians from K - C = 2 on: round 1 takes j = 2..5, round 2 j = 2..4
 
 
+@pytest.mark.parametrize("scalar_step", [False, True])
 @pytest.mark.parametrize("estimator", [bo.Binomial(1), bo.Binomial(2), bo.Binomial(4), bo.Hybrid(2, 4), bo.Hybrid(3, 4)])
-def test_binomial_contributions_are_the_norms_of_each_order_over_their_window(estimator):
+def test_binomial_contributions_are_the_norms_of_each_order_over_their_window(estimator, scalar_step):
     K = 5
-    hessians, g, step = random_problem(1, K, 3)
+    hessians, g, step = random_problem(1, K, 3, scalar_step)
     result = run(estimator, K, hessians, g, step, [])
     L, first = estimator.L, K - getattr(estimator, "C", K)
     expected = []
@@ -103,6 +106,38 @@ def test_binomial_contributions_are_the_norms_of_each_order_over_their_window(es
             terms = terms + v
         expected.append(float(terms.norm()))
     assert torch.allclose(torch.cat(result.contributions), torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", [bo.Truncated(2), bo.Exact()])
+def test_sequential_contributions_are_the_norms_of_the_change_each_factor_makes(estimator):
+    K = 4
+    hessians, g, step = random_problem(2, K, 3, scalar_step=True)
+    result = run(estimator, K, hessians, g, step, [])
+    v, expected = g, []
+    for j in reversed(range(K - estimator.plan(K).levels, K)):
+        change = -(hessians[j] @ (step * v))
+        expected.append(float(change.norm()))
+        v = v + change
+    assert torch.allclose(torch.cat(result.contributions), torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+
+
+def test_an_approximation_multiplies_the_product_by_the_sgd_step_and_exact_keeps_unrolled_autograds_order():
+    """Plain SGD's step Jacobian is ``-lr`` times the identity: an approximation (``L < K``) hands the Hessian the
+    adjoint itself and multiplies the product (no scaled copy), ``Exact`` hands it ``-lr`` times the adjoint, as
+    unrolled autograd does (the same bits as the loop it replaces, where the Hessian is ill-conditioned too)."""
+    K, lr = 3, 0.1
+    hessians, g, _ = random_problem(3, K, 2)
+    for estimator, handed in ((bo.Binomial(1), g), (bo.Truncated(1), g), (bo.Exact(), -lr * g)):
+        seen = []
+        oracle = matrix_hvp_oracle(hessians)
+
+        def recording(steps, vectors, oracle=oracle, seen=seen):
+            seen.append(vectors["w"])
+            return oracle(steps, vectors)
+
+        sgd = StepTranspose({"w": SGDRule()}, {"w": {"lr": lr}})
+        expand(estimator.plan(K), {"w": g[None]}, sgd, recording, steps=K)
+        assert torch.equal(seen[0][0, 0], handed), estimator  # the first vector H_{K-1} takes: u_K = g, scaled or not
 
 
 @settings(max_examples=30, deadline=None)

@@ -20,3 +20,10 @@ def test_nonfinite_tasks_flags_nan_and_inf_and_never_a_large_finite_value(monkey
     assert reductions.nonfinite_tasks([b]).tolist() == [False, False, True, False]
     assert reductions.nonfinite_tasks([torch.ones(1, 5, dtype=dtype)]).tolist() == [False]
     assert reductions.nonfinite_tasks([empty]).tolist() == [False] * 4  # no values: no task flagged, one flag each
+
+
+def test_round_norms_multiply_each_round_by_its_factor():
+    rounds = reductions.RoundNorms()
+    rounds.add({"a": torch.tensor([[3.0]]), "b": torch.tensor([[4.0]])}, -2.0)  # a round of -2 * (3, 4)
+    rounds.add({"a": torch.tensor([[1.0]]), "b": torch.tensor([[0.0]])})
+    assert [r.tolist() for r in rounds.rounds()] == [[10.0], [1.0]]

@@ -66,17 +66,24 @@ class RoundNorms:
 
     def __init__(self) -> None:
         self._entries: List[torch.Tensor] = []
-        self._count = 0
+        self._factors: List[float] = []
+        self._scaled = False
 
-    def add(self, tensors: Dict[str, torch.Tensor]) -> None:
+    def add(self, tensors: Dict[str, torch.Tensor], factor: float = 1.0) -> None:
+        """A round's vector: ``tensors`` times the float ``factor`` (whose magnitude multiplies the round's norm)."""
         self._entries += _entry_norms(list(tensors.values()))
-        self._count += 1
+        self._factors.append(factor)
+        self._scaled = self._scaled or factor != 1.0
 
     def rounds(self) -> List[torch.Tensor]:
-        if not self._count:
+        count = len(self._factors)
+        if not count:
             return []
-        per_entry = torch.stack(self._entries).reshape(self._count, len(self._entries) // self._count, -1).double()
-        return list(torch.linalg.vector_norm(per_entry, dim=1).unbind(0))
+        per_entry = torch.stack(self._entries).reshape(count, len(self._entries) // count, -1).double()
+        totals = torch.linalg.vector_norm(per_entry, dim=1)
+        if self._scaled:
+            totals = totals * torch.tensor(self._factors, dtype=torch.float64, device=totals.device).abs().unsqueeze(1)
+        return list(totals.unbind(0))
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:

@@ -293,6 +293,17 @@ class StepTranspose:
         """``(g, 0)``: the outer gradient with zero cotangents for the final optimizer state."""
         return {**g, **{f"{n}/{s}": torch.zeros_like(g[n]) for n, r in self.rules.items() for s in r.state_names}}
 
+    def through_rate(self, k: int) -> Optional[float]:
+        """The float ``c`` with ``B_k^T z = c z`` for every ``z`` (plain SGD at one float rate: ``-lr``), else ``None``.
+        The expansion then multiplies the Hessian's product by it, not the vector the Hessian takes: no scaled copy of
+        each vector, and no operator to make it.
+
+        >>> StepTranspose({"w": SGDRule()}, {"w": {"lr": 0.5}}).through_rate(0)
+        -0.5
+        """
+        needs_values, rate = self.reads(self.hyper(k))
+        return -rate if self._identity and not needs_values and rate is not None else None
+
     def direct(self, k: int, z: Tensors) -> Tensors:
         """``D_k^T z`` alone (``z`` itself for plain SGD: no operator)."""
         if self._identity and not self.needs_values(self.hyper(k)):
