@@ -99,21 +99,24 @@ class BatchedLearner:
         return f"BatchedLearner({type(self.module).__name__}, tasks={len(self)}, adapted={list(self.params)})"
 
 
-_PLACES: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+_PLACES: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def _places(model: nn.Module) -> list:
-    """``(module, attribute, name, parameter)`` for every place a parameter of ``model`` sits (a tied parameter in each
-    of its places, under the name ``named_parameters()`` gives it), found once per model."""
+def _places(model: nn.Module) -> tuple:
+    """``(places, names)``: ``(module, attribute, name, parameter)`` for every place a parameter of ``model`` sits (a tied
+    parameter in each of its places, under the name ``named_parameters()`` gives it; the model itself as ``None``, since
+    a cached value that referred to its weak key would keep the model alive for good), and the set of those names,
+    found once per model and checked at each call (a parameter assigned since is found again)."""
     cached = _PLACES.get(model)
-    places = None if cached is None else [(model if module is None else module, *rest) for module, *rest in cached]
-    if places is None or any(module._parameters.get(attr) is not param for module, attr, _, param in places):
-        names = {id(p): n for n, p in model.named_parameters()}
-        places = [(module, attr, names[id(p)], p) for prefix, module in model.named_modules(remove_duplicate=False)
-                  for attr, p in module._parameters.items() if p is not None and id(p) in names]
-        # the model itself as None: a cached value that referred to its weak key would keep the model alive for good
-        _PLACES[model] = [(None if module is model else module, *rest) for module, *rest in places]
-    return places
+    if cached is not None and all((model if module is None else module)._parameters.get(attr) is param
+                                  for module, attr, _, param in cached[0]):
+        return cached
+    names = {id(p): n for n, p in model.named_parameters()}
+    places = tuple((None if module is model else module, attr, names[id(p)], p)
+                   for prefix, module in model.named_modules(remove_duplicate=False)
+                   for attr, p in module._parameters.items() if p is not None and id(p) in names)
+    cached = _PLACES[model] = (places, frozenset(names.values()))
+    return cached
 
 
 def call_with(model: nn.Module, params: Tensors, args: tuple, kwargs: dict):
@@ -125,17 +128,16 @@ def call_with(model: nn.Module, params: Tensors, args: tuple, kwargs: dict):
     >>> call_with(net, {"weight": torch.ones(1, 2)}, (torch.ones(1, 2),), {}), net.weight.shape
     (tensor([[2.]]), torch.Size([1, 2]))
     """
-    places = _places(model)
-    if len(params) > len(places) or not set(params) <= {name for _, _, name, _ in places}:  # buffers or unknown names
+    places, names = _places(model)
+    if not names.issuperset(params):  # buffers or unknown names
         return functional_call(model, params, args, kwargs)
-    swapped = [(module, attr, param) for module, attr, name, param in places if name in params]
+    swapped = [(model if module is None else module, attr, name, param) for module, attr, name, param in places if name in params]
     try:
-        for module, attr, name, _ in places:
-            if name in params:
-                module._parameters[attr] = params[name]  # pyright: ignore[reportArgumentType]  # a tensor in place of a Parameter
+        for module, attr, name, _ in swapped:
+            module._parameters[attr] = params[name]  # pyright: ignore[reportArgumentType]  # a tensor in place of a Parameter
         return model(*args, **kwargs)
     finally:
-        for module, attr, param in swapped:
+        for module, attr, _, param in swapped:
             module._parameters[attr] = param
 
 
