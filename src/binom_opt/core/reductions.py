@@ -80,10 +80,11 @@ class RoundNorms:
         if not count:
             return []
         per_entry = torch.stack(self._entries).reshape(count, len(self._entries) // count, -1).double()
-        totals = torch.linalg.vector_norm(per_entry, dim=1)
-        if self._scaled:
-            totals = totals * torch.tensor(self._factors, dtype=torch.float64, device=totals.device).abs().unsqueeze(1)
-        return list(totals.unbind(0))
+        totals = torch.linalg.vector_norm(per_entry, dim=1).unbind(0)
+        if not self._scaled:
+            return list(totals)
+        # each by its Python float: a tensor of the factors made on the host would be a blocking copy to a GPU
+        return [total if factor == 1.0 else total * abs(factor) for total, factor in zip(totals, self._factors)]
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:
