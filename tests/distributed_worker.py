@@ -46,6 +46,9 @@ def run_rank(rank, world, init_file, out_dir, estimator, fail_rank=-1):
         )
         params = meta_step(estimator, rank, world, fail=rank == fail_rank)
         torch.save(params, out / f"rank{rank}.pt")
+        # every rank done before any tears its process group down: a rank that destroys it while the other still talks
+        # to it was seen to abort (SIGABRT from gloo) once in a full local run
+        dist.barrier()
     except BaseException as error:
         (out / f"rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
         raise
