@@ -67,13 +67,11 @@ class RoundNorms:
     def __init__(self) -> None:
         self._entries: List[torch.Tensor] = []
         self._factors: List[float] = []
-        self._scaled = False
 
     def add(self, tensors: Dict[str, torch.Tensor], factor: float = 1.0) -> None:
         """A round's vector: ``tensors`` times the float ``factor`` (whose magnitude multiplies the round's norm)."""
         self._entries += _entry_norms(list(tensors.values()))
         self._factors.append(factor)
-        self._scaled = self._scaled or factor != 1.0
 
     def rounds(self) -> List[torch.Tensor]:
         count = len(self._factors)
@@ -81,8 +79,6 @@ class RoundNorms:
             return []
         per_entry = torch.stack(self._entries).reshape(count, len(self._entries) // count, -1).double()
         totals = torch.linalg.vector_norm(per_entry, dim=1).unbind(0)
-        if not self._scaled:
-            return list(totals)
         # each by its Python float: a tensor of the factors made on the host would be a blocking copy to a GPU
         return [total if factor == 1.0 else total * abs(factor) for total, factor in zip(totals, self._factors)]
 
