@@ -27,3 +27,27 @@ def test_round_norms_multiply_each_round_by_its_factor():
     rounds.add({"a": torch.tensor([[3.0]]), "b": torch.tensor([[4.0]])}, -2.0)  # a round of -2 * (3, 4)
     rounds.add({"a": torch.tensor([[1.0]]), "b": torch.tensor([[0.0]])})
     assert [r.tolist() for r in rounds.rounds()] == [[10.0], [1.0]]
+
+
+@pytest.mark.parametrize("sizes", ["equal", "unequal", "above the cap", "strided", "bfloat16"])
+def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, sizes):
+    """Held rounds are reduced at once (one concatenation where they can be, else their entries in one call): the
+    norms of rounds reduced as they come."""
+    if sizes == "above the cap":
+        monkeypatch.setattr(reductions, "CONCATENATED_VALUES", 1)
+    gen = torch.Generator().manual_seed(2)
+    held, each = reductions.RoundNorms(hold=True), reductions.RoundNorms()
+    for r in range(3):
+        width = 3 if sizes != "unequal" else 3 + r
+        vector = {"a": torch.randn(2, width, generator=gen), "b": torch.randn(2, 2, 2, generator=gen)}
+        if sizes == "strided":
+            vector["b"] = vector["b"].transpose(1, 2)
+        if sizes == "bfloat16":
+            vector = {n: t.bfloat16() for n, t in vector.items()}
+        factor = [1.0, -0.5, 2.0][r]
+        held.add(vector, factor)
+        each.add(vector, factor)
+    for a, b in zip(held.rounds(), each.rounds(), strict=True):
+        assert a.shape == (2,) and a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert reductions.RoundNorms(hold=True).rounds() == []

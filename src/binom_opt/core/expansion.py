@@ -115,7 +115,8 @@ def expand(
         out = hvp(steps, stacked)
         return [{n: t[i] for n, t in out.items()} for i in range(len(steps))]
 
-    rounds = RoundNorms()
+    # kept graphs hold every step's gradient until the end: the rounds' vectors, as small, are held too and reduced at once
+    rounds = RoundNorms(hold=kept is not None and kept(range(f, K)))
     keep_all = with_full_adjoints or plan.schedule == "binomial"
     u: Dict[int, Tensors] = {K: transpose.extend(g)}
     if plan.schedule == "sequential":

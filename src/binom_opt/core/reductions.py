@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -57,6 +57,11 @@ class RoundNorms:
     """Each task's norm over all entries of one vector per round, each round's entries reduced when it ends (one call
     for one task) and the rounds' totals taken together at the end: ``rounds()``, one ``[B]`` float64 tensor per round.
 
+    ``hold``: every round's vector is held until ``rounds()`` instead, which reduces them all at once: for a few
+    values a task, the norms of one concatenation (three operators whatever the number of rounds and entries: what
+    makes the difference where a small model's HVPs are host-bound). Hold only where the vectors are small beside
+    what stays alive anyway, as beside the kept graphs' gradients: the caller would drop each round's vector.
+
     >>> rounds = RoundNorms()
     >>> rounds.add({"a": torch.tensor([[3.0]]), "b": torch.tensor([[4.0]])})
     >>> rounds.add({"a": torch.tensor([[1.0]]), "b": torch.tensor([[0.0]])})
@@ -64,23 +69,45 @@ class RoundNorms:
     [[5.0], [1.0]]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hold: bool = False) -> None:
+        self.hold = hold
         self._entries: List[torch.Tensor] = []
+        self._held: List[List[torch.Tensor]] = []
         self._factors: List[float] = []
 
     def add(self, tensors: Dict[str, torch.Tensor], factor: float = 1.0) -> None:
         """A round's vector: ``tensors`` times the float ``factor`` (whose magnitude multiplies the round's norm)."""
-        self._entries += _entry_norms(list(tensors.values()))
+        if self.hold:
+            self._held.append(list(tensors.values()))
+        else:
+            self._entries += _entry_norms(list(tensors.values()))
         self._factors.append(factor)
 
     def rounds(self) -> List[torch.Tensor]:
         count = len(self._factors)
         if not count:
             return []
-        per_entry = torch.stack(self._entries).reshape(count, len(self._entries) // count, -1).double()
-        totals = torch.linalg.vector_norm(per_entry, dim=1).unbind(0)
+        totals = self._concatenated() if self._held else None
+        if totals is None:
+            entries = self._entries or _entry_norms([t for vector in self._held for t in vector])
+            per_entry = torch.stack(entries).reshape(count, len(entries) // count, -1).double()
+            totals = torch.linalg.vector_norm(per_entry, dim=1).unbind(0)
         # each by its Python float: a tensor of the factors made on the host would be a blocking copy to a GPU
         return [total if factor == 1.0 else total * abs(factor) for total, factor in zip(totals, self._factors)]
+
+    def _concatenated(self) -> Optional[List[torch.Tensor]]:
+        """The held rounds' totals from one concatenation of every vector, where each round has as many values, they
+        are few (:data:`CONCATENATED_VALUES` a task) and contiguous (a strided one would be copied twice); else
+        ``None``."""
+        tensors = [t for vector in self._held for t in vector]
+        B, rounds = tensors[0].shape[0], len(self._held)
+        sizes = {sum(t.numel() for t in vector) for vector in self._held}
+        if len(sizes) != 1 or sizes.pop() * rounds > B * CONCATENATED_VALUES or not all(t.is_contiguous() for t in tensors):
+            return None
+        wide = all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+        with torch.no_grad():
+            together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rounds, -1)
+            return list(torch.linalg.vector_norm(together, dim=2, dtype=None if wide else torch.float32).double().T)
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:
