@@ -51,3 +51,18 @@ def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, si
         assert a.shape == (2,) and a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     assert reductions.RoundNorms(hold=True).rounds() == []
+
+
+@pytest.mark.parametrize("concatenated", [True, False])
+def test_change_norms_are_the_round_norms_of_the_differences(monkeypatch, concatenated):
+    if not concatenated:
+        monkeypatch.setattr(reductions, "CONCATENATED_VALUES", 0)
+    gen = torch.Generator().manual_seed(3)
+    vectors = [[torch.randn(2, 3, generator=gen), torch.randn(2, 2, 2, generator=gen)] for _ in range(4)]
+    rounds = reductions.RoundNorms()
+    for before, after in zip(vectors, vectors[1:]):
+        rounds.add({"a": after[0] - before[0], "b": after[1] - before[1]})
+    got = reductions.change_norms(vectors)
+    assert len(got) == 3 and all(n.shape == (2,) and n.dtype == torch.float64 for n in got)
+    for a, b in zip(got, rounds.rounds()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

@@ -147,8 +147,8 @@ class GraphSpy:
         products = trajectory.products
 
         class Graph(trajectory.Graph):
-            def __init__(self, *args):
-                super().__init__(*args)
+            def __init__(self, *args, **keywords):
+                super().__init__(*args, **keywords)
                 spy.kept.append(weakref.ref(self.grads[0]))
 
         def counted(graphs, vectors, **keywords):
@@ -314,3 +314,88 @@ def test_an_adaptation_without_grad_keeps_no_graph(monkeypatch):
         for _ in range(4):
             learner.adapt(case.support)
     assert kept > 0 and len(spy.kept) == kept
+
+
+def _chain_spy(monkeypatch) -> list:
+    """The number of graphs each backward through a chain of kept graphs went through."""
+    from binom_opt.core import oracle
+
+    chains, original = [], oracle.chain_adjoints
+    monkeypatch.setattr(oracle, "chain_adjoints", lambda graphs, g: chains.append(len(graphs)) or original(graphs, g))
+    return chains
+
+
+@pytest.mark.cpu_only  # bitwise equality holds on the CPU
+def test_exact_takes_every_adjoint_in_one_backward_through_its_chained_graphs(monkeypatch):
+    """Exact chains its kept plain-SGD steps by their updates, as unrolled autograd does: one backward through the
+    chain takes every adjoint, with no product per step. It computes the products and sums of the step-by-step
+    expansion: the meta-gradient of the replayed steps bit for bit, and the same change per Hessian factor."""
+    chains = _chain_spy(monkeypatch)
+    case = mlp_sine()
+
+    def run(**options):
+        wrapper = bo.MAML(case.model, lr=0.1, **options)
+        case.model.zero_grad(set_to_none=True)
+        learner = wrapper.clone()
+        for _ in range(5):
+            learner.adapt(case.support)
+        case.query(learner).backward()
+        return [p.grad.clone() for p in case.model.parameters()], wrapper.last_stats
+
+    run()  # a support loss's first adaptation measures it at step 0, which keeps no graph
+    chains.clear()
+    kept, kept_stats = run()
+    assert chains == [5]
+    replayed, replayed_stats = run(memory_budget=None)
+    assert chains == [5]  # no graph kept: replayed
+    assert all(torch.equal(a, b) for a, b in zip(kept, replayed))
+    assert kept_stats.contributions == pytest.approx(replayed_stats.contributions, rel=1e-12, abs=0)
+    assert kept_stats.hvp_count == replayed_stats.hvp_count == 5 and kept_stats.rounds == replayed_stats.rounds == 5
+
+
+def test_other_estimators_read_a_chained_loop_graph_by_graph(monkeypatch):
+    """Several estimators on one recorded loop (meta_gradients) keep Exact's chained graphs; a binomial round then
+    takes one backward per graph (in one backward a chained graph's product would also reach the graphs before it),
+    and every estimator gets the meta-gradient of the replayed steps."""
+    from binom_opt.functional import meta_gradients
+
+    chains = _chain_spy(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    loss = lambda p: (torch.tanh(x @ p["w"] + p["b"]) - y).pow(2).mean()
+    params = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    estimators = [bo.Binomial(2), bo.Truncated(2), bo.Exact()]
+    meta_gradients(loss, loss, params, steps=4, lr=0.3, estimators=estimators)  # measures the support loss at step 0
+    chains.clear()
+    kept = meta_gradients(loss, loss, params, steps=4, lr=0.3, estimators=estimators)
+    assert chains == [4]  # Exact's, the last estimator's
+    replayed = meta_gradients(loss, loss, params, steps=4, lr=0.3, estimators=estimators, memory_budget=None)
+    for estimator in estimators:
+        for n in params:
+            torch.testing.assert_close(kept[estimator][0][n], replayed[estimator][0][n], rtol=1e-12, atol=1e-15)
+
+
+def test_a_meta_parameter_found_after_a_chain_ends_it_and_gets_its_meta_gradient(monkeypatch):
+    """A closure met at a later step may reach another meta-parameter (a loss weight here): the steps from there on
+    are not chained, their mixed terms come from their graphs, and the meta-gradients are those of the replayed steps."""
+    chains = _chain_spy(monkeypatch)
+    case = mlp_sine()
+    weight = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    weighted = lambda m: weight * case.support(m)
+
+    def run(**options):
+        case.model.zero_grad(set_to_none=True)
+        weight.grad = None
+        learner = bo.MAML(case.model, lr=0.1, **options).clone()
+        for k in range(5):
+            learner.adapt(case.support if k < 2 else weighted)
+        assert [t is weight for t in learner._loop._meta_inputs.values()] == [True]  # the chain's leaves are none
+        case.query(learner).backward()
+        return [p.grad.clone() for p in case.model.parameters()] + [weight.grad.clone()]
+
+    run()
+    kept, replayed = run(), run(memory_budget=None)
+    assert not chains  # steps 2.. are not chained: the adjoints come step by step
+    assert kept[-1].abs() > 0
+    for a, b in zip(kept, replayed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

@@ -20,7 +20,7 @@ import torch
 
 from .batching import stack
 from .estimators import ExpansionPlan
-from .reductions import RoundNorms
+from .reductions import RoundNorms, change_norms
 from .update_rules import StepTranspose
 
 Tensors = Dict[str, torch.Tensor]
@@ -93,7 +93,8 @@ def expand(
     # below the approximation's own error; every path (kept graphs, replays, chunks) multiplies so. An exact plan keeps
     # unrolled autograd's order, H_j (s c z), and so the loop it replaces to the last bits even where the Hessian is
     # ill-conditioned (on GPT-2's masked attention in float64 the two orders differ by 6e-10, relative).
-    rates = [transpose.through_rate(j) if L < K else None for j in range(K)]
+    plain = [transpose.through_rate(j) for j in range(K)]
+    rates = plain if L < K else [None] * K
     factors = [1.0 if rate is None else scale * rate for rate in rates]
 
     def hessian_vector(j: int, z: Tensors) -> Tensors:
@@ -119,7 +120,21 @@ def expand(
     rounds = RoundNorms(hold=kept is not None and kept(range(f, K)))
     keep_all = with_full_adjoints or plan.schedule == "binomial"
     u: Dict[int, Tensors] = {K: transpose.extend(g)}
-    if plan.schedule == "sequential":
+    # Plain-SGD steps whose kept graphs the inner loop chained by their updates: an exact plan takes every adjoint
+    # from one backward through the chain, as unrolled autograd takes them (the same products, H_j (-lr z), and the
+    # same sums as below, no Python between two HVPs).
+    chain = getattr(hvp, "chain", None) if plan.schedule == "sequential" and L == K and scale == 1.0 else None
+    adjoints = chain(range(f, K), u[K]) if chain is not None and all(r is not None for r in plain[f:K]) else None
+    if adjoints is not None:
+        for j in reversed(range(f, K)):
+            if on_adjoint is not None:
+                on_adjoint(j, u[j + 1])
+            u[j] = adjoints[j - f]
+        # the change each factor made, round by round as below (step K-1's first)
+        result.contributions = change_norms([list(u[j].values()) for j in reversed(range(f, K + 1))])
+        result.hvp_count += K - f
+        result.oracle_calls += 1
+    elif plan.schedule == "sequential":
         v = u[K]
         for j in reversed(range(f, K)):
             if on_adjoint is not None:
@@ -157,7 +172,8 @@ def expand(
         u[j] = transpose.direct(j, u[j + 1])
         if not keep_all:
             del u[j + 1]
-    result.contributions = rounds.rounds()
+    if adjoints is None:
+        result.contributions = rounds.rounds()
     if with_full_adjoints:
         result.full_adjoints = {k: u[k + 1] for k in range(K)}
     result.meta_grad = {n: u[0][n] for n in names}

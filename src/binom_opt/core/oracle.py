@@ -15,7 +15,7 @@ from .batching import Tasks, map_points
 from .calls import calls
 from .memory import AUTO, ActivationBytes, Chunking, activation_bytes, measured_once
 from .options import Options
-from .trajectory import Graph, Trajectory, products
+from .trajectory import Graph, Trajectory, chain_adjoints, products
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
@@ -111,6 +111,19 @@ class HVPOracle:
         graphs = [self.trajectory.graphs[j] for j in steps]
         with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}", modules=False):
             return products(graphs, vectors, task_dim=True)
+
+    def chain(self, steps: range, g: Tensors) -> Optional[List[Tensors]]:
+        """The adjoints at the points of ``steps`` (the last steps) for ``g`` at the final point, in one backward through
+        their kept graphs chained by their updates (:func:`~binom_opt.core.trajectory.chain_adjoints`), where the
+        inner loop chained them (kept plain-SGD steps with a Hessian, every parameter with a gradient); else ``None``."""
+        graphs = [self.trajectory.graphs.get(j) for j in steps]
+        if (not graphs or steps.stop != self.trajectory.steps or not all(graphs) or any(j in self.zero for j in steps)
+                or graphs[-1].out is None or not all(graph.chained for graph in graphs[1:])):  # pyright: ignore[reportOptionalMemberAccess]  # all kept
+            return None
+        self.computed += len(steps)
+        self.chunking.used = 1
+        with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}", modules=False):
+            return chain_adjoints(graphs, g)  # pyright: ignore[reportArgumentType]  # all kept
 
     def at_final(self, vectors: Tensors) -> Tensors:
         """``H(phi_K) v`` for every task (``[B, ...]`` in and out), with the last step's support loss."""

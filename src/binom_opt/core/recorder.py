@@ -21,14 +21,14 @@ from .batching import Tasks, compiled, over_tasks, refuse_random_ops, stack
 from .calls import calls
 from .closures import captured_shapes, closure_key, cut_captured
 from .context import RandomState, StepContext, device_types, devices_of
-from .estimators import Estimator, Implicit
+from .estimators import Estimator, Exact, Implicit
 from .implicit import proximal
 from .memory import AUTO_KEEP_GRAPH_CAP, ActivationBytes, keeps_graphs, measured_once
 from .node import Record, Status
 from .options import Options
 from .oracle import support_activations
 from .setup import Setup
-from .trajectory import DROPPED, Graph, Stored, Trajectory
+from .trajectory import DROPPED, Graph, Stored, Trajectory, step_leaves
 from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
 
 Tensors = Dict[str, torch.Tensor]
@@ -54,11 +54,14 @@ class Stepper:
     rates: List[Optional[float]] = field(default_factory=list)  # each step's one float SGD rate (plain_sgd_rate), if any
 
     def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
-                 context: Optional[StepContext] = None, keep: Optional[list] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
+                 context: Optional[StepContext] = None, keep: Optional[list] = None, link: bool = False,
+                 chain: Optional[List[torch.Tensor]] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
         """``(grads [B, ...], losses [B], leaves found)`` at ``phi``, in ``context`` (the step's own, to recompute
         it; ``None`` in the inner loop: the caller's); ``probe`` validates the closure with plain autograd on the
         first task and walks its graph for meta-parameters. ``keep`` (one task): a list that receives the step's
-        :class:`~binom_opt.core.trajectory.Graph`, its leaves and its gradient with the graph that computed it."""
+        :class:`~binom_opt.core.trajectory.Graph`, its leaves and its gradient with the graph that computed it;
+        ``link``: a graph the next step may chain to (:func:`~binom_opt.core.trajectory.step_leaves`); ``chain``: the
+        previous kept step's update with its graph (``Graph.out``), ``phi`` itself, as the leaves."""
         found: List[torch.Tensor] = []
         unused = self.allow_unused if allow_unused is None else allow_unused
         tasks = self.tasks
@@ -67,7 +70,7 @@ class Stepper:
         if plain and not tasks.batched:  # one task without data: its point squeezed, its gradient given [1, ...]
             with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
                 grads, loss, found = _plain_gradient(loss_fn, {n: t.squeeze(0) for n, t in phi.items()}, None, step, unused,
-                                                     probe, keep, unsqueeze=True)
+                                                     probe, keep, unsqueeze=True, link=link, chain=chain)
             return grads, loss.unsqueeze(0), found
         if plain:
             outs = []
@@ -101,25 +104,27 @@ _CLOSURE_HINT = "Check that the data, the model and the adapted parameters share
 
 
 def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool, keep: Optional[list] = None,
-                    unsqueeze: bool = False):
-    """``(grads, loss, found)`` of one task at ``phi`` with plain autograd (``unsqueeze``: each gradient ``[1, ...]``)."""
+                    unsqueeze: bool = False, link: bool = False, chain: Optional[List[torch.Tensor]] = None):
+    """``(grads, loss, found)`` of one task at ``phi`` with plain autograd (``unsqueeze``: each gradient ``[1, ...]``;
+    ``link`` and ``chain`` as in :func:`~binom_opt.core.trajectory.step_leaves`)."""
     if probe:  # a closure's first call is watched for activation checkpointing; later calls of it run plainly
-        return _probed_gradient(loss_fn, phi, task, allow_unused, keep, unsqueeze)
+        return _probed_gradient(loss_fn, phi, task, allow_unused, keep, unsqueeze, link)
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in phi.values()]
+        leaves, direct = step_leaves(phi, link, chain)
         loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
         if not loss.requires_grad:
             raise ValueError(_NO_DEPENDENCE)
         grads = backprop.grad([loss], leaves, create_graph=keep is not None)
-    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze), loss.detach(), []
+    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, direct, chain is not None), loss.detach(), []
 
 
-def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool):
+def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool,
+                     link: bool = False):
     """A closure's first call: checkpointing refused (saved-tensor hooks off, its warning caught), and the other
-    tensors requiring grad that the loss reaches found."""
+    tensors requiring grad that the loss reaches found (never chained: the walk would go down the chain)."""
     with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        leaves = [t.detach().requires_grad_(True) for t in phi.values()]
+        leaves, direct = step_leaves(phi, link, None)
         with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT):
             loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
         if any("None of the inputs have requires_grad=True" in str(w.message) for w in caught):
@@ -133,13 +138,14 @@ def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, ke
             raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
     for w in caught:  # the closure's own warnings, as they would have been shown
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze), loss.detach(), found
+    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, direct), loss.detach(), found
 
 
 def _gradients(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unused: bool, keep: Optional[list],
-               unsqueeze: bool) -> Tensors:
+               unsqueeze: bool, direct: Optional[List[torch.Tensor]] = None, chained: bool = False) -> Tensors:
     """The gradients by name (zero where the loss does not reach a parameter, if allowed); ``keep`` receives the
-    step's :class:`~binom_opt.core.trajectory.Graph`."""
+    step's :class:`~binom_opt.core.trajectory.Graph` (``direct``, ``chained``: see
+    :func:`~binom_opt.core.trajectory.step_leaves`)."""
     if any(g is None for g in grads):
         unused = [n for n, g in zip(phi, grads) if g is None]
         if len(unused) == len(leaves):
@@ -150,7 +156,7 @@ def _gradients(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unus
                 "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
             )
     if keep is not None:
-        keep.append(Graph(list(phi), leaves, list(grads)))
+        keep.append(Graph(list(phi), leaves, list(grads), chained, direct=direct))
         grads = [None if g is None else g.detach() for g in grads]
     if unsqueeze:
         return {n: stack([torch.zeros_like(t) if g is None else g]) for n, t, g in zip(phi, leaves, grads)}
@@ -227,6 +233,9 @@ class InnerLoop:
         # adaptation stay within AUTO_KEEP_GRAPH_CAP (a small model), so that the estimator's HVPs differentiate it
         # instead of replaying the step's forward and backward (Implicit's HVPs are at the final point: none kept)
         self._keep = keeps_graphs(options, tasks.batched) and self._window != 0 and self._proximal is None
+        # Exact takes every adjoint in one backward through kept plain-SGD steps chained by their updates, as unrolled
+        # autograd does (trajectory.chain_adjoints): no Python between two HVPs
+        self._chains = self._keep and isinstance(setup.estimator, Exact)
         self._graphs: Dict[int, Graph] = {}
         self._sizes: Dict[tuple, Optional[ActivationBytes]] = {}  # measured activations, by support loss (this loop's)
 
@@ -282,19 +291,25 @@ class InnerLoop:
         # a step outside the estimator's window whose values no transpose reads never runs again: no context to record
         replayed = self._window != 0 or values or self.setup.options.randomness == "same"
         live, before = self._context_before() if replayed else (None, None)
+        # the previous step's update with its graph, as this step's point; not for a closure's first call, whose probe
+        # walks the loss's graph for meta-parameters and would take the chain's first leaves for some
+        before_k = self._graphs.get(k - 1) if kept is not None and known is not None else None
+        chain = before_k.out if before_k is not None else None
         grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
-                                                     context=live, keep=kept)
+                                                     context=live, keep=kept, link=self._chains and kept is not None, chain=chain)
         recorded = live or (self._context_after(k, before) if replayed else _NOT_REPLAYED)
         if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
             too_large = ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
             self._sizes[measure_key] = support_activations(loss_fn, point, None, self.setup.options, recorded, measure_key,
                                                            fallback=too_large)
-        if kept:
-            self._graphs[k] = kept[0]
         self._closures[key] = (closure, loss_fn, measure_key)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
+        if kept:
+            self._graphs[k] = kept[0]
+            if self._chains and self._last_hyper[2] is not None and not self._meta_inputs and not self._origins:
+                kept[0].link(self._last_hyper[2])
         keep_state = self._stateful and (values or self._every > 1)
         self._stored.append(Stored(self._phi, self._state if keep_state else None) if k % self._every == 0 else None)
         self._values.append(values)
@@ -310,7 +325,11 @@ class InnerLoop:
         self.stepper.contexts.append(recorded)
         if first_order:
             self._first_order.append(k)
-        self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
+        out = kept[0].out if kept else None
+        if out is not None:  # the same update, computed with its graph: the point is its value
+            self._phi, self._state = {n: t.detach().unsqueeze(0) for n, t in zip(self._phi, out)}, {}
+        else:
+            self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
         self._sealed = None
 
     def _context_before(self) -> Tuple[Optional[StepContext], Optional[RandomState]]:

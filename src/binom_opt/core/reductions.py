@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-__all__ = ["INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "RoundNorms", "scaled_all"]
+__all__ = ["INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "RoundNorms", "change_norms", "scaled_all"]
 
 INF = float("inf")
 
@@ -96,18 +96,36 @@ class RoundNorms:
         return [total if factor == 1.0 else total * abs(factor) for total, factor in zip(totals, self._factors)]
 
     def _concatenated(self) -> Optional[List[torch.Tensor]]:
-        """The held rounds' totals from one concatenation of every vector, where each round has as many values, they
-        are few (:data:`CONCATENATED_VALUES` a task) and contiguous (a strided one would be copied twice); else
-        ``None``."""
+        """The held rounds' totals from one concatenation of every vector, where each round has as many values and they
+        are few (:data:`CONCATENATED_VALUES` a task); else ``None``. (Run in the expansion, under ``no_grad``.)"""
         tensors = [t for vector in self._held for t in vector]
         B, rounds = tensors[0].shape[0], len(self._held)
         sizes = {sum(t.numel() for t in vector) for vector in self._held}
-        if len(sizes) != 1 or sizes.pop() * rounds > B * CONCATENATED_VALUES or not all(t.is_contiguous() for t in tensors):
+        if len(sizes) != 1 or sizes.pop() * rounds > B * CONCATENATED_VALUES:
             return None
-        wide = all(t.dtype in (torch.float32, torch.float64) for t in tensors)
-        with torch.no_grad():
-            together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rounds, -1)
-            return list(torch.linalg.vector_norm(together, dim=2, dtype=None if wide else torch.float32).double().T)
+        together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rounds, -1)  # promoted to the widest
+        wide = together.dtype in (torch.float32, torch.float64)
+        return list(torch.linalg.vector_norm(together, dim=2, dtype=None if wide else torch.float32).double().T)
+
+
+def change_norms(vectors: List[List[torch.Tensor]]) -> List[torch.Tensor]:
+    """``[B]`` float64 per pair: each task's norm of ``vectors[i + 1] - vectors[i]`` over all entries (every vector a
+    list of ``[B, ...]`` tensors with the same entries), as :class:`RoundNorms` of those differences. For a few values
+    a task, one concatenation and one difference of it; else entry by entry.
+
+    >>> [n.tolist() for n in change_norms([[torch.tensor([[0.0, 0.0]])], [torch.tensor([[3.0, 4.0]])], [torch.tensor([[3.0, 5.0]])]])]
+    [[5.0], [1.0]]
+    """
+    B, count = vectors[0][0].shape[0], len(vectors)
+    if sum(t.numel() for t in vectors[0]) * count <= B * CONCATENATED_VALUES:
+        together = torch.cat([t.reshape(B, -1) for vector in vectors for t in vector], 1).reshape(B, count, -1)
+        wide = together.dtype in (torch.float32, torch.float64)
+        changes = torch.diff(together, dim=1)
+        return list(torch.linalg.vector_norm(changes, dim=2, dtype=None if wide else torch.float32).double().T)
+    rounds = RoundNorms()
+    for before, after in zip(vectors, vectors[1:]):
+        rounds.add({str(i): b - a for i, (a, b) in enumerate(zip(before, after))})
+    return rounds.rounds()
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:
