@@ -329,7 +329,8 @@ def _chain_spy(monkeypatch) -> list:
 def test_exact_takes_every_adjoint_in_one_backward_through_its_chained_graphs(monkeypatch):
     """Exact chains its kept plain-SGD steps by their updates, as unrolled autograd does: one backward through the
     chain takes every adjoint, with no product per step. It computes the products and sums of the step-by-step
-    expansion: the meta-gradient of the replayed steps bit for bit, and the same change per Hessian factor."""
+    expansion with plain autograd (each product's backward adds the direct path first, as the chain's does): the
+    meta-gradient of the replayed steps bit for bit, and the same change per Hessian factor."""
     chains = _chain_spy(monkeypatch)
     case = mlp_sine()
 
@@ -346,8 +347,8 @@ def test_exact_takes_every_adjoint_in_one_backward_through_its_chained_graphs(mo
     chains.clear()
     kept, kept_stats = run()
     assert chains == [5]
-    replayed, replayed_stats = run(memory_budget=None)
-    assert chains == [5]  # no graph kept: replayed
+    replayed, replayed_stats = run(checkpoint_every=2)  # the points recomputed and every product replayed
+    assert chains == [5]
     assert all(torch.equal(a, b) for a, b in zip(kept, replayed))
     assert kept_stats.contributions == pytest.approx(replayed_stats.contributions, rel=1e-12, abs=0)
     assert kept_stats.hvp_count == replayed_stats.hvp_count == 5 and kept_stats.rounds == replayed_stats.rounds == 5
@@ -399,3 +400,26 @@ def test_a_meta_parameter_found_after_a_chain_ends_it_and_gets_its_meta_gradient
     assert kept[-1].abs() > 0
     for a, b in zip(kept, replayed):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("task_dim", [False, True])
+def test_products_add_a_first_vector_in_their_backward(task_dim):
+    """``products(..., first=w)`` is ``w + H v`` for each graph (the sum the step-by-step exact expansion and the chain
+    take), with the graphs' products otherwise as without it."""
+    from binom_opt.core.trajectory import Graph, products
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    loss = lambda p, task: torch.tanh(x @ p["w"] + p["b"]).pow(3).sum()
+    points = [{"w": torch.randn(3, 2, generator=gen, dtype=torch.float64), "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+              for _ in range(2)]
+    graphs = [Graph.at(loss, point, None) for point in points]
+    shaped = (lambda t: t.unsqueeze(0)) if task_dim else (lambda t: t)
+    vectors = [{n: shaped(torch.randn(t.shape, generator=gen, dtype=torch.float64)) for n, t in point.items()} for point in points]
+    first = [{n: shaped(torch.randn(t.shape, generator=gen, dtype=torch.float64)) for n, t in point.items()} for point in points]
+    plain = products(graphs, vectors, task_dim)
+    added = products(graphs, vectors, task_dim, first)
+    for p, a, w in zip(plain, added, first):
+        for n in p:
+            assert a[n].shape == p[n].shape == w[n].shape
+            torch.testing.assert_close(a[n], w[n] + p[n], rtol=1e-14, atol=1e-15)

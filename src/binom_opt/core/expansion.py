@@ -104,16 +104,18 @@ def expand(
         return {**direct, **dict(zip(names, torch._foreach_add([direct[n] for n in names], [hv[n] for n in names], alpha=c)))}  # pyright: ignore[reportPrivateImportUsage]
 
     kept = getattr(hvp, "kept", None)  # HVPOracle: kept graphs take a list of vectors, unstacked
+    adds = getattr(hvp, "adds", None)  # HVPOracle: whether it adds a vector to a product in the product's backward
 
-    def hvps(steps: range, vectors: Callable[[], List[Tensors]]) -> List[Tensors]:
-        """The products at ``steps`` of the ``[B, ...]`` vectors ``vectors()`` makes, as a list. Made here, not by the
-        caller: stacked for the oracle, the list is a temporary, so a round never holds its vectors twice."""
+    def hvps(steps: range, vectors: Callable[[], List[Tensors]], first: Optional[List[Tensors]] = None) -> List[Tensors]:
+        """The products at ``steps`` of the ``[B, ...]`` vectors ``vectors()`` makes (added to ``first``), as a list.
+        Made here, not by the caller: stacked for the oracle, the list is a temporary, so a round never holds its
+        vectors twice."""
         if kept is not None and kept(steps):
-            return hvp.from_graphs(steps, vectors())  # pyright: ignore[reportFunctionMemberAccess]  # an HVPOracle
+            return hvp.from_graphs(steps, vectors(), first)  # pyright: ignore[reportFunctionMemberAccess]  # an HVPOracle
         made = vectors()
         stacked = {n: stack([v[n] for v in made]) for n in names}
         del made  # the stacked copies only, while the products run
-        out = hvp(steps, stacked)
+        out = hvp(steps, stacked) if first is None else hvp(steps, stacked, {n: stack([v[n] for v in first]) for n in names})  # pyright: ignore[reportCallIssue]  # an HVPOracle
         return [{n: t[i] for n, t in out.items()} for i in range(len(steps))]
 
     # kept graphs hold every step's gradient until the end: the rounds' vectors, as small, are held too and reduced at once
@@ -122,7 +124,7 @@ def expand(
     u: Dict[int, Tensors] = {K: transpose.extend(g)}
     # Plain-SGD steps whose kept graphs the inner loop chained by their updates: an exact plan takes every adjoint
     # from one backward through the chain, as unrolled autograd takes them (the same products, H_j (-lr z), and the
-    # same sums as below, no Python between two HVPs).
+    # same sums as step by step below, no Python between two HVPs).
     chain = getattr(hvp, "chain", None) if plan.schedule == "sequential" and L == K and scale == 1.0 else None
     adjoints = chain(range(f, K), u[K]) if chain is not None and all(r is not None for r in plain[f:K]) else None
     if adjoints is not None:
@@ -144,9 +146,16 @@ def expand(
                 direct, through = transpose.direct(j, v), v
             else:
                 direct, through, _ = transpose.vjp(j, v)  # both parts of one step's transpose, from one call
-            (hv,) = hvps(range(j, j + 1), lambda: [through if folded else scaled(through)])
-            v = step(direct, hv, factors[j])
-            rounds.add(hv, factors[j])
+            if not folded and plain[j] is not None and adds is not None and adds(range(j, j + 1)):
+                # plain SGD, exact, with plain autograd: v + H_j (-lr v) summed in the product's backward, the direct
+                # path first, as the chain's backward and unrolled autograd sum them (so the same bits as the chain)
+                (after,) = hvps(range(j, j + 1), lambda: [scaled(through)], [direct])
+                rounds.add(dict(zip(names, torch._foreach_sub([after[n] for n in names], [direct[n] for n in names]))))  # pyright: ignore[reportPrivateImportUsage]
+                v = after
+            else:
+                (hv,) = hvps(range(j, j + 1), lambda: [through if folded else scaled(through)])
+                v = step(direct, hv, factors[j])
+                rounds.add(hv, factors[j])
             result.hvp_count += 1
             result.oracle_calls += 1
             if keep_all:

@@ -23,8 +23,9 @@ LossFn = Callable[[Tensors, object], torch.Tensor]
 __all__ = ["hvp_function", "plain_hvp", "support_activations", "HVPOracle"]
 
 
-def hvp_function(loss_fn: LossFn, mode: str) -> Callable[[Tensors, Tensors, object], Tensors]:
-    """``hvp(point, vector, task) -> H(point) @ vector`` for the scalar ``loss_fn(point, task)`` of one task.
+def hvp_function(loss_fn: LossFn, mode: str, adds: bool = False) -> Callable[..., Tensors]:
+    """``hvp(point, vector, task) -> H(point) @ vector`` for the scalar ``loss_fn(point, task)`` of one task; with
+    ``adds``, ``hvp(point, vector, first, task) -> first + H(point) @ vector``.
 
     Example:
         >>> f = lambda p, task: (p["w"] ** 3).sum()           # Hessian diag(6 w)
@@ -32,18 +33,25 @@ def hvp_function(loss_fn: LossFn, mode: str) -> Callable[[Tensors, Tensors, obje
         tensor([ 6., 12.])
     """
     if mode == "rev":
-        return lambda point, vector, task: vjp(lambda p: grad(loss_fn)(p, task), point)[1](vector)[0]
-    return lambda point, vector, task: jvp(lambda p: grad(loss_fn)(p, task), (point,), (vector,))[1]
+        hvp = lambda point, vector, task: vjp(lambda p: grad(loss_fn)(p, task), point)[1](vector)[0]
+    else:
+        hvp = lambda point, vector, task: jvp(lambda p: grad(loss_fn)(p, task), (point,), (vector,))[1]
+    if not adds:
+        return hvp
+    return lambda point, vector, first, task: {n: first[n] + h for n, h in hvp(point, vector, task).items()}
 
 
-def plain_hvp(loss_fn: LossFn) -> Callable[[Tensors, Tensors, object], Tensors]:
+def plain_hvp(loss_fn: LossFn, adds: bool = False) -> Callable[..., Tensors]:
     """:func:`hvp_function`'s reverse-over-reverse product with plain autograd, for a call that is not lifted (one
-    point of one task): the same double backward, without ``torch.func``'s per-call wrapping of every tensor.
+    point of one task): the same double backward, without ``torch.func``'s per-call wrapping of every tensor; with
+    ``adds``, ``first`` is added in that backward, as a kept graph's product adds it (:func:`products`).
 
     >>> f = lambda p, task: (p["w"] ** 3).sum()
     >>> plain_hvp(f)({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}, None)["w"]
     tensor([ 6., 12.])
     """
+    if adds:
+        return lambda point, vector, first, task: Graph.at(loss_fn, point, task).hvp(vector, first)
     return lambda point, vector, task: Graph.at(loss_fn, point, task).hvp(vector)  # a kept graph's product, replayed
 
 
@@ -75,7 +83,7 @@ class HVPOracle:
 
     def __init__(self, trajectory: Trajectory, tasks: Tasks, options: Options, chunking: Chunking, zero=frozenset()):
         self.trajectory, self.tasks, self.options, self.chunking, self.zero = trajectory, tasks, options, chunking, zero
-        self._hvps: Dict[int, tuple] = {}  # per support loss: its lifted HVP and its plain one
+        self._hvps: Dict[tuple, tuple] = {}  # per support loss and whether it adds: its lifted HVP and its plain one
         # "auto" with one task at a time: a round's points run one by one with plain autograd, the computation a kept
         # graph's product is (memory.keeps_graphs), so that kept and replayed steps give the same bits (checkpointed
         # or not, a meta-batch's CPU plan or its tasks one by one); one HVP's activations at a time. Not under
@@ -84,33 +92,41 @@ class HVPOracle:
                            and not options.compile_hvps and options.randomness != "same")
         self.computed = 0  # HVPs per task actually taken (steps in ``zero`` have H = 0 and cost nothing)
 
-    def __call__(self, steps: range, vectors: Tensors) -> Tensors:
+    def __call__(self, steps: range, vectors: Tensors, first: Optional[Tensors] = None) -> Tensors:
         parts = []
         for lo, hi, loss_fn in self.trajectory.runs(steps.start, steps.stop, split=self.zero):
             at = {n: t[lo - steps.start : hi - steps.start] for n, t in vectors.items()}
+            before = None if first is None else {n: t[lo - steps.start : hi - steps.start] for n, t in first.items()}
             if lo in self.zero:
-                parts.append({n: torch.zeros_like(t) for n, t in at.items()})
+                parts.append({n: torch.zeros_like(t) for n, t in at.items()} if before is None else before)
                 continue
             if self.kept(range(lo, hi)):  # kept graphs: one backward, no replay
-                done = self.from_graphs(range(lo, hi), [{n: t[i] for n, t in at.items()} for i in range(hi - lo)])
+                done = self.from_graphs(range(lo, hi), [{n: t[i] for n, t in at.items()} for i in range(hi - lo)],
+                                        None if before is None else [{n: t[i] for n, t in before.items()} for i in range(hi - lo)])
                 parts.append({n: torch.stack([d[n] for d in done]) for n in at})
                 continue
             parts.append(self._lifted(loss_fn, lo, lambda lo=lo, hi=hi: self.trajectory.points(lo, hi), at,
-                                      f"the Hessian-vector products at steps {lo}..{hi - 1}"))
+                                      f"the Hessian-vector products at steps {lo}..{hi - 1}", before))
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+    def adds(self, steps: range) -> bool:
+        """Whether the products at ``steps`` run with plain autograd (kept graphs, or points one by one), whose backward
+        adds a vector to each product as the chain's does (``first``): elsewhere a sum after it is one call for every
+        entry, where the backward's would be one per entry."""
+        return self.one_by_one or self.kept(steps)
 
     def kept(self, steps: range) -> bool:
         """Whether every step of ``steps`` has a kept graph (and a Hessian): :meth:`from_graphs` can take them."""
         return all(j in self.trajectory.graphs and j not in self.zero for j in steps)
 
-    def from_graphs(self, steps: range, vectors: List[Tensors]) -> List[Tensors]:
-        """``H_j v_j`` from the kept graphs of ``steps`` (one task: ``[1, ...]`` vectors in and out), in one backward,
-        without stacking a round's vectors into ``[n, B, ...]`` and back."""
+    def from_graphs(self, steps: range, vectors: List[Tensors], first: Optional[List[Tensors]] = None) -> List[Tensors]:
+        """``H_j v_j`` (``first_j + H_j v_j``) from the kept graphs of ``steps`` (one task: ``[1, ...]`` vectors in and
+        out), in one backward, without stacking a round's vectors into ``[n, B, ...]`` and back."""
         self.computed += len(steps)
         self.chunking.used = 1
         graphs = [self.trajectory.graphs[j] for j in steps]
         with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}", modules=False):
-            return products(graphs, vectors, task_dim=True)
+            return products(graphs, vectors, task_dim=True, first=first)
 
     def chain(self, steps: range, g: Tensors) -> Optional[List[Tensors]]:
         """The adjoints at the points of ``steps`` (the last steps) for ``g`` at the final point, in one backward through
@@ -133,17 +149,19 @@ class HVPOracle:
                            "the Hessian-vector products at the adapted point")
         return {n: t.squeeze(0) for n, t in out.items()}
 
-    def _lifted(self, loss_fn, measured_at: int, points, at: Tensors, during: str) -> Tensors:
-        """One lifted, chunked call of the HVP of ``loss_fn`` over ``points()`` x tasks (``[n, B, ...]``)."""
-        hvp, plain = self._hvps.setdefault(id(loss_fn), (hvp_function(loss_fn, self.options.hvp_mode),
-                                                         plain_hvp(loss_fn) if self.options.hvp_mode == "rev" else None))
+    def _lifted(self, loss_fn, measured_at: int, points, at: Tensors, during: str, first: Optional[Tensors] = None) -> Tensors:
+        """One lifted, chunked call of the HVP of ``loss_fn`` over ``points()`` x tasks (``[n, B, ...]``), added to
+        ``first`` where given."""
+        adds = first is not None
+        hvp, plain = self._hvps.setdefault((id(loss_fn), adds), (hvp_function(loss_fn, self.options.hvp_mode, adds),
+                                                                 plain_hvp(loss_fn, adds) if self.options.hvp_mode == "rev" else None))
         count = next(iter(at.values())).shape[0]
         self.computed += count
 
         def call(limit):
             with calls(self.options, self.trajectory.context(measured_at), during):
-                return map_points(hvp, (points(), at), self.tasks, self.options.randomness, limit, self.options.compile_hvps,
-                                  plain=plain)
+                return map_points(hvp, (points(), at) if first is None else (points(), at, first), self.tasks,
+                                  self.options.randomness, limit, self.options.compile_hvps, plain=plain)
 
         if self.one_by_one:  # a task's points one at a time with plain autograd: each its own HVP, as from a kept graph
             self.chunking.used = 1

@@ -28,7 +28,7 @@ from .node import Record, Status
 from .options import Options
 from .oracle import support_activations
 from .setup import Setup
-from .trajectory import DROPPED, Graph, Stored, Trajectory, step_leaves
+from .trajectory import DROPPED, Graph, Stored, Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
 
 Tensors = Dict[str, torch.Tensor]
@@ -54,14 +54,13 @@ class Stepper:
     rates: List[Optional[float]] = field(default_factory=list)  # each step's one float SGD rate (plain_sgd_rate), if any
 
     def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
-                 context: Optional[StepContext] = None, keep: Optional[list] = None, link: bool = False,
+                 context: Optional[StepContext] = None, keep: Optional[list] = None,
                  chain: Optional[List[torch.Tensor]] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
         """``(grads [B, ...], losses [B], leaves found)`` at ``phi``, in ``context`` (the step's own, to recompute
         it; ``None`` in the inner loop: the caller's); ``probe`` validates the closure with plain autograd on the
         first task and walks its graph for meta-parameters. ``keep`` (one task): a list that receives the step's
         :class:`~binom_opt.core.trajectory.Graph`, its leaves and its gradient with the graph that computed it;
-        ``link``: a graph the next step may chain to (:func:`~binom_opt.core.trajectory.step_leaves`); ``chain``: the
-        previous kept step's update with its graph (``Graph.out``), ``phi`` itself, as the leaves."""
+        ``chain``: the previous kept step's update with its graph (``Graph.out``), ``phi`` itself, as the leaves."""
         found: List[torch.Tensor] = []
         unused = self.allow_unused if allow_unused is None else allow_unused
         tasks = self.tasks
@@ -70,7 +69,7 @@ class Stepper:
         if plain and not tasks.batched:  # one task without data: its point squeezed, its gradient given [1, ...]
             with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
                 grads, loss, found = _plain_gradient(loss_fn, {n: t.squeeze(0) for n, t in phi.items()}, None, step, unused,
-                                                     probe, keep, unsqueeze=True, link=link, chain=chain)
+                                                     probe, keep, unsqueeze=True, chain=chain)
             return grads, loss.unsqueeze(0), found
         if plain:
             outs = []
@@ -104,27 +103,26 @@ _CLOSURE_HINT = "Check that the data, the model and the adapted parameters share
 
 
 def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool, keep: Optional[list] = None,
-                    unsqueeze: bool = False, link: bool = False, chain: Optional[List[torch.Tensor]] = None):
+                    unsqueeze: bool = False, chain: Optional[List[torch.Tensor]] = None):
     """``(grads, loss, found)`` of one task at ``phi`` with plain autograd (``unsqueeze``: each gradient ``[1, ...]``;
-    ``link`` and ``chain`` as in :func:`~binom_opt.core.trajectory.step_leaves`)."""
+    ``chain``: ``phi``'s tensors with their graph, the leaves to use)."""
     if probe:  # a closure's first call is watched for activation checkpointing; later calls of it run plainly
-        return _probed_gradient(loss_fn, phi, task, allow_unused, keep, unsqueeze, link)
+        return _probed_gradient(loss_fn, phi, task, allow_unused, keep, unsqueeze)
     with torch.enable_grad():
-        leaves, direct = step_leaves(phi, link, chain)
+        leaves = chain or [t.detach().requires_grad_(True) for t in phi.values()]
         loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
         if not loss.requires_grad:
             raise ValueError(_NO_DEPENDENCE)
         grads = backprop.grad([loss], leaves, create_graph=keep is not None)
-    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, direct, chain is not None), loss.detach(), []
+    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, chain is not None), loss.detach(), []
 
 
-def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool,
-                     link: bool = False):
+def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool):
     """A closure's first call: checkpointing refused (saved-tensor hooks off, its warning caught), and the other
     tensors requiring grad that the loss reaches found (never chained: the walk would go down the chain)."""
     with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        leaves, direct = step_leaves(phi, link, None)
+        leaves = [t.detach().requires_grad_(True) for t in phi.values()]
         with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT):
             loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
         if any("None of the inputs have requires_grad=True" in str(w.message) for w in caught):
@@ -138,14 +136,13 @@ def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, ke
             raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
     for w in caught:  # the closure's own warnings, as they would have been shown
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, direct), loss.detach(), found
+    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze), loss.detach(), found
 
 
 def _gradients(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unused: bool, keep: Optional[list],
-               unsqueeze: bool, direct: Optional[List[torch.Tensor]] = None, chained: bool = False) -> Tensors:
+               unsqueeze: bool, chained: bool = False) -> Tensors:
     """The gradients by name (zero where the loss does not reach a parameter, if allowed); ``keep`` receives the
-    step's :class:`~binom_opt.core.trajectory.Graph` (``direct``, ``chained``: see
-    :func:`~binom_opt.core.trajectory.step_leaves`)."""
+    step's :class:`~binom_opt.core.trajectory.Graph` (``chained``: its leaves are the previous step's update)."""
     if any(g is None for g in grads):
         unused = [n for n, g in zip(phi, grads) if g is None]
         if len(unused) == len(leaves):
@@ -156,7 +153,7 @@ def _gradients(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unus
                 "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
             )
     if keep is not None:
-        keep.append(Graph(list(phi), leaves, list(grads), chained, direct=direct))
+        keep.append(Graph(list(phi), leaves, list(grads), chained))
         grads = [None if g is None else g.detach() for g in grads]
     if unsqueeze:
         return {n: stack([torch.zeros_like(t) if g is None else g]) for n, t, g in zip(phi, leaves, grads)}
@@ -296,7 +293,7 @@ class InnerLoop:
         before_k = self._graphs.get(k - 1) if kept is not None and known is not None else None
         chain = before_k.out if before_k is not None else None
         grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
-                                                     context=live, keep=kept, link=self._chains and kept is not None, chain=chain)
+                                                     context=live, keep=kept, chain=chain)
         recorded = live or (self._context_after(k, before) if replayed else _NOT_REPLAYED)
         if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so

@@ -19,7 +19,7 @@ Tensors = Dict[str, torch.Tensor]
 States = Dict[str, Tensors]
 LossFn = Callable[..., Any]
 
-__all__ = ["Trajectory", "Stored", "Graph", "products", "step_leaves", "chain_adjoints", "DROPPED", "check_recomputed"]
+__all__ = ["Trajectory", "Stored", "Graph", "products", "chain_adjoints", "DROPPED", "check_recomputed"]
 
 
 @dataclass
@@ -41,16 +41,15 @@ class Graph:
     ``v``, and a mixed term one backward to the other meta-parameters, instead of a replay of the step.
 
     Plain SGD steps may be chained as unrolled autograd chains them: ``out`` is the step's update ``leaves - lr *
-    grads`` with its graph (from ``direct``, views of the leaves made before the step's forward), and the next step's
-    leaves are ``out`` itself (``chained``), so that one backward from the last ``out`` takes the adjoints of every
-    step (:func:`chain_adjoints`). A chained graph's leaves depend on the earlier steps' graphs."""
+    grads`` with its graph, and the next step's leaves are ``out`` itself (``chained``), so that one backward from the
+    last ``out`` takes the adjoints of every step (:func:`chain_adjoints`). A chained graph's leaves depend on the
+    earlier steps' graphs."""
 
     names: List[str]
     leaves: List[torch.Tensor]
     grads: List[Optional[torch.Tensor]]
     chained: bool = False
     out: Optional[List[torch.Tensor]] = None
-    direct: Optional[List[torch.Tensor]] = None
 
     @classmethod
     def at(cls, loss_fn: LossFn, point: Tensors, task) -> Graph:
@@ -60,30 +59,39 @@ class Graph:
             grads = backprop.grad([loss_fn(dict(zip(point, leaves)), task)], leaves, create_graph=True)
         return cls(list(point), leaves, list(grads))
 
-    def hvp(self, vector: Tensors) -> Tensors:
-        """``H v`` at this point for ``vector`` (by name); the graph stays for later products."""
-        return products([self], [vector])[0]
+    def hvp(self, vector: Tensors, first: Optional[Tensors] = None) -> Tensors:
+        """``H v`` (``first + H v``) at this point for ``vector`` (by name); the graph stays for later products."""
+        return products([self], [vector], first=None if first is None else [first])[0]
 
     def link(self, lr: float) -> None:
-        """Set :attr:`out`, a plain-SGD step's update ``leaves - lr * grads`` with its graph, from :attr:`direct`: the
-        call the inner loop's update makes (``Stepper.update``), so the same values. Not where a parameter has no
-        gradient (its point would be the next step's as it is, one tensor shared by two graphs)."""
+        """Set :attr:`out`, a plain-SGD step's update ``leaves - lr * grads`` with its graph: the call the inner loop's
+        update makes (``Stepper.update``), so the same values. Not where a parameter has no gradient (its point would
+        be the next step's leaf as it is, one tensor shared by two graphs)."""
         grads = [g for g in self.grads if g is not None]
-        if self.direct is not None and len(grads) == len(self.grads):
+        if len(grads) == len(self.grads):
             with torch.enable_grad():
-                self.out = list(torch._foreach_add(self.direct, grads, alpha=-lr))  # pyright: ignore[reportPrivateImportUsage]
+                self.out = list(torch._foreach_add(self.leaves, grads, alpha=-lr))  # pyright: ignore[reportPrivateImportUsage]
 
 
-def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False) -> List[Tensors]:
+def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False, first: Optional[List[Tensors]] = None
+             ) -> List[Tensors]:
     """``H_i v_i`` for each kept graph and its vector, in one backward: the graphs share no node, so each product is
     the one its graph alone gives, bit for bit, without an engine call per point (a round of the binomial schedule).
     Chained graphs do share nodes (a later one's leaves are computed from an earlier one's): each takes its own
-    backward. ``task_dim``: vectors and products are ``[1, ...]`` (one task's), the graphs' own tensors without it."""
+    backward. ``task_dim``: vectors and products are ``[1, ...]`` (one task's), the graphs' own tensors without it.
+
+    ``first``: ``first_i + H_i v_i`` instead, ``first_i`` handed to the leaves as the backward starts, before any term
+    of the product reaches them: the order in which a backward through the update ``phi - lr * grad`` that chains two
+    steps (unrolled autograd's, :func:`chain_adjoints`) sums the direct path and the product, so the same bits."""
     if len(graphs) > 1 and any(graph.chained for graph in graphs):
-        return [products([graph], [vector], task_dim)[0] for graph, vector in zip(graphs, vectors)]
-    used = [(g, vector[n].squeeze(0) if task_dim else vector[n]) for graph, vector in zip(graphs, vectors)
+        return [products([graph], [vector], task_dim, None if first is None else [first[i]])[0]
+                for i, (graph, vector) in enumerate(zip(graphs, vectors))]
+    squeezed = (lambda t: t.squeeze(0)) if task_dim else (lambda t: t)
+    used = [(g, squeezed(vector[n])) for graph, vector in zip(graphs, vectors)
             for n, g in zip(graph.names, graph.grads) if g is not None and g.requires_grad]
     leaves = [t for graph in graphs for t in graph.leaves]
+    if first is not None:  # each leaf as an output too: the backward's root hands it first_i before anything else
+        used += [(leaf, squeezed(before[n])) for graph, before in zip(graphs, first) for n, leaf in zip(graph.names, graph.leaves)]
     found = (backprop.grad([g for g, _ in used], leaves, [v for _, v in used], retain_graph=True)
              if used else [None] * len(leaves))
     out, start = [], 0
@@ -92,16 +100,6 @@ def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False
         out.append(dict(zip(graph.names, [t.unsqueeze(0) for t in made] if task_dim else made)))
         start += len(graph.leaves)
     return out
-
-
-def step_leaves(phi: Tensors, link: bool, chain: Optional[List[torch.Tensor]]) -> Tuple[List[torch.Tensor], Optional[List[torch.Tensor]]]:
-    """``(leaves, direct)``: a step's leaves, its point detached or the previous step's update (``chain``); where its
-    graph may be linked to the next step's (``link``), a view of each leaf made before the step's forward, which the
-    update starts from (:meth:`Graph.link`). Made first, the views run last in a backward (autograd runs the ready
-    node made last first): the chain's direct path is added to the sum of the step's own gradients, the order of a
-    product and a sum taken step by step, so the same bits."""
-    leaves = chain or [t.detach().requires_grad_(True) for t in phi.values()]
-    return leaves, [t.view_as(t) for t in leaves] if link else None
 
 
 def chain_adjoints(graphs: List[Graph], g: Tensors) -> List[Tensors]:
