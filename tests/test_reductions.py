@@ -66,3 +66,20 @@ def test_change_norms_are_the_round_norms_of_the_differences(monkeypatch, concat
     assert len(got) == 3 and all(n.shape == (2,) and n.dtype == torch.float64 for n in got)
     for a, b in zip(got, rounds.rounds()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("concatenated", [True, False])
+def test_nonfinite_groups_flag_each_group_as_one_call_each(monkeypatch, concatenated):
+    if not concatenated:
+        monkeypatch.setattr(reductions, "CONCATENATED_VALUES", 0)
+    big = torch.finfo(torch.float32).max
+    w, b = torch.ones(4, 3, 2), torch.full((4, 3), big)
+    w[1, 2, 0], b[2, 0] = float("nan"), float("-inf")
+    v = torch.ones(4, 5)
+    v[3, 1] = float("inf")
+    groups = [[w, torch.ones(4, 0)], [b, v], [], [torch.ones(4, 0)]]
+    got = reductions.nonfinite_groups(groups)
+    assert got.shape == (4, 4) and got.dtype == torch.bool
+    assert got.tolist() == [reductions.nonfinite_tasks(group).tolist() if group else [False] * 4 for group in groups]
+    assert got.tolist()[:2] == [[False, True, False, False], [False, False, True, True]]
+    assert reductions.nonfinite_groups([[], []]).tolist() == [[False], [False]]

@@ -101,7 +101,8 @@ def expand(
         return z if rates[j] is not None else scaled(transpose.vjp(j, z)[1])
 
     def step(direct: Tensors, hv: Tensors, c: float = 1.0) -> Tensors:  # D_j^T z + c H_j (...), one call for every entry
-        return {**direct, **dict(zip(names, torch._foreach_add([direct[n] for n in names], [hv[n] for n in names], alpha=c)))}  # pyright: ignore[reportPrivateImportUsage]
+        added = dict(zip(names, torch._foreach_add([direct[n] for n in names], [hv[n] for n in names], alpha=c)))  # pyright: ignore[reportPrivateImportUsage]
+        return added if len(direct) == len(names) else {**direct, **added}  # with the optimizer state's entries
 
     kept = getattr(hvp, "kept", None)  # HVPOracle: kept graphs take a list of vectors, unstacked
     adds = getattr(hvp, "adds", None)  # HVPOracle: whether it adds a vector to a product in the product's backward

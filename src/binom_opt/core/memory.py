@@ -229,7 +229,7 @@ class Chunking:
         chunk_size: at most this many HVPs at once (``None``: no cap).
         memory_budget: bytes (or a string, see :func:`parse_memory_budget`) for one round's
             activations, ``"inner_step"`` for the activations of the inner step, ``"auto"``
-            (:func:`auto_budget`) or ``None``.
+            (:func:`auto_budget`, read when a round first needs it: on CUDA a query of free memory) or ``None``.
         inner_batch: tasks one inner step runs at once (for ``"inner_step"``).
         device: where the HVPs run (for ``"auto"``).
 
@@ -242,7 +242,8 @@ class Chunking:
                  device: Optional[torch.device] = None):
         check_chunk_size(chunk_size)
         self.cap = chunk_size
-        self.budget = auto_budget(device) if parse_memory_budget(memory_budget) == AUTO else parse_memory_budget(memory_budget)
+        self.budget = parse_memory_budget(memory_budget)  # "auto" in bytes once a round needs it (not for kept graphs)
+        self.device = device
         self.inner_batch = inner_batch
         self.per_hvp_bytes: Optional[int] = None
         self.budget_bytes: Optional[int] = None  # the budget in bytes, once known
@@ -256,7 +257,8 @@ class Chunking:
             if self.per_hvp_bytes is None:
                 sizes = measure()
                 self.per_hvp_bytes = sizes.hvp
-                self.budget_bytes = self.inner_batch * sizes.gradient if self.budget == INNER_STEP else self.budget  # pyright: ignore[reportAttributeAccessIssue]  # bytes once parsed
+                self.budget_bytes = (self.inner_batch * sizes.gradient if self.budget == INNER_STEP
+                                     else auto_budget(self.device) if self.budget == AUTO else self.budget)  # pyright: ignore[reportAttributeAccessIssue]  # bytes once parsed
             by_budget = max(1, self.budget_bytes // self.per_hvp_bytes)  # pyright: ignore[reportOptionalOperand]  # both set just above
             cap = by_budget if cap is None else min(cap, by_budget)
         return cap

@@ -25,7 +25,7 @@ from .mixed import MixedTerms, hyper_gradients
 from .norm_layers import module_policy
 from .oracle import HVPOracle
 from .readback import Readback
-from .reductions import entry_norms, nonfinite_tasks
+from .reductions import entry_norms, nonfinite_groups
 from .setup import Setup
 from .stats import add_stats, make_stats, merge_stats
 from .trajectory import Trajectory, check_recomputed
@@ -183,8 +183,8 @@ class Record:
         adjoint, ``bad_adjoints``) is not finite, ``[B]`` each. Under ``nan_policy="skip_task"`` the latter are zeroed
         without reading them first and their flags returned (``None`` under ``"raise"``)."""
         vectors = [result.meta_grad, *result.full_adjoints.values()]
-        read.add("final_bad", nonfinite_tasks(self.trajectory.final.values()))
-        bad = nonfinite_tasks(t for tensors in vectors for t in tensors.values())
+        final_bad, bad = nonfinite_groups([self.trajectory.final.values(), [t for tensors in vectors for t in tensors.values()]])
+        read.add("final_bad", final_bad)
         if bad_adjoints is not None:
             bad = bad | bad_adjoints
         read.add("bad", bad)

@@ -86,7 +86,8 @@ def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False
     if len(graphs) > 1 and any(graph.chained for graph in graphs):
         return [products([graph], [vector], task_dim, None if first is None else [first[i]])[0]
                 for i, (graph, vector) in enumerate(zip(graphs, vectors))]
-    squeezed = (lambda t: t.squeeze(0)) if task_dim else (lambda t: t)
+    views: Dict[int, torch.Tensor] = {}  # a round of the binomial schedule hands every graph the same vector
+    squeezed = (lambda t: views[id(t)] if id(t) in views else views.setdefault(id(t), t.squeeze(0))) if task_dim else (lambda t: t)
     used = [(g, squeezed(vector[n])) for graph, vector in zip(graphs, vectors)
             for n, g in zip(graph.names, graph.grads) if g is not None and g.requires_grad]
     leaves = [t for graph in graphs for t in graph.leaves]
