@@ -32,11 +32,11 @@ PER_TASK_B, BATCHED_B = 2, 32
 PINS = {
     ("2.13", "cpu"): {
         ("higher", PER_TASK_B): 6_126,
-        ("exact-task", PER_TASK_B): 5_884,
-        ("binom1-task", PER_TASK_B): 2_078,
+        ("exact-task", PER_TASK_B): 5_880,
+        ("binom1-task", PER_TASK_B): 2_074,
         ("higher", BATCHED_B): 98_286,
-        ("exact-batch", BATCHED_B): 4_418,
-        ("binom1-batch", BATCHED_B): 1_777,
+        ("exact-batch", BATCHED_B): 4_416,
+        ("binom1-batch", BATCHED_B): 1_775,
     },
 }
 TOLERANCE = 0.05
