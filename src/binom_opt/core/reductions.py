@@ -103,9 +103,7 @@ class RoundNorms:
         sizes = {sum(t.numel() for t in vector) for vector in self._held}
         if len(sizes) != 1 or sizes.pop() * rounds > B * CONCATENATED_VALUES:
             return None
-        together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rounds, -1)  # promoted to the widest
-        wide = together.dtype in (torch.float32, torch.float64)
-        return list(torch.linalg.vector_norm(together, dim=2, dtype=None if wide else torch.float32).double().T)
+        return _row_norms(tensors, B, rounds)
 
 
 def change_norms(vectors: List[List[torch.Tensor]]) -> List[torch.Tensor]:
@@ -118,14 +116,21 @@ def change_norms(vectors: List[List[torch.Tensor]]) -> List[torch.Tensor]:
     """
     B, count = vectors[0][0].shape[0], len(vectors)
     if sum(t.numel() for t in vectors[0]) * count <= B * CONCATENATED_VALUES:
-        together = torch.cat([t.reshape(B, -1) for vector in vectors for t in vector], 1).reshape(B, count, -1)
-        wide = together.dtype in (torch.float32, torch.float64)
-        changes = torch.diff(together, dim=1)
-        return list(torch.linalg.vector_norm(changes, dim=2, dtype=None if wide else torch.float32).double().T)
+        return _row_norms([t for vector in vectors for t in vector], B, count, differences=True)
     rounds = RoundNorms()
     for before, after in zip(vectors, vectors[1:]):
         rounds.add({str(i): b - a for i, (a, b) in enumerate(zip(before, after))})
     return rounds.rounds()
+
+
+def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool = False) -> List[torch.Tensor]:
+    """``tensors``, ``rows`` vectors of as many values one after another, concatenated per task into ``[B, rows, n]``:
+    each row's ``[B]`` float64 norm (with ``differences``, of each row minus the one before), in the values' own float32
+    or float64 (float32 for narrower ones)."""
+    together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rows, -1)  # promoted to the widest
+    wide = together.dtype in (torch.float32, torch.float64)
+    rows_of = torch.diff(together, dim=1) if differences else together
+    return list(torch.linalg.vector_norm(rows_of, dim=2, dtype=None if wide else torch.float32).double().T)
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:

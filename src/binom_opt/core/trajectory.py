@@ -95,12 +95,17 @@ def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False
         used += [(leaf, squeezed(before[n])) for graph, before in zip(graphs, first) for n, leaf in zip(graph.names, graph.leaves)]
     found = (backprop.grad([g for g, _ in used], leaves, [v for _, v in used], retain_graph=True)
              if used else [None] * len(leaves))
-    out, start = [], 0
-    for graph in graphs:
-        made = [torch.zeros_like(t) if h is None else h for t, h in zip(graph.leaves, found[start:start + len(graph.leaves)])]
-        out.append(dict(zip(graph.names, [t.unsqueeze(0) for t in made] if task_dim else made)))
-        start += len(graph.leaves)
-    return out
+    return _by_graph(graphs, found, task_dim)
+
+
+def _by_graph(graphs: List[Graph], found, task_dim: bool) -> List[Tensors]:
+    """One backward's gradients at the leaves of ``graphs`` (in their order), as one dict per graph by name: zeros where
+    the backward did not reach a leaf, ``[1, ...]`` with ``task_dim``."""
+    size = len(graphs[0].leaves)  # every graph is a point of the same adapted parameters
+    return [dict(zip(graph.names, [m.unsqueeze(0) if task_dim else m
+                                   for t, h in zip(graph.leaves, found[i * size:(i + 1) * size])
+                                   for m in [torch.zeros_like(t) if h is None else h]]))
+            for i, graph in enumerate(graphs)]
 
 
 def chain_adjoints(graphs: List[Graph], g: Tensors) -> List[Tensors]:
@@ -111,11 +116,7 @@ def chain_adjoints(graphs: List[Graph], g: Tensors) -> List[Tensors]:
     names, last = graphs[0].names, graphs[-1].out
     assert last is not None and all(graph.chained for graph in graphs[1:]), "not a chain of kept graphs"
     leaves = [t for graph in graphs for t in graph.leaves]
-    found = backprop.grad(last, leaves, [g[n].squeeze(0) for n in names], retain_graph=True)
-    size = len(names)
-    return [dict(zip(names, [(torch.zeros_like(t) if h is None else h).unsqueeze(0)
-                             for t, h in zip(graph.leaves, found[i * size:(i + 1) * size])]))
-            for i, graph in enumerate(graphs)]
+    return _by_graph(graphs, backprop.grad(last, leaves, [g[n].squeeze(0) for n in names], retain_graph=True), task_dim=True)
 
 
 class Trajectory:
