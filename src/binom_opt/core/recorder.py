@@ -54,13 +54,15 @@ class Stepper:
     rates: List[Optional[float]] = field(default_factory=list)  # each step's one float SGD rate (plain_sgd_rate), if any
 
     def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
-                 context: Optional[StepContext] = None, keep: Optional[list] = None,
-                 chain: Optional[List[torch.Tensor]] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
+                 context: Optional[StepContext] = None, keep: Optional[list] = None, chain: bool = False,
+                 link: Optional[float] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
         """``(grads [B, ...], losses [B], leaves found)`` at ``phi``, in ``context`` (the step's own, to recompute
         it; ``None`` in the inner loop: the caller's); ``probe`` validates the closure with plain autograd on the
         first task and walks its graph for meta-parameters. ``keep`` (one task): a list that receives the step's
         :class:`~binom_opt.core.trajectory.Graph`, its leaves and its gradient with the graph that computed it;
-        ``chain``: the previous kept step's update with its graph (``Graph.out``), ``phi`` itself, as the leaves."""
+        ``chain``: ``phi`` is the previous kept step's update with its graph (``Graph.out``, one task's tensors), the
+        leaves; ``link``: the kept graph's plain-SGD rate, to compute its update (``Graph.link``; no meta-parameter
+        found), which then stands for the gradients (none returned)."""
         found: List[torch.Tensor] = []
         unused = self.allow_unused if allow_unused is None else allow_unused
         tasks = self.tasks
@@ -68,8 +70,8 @@ class Stepper:
         plain = probe or (not self.options.compile_hvps and (tasks.loop or not tasks.batched))
         if plain and not tasks.batched:  # one task without data: its point squeezed, its gradient given [1, ...]
             with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
-                grads, loss, found = _plain_gradient(loss_fn, {n: t.squeeze(0) for n, t in phi.items()}, None, step, unused,
-                                                     probe, keep, unsqueeze=True, chain=chain)
+                grads, loss, found = _plain_gradient(loss_fn, phi if chain else {n: t.squeeze(0) for n, t in phi.items()},
+                                                     None, step, unused, probe, keep, unsqueeze=True, chain=chain, link=link)
             return grads, loss.unsqueeze(0), found
         if plain:
             outs = []
@@ -103,26 +105,34 @@ _CLOSURE_HINT = "Check that the data, the model and the adapted parameters share
 
 
 def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool, keep: Optional[list] = None,
-                    unsqueeze: bool = False, chain: Optional[List[torch.Tensor]] = None):
+                    unsqueeze: bool = False, chain: bool = False, link: Optional[float] = None):
     """``(grads, loss, found)`` of one task at ``phi`` with plain autograd (``unsqueeze``: each gradient ``[1, ...]``;
-    ``chain``: ``phi``'s tensors with their graph, the leaves to use)."""
+    ``chain``: ``phi``'s tensors carry their graph and are the leaves to use; ``link`` as in :meth:`Stepper.gradient`)."""
     if probe:  # a closure's first call is watched for activation checkpointing; later calls of it run plainly
-        return _probed_gradient(loss_fn, phi, task, allow_unused, keep, unsqueeze)
+        return _probed_gradient(loss_fn, phi, task, allow_unused, keep, unsqueeze, link)
     with torch.enable_grad():
-        leaves = chain or [t.detach().requires_grad_(True) for t in phi.values()]
+        leaves = list(phi.values()) if chain else _leaves(phi)
         loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
         if not loss.requires_grad:
             raise ValueError(_NO_DEPENDENCE)
         grads = backprop.grad([loss], leaves, create_graph=keep is not None)
-    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, chain is not None), loss.detach(), []
+    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, chain, link), loss.detach(), []
 
 
-def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool):
+def _leaves(phi: Tensors) -> List[torch.Tensor]:
+    """Leaves to differentiate at ``phi``: its tensors themselves where they are views made for this call that require
+    no grad (a view's ``requires_grad_`` leaves the tensor it views as it is), else detached."""
+    return [(t if t._base is not None and not t.requires_grad else t.detach()).requires_grad_(True) for t in phi.values()]
+
+
+def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool,
+                     link: Optional[float] = None):
     """A closure's first call: checkpointing refused (saved-tensor hooks off, its warning caught), and the other
-    tensors requiring grad that the loss reaches found (never chained: the walk would go down the chain)."""
+    tensors requiring grad that the loss reaches found (never chained: the walk would go down the chain; linked only
+    where none is found)."""
     with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        leaves = [t.detach().requires_grad_(True) for t in phi.values()]
+        leaves = _leaves(phi)
         with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT):
             loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
         if any("None of the inputs have requires_grad=True" in str(w.message) for w in caught):
@@ -136,13 +146,14 @@ def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, ke
             raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
     for w in caught:  # the closure's own warnings, as they would have been shown
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze), loss.detach(), found
+    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, link=None if found else link), loss.detach(), found
 
 
 def _gradients(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unused: bool, keep: Optional[list],
-               unsqueeze: bool, chained: bool = False) -> Tensors:
+               unsqueeze: bool, chained: bool = False, link: Optional[float] = None) -> Tensors:
     """The gradients by name (zero where the loss does not reach a parameter, if allowed); ``keep`` receives the
-    step's :class:`~binom_opt.core.trajectory.Graph` (``chained``: its leaves are the previous step's update)."""
+    step's :class:`~binom_opt.core.trajectory.Graph` (``chained``: its leaves are the previous step's update), linked
+    at the rate ``link`` (:meth:`Stepper.gradient`): none then where its update exists."""
     if any(g is None for g in grads):
         unused = [n for n, g in zip(phi, grads) if g is None]
         if len(unused) == len(leaves):
@@ -153,7 +164,12 @@ def _gradients(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unus
                 "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
             )
     if keep is not None:
-        keep.append(Graph(list(phi), leaves, list(grads), chained))
+        graph = Graph(list(phi), leaves, list(grads), chained)
+        keep.append(graph)
+        if link is not None:
+            graph.link(link)
+            if graph.out is not None:
+                return {}
         grads = [None if g is None else g.detach() for g in grads]
     if unsqueeze:
         return {n: stack([torch.zeros_like(t) if g is None else g]) for n, t, g in zip(phi, leaves, grads)}
@@ -201,9 +217,10 @@ class InnerLoop:
         # points before the estimator's window are never read, unless the transposes read every step
         self._window = None if self._transpose.nonlinear or self._every > 1 else setup.estimator.window
         B = tasks.size
-        self._phi = {n: _tasks_of(t.detach(), B) for n, t in self.initial.items()}
+        phi = {n: _tasks_of(t.detach(), B) for n, t in self.initial.items()}
         if options.compile_hvps:  # the strides of every later step, so that the compiled step is reused for the first
-            self._phi = {n: t.contiguous() for n, t in self._phi.items()}
+            phi = {n: t.contiguous() for n, t in phi.items()}
+        self._at = Stored(phi)  # the current point
         self._stateful = any(r.state_names for r in rules.values())
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi} if self._stateful else {}
         tensors = list(self._phi.values())  # every step's point lives where the initial point does
@@ -235,6 +252,10 @@ class InnerLoop:
         self._chains = self._keep and isinstance(setup.estimator, Exact)
         self._graphs: Dict[int, Graph] = {}
         self._sizes: Dict[tuple, Optional[ActivationBytes]] = {}  # measured activations, by support loss (this loop's)
+
+    @property
+    def _phi(self) -> Tensors:
+        return self._at.phi
 
     @property
     def steps_taken(self) -> int:
@@ -292,8 +313,12 @@ class InnerLoop:
         # walks the loss's graph for meta-parameters and would take the chain's first leaves for some
         before_k = self._graphs.get(k - 1) if kept is not None and known is not None else None
         chain = before_k.out if before_k is not None else None
-        grads, losses, found = self.stepper.gradient(loss_fn, self._phi, k, probe=known is None, allow_unused=allow_unused,
-                                                     context=live, keep=kept, chain=chain)
+        # Exact links its kept plain-SGD steps (the next one chains to the update) where no other meta-parameter is known
+        link = (self._last_hyper[2] if kept is not None and self._chains and not self._meta_inputs and not self._origins
+                else None)
+        grads, losses, found = self.stepper.gradient(loss_fn, self._phi if chain is None else dict(zip(self.initial, chain)), k,
+                                                     probe=known is None, allow_unused=allow_unused, context=live, keep=kept,
+                                                     chain=chain is not None, link=link)
         recorded = live or (self._context_after(k, before) if replayed else _NOT_REPLAYED)
         if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
@@ -305,10 +330,8 @@ class InnerLoop:
             self._meta_inputs.setdefault(id(t), t)
         if kept:
             self._graphs[k] = kept[0]
-            if self._chains and self._last_hyper[2] is not None and not self._meta_inputs and not self._origins:
-                kept[0].link(self._last_hyper[2])
         keep_state = self._stateful and (values or self._every > 1)
-        self._stored.append(Stored(self._phi, self._state if keep_state else None) if k % self._every == 0 else None)
+        self._stored.append((Stored(self._phi, self._state) if keep_state else self._at) if k % self._every == 0 else None)
         self._values.append(values)
         if self._window is not None and k >= self._window and not self._values[k - self._window]:
             self._stored[k - self._window] = DROPPED
@@ -323,10 +346,11 @@ class InnerLoop:
         if first_order:
             self._first_order.append(k)
         out = kept[0].out if kept else None
-        if out is not None:  # the same update, computed with its graph: the point is its value
-            self._phi, self._state = {n: t.detach().unsqueeze(0) for n, t in zip(self._phi, out)}, {}
+        if out is not None:  # the same update, computed with its graph: the point is its value, read when needed
+            self._at, self._state = Stored(update=(list(self.initial), out)), {}
         else:
-            self._phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
+            phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
+            self._at = Stored(phi)
         self._sealed = None
 
     def _context_before(self) -> Tuple[Optional[StepContext], Optional[RandomState]]:

@@ -22,12 +22,25 @@ LossFn = Callable[..., Any]
 __all__ = ["Trajectory", "Stored", "Graph", "products", "chain_adjoints", "DROPPED", "check_recomputed"]
 
 
-@dataclass
 class Stored:
-    """A stored point ``phi_k`` and, when kept, the optimizer state there."""
+    """A stored point ``phi_k`` and, when kept, the optimizer state there.
 
-    phi: Tensors
-    state: Optional[States] = None
+    ``update``: the point is a kept step's update with its graph (:attr:`Graph.out`, one task), detached and given
+    its task axis when first read: a step chained to it reads the update itself, and no estimator that differentiates
+    the kept graphs reads the point at all."""
+
+    __slots__ = ("_phi", "_update", "state")
+
+    def __init__(self, phi: Optional[Tensors] = None, state: Optional[States] = None,
+                 update: Optional[Tuple[List[str], List[torch.Tensor]]] = None):
+        self._phi, self.state, self._update = phi, state, update
+
+    @property
+    def phi(self) -> Tensors:
+        if self._phi is None:
+            names, out = self._update  # pyright: ignore[reportGeneralTypeIssues]  # set where phi is not
+            self._phi, self._update = {n: t.detach().unsqueeze(0) for n, t in zip(names, out)}, None
+        return self._phi
 
 
 DROPPED = Stored({})  # a point before the estimator's window: never stored, never read
