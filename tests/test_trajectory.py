@@ -140,7 +140,7 @@ class GraphSpy:
     def __init__(self, monkeypatch):
         import weakref
 
-        from binom_opt.core import oracle, recorder, trajectory
+        from binom_opt.core import oracle, stepper, trajectory
 
         self.products, self.kept = 0, []
         spy = self
@@ -155,7 +155,7 @@ class GraphSpy:
             spy.products += sum(isinstance(graph, Graph) for graph in graphs)  # kept ones (a replay builds its own)
             return products(graphs, vectors, **keywords)
 
-        monkeypatch.setattr(recorder, "Graph", Graph)
+        monkeypatch.setattr(stepper, "Graph", Graph)
         for module in (trajectory, oracle):
             monkeypatch.setattr(module, "products", counted)
 

@@ -8,26 +8,21 @@ found by walking its graph the first time a closure runs (docs/design.md, "Other
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.func import grad_and_value
 
-from . import backprop
-from .adaptation import Adaptation, check_scalar_loss, leaves_requiring_grad
-from .batching import Tasks, compiled, over_tasks, refuse_random_ops, stack
-from .calls import calls
+from .adaptation import Adaptation
+from .batching import Tasks
 from .closures import captured_shapes, closure_key, cut_captured
 from .context import RandomState, StepContext, device_types, devices_of
 from .estimators import Estimator, Exact, Implicit
 from .implicit import proximal
 from .memory import AUTO_KEEP_GRAPH_CAP, ActivationBytes, keeps_graphs, measured_once
 from .node import Record, Status
-from .options import Options
 from .oracle import support_activations
 from .setup import Setup
+from .stepper import Stepper
 from .trajectory import DROPPED, Graph, Stored, Trajectory
 from .update_rules import Hyper, StepTranspose, UpdateRule, check_hyper, detached, learned
 
@@ -35,157 +30,6 @@ Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
 
 __all__ = ["Setup", "Stepper", "InnerLoop"]  # Setup re-exported: the shells build it with the loop
-
-
-@dataclass
-class Stepper:
-    """Takes inner steps for ``B`` tasks: the gradient of a support loss, and the update rules.
-
-    It holds no reference to the recorder, so the trajectory can keep it to recompute gradients
-    and checkpointed segments.
-    """
-
-    rules: Dict[str, UpdateRule]
-    tasks: Tasks
-    options: Options
-    allow_unused: bool = False
-    hyper: List[Dict[str, Hyper]] = field(default_factory=list)  # each step's hyperparameters, detached
-    contexts: List[StepContext] = field(default_factory=list)  # the context each step ran in
-    rates: List[Optional[float]] = field(default_factory=list)  # each step's one float SGD rate (plain_sgd_rate), if any
-
-    def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
-                 context: Optional[StepContext] = None, keep: Optional[list] = None, chain: bool = False,
-                 link: Optional[float] = None) -> Tuple[Tensors, torch.Tensor, List[torch.Tensor]]:
-        """``(grads [B, ...], losses [B], leaves found)`` at ``phi``, in ``context`` (the step's own, to recompute
-        it; ``None`` in the inner loop: the caller's); ``probe`` validates the closure with plain autograd on the
-        first task and walks its graph for meta-parameters. ``keep`` (one task): a list that receives the step's
-        :class:`~binom_opt.core.trajectory.Graph`, its leaves and its gradient with the graph that computed it;
-        ``chain``: ``phi`` is the previous kept step's update with its graph (``Graph.out``, one task's tensors), the
-        leaves; ``link``: the kept graph's plain-SGD rate, to compute its update (``Graph.link``; no meta-parameter
-        found), which then stands for the gradients (none returned)."""
-        found: List[torch.Tensor] = []
-        unused = self.allow_unused if allow_unused is None else allow_unused
-        tasks = self.tasks
-        # one task at a time (one task, or a loop over tasks): plain autograd is faster than torch.func's grad
-        plain = probe or (not self.options.compile_hvps and (tasks.loop or not tasks.batched))
-        if plain and not tasks.batched:  # one task without data: its point squeezed, its gradient given [1, ...]
-            with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
-                grads, loss, found = _plain_gradient(loss_fn, phi if chain else {n: t.squeeze(0) for n, t in phi.items()},
-                                                     None, step, unused, probe, keep, unsqueeze=True, chain=chain, link=link)
-            return grads, loss.unsqueeze(0), found
-        if plain:
-            outs = []
-            with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
-                for b in range(tasks.size if tasks.loop else 1):
-                    one = {n: t[b] for n, t in phi.items()} if tasks.size > 1 else {n: t.squeeze(0) for n, t in phi.items()}
-                    outs.append(_plain_gradient(loss_fn, one, tasks.task(b), step, unused, probe and b == 0,
-                                                None))
-                # after the probe's clearer errors; once per meta-batch (its first task), even split task by task
-                if probe and tasks.loop and tasks.offset == 0 and self.options.randomness in ("error", "replay"):
-                    refuse_random_ops(loss_fn, (phi,), tasks)
-            found = outs[0][2]
-            if len(outs) == tasks.size:
-                return ({n: stack([o[0][n] for o in outs]) for n in phi}, stack([o[1] for o in outs]), found)
-        with torch.no_grad(), calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
-            step_fn = over_tasks(grad_and_value(loss_fn), self.tasks, self.options.randomness)
-            grads, losses = compiled(step_fn, self.options.compile_hvps)(phi)
-        return grads, losses, found
-
-    def update(self, k: int, phi: Tensors, state: Dict[str, Tensors], grads: Tensors) -> Tuple[Tensors, Dict[str, Tensors]]:
-        lr = self.rates[k]
-        if lr is not None:  # plain SGD with one float rate: every parameter in one call
-            with torch.no_grad():
-                return dict(zip(phi, torch._foreach_add(list(phi.values()), [grads[n] for n in phi], alpha=-lr))), {}  # pyright: ignore[reportPrivateImportUsage]  # as torch.optim.SGD
-        with torch.no_grad():
-            new = {n: rule.update(k, phi[n], state.get(n, {}), grads[n], self.hyper[k][n]) for n, rule in self.rules.items()}
-        return {n: v[0] for n, v in new.items()}, {n: v[1] for n, v in new.items()}
-
-
-_CLOSURE_HINT = "Check that the data, the model and the adapted parameters share one dtype and one device."
-
-
-def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool, keep: Optional[list] = None,
-                    unsqueeze: bool = False, chain: bool = False, link: Optional[float] = None):
-    """``(grads, loss, found)`` of one task at ``phi`` with plain autograd (``unsqueeze``: each gradient ``[1, ...]``;
-    ``chain``: ``phi``'s tensors carry their graph and are the leaves to use; ``link`` as in :meth:`Stepper.gradient`)."""
-    if probe:  # a closure's first call is watched for activation checkpointing; later calls of it run plainly
-        return _probed_gradient(loss_fn, phi, task, allow_unused, keep, unsqueeze, link)
-    with torch.enable_grad():
-        leaves = list(phi.values()) if chain else _leaves(phi)
-        loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
-        if not loss.requires_grad:
-            raise ValueError(_NO_DEPENDENCE)
-        grads = backprop.grad([loss], leaves, create_graph=keep is not None)
-    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, chain, link), loss.detach(), []
-
-
-def _leaves(phi: Tensors) -> List[torch.Tensor]:
-    """Leaves to differentiate at ``phi``: its tensors themselves where they are views made for this call that require
-    no grad (a view's ``requires_grad_`` leaves the tensor it views as it is), else detached."""
-    return [(t if t._base is not None and not t.requires_grad else t.detach()).requires_grad_(True) for t in phi.values()]
-
-
-def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool,
-                     link: Optional[float] = None):
-    """A closure's first call: checkpointing refused (saved-tensor hooks off, its warning caught), and the other
-    tensors requiring grad that the loss reaches found (never chained: the walk would go down the chain; linked only
-    where none is found)."""
-    with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        leaves = _leaves(phi)
-        with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT):
-            loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
-        if any("None of the inputs have requires_grad=True" in str(w.message) for w in caught):
-            raise RuntimeError(_CHECKPOINT)  # reentrant checkpointing hides the parameters from the gradient
-        if not loss.requires_grad:
-            raise ValueError(_NO_DEPENDENCE)
-        found = leaves_requiring_grad(loss, exclude={id(t) for t in leaves})
-        try:
-            grads = backprop.grad([loss], leaves, create_graph=keep is not None)
-        except RuntimeError as error:
-            raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
-    for w in caught:  # the closure's own warnings, as they would have been shown
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _gradients(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, link=None if found else link), loss.detach(), found
-
-
-def _gradients(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unused: bool, keep: Optional[list],
-               unsqueeze: bool, chained: bool = False, link: Optional[float] = None) -> Tensors:
-    """The gradients by name (zero where the loss does not reach a parameter, if allowed); ``keep`` receives the
-    step's :class:`~binom_opt.core.trajectory.Graph` (``chained``: its leaves are the previous step's update), linked
-    at the rate ``link`` (:meth:`Stepper.gradient`): none then where its update exists."""
-    if any(g is None for g in grads):
-        unused = [n for n, g in zip(phi, grads) if g is None]
-        if len(unused) == len(leaves):
-            raise ValueError(_NO_DEPENDENCE)
-        if not allow_unused:
-            raise ValueError(
-                f"The support loss does not depend on the adapted parameter(s) {unused}. Adapt only parameters the "
-                "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
-            )
-    if keep is not None:
-        graph = Graph(list(phi), leaves, list(grads), chained)
-        keep.append(graph)
-        if link is not None:
-            graph.link(link)
-            if graph.out is not None:
-                return {}
-        grads = [None if g is None else g.detach() for g in grads]
-    if unsqueeze:
-        return {n: stack([torch.zeros_like(t) if g is None else g]) for n, t, g in zip(phi, leaves, grads)}
-    return {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(phi, leaves, grads)}
-
-
-_CHECKPOINT = (
-    "The support loss runs torch.utils.checkpoint (or other saved-tensor hooks): torch.func, which takes binom_opt's "
-    "Hessian-vector products, cannot differentiate through it, and its reentrant form hides the parameters from "
-    "torch.autograd.grad. Remove activation checkpointing from the support loss: binom_opt keeps no graph between "
-    "inner steps, and memory_budget bounds what one round of HVPs holds."
-)
-_NO_DEPENDENCE = (
-    "The support loss does not depend on the adapted parameters: the closure must compute it from the learner it "
-    "is given, e.g. lambda m: F.cross_entropy(m(x), y), not from a loss computed beforehand or from the model itself."
-)
 
 
 _NOT_REPLAYED = StepContext(())  # the context of a step outside every estimator's window (FirstOrder, Reptile)
@@ -313,12 +157,15 @@ class InnerLoop:
         # walks the loss's graph for meta-parameters and would take the chain's first leaves for some
         before_k = self._graphs.get(k - 1) if kept is not None and known is not None else None
         chain = before_k.out if before_k is not None else None
-        # Exact links its kept plain-SGD steps (the next one chains to the update) where no other meta-parameter is known
-        link = (self._last_hyper[2] if kept is not None and self._chains and not self._meta_inputs and not self._origins
-                else None)
-        grads, losses, found = self.stepper.gradient(loss_fn, self._phi if chain is None else dict(zip(self.initial, chain)), k,
-                                                     probe=known is None, allow_unused=allow_unused, context=live, keep=kept,
-                                                     chain=chain is not None, link=link)
+        # one task on the plain path: its point without the task axis (the last update's own tensors), and a plain-SGD
+        # update taken with the gradient; Exact links a kept one (the next step chains to it) where no other
+        # meta-parameter is known
+        one = not self.tasks.batched and self.stepper.plain(probe=known is None)
+        link = kept is not None and self._chains and not self._meta_inputs and not self._origins
+        point = dict(zip(self.initial, chain)) if chain is not None else self._at.one() if one else self._phi
+        grads, losses, found, update = self.stepper.gradient(
+            loss_fn, point, k, probe=known is None, allow_unused=allow_unused, context=live, keep=kept, one=one,
+            chain=chain is not None, rate=self._last_hyper[2] if one else None, link=link)
         recorded = live or (self._context_after(k, before) if replayed else _NOT_REPLAYED)
         if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
@@ -345,9 +192,8 @@ class InnerLoop:
         self.stepper.contexts.append(recorded)
         if first_order:
             self._first_order.append(k)
-        out = kept[0].out if kept else None
-        if out is not None:  # the same update, computed with its graph: the point is its value, read when needed
-            self._at, self._state = Stored(update=(list(self.initial), out)), {}
+        if update is not None:  # the same update, taken with the gradient: the point is its value, read when needed
+            self._at, self._state = Stored(update=(list(self.initial), update)), {}
         else:
             phi, self._state = self.stepper.update(k, self._phi, self._state, grads)
             self._at = Stored(phi)

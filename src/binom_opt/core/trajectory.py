@@ -25,9 +25,9 @@ __all__ = ["Trajectory", "Stored", "Graph", "products", "chain_adjoints", "DROPP
 class Stored:
     """A stored point ``phi_k`` and, when kept, the optimizer state there.
 
-    ``update``: the point is a kept step's update with its graph (:attr:`Graph.out`, one task), detached and given
-    its task axis when first read: a step chained to it reads the update itself, and no estimator that differentiates
-    the kept graphs reads the point at all."""
+    ``update``: the point is one task's update as a step took it (with its graph where linked, :attr:`Graph.out`),
+    detached and given its task axis when first read: the next step takes the update's tensors as its leaves (or, chained,
+    as they are), and no estimator that differentiates kept graphs reads the point at all."""
 
     __slots__ = ("_phi", "_update", "state")
 
@@ -39,8 +39,16 @@ class Stored:
     def phi(self) -> Tensors:
         if self._phi is None:
             names, out = self._update  # pyright: ignore[reportGeneralTypeIssues]  # set where phi is not
-            self._phi, self._update = {n: t.detach().unsqueeze(0) for n, t in zip(names, out)}, None
+            self._phi, self._update = {n: (t.detach() if t.requires_grad else t).unsqueeze(0) for n, t in zip(names, out)}, None
         return self._phi
+
+    def one(self) -> Tensors:
+        """One task's point without its task axis: the update's own tensors where the point was not read yet (a step
+        may make them its leaves), else views."""
+        if self._phi is None:
+            names, out = self._update  # pyright: ignore[reportGeneralTypeIssues]  # set where phi is not
+            return dict(zip(names, out))
+        return {n: t.squeeze(0) for n, t in self._phi.items()}
 
 
 DROPPED = Stored({})  # a point before the estimator's window: never stored, never read
@@ -189,7 +197,7 @@ class Trajectory:
         if self.every > 1:
             return self._segment(k)[k % self.every]
         if k not in self._grads:
-            self._grads[k] = self.stepper.gradient(self.loss_fns[k], self.stored[k].phi, k, context=self.context(k))[0]  # pyright: ignore[reportOptionalMemberAccess]  # every point is stored
+            self._grads[k] = self.stepper.gradient(self.loss_fns[k], self.stored[k].phi, k, context=self.context(k)).grads  # pyright: ignore[reportOptionalMemberAccess]  # every point is stored
         return self.stored[k].phi, self.stored[k].state or {}, self._grads[k]  # pyright: ignore[reportOptionalMemberAccess]
 
     def context(self, k: int):
@@ -239,7 +247,7 @@ class Trajectory:
         phi, state = self.stored[start].phi, self.stored[start].state or {}  # pyright: ignore[reportOptionalMemberAccess]  # a checkpoint
         out = []
         for k in range(start, stop):
-            grads, losses, _ = self.stepper.gradient(self.loss_fns[k], phi, k, context=self.context(k))
+            grads, losses, *_ = self.stepper.gradient(self.loss_fns[k], phi, k, context=self.context(k))
             out.append((phi, state, grads if self.keep_grads else {}))
             self.recomputed.append((start, stop, f"support loss at step {k}", _same(losses, self.losses[k])))
             phi, state = self.stepper.update(k, phi, state, grads)
