@@ -127,14 +127,16 @@ def expand(
     # from one backward through the chain, as unrolled autograd takes them (the same products, H_j (-lr z), and the
     # same sums as step by step below, no Python between two HVPs).
     chain = getattr(hvp, "chain", None) if plan.schedule == "sequential" and L == K and scale == 1.0 else None
-    adjoints = chain(range(f, K), u[K]) if chain is not None and all(r is not None for r in plain[f:K]) else None
+    top = {n: t.squeeze(0) for n, t in u[K].items()} if chain is not None else {}  # one task's, as the chain's graphs
+    adjoints = chain(range(f, K), top) if chain is not None and all(r is not None for r in plain[f:K]) else None
     if adjoints is not None:
-        for j in reversed(range(f, K)):
+        # the change each factor made, round by round as below (step K-1's first)
+        result.contributions = change_norms([list(a.values()) for a in (top, *reversed(adjoints))], one_task=True)
+        for j in reversed(range(f, K)):  # given the task axis where read: the meta-gradient's, the mixed terms' all
             if on_adjoint is not None:
                 on_adjoint(j, u[j + 1])
-            u[j] = adjoints[j - f]
-        # the change each factor made, round by round as below (step K-1's first)
-        result.contributions = change_norms([list(u[j].values()) for j in reversed(range(f, K + 1))])
+            if j == f or on_adjoint is not None or keep_all:
+                u[j] = {n: t.unsqueeze(0) for n, t in adjoints[j - f].items()}
         result.hvp_count += K - f
         result.oracle_calls += 1
     elif plan.schedule == "sequential":

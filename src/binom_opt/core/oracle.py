@@ -131,7 +131,8 @@ class HVPOracle:
     def chain(self, steps: range, g: Tensors) -> Optional[List[Tensors]]:
         """The adjoints at the points of ``steps`` (the last steps) for ``g`` at the final point, in one backward through
         their kept graphs chained by their updates (:func:`~binom_opt.core.trajectory.chain_adjoints`), where the
-        inner loop chained them (kept plain-SGD steps with a Hessian, every parameter with a gradient); else ``None``."""
+        inner loop chained them (kept plain-SGD steps with a Hessian, every parameter with a gradient); else ``None``.
+        One task's vectors, in and out without the task axis."""
         graphs = [self.trajectory.graphs.get(j) for j in steps]
         if (not graphs or steps.stop != self.trajectory.steps or not all(graphs) or any(j in self.zero for j in steps)
                 or graphs[-1].out is None or not all(graph.chained for graph in graphs[1:])):  # pyright: ignore[reportOptionalMemberAccess]  # all kept

@@ -106,17 +106,20 @@ class RoundNorms:
         return _row_norms(tensors, B, rounds)
 
 
-def change_norms(vectors: List[List[torch.Tensor]]) -> List[torch.Tensor]:
+def change_norms(vectors: List[List[torch.Tensor]], one_task: bool = False) -> List[torch.Tensor]:
     """``[B]`` float64 per pair: each task's norm of ``vectors[i + 1] - vectors[i]`` over all entries (every vector a
-    list of ``[B, ...]`` tensors with the same entries), as :class:`RoundNorms` of those differences. For a few values
-    a task, one concatenation and one difference of it; else entry by entry.
+    list of ``[B, ...]`` tensors with the same entries; ``one_task``: one task's tensors without the task axis, ``B = 1``),
+    as :class:`RoundNorms` of those differences. For a few values a task, one concatenation and one difference of it;
+    else entry by entry.
 
     >>> [n.tolist() for n in change_norms([[torch.tensor([[0.0, 0.0]])], [torch.tensor([[3.0, 4.0]])], [torch.tensor([[3.0, 5.0]])]])]
     [[5.0], [1.0]]
     """
-    B, count = vectors[0][0].shape[0], len(vectors)
+    B, count = 1 if one_task else vectors[0][0].shape[0], len(vectors)
     if sum(t.numel() for t in vectors[0]) * count <= B * CONCATENATED_VALUES:
         return _row_norms([t for vector in vectors for t in vector], B, count, differences=True)
+    if one_task:
+        vectors = [[t.unsqueeze(0) for t in vector] for vector in vectors]
     rounds = RoundNorms()
     for before, after in zip(vectors, vectors[1:]):
         rounds.add({str(i): b - a for i, (a, b) in enumerate(zip(before, after))})
@@ -124,13 +127,19 @@ def change_norms(vectors: List[List[torch.Tensor]]) -> List[torch.Tensor]:
 
 
 def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool = False) -> List[torch.Tensor]:
-    """``tensors``, ``rows`` vectors of as many values one after another, concatenated per task into ``[B, rows, n]``:
-    each row's ``[B]`` float64 norm (with ``differences``, of each row minus the one before), in the values' own float32
-    or float64 (float32 for narrower ones)."""
-    together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rows, -1)  # promoted to the widest
+    """``tensors``, ``rows`` vectors of the same entries one after another, each task's values of every row side by side,
+    ``[rows, B, n]``: each row's ``[B]`` float64 norm (with ``differences``, of each row minus the one before), in the
+    values' own float32 or float64 (float32 for narrower ones). Each entry's rows are stacked first: one call an entry,
+    not one a tensor."""
+    size = len(tensors) // rows
+    entries = [tensors[p::size] for p in range(size)]
+    if all(len({t.shape for t in entry}) == 1 for entry in entries):
+        together = torch.cat([torch.stack(entry).reshape(rows, B, -1) for entry in entries], 2)  # promoted to the widest
+    else:
+        together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rows, -1).transpose(0, 1)
     wide = together.dtype in (torch.float32, torch.float64)
-    rows_of = torch.diff(together, dim=1) if differences else together
-    return list(torch.linalg.vector_norm(rows_of, dim=2, dtype=None if wide else torch.float32).double().T)
+    rows_of = torch.diff(together, dim=0) if differences else together
+    return list(torch.linalg.vector_norm(rows_of, dim=2, dtype=None if wide else torch.float32).double())
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:

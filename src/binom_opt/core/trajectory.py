@@ -133,11 +133,12 @@ def chain_adjoints(graphs: List[Graph], g: Tensors) -> List[Tensors]:
     """The adjoints ``dL/dphi_j`` at the leaves of each of ``graphs``, a chain of consecutive steps (each after the
     first ``chained`` to the one before, the last with its ``out``), for ``g = dL/dphi_K`` at the last ``out``: one
     backward through the whole chain, the computation unrolled autograd makes (``H_j`` applied to ``-lr`` times the
-    adjoint, the direct path added where the two meet). One task: ``[1, ...]`` vectors in and out; the graphs stay."""
+    adjoint, the direct path added where the two meet). One task: ``g`` and the adjoints without the task axis, as
+    the graphs' tensors are; the graphs stay."""
     names, last = graphs[0].names, graphs[-1].out
     assert last is not None and all(graph.chained for graph in graphs[1:]), "not a chain of kept graphs"
     leaves = [t for graph in graphs for t in graph.leaves]
-    return _by_graph(graphs, backprop.grad(last, leaves, [g[n].squeeze(0) for n in names], retain_graph=True), task_dim=True)
+    return _by_graph(graphs, backprop.grad(last, leaves, [g[n] for n in names], retain_graph=True), task_dim=False)
 
 
 class Trajectory:
