@@ -81,7 +81,7 @@ class MetaGradientEngine:
         loop = self._loop(Tasks())
         for _ in range(self.steps):
             loop.step(closure)
-        return Learner(self.model, {n: t.squeeze(0) for n, t in loop.outputs().items()}, self.options.bn)
+        return Learner(self.model, loop.outputs(), self.options.bn)
 
     def adapt_batch(self, closure: Callable[[Learner, Any], torch.Tensor],
                     tasks: Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]) -> BatchedLearner:

@@ -181,7 +181,7 @@ def _one_call(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hyper,
                     one = lambda p, task: check_scalar_loss(outer_loss(p, task), "outer_loss")
                     outer = per_task(one, tasks.loop, options.bn)(cut, tasks.data).sum()
                 else:
-                    outer = check_scalar_loss(outer_loss({n: t.squeeze(0) for n, t in cut.items()}), "outer_loss")
+                    outer = check_scalar_loss(outer_loss(cut), "outer_loss")
             if not outer.requires_grad:
                 raise ValueError("outer_loss does not depend on the adapted parameters: there is no meta-gradient.")
             # retained: a graph the losses share (features from a body) is differentiated again below
@@ -196,8 +196,6 @@ def _one_call(inner_loss, outer_loss, params, tasks: Tasks, steps, rules, hyper,
         named = dict(zip([*params, *extra], grads))
         shapes = {**{n: t for n, t in loop.initial_inputs.items()}, **extra}
         result = {n: torch.zeros_like(shapes[n]) if g is None else g for n, g in named.items()}
-        if not tasks.batched:
-            result.update({n: result[n].squeeze(0) for n in params})
         out[estimator] = (result, monitor.last_stats)
     return out
 

@@ -21,7 +21,7 @@ __all__ = ["Adaptation", "meta_backward", "check_scalar_loss", "sum_present", "d
 class MetaGradient(Protocol):
     """What the node needs of a recorded inner loop (:class:`~binom_opt.core.node.Record`)."""
 
-    trajectory: Any  # its ``final`` point
+    trajectory: Any  # its ``final`` point, and ``final_task`` (one task without the task axis)
     setup: Any  # its ``copied`` flag
     meta_inputs: list
     hyper_inputs: list
@@ -31,14 +31,16 @@ class MetaGradient(Protocol):
 
 
 class Adaptation(torch.autograd.Function):
-    """Node ``(phi_0 [B, ...], other meta-parameters) -> phi_K [B, ...]`` whose backward is the estimator."""
+    """Node ``(phi_0 [B, ...], other meta-parameters) -> phi_K [B, ...]`` whose backward is the estimator; one task
+    without data (``trajectory.final_task``): ``phi_0 -> phi_K`` without the task axis, which its backward adds."""
 
     @staticmethod
     def forward(ctx, record: MetaGradient, *inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         ctx.record = record
         # Aliases, not the record's own tensors: an output refers to this node, and the node must
         # not refer back to its outputs (a reference cycle through autograd is never collected).
-        return tuple(t.detach() for t in record.trajectory.final.values())
+        final = record.trajectory.final_task
+        return tuple(t.detach() for t in (record.trajectory.final if final is None else final).values())
 
     @staticmethod
     @once_differentiable
@@ -50,9 +52,12 @@ class Adaptation(torch.autograd.Function):
             warnings.warn(_NOTHING_META_LEARNED, UserWarning, stacklevel=2)
             record.status.finished = True
             return (None, *copies)
-        g = {n: torch.zeros_like(t) if go is None else go for (n, t), go in zip(final.items(), grad_outputs)}
+        one = record.trajectory.final_task is not None
+        g = {n: torch.zeros_like(t) if go is None else go.unsqueeze(0) if one else go
+             for (n, t), go in zip(final.items(), grad_outputs)}
         meta_grad, meta_input_grads, hyper_grads = record.backward(g)
-        return (None, *(copies or meta_grad.values()), *meta_input_grads, *hyper_grads)
+        initial = (t.squeeze(0) for t in meta_grad.values()) if one else meta_grad.values()
+        return (None, *(copies or initial), *meta_input_grads, *hyper_grads)
 
 
 _NOTHING_META_LEARNED = (

@@ -251,7 +251,7 @@ class AdaptedModule(nn.Module):
     @property
     def params(self) -> Tensors:
         """The adapted parameters after the steps so far, by name (differentiable unless ``detach``)."""
-        params = {n: t.squeeze(0) for n, t in self._loop.outputs().items()}
+        params = self._loop.outputs()
         return {n: t.detach() for n, t in params.items()} if self._detach else params
 
     def _stand_ins(self) -> Tensors:

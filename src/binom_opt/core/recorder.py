@@ -237,17 +237,19 @@ class InnerLoop:
         return loss_fn if self._proximal is None else proximal(loss_fn, self.initial, self._proximal)
 
     def outputs(self, estimator: Optional[Estimator] = None) -> Tensors:
-        """The adapted parameters after the steps so far, ``[B, ...]``, differentiable with respect to the
-        meta-parameters: their backward is ``estimator`` (the setup's by default; several estimators may
-        read one recorded loop). ``initial_inputs`` is then the ``[B, ...]`` initial point they start from."""
+        """The adapted parameters after the steps so far, ``[B, ...]`` (one task without data: its own, without the
+        task axis), differentiable with respect to the meta-parameters: their backward is ``estimator`` (the setup's by
+        default; several estimators may read one recorded loop). ``initial_inputs`` is then the initial point they
+        start from (``[B, ...]``, or the initial parameters themselves)."""
         if self._sealed is not None and estimator is None:
             return self._sealed
-        B = self.tasks.size
-        self.initial_inputs = {n: _tasks_of(t, B) for n, t in self.initial.items()}
+        one = not self.tasks.batched
+        self.initial_inputs = dict(self.initial) if one else {n: _tasks_of(t, self.tasks.size) for n, t in self.initial.items()}
         if not self._loss_fns:
-            return self.initial_inputs
+            return {n: t.view_as(t) for n, t in self.initial.items()} if one else self.initial_inputs
         trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
-                                self._every, keep_grads=any(self._values), keys=list(self._keys), graphs=dict(self._graphs))
+                                self._every, keep_grads=any(self._values), keys=list(self._keys), graphs=dict(self._graphs),
+                                final_task=self._at.one() if one else None)
         hyper = list(self._hyper_steps)
         settings = {id(h): h for h in hyper}.values()  # the steps share a few hyperparameter settings (usually one)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,

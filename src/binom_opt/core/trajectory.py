@@ -39,16 +39,16 @@ class Stored:
     def phi(self) -> Tensors:
         if self._phi is None:
             names, out = self._update  # pyright: ignore[reportGeneralTypeIssues]  # set where phi is not
-            self._phi, self._update = {n: (t.detach() if t.requires_grad else t).unsqueeze(0) for n, t in zip(names, out)}, None
+            self._phi = {n: (t.detach() if t.requires_grad else t).unsqueeze(0) for n, t in zip(names, out)}
         return self._phi
 
     def one(self) -> Tensors:
-        """One task's point without its task axis: the update's own tensors where the point was not read yet (a step
-        may make them its leaves), else views."""
-        if self._phi is None:
-            names, out = self._update  # pyright: ignore[reportGeneralTypeIssues]  # set where phi is not
+        """One task's point without its task axis: the update's own tensors (a step may make them its leaves), else
+        views of the point."""
+        if self._update is not None:
+            names, out = self._update
             return dict(zip(names, out))
-        return {n: t.squeeze(0) for n, t in self._phi.items()}
+        return {n: t.squeeze(0) for n, t in self.phi.items()}
 
 
 DROPPED = Stored({})  # a point before the estimator's window: never stored, never read
@@ -155,12 +155,14 @@ class Trajectory:
         keys: what identifies each step's support loss across adaptations (the same closure of the same model), so
             that a measurement of its activations is taken once (``None``: not known).
         graphs: the :class:`Graph` of the steps that kept theirs (one task), until :meth:`release`.
+        final_task: one task without data: ``phi_K`` without the task axis (the node's outputs, its inputs the initial
+            parameters themselves), else ``None``.
     """
 
     def __init__(self, stored: List[Optional[Stored]], loss_fns: List[LossFn], losses: torch.Tensor,
                  final: Tensors, stepper, every: int = 1, keep_grads: bool = True, keys: Optional[List[object]] = None,
-                 graphs: Optional[Dict[int, Graph]] = None):
-        self.stored, self.loss_fns, self.losses, self.final = stored, loss_fns, losses, final
+                 graphs: Optional[Dict[int, Graph]] = None, final_task: Optional[Tensors] = None):
+        self.stored, self.loss_fns, self.losses, self.final, self.final_task = stored, loss_fns, losses, final, final_task
         self.keys = keys or [None] * len(loss_fns)
         self.graphs = graphs or {}
         self.stepper, self.every, self.keep_grads = stepper, every, keep_grads
