@@ -29,7 +29,7 @@ def test_round_norms_multiply_each_round_by_its_factor():
     assert [r.tolist() for r in rounds.rounds()] == [[10.0], [1.0]]
 
 
-@pytest.mark.parametrize("sizes", ["equal", "unequal", "above the cap", "strided", "bfloat16"])
+@pytest.mark.parametrize("sizes", ["equal", "unequal", "reshaped", "above the cap", "strided", "bfloat16"])
 def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, sizes):
     """Held rounds are reduced at once (one concatenation where they can be, else their entries in one call): the
     norms of rounds reduced as they come."""
@@ -42,6 +42,8 @@ def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, si
         vector = {"a": torch.randn(2, width, generator=gen), "b": torch.randn(2, 2, 2, generator=gen)}
         if sizes == "strided":
             vector["b"] = vector["b"].transpose(1, 2)
+        if sizes == "reshaped" and r == 1:  # as many values, another shape: no stack of the entry's rounds
+            vector["b"] = vector["b"].reshape(2, 4)
         if sizes == "bfloat16":
             vector = {n: t.bfloat16() for n, t in vector.items()}
         factor = [1.0, -0.5, 2.0][r]
@@ -53,17 +55,20 @@ def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, si
     assert reductions.RoundNorms(hold=True).rounds() == []
 
 
+@pytest.mark.parametrize("one_task", [False, True])
 @pytest.mark.parametrize("concatenated", [True, False])
-def test_change_norms_are_the_round_norms_of_the_differences(monkeypatch, concatenated):
+def test_change_norms_are_the_round_norms_of_the_differences(monkeypatch, concatenated, one_task):
     if not concatenated:
         monkeypatch.setattr(reductions, "CONCATENATED_VALUES", 0)
     gen = torch.Generator().manual_seed(3)
-    vectors = [[torch.randn(2, 3, generator=gen), torch.randn(2, 2, 2, generator=gen)] for _ in range(4)]
+    B = 1 if one_task else 2
+    vectors = [[torch.randn(B, 3, generator=gen), torch.randn(B, 2, 2, generator=gen)] for _ in range(4)]
     rounds = reductions.RoundNorms()
     for before, after in zip(vectors, vectors[1:]):
         rounds.add({"a": after[0] - before[0], "b": after[1] - before[1]})
-    got = reductions.change_norms(vectors)
-    assert len(got) == 3 and all(n.shape == (2,) and n.dtype == torch.float64 for n in got)
+    given = [[t.squeeze(0) for t in vector] for vector in vectors] if one_task else vectors  # without the task axis
+    got = reductions.change_norms(given, one_task=one_task)
+    assert len(got) == 3 and all(n.shape == (B,) and n.dtype == torch.float64 for n in got)
     for a, b in zip(got, rounds.rounds()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 

@@ -132,10 +132,9 @@ def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool
     values' own float32 or float64 (float32 for narrower ones). Each entry's rows are stacked first: one call an entry,
     not one a tensor."""
     size = len(tensors) // rows
-    entries = [tensors[p::size] for p in range(size)]
-    if all(len({t.shape for t in entry}) == 1 for entry in entries):
-        together = torch.cat([torch.stack(entry).reshape(rows, B, -1) for entry in entries], 2)  # promoted to the widest
-    else:
+    try:  # promoted to the widest
+        together = torch.cat([torch.stack(tensors[p::size]).reshape(rows, B, -1) for p in range(size)], 2)
+    except RuntimeError:  # an entry of other shapes in other rows
         together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rows, -1).transpose(0, 1)
     wide = together.dtype in (torch.float32, torch.float64)
     rows_of = torch.diff(together, dim=0) if differences else together
