@@ -60,14 +60,15 @@ class InnerLoop:
         self._every = options.checkpoint_every or 1
         # points before the estimator's window are never read, unless the transposes read every step
         self._window = None if self._transpose.nonlinear or self._every > 1 else setup.estimator.window
-        B = tasks.size
-        phi = {n: _tasks_of(t.detach(), B) for n, t in self.initial.items()}
-        if options.compile_hvps:  # the strides of every later step, so that the compiled step is reused for the first
-            phi = {n: t.contiguous() for n, t in phi.items()}
-        self._at = Stored(phi)  # the current point
+        if tasks.batched or options.compile_hvps:
+            phi = {n: _tasks_of(t.detach(), tasks.size) for n, t in self.initial.items()}
+            # compiled: the strides of every later step, so that the compiled step is reused for the first
+            self._at = Stored({n: t.contiguous() for n, t in phi.items()} if options.compile_hvps else phi)
+        else:  # one task: its first step's leaves are the initial parameters detached, the point made only if read
+            self._at = Stored(update=(list(self.initial), [t.detach() for t in self.initial.values()]))
         self._stateful = any(r.state_names for r in rules.values())
         self._state = {n: rules[n].init_state(self._phi[n]) for n in self._phi} if self._stateful else {}
-        tensors = list(self._phi.values())  # every step's point lives where the initial point does
+        tensors = list(self.initial.values())  # every step's point lives where the initial point does
         self._devices = device_types(tensors), devices_of(tensors)
         # (hyper, whether its transposes read values, its one float SGD rate, detached)
         self._last_hyper: Optional[Tuple[Dict[str, Hyper], bool, Optional[float], Dict[str, Hyper]]] = None
@@ -143,9 +144,9 @@ class InnerLoop:
         # adapted without grad (evaluation), no meta-gradient follows: nothing to keep a graph for
         keep = self._keep and torch.is_grad_enabled()
         sizes = self._sizes.get(measure_key) if keep else None  # None: not measured yet
-        point = {n: t[0] for n, t in self._phi.items()} if keep and sizes is None else {}
-        if keep and sizes is None:
-            sizes = self._sizes[measure_key] = measured_once(measure_key, point, None)
+        if keep and sizes is None:  # one task's point has the initial parameters' shapes
+            sizes = self._sizes[measure_key] = measured_once(measure_key, self.initial, None)
+        measured = keep and sizes is None
         kept: Optional[list] = [] if keep and not first_order and sizes is not None and self._fits(sizes) else None
         if self._last_hyper is None or self._last_hyper[0] is not self.hyper:  # read once per hyperparameter setting
             self._last_hyper = (self.hyper, *self._transpose.reads(self.hyper), {n: detached(h) for n, h in self.hyper.items()})
@@ -167,11 +168,11 @@ class InnerLoop:
             loss_fn, point, k, probe=known is None, allow_unused=allow_unused, context=live, keep=kept, one=one,
             chain=chain is not None, rate=self._last_hyper[2] if one else None, link=link)
         recorded = live or (self._context_after(k, before) if replayed else _NOT_REPLAYED)
-        if keep and sizes is None:  # measured once the probe has vetted the closure, for the steps to come; a failure
+        if measured:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
             too_large = ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
-            self._sizes[measure_key] = support_activations(loss_fn, point, None, self.setup.options, recorded, measure_key,
-                                                           fallback=too_large)
+            self._sizes[measure_key] = support_activations(loss_fn, {n: t[0] for n, t in self._phi.items()}, None,
+                                                           self.setup.options, recorded, measure_key, fallback=too_large)
         self._closures[key] = (closure, loss_fn, measure_key)
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
