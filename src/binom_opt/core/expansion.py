@@ -107,12 +107,13 @@ def expand(
     kept = getattr(hvp, "kept", None)  # HVPOracle: kept graphs take a list of vectors, unstacked
     adds = getattr(hvp, "adds", None)  # HVPOracle: whether it adds a vector to a product in the product's backward
 
-    def hvps(steps: range, vectors: Callable[[], List[Tensors]], first: Optional[List[Tensors]] = None) -> List[Tensors]:
-        """The products at ``steps`` of the ``[B, ...]`` vectors ``vectors()`` makes (added to ``first``), as a list.
-        Made here, not by the caller: stacked for the oracle, the list is a temporary, so a round never holds its
-        vectors twice."""
+    def hvps(steps: range, vectors: Callable[[], List[Tensors]], first: Optional[List[Tensors]] = None, bare: bool = False
+             ) -> List[Tensors]:
+        """The products at ``steps`` of the ``[B, ...]`` vectors ``vectors()`` makes (added to ``first``), as a list
+        (``bare``: from kept graphs, one task's without the task axis, for :func:`step` to broadcast). Made here, not by
+        the caller: stacked for the oracle, the list is a temporary, so a round never holds its vectors twice."""
         if kept is not None and kept(steps):
-            return hvp.from_graphs(steps, vectors(), first)  # pyright: ignore[reportFunctionMemberAccess]  # an HVPOracle
+            return hvp.from_graphs(steps, vectors(), first, bare)  # pyright: ignore[reportFunctionMemberAccess]  # an HVPOracle
         made = vectors()
         stacked = {n: stack([v[n] for v in made]) for n in names}
         del made  # the stacked copies only, while the products run
@@ -174,10 +175,10 @@ def expand(
             lo, hi = max(L - level, f), K - level  # this round's HVP indices j = lo..hi
             window = max(L - level + 1, f)  # raised from level l-1 to l here: the difference is order l
             before = u[window]
-            hv = hvps(range(lo, hi + 1), lambda: [hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)])
+            hv = hvps(range(lo, hi + 1), lambda: [hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)], bare=True)
             for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
                 u[j] = step(transpose.direct(j, u[j + 1]), hv[j - lo], factors[j])
-            rounds.add({n: u[window][n] - before[n] for n in names})
+            rounds.add(dict(zip(names, torch._foreach_sub([u[window][n] for n in names], [before[n] for n in names]))))  # pyright: ignore[reportPrivateImportUsage]
             result.hvp_count += hi - lo + 1
             result.oracle_calls += 1
     for j in reversed(range(f)):  # below the first kept Hessian only D_j^T acts

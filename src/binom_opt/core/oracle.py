@@ -119,14 +119,16 @@ class HVPOracle:
         """Whether every step of ``steps`` has a kept graph (and a Hessian): :meth:`from_graphs` can take them."""
         return all(j in self.trajectory.graphs and j not in self.zero for j in steps)
 
-    def from_graphs(self, steps: range, vectors: List[Tensors], first: Optional[List[Tensors]] = None) -> List[Tensors]:
+    def from_graphs(self, steps: range, vectors: List[Tensors], first: Optional[List[Tensors]] = None, bare: bool = False
+                    ) -> List[Tensors]:
         """``H_j v_j`` (``first_j + H_j v_j``) from the kept graphs of ``steps`` (one task: ``[1, ...]`` vectors in and
-        out), in one backward, without stacking a round's vectors into ``[n, B, ...]`` and back."""
+        out, or out without the task axis where ``bare``), in one backward, without stacking a round's vectors into
+        ``[n, B, ...]`` and back."""
         self.computed += len(steps)
         self.chunking.used = 1
         graphs = [self.trajectory.graphs[j] for j in steps]
         with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}", modules=False):
-            return products(graphs, vectors, task_dim=True, first=first)
+            return products(graphs, vectors, task_dim=True, first=first, bare=bare)
 
     def chain(self, steps: range, g: Tensors) -> Optional[List[Tensors]]:
         """The adjoints at the points of ``steps`` (the last steps) for ``g`` at the final point, in one backward through

@@ -94,8 +94,8 @@ class Graph:
                 self.out = list(torch._foreach_add(self.leaves, grads, alpha=-lr))  # pyright: ignore[reportPrivateImportUsage]
 
 
-def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False, first: Optional[List[Tensors]] = None
-             ) -> List[Tensors]:
+def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False, first: Optional[List[Tensors]] = None,
+             bare: bool = False) -> List[Tensors]:
     """``H_i v_i`` for each kept graph and its vector, in one backward: the graphs share no node, so each product is
     the one its graph alone gives, bit for bit, without an engine call per point (a round of the binomial schedule).
     Chained graphs do share nodes (a later one's leaves are computed from an earlier one's): each takes its own
@@ -103,9 +103,10 @@ def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False
 
     ``first``: ``first_i + H_i v_i`` instead, ``first_i`` handed to the leaves as the backward starts, before any term
     of the product reaches them: the order in which a backward through the update ``phi - lr * grad`` that chains two
-    steps (unrolled autograd's, :func:`chain_adjoints`) sums the direct path and the product, so the same bits."""
+    steps (unrolled autograd's, :func:`chain_adjoints`) sums the direct path and the product, so the same bits.
+    ``bare``: the products without the task axis all the same (for a sum that broadcasts them)."""
     if len(graphs) > 1 and any(graph.chained for graph in graphs):
-        return [products([graph], [vector], task_dim, None if first is None else [first[i]])[0]
+        return [products([graph], [vector], task_dim, None if first is None else [first[i]], bare)[0]
                 for i, (graph, vector) in enumerate(zip(graphs, vectors))]
     views: Dict[int, torch.Tensor] = {}  # a round of the binomial schedule hands every graph the same vector
     squeezed = (lambda t: views[id(t)] if id(t) in views else views.setdefault(id(t), t.squeeze(0))) if task_dim else (lambda t: t)
@@ -116,7 +117,7 @@ def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False
         used += [(leaf, squeezed(before[n])) for graph, before in zip(graphs, first) for n, leaf in zip(graph.names, graph.leaves)]
     found = (backprop.grad([g for g, _ in used], leaves, [v for _, v in used], retain_graph=True)
              if used else [None] * len(leaves))
-    return _by_graph(graphs, found, task_dim)
+    return _by_graph(graphs, found, task_dim and not bare)
 
 
 def _by_graph(graphs: List[Graph], found, task_dim: bool) -> List[Tensors]:
