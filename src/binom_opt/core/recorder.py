@@ -158,12 +158,12 @@ class InnerLoop:
         # walks the loss's graph for meta-parameters and would take the chain's first leaves for some
         before_k = self._graphs.get(k - 1) if kept is not None and known is not None else None
         chain = before_k.out if before_k is not None else None
-        # one task on the plain path: its point without the task axis (the last update's own tensors), and a plain-SGD
-        # update taken with the gradient; Exact links a kept one (the next step chains to it) where no other
-        # meta-parameter is known
+        # one task on the plain path: its point without the task axis (the last update's own tensors: chained, the
+        # previous update with its graph), and a plain-SGD update taken with the gradient; Exact links a kept one (the
+        # next step chains to it) where no other meta-parameter is known
         one = not self.tasks.batched and self.stepper.plain(probe=known is None)
         link = kept is not None and self._chains and not self._meta_inputs and not self._origins
-        point = dict(zip(self.initial, chain)) if chain is not None else self._at.one() if one else self._phi
+        point = self._at.one() if one else self._phi
         grads, losses, found, update = self.stepper.gradient(
             loss_fn, point, k, probe=known is None, allow_unused=allow_unused, context=live, keep=kept, one=one,
             chain=chain is not None, rate=self._last_hyper[2] if one else None, link=link)

@@ -23,7 +23,7 @@ from .calls import calls
 from .context import StepContext
 from .options import Options
 from .trajectory import Graph
-from .update_rules import Hyper, UpdateRule
+from .update_rules import Hyper, UpdateRule, plain_sgd_step
 
 Tensors = Dict[str, torch.Tensor]
 LossFn = Callable[[Tensors, object], torch.Tensor]
@@ -61,10 +61,11 @@ class Stepper:
 
         One task (``one``, on the :meth:`plain` path, which the caller found): ``phi`` is its point without the task
         axis (``chain``: the previous kept step's update with its graph, ``Graph.out``, whose tensors are the leaves);
-        ``keep``: a list that receives the step's :class:`~binom_opt.core.trajectory.Graph`, its leaves and its gradient with the graph that computed
-        it; ``rate``: the step's plain-SGD rate, its update ``phi - rate * grad`` taken where the gradient is and
-        returned instead of it (every parameter with a gradient; the call ``update`` makes, so the same values), with
-        its graph where ``link`` (``Graph.link``, kept; the next step may chain to it)."""
+        ``keep``: a list that receives the step's :class:`~binom_opt.core.trajectory.Graph`, its leaves and its
+        gradient with the graph that computed it; ``rate``: the step's plain-SGD rate, its update ``phi - rate * grad``
+        taken where the gradient is and returned instead of it (every parameter with a gradient; the same
+        :func:`~binom_opt.core.update_rules.plain_sgd_step` as :meth:`update`), with its graph where ``link``
+        (``Graph.link``, kept; the next step may chain to it)."""
         unused = self.allow_unused if allow_unused is None else allow_unused
         tasks = self.tasks
         plain = one or self.plain(probe)
@@ -94,7 +95,7 @@ class Stepper:
         lr = self.rates[k]
         if lr is not None:  # plain SGD with one float rate: every parameter in one call
             with torch.no_grad():
-                return dict(zip(phi, torch._foreach_add(list(phi.values()), [grads[n] for n in phi], alpha=-lr))), {}  # pyright: ignore[reportPrivateImportUsage]  # as torch.optim.SGD
+                return dict(zip(phi, plain_sgd_step(list(phi.values()), [grads[n] for n in phi], lr))), {}
         with torch.no_grad():
             new = {n: rule.update(k, phi[n], state.get(n, {}), grads[n], self.hyper[k][n]) for n, rule in self.rules.items()}
         return {n: v[0] for n, v in new.items()}, {n: v[1] for n, v in new.items()}
@@ -174,16 +175,17 @@ def _taken(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unused: 
                 f"The support loss does not depend on the adapted parameter(s) {unused}. Adapt only parameters the "
                 "support loss uses (leave the others out of the inner optimizer; bo.MAML: allow_unused=True)."
             )
-    graph = None if keep is None else Graph(list(phi), leaves, list(grads), chained)
-    if graph is not None:
-        keep.append(graph)  # pyright: ignore[reportOptionalMemberAccess]  # kept
+    graph = None
+    if keep is not None:
+        graph = Graph(list(phi), leaves, list(grads), chained)
+        keep.append(graph)
     losses = loss.detach().unsqueeze(0) if unsqueeze else loss.detach()
     if rate is not None and not unused:
         if link and graph is not None:
             graph.link(rate)
             return Taken({}, losses, found, graph.out)
         with torch.no_grad():
-            return Taken({}, losses, found, list(torch._foreach_add(leaves, list(grads), alpha=-rate)))  # pyright: ignore[reportPrivateImportUsage]  # as Stepper.update
+            return Taken({}, losses, found, plain_sgd_step(leaves, grads, rate))
     if graph is not None:
         grads = [None if g is None else g.detach() for g in grads]
     if unsqueeze:

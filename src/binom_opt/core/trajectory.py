@@ -14,6 +14,7 @@ import torch
 
 from . import backprop
 from .batching import stack
+from .update_rules import plain_sgd_step
 
 Tensors = Dict[str, torch.Tensor]
 States = Dict[str, Tensors]
@@ -85,13 +86,13 @@ class Graph:
         return products([self], [vector], first=None if first is None else [first])[0]
 
     def link(self, lr: float) -> None:
-        """Set :attr:`out`, a plain-SGD step's update ``leaves - lr * grads`` with its graph: the call the inner loop's
-        update makes (``Stepper.update``), so the same values. Not where a parameter has no gradient (its point would
-        be the next step's leaf as it is, one tensor shared by two graphs)."""
+        """Set :attr:`out`, a plain-SGD step's update ``leaves - lr * grads`` with its graph (:func:`plain_sgd_step`,
+        as every update of the inner loop). Not where a parameter has no gradient (its point would be the next step's
+        leaf as it is, one tensor shared by two graphs)."""
         grads = [g for g in self.grads if g is not None]
         if len(grads) == len(self.grads):
             with torch.enable_grad():
-                self.out = list(torch._foreach_add(self.leaves, grads, alpha=-lr))  # pyright: ignore[reportPrivateImportUsage]
+                self.out = plain_sgd_step(self.leaves, grads, lr)
 
 
 def products(graphs: List[Graph], vectors: List[Tensors], task_dim: bool = False, first: Optional[List[Tensors]] = None,

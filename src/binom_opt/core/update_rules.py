@@ -20,7 +20,7 @@ Hyper = Dict[str, Union[float, torch.Tensor]]
 StepValues = Tuple[Tensors, Dict[str, Tensors], Tensors]  # (phi_k, state_k, grad_k), by parameter
 
 __all__ = ["SUPPORTED_OPTIMIZERS", "UpdateRule", "SGDRule", "AdamRule", "InnerOptimizer", "read_optimizer", "sgd_rules", "StepTranspose",
-           "plain_sgd_rate"]
+           "plain_sgd_rate", "plain_sgd_step"]
 
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD (momentum, dampening, nesterov, weight_decay)", "torch.optim.Adam", "torch.optim.AdamW")
 
@@ -228,6 +228,16 @@ def plain_sgd_rate(rules: Mapping[str, UpdateRule], hyper: Mapping[str, Hyper]) 
         return None
     lr = rates.pop()
     return float(lr) if isinstance(lr, numbers.Real) and not isinstance(lr, bool) else None
+
+
+def plain_sgd_step(points: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float) -> List[torch.Tensor]:
+    """``point - lr * grad`` for every parameter in one call, as ``torch.optim.SGD`` takes it: the one computation of a
+    plain-SGD step wherever it is taken (with a graph or without, on a task axis or not), so the same bits everywhere.
+
+    >>> plain_sgd_step([torch.tensor([1.0, 2.0])], [torch.tensor([2.0, 2.0])], 0.5)
+    [tensor([0., 1.])]
+    """
+    return list(torch._foreach_add(list(points), list(grads), alpha=-lr))  # pyright: ignore[reportPrivateImportUsage]
 
 
 def learned(*hypers: Mapping[str, Hyper]) -> List[Tuple[str, str, torch.Tensor]]:
