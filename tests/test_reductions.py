@@ -29,8 +29,9 @@ def test_round_norms_multiply_each_round_by_its_factor():
     assert [r.tolist() for r in rounds.rounds()] == [[10.0], [1.0]]
 
 
+@pytest.mark.parametrize("tasks", [1, 2])
 @pytest.mark.parametrize("sizes", ["equal", "unequal", "reshaped", "above the cap", "strided", "bfloat16"])
-def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, sizes):
+def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, sizes, tasks):
     """Held rounds are reduced at once (one concatenation where they can be, else their entries in one call): the
     norms of rounds reduced as they come."""
     if sizes == "above the cap":
@@ -39,18 +40,18 @@ def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, si
     held, each = reductions.RoundNorms(hold=True), reductions.RoundNorms()
     for r in range(3):
         width = 3 if sizes != "unequal" else 3 + r
-        vector = {"a": torch.randn(2, width, generator=gen), "b": torch.randn(2, 2, 2, generator=gen)}
+        vector = {"a": torch.randn(tasks, width, generator=gen), "b": torch.randn(tasks, 2, 2, generator=gen)}
         if sizes == "strided":
             vector["b"] = vector["b"].transpose(1, 2)
         if sizes == "reshaped" and r == 1:  # as many values, another shape: no stack of the entry's rounds
-            vector["b"] = vector["b"].reshape(2, 4)
+            vector["b"] = vector["b"].reshape(tasks, 4)
         if sizes == "bfloat16":
             vector = {n: t.bfloat16() for n, t in vector.items()}
         factor = [1.0, -0.5, 2.0][r]
         held.add(vector, factor)
         each.add(vector, factor)
     for a, b in zip(held.rounds(), each.rounds(), strict=True):
-        assert a.shape == (2,) and a.dtype == torch.float64
+        assert a.shape == (tasks,) and a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     assert reductions.RoundNorms(hold=True).rounds() == []
 
@@ -88,3 +89,28 @@ def test_nonfinite_groups_flag_each_group_as_one_call_each(monkeypatch, concaten
     assert got.tolist() == [reductions.nonfinite_tasks(group).tolist() if group else [False] * 4 for group in groups]
     assert got.tolist()[:2] == [[False, True, False, False], [False, False, True, True]]
     assert reductions.nonfinite_groups([[], []]).tolist() == [[False], [False]]
+
+
+@pytest.mark.parametrize("axis", [True, False])
+@pytest.mark.parametrize("widths", ["equal", "unequal", "above the cap"])
+def test_one_task_groups_are_flagged_from_one_flat_concatenation(monkeypatch, widths, axis):
+    """One task's groups (``tasks=1``) are flagged from one flat concatenation, with or without the task axis: the
+    flags of each tensor's own check."""
+    if widths == "above the cap":
+        monkeypatch.setattr(reductions, "CONCATENATED_VALUES", 0)
+    first = [torch.ones(3, 2), torch.ones(0), torch.ones(4)]
+    second = [torch.ones(3, 2), torch.ones(4)] if widths != "unequal" else [torch.ones(5)]
+    for bad in [None, (0, 0), (1, 0), (1, -1)]:
+        groups = [[t.clone() for t in first], [t.clone() for t in second]]
+        if bad is not None:
+            group, index = bad
+            groups[group][index].view(-1)[0] = float("nan") if index else float("inf")
+        given = [[t.unsqueeze(0) for t in group] for group in groups] if axis else groups
+        got = reductions.nonfinite_groups(given, tasks=1)
+        expected = [[any(not bool(torch.isfinite(t).all()) for t in group)] for group in groups]
+        assert got.shape == (2, 1) and got.dtype == torch.bool and got.tolist() == expected
+
+
+def test_flat_concatenates_every_value_in_order_promoted_to_the_widest():
+    got = reductions.flat([torch.tensor([[1, 2]], dtype=torch.int64), torch.tensor([0.5], dtype=torch.float64), torch.ones(0)])
+    assert got.dtype == torch.float64 and got.tolist() == [1.0, 2.0, 0.5]

@@ -46,15 +46,15 @@ class Adaptation(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs: Optional[torch.Tensor]):  # pyright: ignore[reportIncompatibleMethodOverride]  # as once_differentiable wraps it
         record: MetaGradient = ctx.record
-        final = record.trajectory.final
+        one = record.trajectory.final_task is not None
+        final = record.trajectory.final_task if one else record.trajectory.final  # its names and shapes
         copies = (None,) * len(final) if record.setup.copied else None  # the initial point is a copy: no meta-gradient
         if copies is not None and not record.meta_inputs and not record.hyper_inputs:
             warnings.warn(_NOTHING_META_LEARNED, UserWarning, stacklevel=2)
             record.status.finished = True
             return (None, *copies)
-        one = record.trajectory.final_task is not None
-        g = {n: torch.zeros_like(t) if go is None else go.unsqueeze(0) if one else go
-             for (n, t), go in zip(final.items(), grad_outputs)}
+        given = [torch.zeros_like(t) if go is None else go for t, go in zip(final.values(), grad_outputs)]
+        g = dict(zip(final, [t.unsqueeze(0) for t in given] if one else given))
         meta_grad, meta_input_grads, hyper_grads = record.backward(g)
         initial = (t.squeeze(0) for t in meta_grad.values()) if one else meta_grad.values()
         return (None, *(copies or initial), *meta_input_grads, *hyper_grads)

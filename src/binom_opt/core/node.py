@@ -183,7 +183,8 @@ class Record:
         adjoint, ``bad_adjoints``) is not finite, ``[B]`` each. Under ``nan_policy="skip_task"`` the latter are zeroed
         without reading them first and their flags returned (``None`` under ``"raise"``)."""
         vectors = [result.meta_grad, *result.full_adjoints.values()]
-        final_bad, bad = nonfinite_groups([self.trajectory.final.values(), [t for tensors in vectors for t in tensors.values()]])
+        final = self.trajectory.final_task or self.trajectory.final  # one task's without the axis it would be given here
+        final_bad, bad = nonfinite_groups([final.values(), [t for tensors in vectors for t in tensors.values()]], self.tasks.size)
         read.add("final_bad", final_bad)
         if bad_adjoints is not None:
             bad = bad | bad_adjoints

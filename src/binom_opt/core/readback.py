@@ -21,6 +21,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from .reductions import flat
+
 __all__ = ["Readback"]
 
 
@@ -37,10 +39,10 @@ class Readback:
         """Every tensor added, as nested lists of Python floats (bools as 0.0 / 1.0; every value exactly as held)."""
         if not self._parts:
             return {}
-        flat = torch.cat([t.reshape(-1) for t in self._parts.values()]).double().tolist()  # cat promotes to the widest
+        values = flat(list(self._parts.values())).double().tolist()  # promoted to the widest
         out, start = {}, 0
         for name, t in self._parts.items():
-            out[name] = _nested(flat[start:start + t.numel()], list(t.shape))
+            out[name] = _nested(values[start:start + t.numel()], list(t.shape))
             start += t.numel()
         return out
 
@@ -54,11 +56,11 @@ class Readback:
         return [{name: host[f"{i}/{name}"] for name in read._parts} for i, read in enumerate(reads)]
 
 
-def _nested(flat: List[float], shape: List[int]):
-    """``flat`` in row-major order as nested lists of ``shape`` (a float for a 0-d shape)."""
+def _nested(values: List[float], shape: List[int]):
+    """``values`` in row-major order as nested lists of ``shape`` (a float for a 0-d shape)."""
     if not shape:
-        return flat[0]
+        return values[0]
     if len(shape) == 1:
-        return flat
-    size = len(flat) // shape[0] if shape[0] else 0
-    return [_nested(flat[i * size:(i + 1) * size], shape[1:]) for i in range(shape[0])]
+        return values
+    size = len(values) // shape[0] if shape[0] else 0
+    return [_nested(values[i * size:(i + 1) * size], shape[1:]) for i in range(shape[0])]

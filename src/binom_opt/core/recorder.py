@@ -248,7 +248,7 @@ class InnerLoop:
         self.initial_inputs = dict(self.initial) if one else {n: _tasks_of(t, self.tasks.size) for n, t in self.initial.items()}
         if not self._loss_fns:
             return {n: t.view_as(t) for n, t in self.initial.items()} if one else self.initial_inputs
-        trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._phi, self.stepper,
+        trajectory = Trajectory(list(self._stored), list(self._loss_fns), torch.stack(self._losses), self._at, self.stepper,
                                 self._every, keep_grads=any(self._values), keys=list(self._keys), graphs=dict(self._graphs),
                                 final_task=self._at.one() if one else None)
         hyper = list(self._hyper_steps)

@@ -22,10 +22,21 @@ import functools
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
-__all__ = ["INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "nonfinite_groups", "RoundNorms", "change_norms", "scaled_all"]
+__all__ = ["flat", "INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "nonfinite_groups", "RoundNorms", "change_norms", "scaled_all"]
 
 INF = float("inf")
+
+
+def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every value of ``tensors``, flattened and concatenated (promoted to the widest) in one call, in C++: no Python
+    reshape of each (one tensor comes back as a view of itself).
+
+    >>> flat([torch.ones(2, 2), torch.zeros(1)]).tolist()
+    [1.0, 1.0, 1.0, 1.0, 0.0]
+    """
+    return _flatten_dense_tensors(list(tensors))
 
 
 def norms(tensors: Iterable[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
@@ -130,12 +141,15 @@ def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool
     """``tensors``, ``rows`` vectors of the same entries one after another, each task's values of every row side by side,
     ``[rows, B, n]``: each row's ``[B]`` float64 norm (with ``differences``, of each row minus the one before), in the
     values' own float32 or float64 (float32 for narrower ones). Each entry's rows are stacked first: one call an entry,
-    not one a tensor."""
+    not one a tensor (one task's: one call for all)."""
     size = len(tensors) // rows
-    try:  # promoted to the widest
-        together = torch.cat([torch.stack(tensors[p::size]).reshape(rows, B, -1) for p in range(size)], 2)
-    except RuntimeError:  # an entry of other shapes in other rows
-        together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rows, -1).transpose(0, 1)
+    if B == 1:  # one call for all, whatever their shapes
+        together = flat(tensors).view(rows, 1, -1)
+    else:
+        try:  # promoted to the widest
+            together = torch.cat([torch.stack(tensors[p::size]).reshape(rows, B, -1) for p in range(size)], 2)
+        except RuntimeError:  # an entry of other shapes in other rows
+            together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rows, -1).transpose(0, 1)
     wide = together.dtype in (torch.float32, torch.float64)
     rows_of = torch.diff(together, dim=0) if differences else together
     return list(torch.linalg.vector_norm(rows_of, dim=2, dtype=None if wide else torch.float32).double())
@@ -155,30 +169,36 @@ def nonfinite_tasks(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return nonfinite_groups([tensors])[0]
 
 
-def nonfinite_groups(groups: Sequence[Iterable[torch.Tensor]]) -> torch.Tensor:
+def nonfinite_groups(groups: Sequence[Iterable[torch.Tensor]], tasks: Optional[int] = None) -> torch.Tensor:
     """``[len(groups), B]``: :func:`nonfinite_tasks` of each group, from one concatenation of every group's values (a
-    sum over each group's columns of it): two groups in six operators, where one call each takes eight.
+    sum over each group's columns of it): two groups in six operators, where one call each takes eight. ``tasks=1``:
+    one task's tensors, with the task axis or without it (one flat concatenation, a single call, takes any shape).
 
     >>> nonfinite_groups([[torch.ones(2, 3)], [torch.tensor([[1.0], [float("inf")]])]]).tolist()
     [[False, False], [False, True]]
+    >>> nonfinite_groups([[torch.ones(3)], [torch.tensor([[float("nan")]])]], tasks=1).tolist()
+    [[False], [True]]
     """
-    groups = [list(group) for group in groups]
+    given = [list(group) for group in groups]
+    groups = [[t for t in group if t.numel()] for group in given]
     everything = [t for group in groups for t in group]
-    if not any(t.numel() for t in everything):  # nothing to flag: B tasks (one without tensors), where the tensors live
-        first = everything[0] if everything else None
-        return torch.zeros(len(groups), 1 if first is None else first.shape[0], dtype=torch.bool,
+    if not everything:  # nothing to flag: B tasks (one without tensors), where the tensors live
+        first = next((t for group in given for t in group), None)
+        return torch.zeros(len(groups), tasks or (1 if first is None else first.shape[0]), dtype=torch.bool,
                            device=None if first is None else first.device)
-    B = next(t for t in everything if t.numel()).shape[0]
-    if sum(t.numel() for t in everything) > B * CONCATENATED_VALUES:
-        flags = [not_finite(norms(present, INF)).any(0) if present else None for present in ([t for t in group if t.numel()] for group in groups)]
+    B = tasks or everything[0].shape[0]
+    widths = [sum(t.numel() for t in group) // B for group in groups]
+    if sum(widths) > CONCATENATED_VALUES:
+        flags = [not_finite(norms([t.reshape(B, -1) for t in group], INF)).any(0) if group else None for group in groups]
         device = everything[0].device
         return torch.stack([torch.zeros(B, dtype=torch.bool, device=device) if f is None else f for f in flags])
-    together = torch.cat([t.reshape(B, -1) for t in everything if t.numel()], 1).mul(0)
-    sums, start = [], 0
-    for group in groups:
-        width = sum(t.numel() for t in group) // B
-        sums.append(together[:, start:start + width].sum(1))
-        start += width
+    if B == 1:  # one call for all
+        together = flat(everything).mul(0)
+        if len(set(widths)) == 1:
+            return together.view(len(groups), 1, -1).sum(2).isnan()
+        return torch.stack([part.sum() for part in together.split(widths)]).isnan().unsqueeze(1)
+    together = torch.cat([t.reshape(B, -1) for t in everything], 1).mul(0)
+    sums = [part.sum(1) for part in together.split(widths, 1)]
     return (torch.stack(sums) if len(sums) > 1 else sums[0].unsqueeze(0)).isnan()
 
 

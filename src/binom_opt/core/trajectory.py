@@ -150,7 +150,7 @@ class Trajectory:
         stored: per step, a :class:`Stored` point (every step, or every ``every``-th one).
         loss_fns: the support loss of each step, ``loss(phi, task)`` for one task.
         losses: the support loss of every task at every step, ``[K, B]``.
-        final: ``phi_K``.
+        final: ``phi_K``, read lazily (:attr:`final`; one task's checks read ``final_task``).
         stepper: what took the steps; recomputes gradients and, with checkpoints, whole segments.
         every: the checkpoint interval (1: every point is stored).
         keep_grads: whether recomputed segments keep their gradients (for transposes that read them).
@@ -162,9 +162,9 @@ class Trajectory:
     """
 
     def __init__(self, stored: List[Optional[Stored]], loss_fns: List[LossFn], losses: torch.Tensor,
-                 final: Tensors, stepper, every: int = 1, keep_grads: bool = True, keys: Optional[List[object]] = None,
+                 final: Stored, stepper, every: int = 1, keep_grads: bool = True, keys: Optional[List[object]] = None,
                  graphs: Optional[Dict[int, Graph]] = None, final_task: Optional[Tensors] = None):
-        self.stored, self.loss_fns, self.losses, self.final, self.final_task = stored, loss_fns, losses, final, final_task
+        self.stored, self.loss_fns, self.losses, self._final, self.final_task = stored, loss_fns, losses, final, final_task
         self.keys = keys or [None] * len(loss_fns)
         self.graphs = graphs or {}
         self.stepper, self.every, self.keep_grads = stepper, every, keep_grads
@@ -177,6 +177,11 @@ class Trajectory:
     @property
     def steps(self) -> int:
         return len(self.loss_fns)
+
+    @property
+    def final(self) -> Tensors:
+        """``phi_K`` with the task axis, ``[B, ...]`` (made when first read)."""
+        return self._final.phi
 
     def point(self, k: int) -> Tensors:
         stored = self.stored[k]
@@ -231,7 +236,7 @@ class Trajectory:
         stored = [s if s is None or s is DROPPED else
                   Stored(pick(s.phi), None if s.state is None else {n: pick(st) for n, st in s.state.items()})
                   for s in self.stored]
-        return Trajectory(stored, self.loss_fns, self.losses[:, b : b + 1], pick(self.final),
+        return Trajectory(stored, self.loss_fns, self.losses[:, b : b + 1], Stored(pick(self.final)),
                           dataclasses.replace(self.stepper, tasks=tasks), self.every, self.keep_grads)
 
     def release(self) -> None:
