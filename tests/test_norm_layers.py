@@ -95,3 +95,28 @@ def test_in_place_state_changes_in_the_model_fail_with_context():
     if sys.version_info >= (3, 11):
         assert "inner step 0" in "\n".join(error.value.__notes__)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_global_module_hooks_are_in_place_only_inside_a_policy_and_under_the_same_keys():
+    """Outside binom_opt every module call keeps torch's path without hooks (a user's other code pays nothing); inside,
+    the policy's hooks come back under the same keys, which is what torch.compile reads of them."""
+    from torch.nn.modules import module as modules
+
+    from binom_opt.core.norm_layers import module_policy
+
+    def hooks():
+        return dict(modules._global_forward_pre_hooks), dict(modules._global_forward_hooks)
+
+    outside = hooks()
+    maml = bo.MAML(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), lr=0.1)
+    x, y = torch.randn(8, 3), torch.randn(8, 4)
+    inside = []
+    for _ in range(2):
+        learner = maml.clone()
+        learner.adapt(lambda m: F.mse_loss(m(x), y))
+        F.mse_loss(learner(x), y).backward()
+        assert hooks() == outside
+        with module_policy("auto"):
+            inside.append(hooks())
+        assert hooks() == outside
+    assert inside[0] == inside[1] and all(len(now) == len(before) + 1 for now, before in zip(inside[0], outside))

@@ -2,7 +2,7 @@
 
 The support loss is replayed after the inner loop, so it must be a pure function of the adapted
 parameters. :func:`module_policy`, the context of every support-loss and learner call, uses global
-forward hooks so that any module is covered: normalisation layers with running statistics follow
+forward hooks (in place only inside it) so that any module is covered: normalisation layers with running statistics follow
 the ``bn`` policy (see :class:`~binom_opt.Options`) and never update them, any other buffer
 written in forward is a ``RuntimeError`` naming it, and attention runs its math kernel (the fused
 ones have no second derivative and no batching rule).
@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules import module as _module
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 __all__ = ["NORM_POLICIES", "module_policy", "check_no_tracking"]
@@ -54,7 +55,25 @@ class _Policy:
 
 
 _active: List[_Policy] = []  # nested contexts keep the outermost
-_hooks: list = []  # installed once: hooks that come and go would make torch.compile recompile at every call
+# The global hooks are in place only inside a policy: with a global hook, every module call in the process takes torch's
+# slower path (about 2 µs a call), a user's other code included. They are registered once and put back under the same
+# keys each time, so that what torch.compile reads of them is the same at every call inside a policy.
+_HOOKS = (_module._global_forward_pre_hooks, _module._global_forward_hooks)
+_hook_keys: List[Tuple[dict, int, Callable]] = []
+
+
+def _install_hooks() -> None:
+    if not _hook_keys:
+        for hooks, register, hook in zip(_HOOKS, (register_module_forward_pre_hook, register_module_forward_hook), (_before, _after)):
+            _hook_keys.append((hooks, register(hook).id, hook))
+        return
+    for hooks, key, hook in _hook_keys:
+        hooks[key] = hook
+
+
+def _remove_hooks() -> None:
+    for hooks, key, _ in _hook_keys:
+        hooks.pop(key, None)
 
 
 # torch's switches of each scaled_dot_product_attention backend (what sdpa_kernel sets), read and set directly: entered
@@ -76,8 +95,7 @@ class module_policy:
     def __enter__(self) -> None:
         if _active:  # nested: the outermost policy holds
             return
-        if not _hooks:
-            _hooks.extend([register_module_forward_pre_hook(_before), register_module_forward_hook(_after)])
+        _install_hooks()
         self.policy = _Policy(self.bn)
         _active.append(self.policy)
         self.fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -99,6 +117,7 @@ class module_policy:
             set_(enabled)
         torch.backends.mha.set_fastpath_enabled(self.fastpath)
         _active.pop()
+        _remove_hooks()
         for module, buffers, attributes in policy.touched.values():
             module._buffers.update(buffers)
             for name, value in attributes.items():
