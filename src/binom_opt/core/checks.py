@@ -15,7 +15,7 @@ import torch
 from .batching import Tasks, over_tasks
 from .calls import calls
 from .readback import Readback
-from .reductions import INF, norms, not_finite
+from .reductions import INF, nonfinite_groups, norms, not_finite
 
 __all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "raise_bad_tasks", "raise_bad_others",
            "naming", "finite_flag", "all_finite", "nan_max"]
@@ -169,8 +169,8 @@ def raise_bad_others(host: Dict[str, list]) -> None:
 def finite_flag(tensors) -> Optional[torch.Tensor]:
     """Whether every tensor (``None`` for an unreached input) holds only finite values, as a device bool
     (``None`` when there is no tensor)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return torch.stack(flags).all() if flags else None
+    present = [t for t in tensors if t is not None]
+    return nonfinite_groups([present], 1)[0, 0].logical_not() if present else None  # one flat concatenation
 
 
 def all_finite(tensors) -> bool:

@@ -12,11 +12,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.func import grad
 
+from . import backprop
 from .batching import along_tasks, autograd_through_vmap, map_points
 from .calls import calls
 from .context import StepContext
 from .oracle import HVPOracle
-from .reductions import nonfinite_tasks
+from .reductions import nonfinite_groups
 from .trajectory import Graph
 from .update_rules import StepTranspose
 
@@ -31,26 +32,28 @@ class MixedTerms:
 
     Consecutive steps sharing a support loss are summed in one lifted call, at most the chunking's limit of
     evaluations and one checkpoint segment at once, so the weights held at once follow the memory budget,
-    not K. Steps in ``skip`` (first-order: no Hessian, no mixed term) add nothing; tasks in ``drop``
-    (a ``[B]`` mask) contribute nothing.
-
-    Attributes:
-        bad: ``[B]``, the tasks whose adjoint was not finite (a tensor: reading it is left to the caller).
+    not K (kept graphs: one backward from the steps' kept gradients, no limit). Steps in ``skip`` (first-order:
+    no Hessian, no mixed term) add nothing; tasks in ``drop`` (a ``[B]`` mask) contribute nothing.
     """
 
     def __init__(self, oracle: HVPOracle, transpose: StepTranspose, scale: float, meta_inputs: List[torch.Tensor],
                  skip: frozenset = frozenset(), drop: Optional[torch.Tensor] = None):
         self.oracle, self.transpose, self.scale, self.meta_inputs = oracle, transpose, scale, meta_inputs
         self.skip, self.drop = skip, drop
-        self.bad: Optional[torch.Tensor] = None
+        self._bad: Optional[torch.Tensor] = None
         self._totals: List[Optional[torch.Tensor]] = [None] * len(meta_inputs)
         self._pending: Dict[int, Tensors] = {}
         self._span: Optional[int] = None
 
+    @property
+    def bad(self) -> Optional[torch.Tensor]:
+        """``[B]``, the tasks whose weight of a mixed term (``s B_k^T lambda_{k+1}``) was not finite, every step's
+        (a tensor: reading it is left to the caller)."""
+        self._flush()
+        return self._bad
+
     def add(self, k: int, adjoint: Tensors) -> None:
         """Take step ``k``'s adjoint ``lambda_{k+1}`` (steps come in decreasing ``k``)."""
-        bad = nonfinite_tasks(adjoint.values())
-        self.bad = bad if self.bad is None else self.bad | bad
         trajectory = self.oracle.trajectory
         if self._pending:
             lo, every = min(self._pending), trajectory.every
@@ -60,8 +63,9 @@ class MixedTerms:
                 self._flush()
         if k in self.skip:
             return
-        if not self._pending:
-            limit = self.oracle.chunking.limit(lambda: self.oracle.measure(trajectory.loss_fns[k], k))
+        if not self._pending:  # kept steps are a prefix of the loop: from a kept k down, every step is kept
+            limit = None if self.oracle.kept(range(k, k + 1)) else self.oracle.chunking.limit(
+                lambda: self.oracle.measure(trajectory.loss_fns[k], k))
             self._span = None if limit is None else max(1, limit // self.oracle.tasks.at_once)
         weight = self.transpose.vjp(k, adjoint)[1]
         if self.drop is not None:
@@ -79,6 +83,10 @@ class MixedTerms:
         lo, hi = min(self._pending), max(self._pending) + 1
         stacked = {n: torch.stack([self._pending[k][n] for k in range(lo, hi)]) for n in self._pending[lo]}
         self._pending = {}
+        # the weights' non-finite tasks, every step's at once (one task: one flat concatenation)
+        tasks = self.oracle.tasks.size
+        bad = nonfinite_groups([stacked.values() if tasks == 1 else [t.transpose(0, 1) for t in stacked.values()]], tasks)[0]
+        self._bad = bad if self._bad is None else self._bad | bad
         trajectory = self.oracle.trajectory
         kept = [trajectory.graphs.get(k) for k in range(lo, hi)]
         if all(kept):  # kept graphs: one backward from their gradients, no replay
@@ -111,20 +119,15 @@ def directional_gradients(oracle: HVPOracle, loss_fn, points: Tensors, weights: 
 
 
 def _from_graphs(graphs: List[Graph], weights: Tensors, meta_inputs: List[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
-    """:func:`directional_gradients` from the steps' kept graphs (one task): their gradients weighted and summed, one
-    backward to the meta-inputs (the graphs stay for later products)."""
-    with torch.enable_grad():  # the expansion runs without grad: these products must reach the meta-inputs
-        total = None
-        for i, graph in enumerate(graphs):
-            for n, g in zip(graph.names, graph.grads):
-                if g is not None and g.requires_grad:
-                    term = (g * weights[n][i, 0]).sum()
-                    total = term if total is None else total + term
-        if total is None:
-            return (None,) * len(meta_inputs)
-        # retain_graph: the support loss may reuse a graph built outside the closure (features computed
-        # once per task), which later chunks and the rest of the backward differentiate again.
-        return torch.autograd.grad(total, meta_inputs, allow_unused=True, retain_graph=True)
+    """:func:`directional_gradients` from the steps' kept graphs (one task): one backward to the meta-inputs from
+    every kept gradient, each seeded with its weight (the graphs stay for later products)."""
+    used = [(g, weights[n][i, 0]) for i, graph in enumerate(graphs)
+            for n, g in zip(graph.names, graph.grads) if g is not None and g.requires_grad]
+    if not used:
+        return (None,) * len(meta_inputs)
+    # retain_graph: the support loss may reuse a graph built outside the closure (features computed
+    # once per task), which later chunks and the rest of the backward differentiate again.
+    return backprop.grad([g for g, _ in used], meta_inputs, [w for _, w in used], retain_graph=True)
 
 
 def _plain_directional(loss_fn, points: Tensors, weights: Tensors, meta_inputs: List[torch.Tensor], tasks, context
