@@ -120,3 +120,11 @@ def test_global_module_hooks_are_in_place_only_inside_a_policy_and_under_the_sam
             inside.append(hooks())
         assert hooks() == outside
     assert inside[0] == inside[1] and all(len(now) == len(before) + 1 for now, before in zip(inside[0], outside))
+
+    def failing(m):  # a closure that raises inside the policy, after a module call, leaves no hook behind
+        m(x)
+        raise ZeroDivisionError("from the closure")
+
+    with pytest.raises(ZeroDivisionError, match="from the closure"):
+        maml.clone().adapt(failing)
+    assert hooks() == outside
