@@ -83,9 +83,10 @@ class MixedTerms:
         lo, hi = min(self._pending), max(self._pending) + 1
         stacked = {n: torch.stack([self._pending[k][n] for k in range(lo, hi)]) for n in self._pending[lo]}
         self._pending = {}
-        # the weights' non-finite tasks, every step's at once (one task: one flat concatenation)
-        tasks = self.oracle.tasks.size
-        bad = nonfinite_groups([stacked.values() if tasks == 1 else [t.transpose(0, 1) for t in stacked.values()]], tasks)[0]
+        # the weights' non-finite tasks, every step's at once (one task: one flat concatenation); each step's [B, ...]
+        # slice, a view, so that no copy of the group is made above the concatenation's cap
+        slices = [t[i] for t in stacked.values() for i in range(hi - lo)]
+        bad = nonfinite_groups([slices], self.oracle.tasks.size)[0]
         self._bad = bad if self._bad is None else self._bad | bad
         trajectory = self.oracle.trajectory
         kept = [trajectory.graphs.get(k) for k in range(lo, hi)]
