@@ -2,10 +2,10 @@
 
 The support loss is replayed after the inner loop, so it must be a pure function of the adapted
 parameters. :func:`module_policy`, the context of every support-loss and learner call, uses global
-forward hooks (in place only inside it) so that any module is covered: normalisation layers with running statistics follow
-the ``bn`` policy (see :class:`~binom_opt.Options`) and never update them, any other buffer
-written in forward is a ``RuntimeError`` naming it, and attention runs its math kernel (the fused
-ones have no second derivative and no batching rule).
+forward hooks, in place only inside it, so that any module is covered: normalisation layers with
+running statistics follow the ``bn`` policy (see :class:`~binom_opt.Options`) and never update them,
+any other buffer written in forward is a ``RuntimeError`` naming it, and attention runs its math
+kernel (the fused ones have no second derivative and no batching rule).
 
 Example:
     >>> import torch
