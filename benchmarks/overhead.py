@@ -47,6 +47,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 Steps = Dict[str, Callable[[], None]]
 
 
+def check_peers_unhooked(after: str) -> None:
+    """Raise if a global module hook is in place between meta-steps: the peers measured in this process would then run
+    torch's slower path for modules with hooks, and every ratio against them would flatter binom_opt."""
+    from torch.nn.modules import module as modules
+
+    if modules._global_forward_pre_hooks or modules._global_forward_hooks:
+        raise RuntimeError(f"A global module hook is still in place after {after!r}: binom_opt's hooks must be in place "
+                           "only inside its own calls, or the peers measured beside it run slower than they do alone.")
+
+
 def median_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, float]:
     """The median CPU time of each meta-step over ``repeats``, after two warm-ups, the methods interleaved (CPU time:
     what the process itself spent, on a shared machine); ``model``'s gradients are cleared and the seed reset first."""
@@ -59,6 +69,7 @@ def median_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, float]:
             step()
             if i >= 2:
                 times[name].append(1e3 * (time.process_time() - start))
+            check_peers_unhooked(name)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -249,6 +260,7 @@ def phases(repeats: int, tasks: int = 25, steps: int = 5, lr: float = 0.01) -> L
             run()
             if i >= 2:
                 seen[name].append({phase: 1e6 * t / tasks for phase, t in clock.totals.items()})
+            check_peers_unhooked(name)
     return [{"method": name, "us_per_task": {phase: statistics.median(r[phase] for r in rows) for phase in PHASES}}
             for name, rows in seen.items()]
 

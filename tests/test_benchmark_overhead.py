@@ -72,3 +72,18 @@ def test_overhead_phases_split_each_method_by_phase_of_a_task(tmp_path):
     assert "| bo.MAML Exact |" in (tmp_path / "overhead_cpu_phases.md").read_text()
     with pytest.raises(SystemExit):  # one run at a time
         overhead.main(["--small", "--phases", "--sweep", "1", "2", "--out", str(tmp_path)])
+
+
+def test_overhead_refuses_to_measure_peers_beside_a_global_module_hook():
+    """A hook left in place would slow the hand-written loops and higher measured in the same process."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    import overhead
+
+    overhead.check_peers_unhooked("nothing")  # binom_opt's calls leave none behind (the runs above pass this check)
+    handle = register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        with pytest.raises(RuntimeError, match="still in place after 'a step'"):
+            overhead.check_peers_unhooked("a step")
+    finally:
+        handle.remove()
