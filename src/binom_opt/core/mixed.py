@@ -81,13 +81,12 @@ class MixedTerms:
         if not self._pending:
             return
         lo, hi = min(self._pending), max(self._pending) + 1
+        # the weights' non-finite tasks, every step's at once (one task: one flat concatenation), read from the [B, ...]
+        # weights themselves: no copy of the group above the concatenation's cap
+        bad = nonfinite_groups([[w for k in range(lo, hi) for w in self._pending[k].values()]], self.oracle.tasks.size)[0]
+        self._bad = bad if self._bad is None else self._bad | bad
         stacked = {n: torch.stack([self._pending[k][n] for k in range(lo, hi)]) for n in self._pending[lo]}
         self._pending = {}
-        # the weights' non-finite tasks, every step's at once (one task: one flat concatenation); each step's [B, ...]
-        # slice, a view, so that no copy of the group is made above the concatenation's cap
-        slices = [t[i] for t in stacked.values() for i in range(hi - lo)]
-        bad = nonfinite_groups([slices], self.oracle.tasks.size)[0]
-        self._bad = bad if self._bad is None else self._bad | bad
         trajectory = self.oracle.trajectory
         kept = [trajectory.graphs.get(k) for k in range(lo, hi)]
         if all(kept):  # kept graphs: one backward from their gradients, no replay
