@@ -53,7 +53,7 @@ def test_held_rounds_give_the_norms_of_rounds_reduced_one_by_one(monkeypatch, si
     for a, b in zip(held.rounds(), each.rounds(), strict=True):
         assert a.shape == (tasks,) and a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
-    assert reductions.RoundNorms(hold=True).rounds() == []
+    assert reductions.RoundNorms(hold=True).rounds() is None
 
 
 @pytest.mark.parametrize("one_task", [False, True])
@@ -109,6 +109,32 @@ def test_one_task_groups_are_flagged_from_one_flat_concatenation(monkeypatch, wi
         got = reductions.nonfinite_groups(given, tasks=1)
         expected = [[any(not bool(torch.isfinite(t).all()) for t in group)] for group in groups]
         assert got.shape == (2, 1) and got.dtype == torch.bool and got.tolist() == expected
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+@pytest.mark.parametrize("widths", ["equal", "unequal", "above the cap", "an empty group"])
+def test_flags_and_norm_together_are_the_flags_and_the_norms_apart(monkeypatch, widths, tasks):
+    """One task's flags and the norm of the outer gradient come from one concatenation: the same flags as
+    nonfinite_groups, and the norm of every value together (the total the stats read); a meta-batch's, or many values,
+    as nonfinite_groups and entry_norms give them."""
+    if widths == "above the cap":
+        monkeypatch.setattr(reductions, "CONCATENATED_VALUES", 0)
+    gen = torch.Generator().manual_seed(5)
+    first = [torch.randn(tasks, 3, 2, generator=gen), torch.randn(tasks, 4, generator=gen)]
+    second = {"equal": [torch.randn(tasks, 10, generator=gen)], "unequal": [torch.randn(tasks, 5, generator=gen)],
+              "above the cap": [torch.randn(tasks, 10, generator=gen)], "an empty group": []}[widths]
+    g = [torch.randn(tasks, 2, 2, generator=gen, dtype=torch.float64), torch.randn(tasks, 3, generator=gen, dtype=torch.float64)]
+    for bad in [None, 0, 1]:
+        groups = [[t.clone() for t in first], [t.clone() for t in second]]
+        if bad is not None and groups[bad]:
+            groups[bad][-1][-1, 0] = float("nan")
+        flags, norm = reductions.nonfinite_groups_and_norm(groups, g, tasks)
+        assert flags.tolist() == reductions.nonfinite_groups(groups, tasks).tolist()
+        if tasks == 1 and widths not in ("above the cap", "an empty group"):  # together: the total, in the widest dtype
+            expected = torch.cat([t.flatten() for t in g]).norm().view(1, 1)
+            assert norm.dtype == torch.float64 and torch.equal(norm, expected)
+        else:
+            assert torch.equal(norm, reductions.entry_norms(g))
 
 
 def test_flat_concatenates_every_value_in_order_promoted_to_the_widest():

@@ -81,7 +81,7 @@ def test_stats_norms_are_the_norms_of_the_outer_gradient_and_of_each_rounds_term
     rounds = [torch.rand(3, generator=gen, dtype=torch.float64) * 10 ** -r for r in range(2)]
     rounds[1][2] = 5.0  # task 2 grows from round 1 to round 2
     read = Readback()
-    add_stats(read, entry_norms(g.values()), rounds)
+    add_stats(read, entry_norms(g.values()), torch.stack(rounds))
     read.add("losses", torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]]))
     stats = make_stats(bo.Binomial(2), ExpansionPlan(2, 0, "binomial", 1.0), read.read(), 3, 2, Chunking(), 0)
     flat = torch.cat([t.flatten(1) for t in g.values()], 1).double()

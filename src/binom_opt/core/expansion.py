@@ -37,7 +37,7 @@ class ExpansionResult:
         meta_grad: the estimate of the meta-gradient with respect to the initial point, ``[B, ...]``.
         full_adjoints: ``{k: lambda_{k+1}}`` for every step at the full order (for hyperparameters such
             as learned learning rates, whose terms have no Hessian factor); filled only when asked for.
-        contributions: one ``[B]`` tensor of norms per round. For the binomial schedule, round ``l``'s
+        contributions: each round's norms, ``[rounds, B]`` (``None``: no round). For the binomial schedule, round ``l``'s
             entry is the norm of the sum of the terms with exactly ``l`` Hessian factors, all at steps
             ``>= max(L - l + 1, K - C)`` (the widest window the recursion knows at no extra HVP); for the
             sequential schedule the norm of the change one factor makes. Entries that grow from round
@@ -48,7 +48,7 @@ class ExpansionResult:
 
     meta_grad: Tensors
     full_adjoints: Dict[int, Tensors] = field(default_factory=dict)
-    contributions: List[torch.Tensor] = field(default_factory=list)
+    contributions: Optional[torch.Tensor] = None
     hvp_count: int = 0
     oracle_calls: int = 0
 

@@ -119,7 +119,7 @@ def implicit_solve(estimator, g: Tensors, oracle, read: Readback) -> ExpansionRe
     read.add("cg_residual", cg.residual)
     read.add("cg_negative", cg.negative_curvature)
     read.add("cg_failed", cg.negative_curvature | ~torch.isfinite(cg.residual) | (cg.residual > (float("inf") if tol is None else tol)))
-    return ExpansionResult(cg.x, contributions=cg.residuals)
+    return ExpansionResult(cg.x, contributions=torch.stack(cg.residuals) if cg.residuals else None)
 
 
 def check_implicit(host: Dict[str, list], estimator, tasks: Tasks, nan_policy: str) -> Tuple[float, Tuple[int, ...]]:

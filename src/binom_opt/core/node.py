@@ -25,7 +25,7 @@ from .mixed import MixedTerms, hyper_gradients
 from .norm_layers import module_policy
 from .oracle import HVPOracle
 from .readback import Readback
-from .reductions import entry_norms, nonfinite_groups
+from .reductions import nonfinite_groups, nonfinite_groups_and_norm
 from .setup import Setup
 from .stats import add_stats, make_stats, merge_stats
 from .trajectory import Trajectory, check_recomputed
@@ -102,14 +102,15 @@ class Record:
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
         oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
         transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values, self.hyper_inputs)
+        stats_of = g if setup.on_stats is not None else None  # the outer gradient's norms, reduced with the checks
         try:
             if plan.schedule == "reptile":  # theta - phi_K per task; g only carries it
                 final = self.trajectory.final
                 result = ExpansionResult({n: self.initial[n].detach().unsqueeze(0) - final[n] for n in final})
-                bad, meta_grads, hyper_grads = self._bad_tasks(result, read), [], []
+                (bad, g_norms), meta_grads, hyper_grads = self._bad_tasks(result, read, g=stats_of), [], []
             elif plan.schedule == "implicit":
                 result = implicit_solve(self.estimator, g, oracle, read)
-                bad = self._bad_tasks(result, read)
+                bad, g_norms = self._bad_tasks(result, read, g=stats_of)
                 meta_grads, hyper_grads = implicit_others(self.estimator, result, oracle, self.trajectory, self.meta_inputs, read), []
             else:
                 def expansion(drop: Optional[torch.Tensor] = None) -> Tuple[ExpansionResult, Optional[MixedTerms]]:
@@ -120,12 +121,12 @@ class Record:
                                       with_full_adjoints=bool(self.hyper_inputs)), mixed
 
                 result, mixed = expansion()
-                bad = self._bad_tasks(result, read, None if mixed is None else mixed.bad)
+                bad, g_norms = self._bad_tasks(result, read, None if mixed is None else mixed.bad, stats_of)
                 meta_grads, hyper_grads = self._other_gradients(result, bad, mixed, expansion, transpose, read)
-            if setup.on_stats is not None:
-                add_stats(read, entry_norms(g.values()), result.contributions)
-            elif result.contributions:  # the round a non-finite meta-gradient first showed in, for the error
-                read.add("contributions", torch.stack(result.contributions))
+            if g_norms is not None:  # with stats
+                add_stats(read, g_norms, result.contributions)
+            elif result.contributions is not None:  # the round a non-finite meta-gradient first showed in, for the error
+                read.add("contributions", result.contributions)
         finally:
             self.trajectory.release()
         recomputed, self.trajectory.recomputed = self.trajectory.recomputed, []
@@ -177,24 +178,29 @@ class Record:
         return ({n: torch.cat([meta_grad[n] for meta_grad, _, _ in parts]) for n in g}, others,
                 [sum_present(grads) for grads in zip(*(hyper for _, _, hyper in parts))])  # pyright: ignore[reportReturnType]  # hyper gradients exist
 
-    def _bad_tasks(self, result: ExpansionResult, read: Readback, bad_adjoints: Optional[torch.Tensor] = None
-                   ) -> Optional[torch.Tensor]:
+    def _bad_tasks(self, result: ExpansionResult, read: Readback, bad_adjoints: Optional[torch.Tensor] = None,
+                   g: Optional[Tensors] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Adds to ``read`` the tasks whose inner loop ended at a non-finite point and those whose meta-gradient (or an
         adjoint, ``bad_adjoints``) is not finite, ``[B]`` each. Under ``nan_policy="skip_task"`` the latter are zeroed
-        without reading them first and their flags returned (``None`` under ``"raise"``)."""
+        without reading them first and their flags returned (``None`` under ``"raise"``), with the norms of the outer
+        gradient ``g`` where it is given (for the stats: reduced with the flags; else ``None``)."""
         vectors = [result.meta_grad, *result.full_adjoints.values()]
         final = self.trajectory.final_task or self.trajectory.final  # one task's without the axis it would be given here
-        final_bad, bad = nonfinite_groups([final.values(), [t for tensors in vectors for t in tensors.values()]], self.tasks.size)
+        groups = [final.values(), [t for tensors in vectors for t in tensors.values()]]
+        if g is None:
+            (final_bad, bad), g_norms = nonfinite_groups(groups, self.tasks.size), None
+        else:
+            (final_bad, bad), g_norms = nonfinite_groups_and_norm(groups, g.values(), self.tasks.size)
         read.add("final_bad", final_bad)
         if bad_adjoints is not None:
             bad = bad | bad_adjoints
         read.add("bad", bad)
         if self.setup.options.nan_policy == "raise":
-            return None
+            return None, g_norms
         for tensors in vectors:
             for n, t in tensors.items():
                 tensors[n] = torch.where(along_tasks(bad, t), torch.zeros_like(t), t)
-        return bad
+        return bad, g_norms
 
     def _other_gradients(self, result: ExpansionResult, bad: Optional[torch.Tensor], mixed: Optional[MixedTerms],
                          expansion: Callable, transpose: StepTranspose, read: Readback):

@@ -19,12 +19,13 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch._utils import _flatten_dense_tensors
 
-__all__ = ["flat", "INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "nonfinite_groups", "RoundNorms", "change_norms", "scaled_all"]
+__all__ = ["flat", "INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "nonfinite_groups", "nonfinite_groups_and_norm",
+           "RoundNorms", "change_norms", "scaled_all"]
 
 INF = float("inf")
 
@@ -94,19 +95,22 @@ class RoundNorms:
             self._entries += _entry_norms(list(tensors.values()))
         self._factors.append(factor)
 
-    def rounds(self) -> List[torch.Tensor]:
+    def rounds(self) -> Optional[torch.Tensor]:
+        """``[rounds, B]`` float64, each round's norms (``None``: no round)."""
         count = len(self._factors)
         if not count:
-            return []
+            return None
         totals = self._concatenated() if self._held else None
         if totals is None:
             entries = self._entries or _entry_norms([t for vector in self._held for t in vector])
             per_entry = torch.stack(entries).reshape(count, len(entries) // count, -1).double()
-            totals = torch.linalg.vector_norm(per_entry, dim=1).unbind(0)
+            totals = torch.linalg.vector_norm(per_entry, dim=1)
+        if all(factor == 1.0 for factor in self._factors):
+            return totals
         # each by its Python float: a tensor of the factors made on the host would be a blocking copy to a GPU
-        return [total if factor == 1.0 else total * abs(factor) for total, factor in zip(totals, self._factors)]
+        return torch.stack([total if factor == 1.0 else total * abs(factor) for total, factor in zip(totals, self._factors)])
 
-    def _concatenated(self) -> Optional[List[torch.Tensor]]:
+    def _concatenated(self) -> Optional[torch.Tensor]:
         """The held rounds' totals from one concatenation of every vector, where each round has as many values and they
         are few (:data:`CONCATENATED_VALUES` a task); else ``None``. (Run in the expansion, under ``no_grad``.)"""
         tensors = [t for vector in self._held for t in vector]
@@ -117,8 +121,8 @@ class RoundNorms:
         return _row_norms(tensors, B, rounds)
 
 
-def change_norms(vectors: List[List[torch.Tensor]], one_task: bool = False) -> List[torch.Tensor]:
-    """``[B]`` float64 per pair: each task's norm of ``vectors[i + 1] - vectors[i]`` over all entries (every vector a
+def change_norms(vectors: List[List[torch.Tensor]], one_task: bool = False) -> Optional[torch.Tensor]:
+    """``[pairs, B]`` float64: each task's norm of ``vectors[i + 1] - vectors[i]`` over all entries (every vector a
     list of ``[B, ...]`` tensors with the same entries; ``one_task``: one task's tensors without the task axis, ``B = 1``),
     as :class:`RoundNorms` of those differences. For a few values a task, one concatenation and one difference of it;
     else entry by entry.
@@ -137,9 +141,9 @@ def change_norms(vectors: List[List[torch.Tensor]], one_task: bool = False) -> L
     return rounds.rounds()
 
 
-def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool = False) -> List[torch.Tensor]:
+def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool = False) -> torch.Tensor:
     """``tensors``, ``rows`` vectors of the same entries one after another, each task's values of every row side by side,
-    ``[rows, B, n]``: each row's ``[B]`` float64 norm (with ``differences``, of each row minus the one before), in the
+    ``[rows, B, n]``: each row's ``[B]`` float64 norm, ``[rows, B]`` (with ``differences``, of each row minus the one before), in the
     values' own float32 or float64 (float32 for narrower ones). Each entry's rows are stacked first: one call an entry,
     not one a tensor (one task's: one call for all)."""
     size = len(tensors) // rows
@@ -152,7 +156,7 @@ def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool
             together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rows, -1).transpose(0, 1)
     wide = together.dtype in (torch.float32, torch.float64)
     rows_of = torch.diff(together, dim=0) if differences else together
-    return list(torch.linalg.vector_norm(rows_of, dim=2, dtype=None if wide else torch.float32).double())
+    return torch.linalg.vector_norm(rows_of, dim=2, dtype=None if wide else torch.float32).double()
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:
@@ -193,13 +197,40 @@ def nonfinite_groups(groups: Sequence[Iterable[torch.Tensor]], tasks: Optional[i
         device = everything[0].device
         return torch.stack([torch.zeros(B, dtype=torch.bool, device=device) if f is None else f for f in flags])
     if B == 1:  # one call for all
-        together = flat(everything).mul(0)
-        if len(set(widths)) == 1:
-            return together.view(len(groups), 1, -1).sum(2).isnan()
-        return torch.stack([part.sum() for part in together.split(widths)]).isnan().unsqueeze(1)
+        return _one_task_flags(flat(everything), widths)
     together = torch.cat([t.reshape(B, -1) for t in everything], 1).mul(0)
     sums = [part.sum(1) for part in together.split(widths, 1)]
     return (torch.stack(sums) if len(sums) > 1 else sums[0].unsqueeze(0)).isnan()
+
+
+def _one_task_flags(values: torch.Tensor, widths: List[int]) -> torch.Tensor:
+    """``[len(widths), 1]``: whether each group of one task's concatenated ``values`` (``widths`` values each, in order)
+    holds a NaN or an infinity."""
+    zeros = values.mul(0)
+    if len(set(widths)) == 1:
+        return zeros.view(len(widths), 1, -1).sum(2).isnan()
+    return torch.stack([part.sum() for part in zeros.split(widths)]).isnan().unsqueeze(1)
+
+
+def nonfinite_groups_and_norm(groups: Sequence[Iterable[torch.Tensor]], tensors: Iterable[torch.Tensor], tasks: int
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(nonfinite_groups(groups, tasks), norms of tensors)``: one task's (``tasks=1``) from one concatenation of all their
+    values, where they are few (the flags and the norm of every value of ``tensors`` together, ``[1, 1]``: what
+    :func:`~binom_opt.core.stats.make_stats` reads of them, their total, in two operators fewer than apart); a
+    meta-batch's, or many values, apart (the norms of each of ``tensors``, ``[entries, B]``).
+
+    >>> flags, norm = nonfinite_groups_and_norm([[torch.ones(2)], [torch.tensor([float("nan")])]], [torch.tensor([3.0, 4.0])], 1)
+    >>> flags.tolist(), norm.tolist()
+    ([[False], [True]], [[5.0]])
+    """
+    groups, tensors = [[t for t in group if t.numel()] for group in groups], list(tensors)
+    widths = [sum(t.numel() for t in group) for group in groups]
+    if tasks != 1 or not all(widths) or sum(widths) + sum(t.numel() for t in tensors) > CONCATENATED_VALUES:
+        return nonfinite_groups(groups, tasks), entry_norms(tensors)
+    values = flat([*(t for group in groups for t in group), *tensors])
+    flags, rest = values[:sum(widths)], values[sum(widths):]
+    wide = values.dtype in (torch.float32, torch.float64)  # as entry_norms: narrower ones in float32
+    return _one_task_flags(flags, widths), torch.linalg.vector_norm(rest, dtype=None if wide else torch.float32).view(1, 1)
 
 
 CONCATENATED_VALUES = 1 << 20  # per task: a copy of up to 4 MiB (float32) to find the non-finite tasks in four operators

@@ -86,14 +86,14 @@ class MetaGradientStats:
         return bool(self.unsolved_tasks)
 
 
-def add_stats(read, g_norms: torch.Tensor, contributions: Sequence[torch.Tensor]) -> None:
+def add_stats(read, g_norms: torch.Tensor, contributions: Optional[torch.Tensor]) -> None:
     """Add to ``read`` (a :class:`~binom_opt.core.readback.Readback`) what :func:`make_stats` reads besides the inner
-    losses: the norms of each entry of ``g`` per task (``[entries, B]``) and each round's per-task norms (``[rounds,
-    B]``), as they are. Their sums over entries and tasks are taken on the host, a few floats, instead of by a dozen
-    operators on the device."""
+    losses: the norms of ``g`` per task (of each entry, ``[entries, B]``, or of all, ``[1, B]``) and each round's per-task
+    norms (``[rounds, B]``, ``None`` for no round), as they are. Their sums over entries and tasks are taken on the host,
+    a few floats, instead of by a dozen operators on the device."""
     read.add("g_norms", g_norms)
-    if contributions:
-        read.add("contributions", torch.stack(list(contributions)).reshape(len(contributions), -1))
+    if contributions is not None:
+        read.add("contributions", contributions)
 
 
 def make_stats(estimator: Estimator, plan: ExpansionPlan, host: dict, tasks: int, hvp_count: int, chunking, skipped: int,
