@@ -42,6 +42,8 @@ def devices_of(tensors: Sequence[torch.Tensor]) -> Tuple[int, ...]:
 
 def device_types(tensors: Sequence[torch.Tensor]) -> Tuple[str, ...]:
     """The device types whose autocast state a step on ``tensors`` reads: the CPU's, and each of theirs."""
+    if all(t.is_cpu for t in tensors):  # read at every adaptation: no device object made for each tensor
+        return ("cpu",)
     return tuple(sorted({"cpu", *(t.device.type for t in tensors)}))
 
 

@@ -144,7 +144,7 @@ def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, ke
     with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         leaves = _leaves(phi)
-        with torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT):
+        with _NoSavedTensorsHooks():
             loss = check_scalar_loss(loss_fn(dict(zip(phi, leaves)), task), "The support-loss closure")
         if any("None of the inputs have requires_grad=True" in str(w.message) for w in caught):
             raise RuntimeError(_CHECKPOINT)  # reentrant checkpointing hides the parameters from the gradient
@@ -158,6 +158,24 @@ def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, ke
     for w in caught:  # the closure's own warnings, as they would have been shown
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return _taken(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, found, rate=rate, link=link and not found)
+
+
+_AUTOGRAD = getattr(torch._C, "_autograd")  # its switches of saved-tensor hooks, as torch.autograd.graph reads them
+
+
+class _NoSavedTensorsHooks:
+    """``torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT)`` without its generator (entered at every task's
+    first step): a closure that installs saved-tensor hooks (activation checkpointing) raises ``_CHECKPOINT``."""
+
+    def __enter__(self) -> None:
+        self.before = _AUTOGRAD._saved_tensors_hooks_get_disabled_error_message()
+        _AUTOGRAD._saved_tensors_hooks_disable(_CHECKPOINT)
+
+    def __exit__(self, *exc) -> None:
+        if self.before is None:
+            _AUTOGRAD._saved_tensors_hooks_enable()
+        else:
+            _AUTOGRAD._saved_tensors_hooks_disable(self.before)
 
 
 def _taken(phi: Tensors, leaves: List[torch.Tensor], grads, loss, allow_unused: bool, keep: Optional[list],
