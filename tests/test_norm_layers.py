@@ -128,3 +128,48 @@ def test_global_module_hooks_are_in_place_only_inside_a_policy_and_under_the_sam
     with pytest.raises(ZeroDivisionError, match="from the closure"):
         maml.clone().adapt(failing)
     assert hooks() == outside
+
+
+@pytest.mark.parametrize("bn", ["auto", "frozen"])
+@pytest.mark.parametrize("with_batchnorm", [False, True])
+def test_later_inner_steps_take_the_hooks_only_where_the_first_call_needed_them(bn, with_batchnorm):
+    """A support loss whose first call (the probe, with the hooks) ran no module with buffers, normalisation layer or
+    sparse embedding takes its later inner steps without the module hooks under bn="auto" (they would change nothing);
+    one that did, or any other policy, keeps them at every step."""
+    from torch.nn.modules import module as modules
+
+    layers = [nn.Linear(3, 4), nn.BatchNorm1d(4)] if with_batchnorm else [nn.Linear(3, 4), nn.Tanh()]
+    maml = bo.MAML(nn.Sequential(*layers), lr=0.1, bn=bn)
+    x, y = torch.randn(8, 3), torch.randn(8, 4)
+    hooked = []
+
+    def closure(m):
+        hooked.append(bool(modules._global_forward_pre_hooks))
+        return F.mse_loss(m(x), y)
+
+    learner = maml.clone()
+    for _ in range(3):
+        learner.adapt(closure)
+    later = not (bn == "auto" and not with_batchnorm)
+    assert hooked[0] and hooked[-2:] == [later, later]  # the probe (and a measurement after it) with the hooks
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_under_auto_a_batchnorm_computes_the_same_with_or_without_the_hooks(training):
+    """What lets a later inner step run without the hooks (needs_hooks): under bn="auto" they change no value a
+    normalisation layer computes, in train mode (batch statistics) or in eval mode (running statistics); they only keep
+    its running statistics as they were."""
+    from binom_opt.core.norm_layers import module_policy
+
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(4, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        norm.running_mean.uniform_(), norm.running_var.uniform_(1, 2)
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    outputs = []
+    for hooks in (True, False):
+        with module_policy("auto", hooks=hooks):
+            out = norm(x)
+        (grad,) = torch.autograd.grad(out.pow(3).sum(), x, create_graph=True)
+        outputs.append((out, grad, torch.autograd.grad(grad.sum(), x)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))

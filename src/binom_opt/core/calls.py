@@ -36,11 +36,13 @@ class calls:
     """The context of every support-loss call: the module policy, the recorded context of the step it
     replays (``None`` for the inner step itself, which runs in the caller's), and errors that say what to
     change (``during``: what was running). A class, not a generator: it is entered at every inner step and HVP.
-    ``modules=False``: a call that runs no module (a kept graph's backward) takes the errors only."""
+    ``modules=False``: a call that runs no module (a kept graph's backward) takes the errors only; ``hooks=False``: the
+    module policy without its hooks (:func:`~binom_opt.core.norm_layers.needs_hooks`)."""
 
-    def __init__(self, options, context: Optional[StepContext], during: str, hint: str = "", modules: bool = True):
+    def __init__(self, options, context: Optional[StepContext], during: str, hint: str = "", modules: bool = True,
+                 hooks: bool = True):
         self.options, self.context, self.during, self.hint = options, context, during, hint
-        self.policy = module_policy(options.bn) if modules else None
+        self.policy = module_policy(options.bn, hooks) if modules else None
 
     def __enter__(self) -> None:
         if self.policy is not None:

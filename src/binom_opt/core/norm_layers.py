@@ -5,7 +5,9 @@ parameters. :func:`module_policy`, the context of every support-loss and learner
 forward hooks, in place only inside it, so that any module is covered: normalisation layers with
 running statistics follow the ``bn`` policy (see :class:`~binom_opt.Options`) and never update them,
 any other buffer written in forward is a ``RuntimeError`` naming it, and attention runs its math
-kernel (the fused ones have no second derivative and no batching rule).
+kernel (the fused ones have no second derivative and no batching rule). Under ``bn="auto"`` the later
+inner steps of a support loss whose first call ran none of the modules the hooks act on run without
+them (:func:`needs_hooks`): a hook makes every module call take torch's slower path.
 
 Example:
     >>> import torch
@@ -27,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-__all__ = ["NORM_POLICIES", "module_policy", "check_no_tracking"]
+__all__ = ["NORM_POLICIES", "module_policy", "needs_hooks", "check_no_tracking"]
 
 NORM_POLICIES = ("auto", "transductive", "frozen", "error")
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -41,6 +43,7 @@ class _Policy:
         self.bn = bn
         self.touched: Dict[int, Tuple[nn.Module, dict, dict]] = {}
         self.versions: Dict[int, Dict[str, int]] = {}
+        self.special = False  # whether a module with buffers, a normalisation layer or a sparse embedding ran
 
     def change(self, module: nn.Module, buffers: Tuple[str, ...] = (), **attributes) -> None:
         """Hide ``buffers`` and set ``attributes`` of ``module`` until the context ends."""
@@ -86,16 +89,23 @@ _SDP_SWITCHES: List[Tuple[Callable[[], bool], Callable[[bool], None], bool]] = [
 
 class module_policy:
     """Run every module forward inside under the normalisation policy ``bn``, refusing buffer writes (a class, not a
-    generator: it is entered at every support-loss call)."""
+    generator: it is entered at every support-loss call).
 
-    def __init__(self, bn: str):
-        self.bn = bn
+    ``hooks=False``: without the module hooks (the switches of attention kernels only), for a call whose modules need
+    none of them (:func:`needs_hooks`). After the context, :attr:`special` tells whether a module that does ran in it
+    (``True`` where the context nested in another, which holds).
+    """
+
+    def __init__(self, bn: str, hooks: bool = True):
+        self.bn, self.hooks = bn, hooks
         self.policy: Optional[_Policy] = None
+        self.special = True  # known only where this context was the outermost
 
     def __enter__(self) -> None:
         if _active:  # nested: the outermost policy holds
             return
-        _install_hooks()
+        if self.hooks:
+            _install_hooks()
         self.policy = _Policy(self.bn)
         _active.append(self.policy)
         self.fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -117,7 +127,9 @@ class module_policy:
             set_(enabled)
         torch.backends.mha.set_fastpath_enabled(self.fastpath)
         _active.pop()
-        _remove_hooks()
+        if self.hooks:
+            _remove_hooks()
+        self.special = policy.special
         for module, buffers, attributes in policy.touched.values():
             module._buffers.update(buffers)
             for name, value in attributes.items():
@@ -129,11 +141,15 @@ def _before(module: nn.Module, args) -> None:
         return
     policy = _active[0]
     if isinstance(module, nn.modules.batchnorm._NormBase):
+        policy.special = True
         _apply(policy, module)
     elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+        policy.special = True
         policy.change(module, sparse=False)  # the same values; dense gradients, which torch.func differentiates
-    if module._buffers and not torch.compiler.is_compiling():
-        policy.versions[id(module)] = {n: b._version for n, b in module._buffers.items() if b is not None}
+    if module._buffers:
+        policy.special = True
+        if not torch.compiler.is_compiling():
+            policy.versions[id(module)] = {n: b._version for n, b in module._buffers.items() if b is not None}
 
 
 def _after(module: nn.Module, args, output) -> None:
@@ -148,6 +164,19 @@ def _after(module: nn.Module, args, output) -> None:
             "so such a module would make every replay differentiate another loss. Put that module in eval mode "
             "(module.eval()) for the adaptation, or make its forward leave its buffers unchanged."
         )
+
+
+def needs_hooks(bn: str, special: bool) -> bool:
+    """Whether later calls of a support loss need the module hooks, given whether its first call, which ran with them,
+    ran a ``special`` module (buffers, a normalisation layer, a sparse embedding). Under ``bn="auto"`` a call of none
+    needs none: the hooks would change nothing in it. (A later call that runs such a module after all, on another
+    branch, runs it as the user's own loop would: a normalisation layer in train mode normalises with the batch's
+    statistics either way; a replay of the step, which differentiates it again, always runs with the hooks.)
+
+    >>> needs_hooks("auto", special=False), needs_hooks("auto", special=True), needs_hooks("frozen", special=False)
+    (False, True, True)
+    """
+    return special or bn != "auto"
 
 
 def check_no_tracking(model: nn.Module) -> None:

@@ -82,7 +82,9 @@ class Options:
             of no loop's meta-gradient.
         bn: normalisation layers with running statistics (BatchNorm, InstanceNorm): ``"auto"``
             follows each layer's own mode (train: batch statistics, eval: running statistics; the
-            running buffers are never updated), ``"transductive"`` (batch statistics everywhere),
+            running buffers are never updated, except by a layer that only a later inner step runs, on a
+            branch the support loss's first call did not take: it updates them as the user's own loop
+            would, with the same values either way), ``"transductive"`` (batch statistics everywhere),
             ``"frozen"`` (running statistics everywhere) or ``"error"`` (refuse such layers).
         nan_policy: ``"raise"`` (a NaN/Inf meta-gradient is a ``FloatingPointError`` naming where it
             appeared) or ``"skip_task"`` (the tasks whose meta-gradient is not finite contribute zero,

@@ -20,6 +20,7 @@ from .estimators import Estimator, Exact, Implicit
 from .implicit import proximal
 from .memory import AUTO_KEEP_GRAPH_CAP, ActivationBytes, keeps_graphs, measured_once
 from .node import Record, Status
+from .norm_layers import needs_hooks
 from .oracle import support_activations
 from .setup import Setup
 from .stepper import Stepper
@@ -76,7 +77,8 @@ class InnerLoop:
         self._loss_fns: List[LossFn] = []
         self._keys: List[object] = []  # what identifies each step's support loss across adaptations (measurements)
         self._losses: List[torch.Tensor] = []
-        self._closures: Dict[tuple, Tuple[Callable, LossFn, tuple]] = {}  # by closure_key: closure, loss, measure key
+        # by closure_key: the closure, its loss, its measurement key, and whether its calls need the module hooks
+        self._closures: Dict[tuple, Tuple[Callable, LossFn, tuple, bool]] = {}
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._origins: Dict[int, torch.Tensor] = {}  # a closure's cut captured tensor, by the id of the leaf it reads
         self._versions = {n: t._version for n, t in self.initial.items()}
@@ -164,16 +166,17 @@ class InnerLoop:
         one = not self.tasks.batched and self.stepper.plain(probe=known is None)
         link = kept is not None and self._chains and not self._meta_inputs and not self._origins
         point = self._at.one() if one else self._phi
-        grads, losses, found, update = self.stepper.gradient(
+        grads, losses, found, update, special = self.stepper.gradient(
             loss_fn, point, k, probe=known is None, allow_unused=allow_unused, context=live, keep=kept, one=one,
-            chain=chain is not None, rate=self._last_hyper[2] if one else None, link=link)
+            chain=chain is not None, rate=self._last_hyper[2] if one else None, link=link, hooks=known[3] if known else True)
         recorded = live or (self._context_after(k, before) if replayed else _NOT_REPLAYED)
         if measured:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
             too_large = ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
             self._sizes[measure_key] = support_activations(loss_fn, {n: t[0] for n, t in self._phi.items()}, None,
                                                            self.setup.options, recorded, measure_key, fallback=too_large)
-        self._closures[key] = (closure, loss_fn, measure_key)
+        # the probe ran the closure with the hooks: later calls of it take them only where they change something
+        self._closures[key] = known or (closure, loss_fn, measure_key, needs_hooks(self.setup.options.bn, special))
         for t in found:
             self._meta_inputs.setdefault(id(t), t)
         if kept:

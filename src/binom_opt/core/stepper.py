@@ -54,7 +54,7 @@ class Stepper:
 
     def gradient(self, loss_fn: LossFn, phi: Tensors, step: int, probe: bool = False, allow_unused: Optional[bool] = None,
                  context: Optional[StepContext] = None, keep: Optional[list] = None, one: bool = False, chain: bool = False,
-                 rate: Optional[float] = None, link: bool = False) -> Taken:
+                 rate: Optional[float] = None, link: bool = False, hooks: bool = True) -> Taken:
         """The gradients ``[B, ...]`` and losses ``[B]`` at ``phi`` (:class:`Taken`), in ``context`` (the step's own,
         to recompute it; ``None`` in the inner loop: the caller's); ``probe`` validates the closure with plain autograd
         on the first task and walks its graph for meta-parameters.
@@ -65,14 +65,17 @@ class Stepper:
         gradient with the graph that computed it; ``rate``: the step's plain-SGD rate, its update ``phi - rate * grad``
         taken where the gradient is and returned instead of it (every parameter with a gradient; the same
         :func:`~binom_opt.core.update_rules.plain_sgd_step` as :meth:`update`), with its graph where ``link``
-        (``Graph.link``, kept; the next step may chain to it)."""
+        (``Graph.link``, kept; the next step may chain to it); ``hooks=False``: without the module hooks, where the
+        probe found that the closure needs none (:attr:`Taken.special`, :func:`~binom_opt.core.norm_layers.needs_hooks`)."""
         unused = self.allow_unused if allow_unused is None else allow_unused
         tasks = self.tasks
         plain = one or self.plain(probe)
         if plain and not tasks.batched:  # one task without data: its point without the task axis, its gradient [1, ...]
-            with calls(self.options, context, f"inner step {step}", _CLOSURE_HINT):
-                return _plain_gradient(loss_fn, phi if one else {n: t.squeeze(0) for n, t in phi.items()}, None, step,
-                                       unused, probe, keep, unsqueeze=True, chain=chain, rate=rate, link=link)
+            call = calls(self.options, context, f"inner step {step}", _CLOSURE_HINT, hooks=hooks)
+            with call:
+                taken = _plain_gradient(loss_fn, phi if one else {n: t.squeeze(0) for n, t in phi.items()}, None, step,
+                                        unused, probe, keep, unsqueeze=True, chain=chain, rate=rate, link=link)
+            return taken._replace(special=call.policy.special) if call.policy is not None and probe else taken
         found: List[torch.Tensor] = []
         if plain:
             outs = []
@@ -106,12 +109,14 @@ _CLOSURE_HINT = "Check that the data, the model and the adapted parameters share
 
 class Taken(NamedTuple):
     """A step's gradients (none where its ``update`` is returned instead, one task's tensors), losses and the other
-    tensors requiring grad found by the probe."""
+    tensors requiring grad found by the probe, and whether a module with buffers, a normalisation layer or a sparse
+    embedding ran in it (``special``: what the probe of one task's step tells; else ``True``)."""
 
     grads: Tensors
     losses: torch.Tensor
     found: List[torch.Tensor]
     update: Optional[List[torch.Tensor]] = None
+    special: bool = True
 
 
 def _plain_gradient(loss_fn: LossFn, phi: Tensors, task, step: int, allow_unused: bool, probe: bool, keep: Optional[list] = None,
@@ -160,7 +165,7 @@ def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, ke
     return _taken(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, found, rate=rate, link=link and not found)
 
 
-_AUTOGRAD = getattr(torch._C, "_autograd")  # its switches of saved-tensor hooks, as torch.autograd.graph reads them
+_AUTOGRAD = torch._C._autograd  # pyright: ignore[reportAttributeAccessIssue]  # the switches of saved-tensor hooks torch.autograd.graph sets
 
 
 class _NoSavedTensorsHooks:
