@@ -143,12 +143,34 @@ def _unrolled_loss(model, support_loss, query_loss):
 
 def test_a_step_without_random_ops_records_no_random_state():
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    learner = bo.MAML(model, lr=LR).clone()
+    learner = bo.MAML(model, lr=LR, memory_budget="inner_step").clone()  # no kept graph: every step may be replayed
     learner.adapt(lambda m: support(m))
     learner.adapt(lambda m: support(m) + 0 * torch.rand(()))
     contexts = learner._loop.stepper.contexts
     assert contexts[0].random is None and contexts[1].random is not None
     assert not contexts[1].joins(contexts[0])
+
+
+@pytest.mark.parametrize("estimator", [bo.Exact(), bo.Binomial(1)], ids=repr)
+def test_kept_steps_record_their_start_state_and_a_second_backward_replays_them_as_they_ran(estimator):
+    """A step that keeps its graph is replayed only by a second backward (the first differentiates its graph): its
+    start state is recorded whether or not it drew, and the replays of the second backward give the first one's
+    meta-gradient, the caller's stream left where the loop leaves it."""
+    model = dropout_mlp(0.3)
+    torch.manual_seed(SEED)
+    learner = bo.MAML(model, lr=LR, estimator=estimator).clone()
+    for _ in range(K):
+        learner.adapt(lambda m: support(m))
+    assert learner._loop._graphs and all(c.random is not None for c in learner._loop.stepper.contexts)
+    loss = query(learner)
+    first = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    after = torch.rand(4)
+    second = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(R.relative_error({"t": a}, {"t": b}) < TOL for a, b in zip(first, second))
+    ref, ref_after = reference(dropout_mlp(0.3))
+    if isinstance(estimator, bo.Exact):
+        assert R.relative_error(dict(zip(ref, first)), ref) < TOL
+    assert torch.equal(after, ref_after)
 
 
 def test_meta_batches_keep_their_modes_and_name_them():

@@ -169,7 +169,10 @@ class InnerLoop:
         grads, losses, found, update, special = self.stepper.gradient(
             loss_fn, point, k, probe=known is None, allow_unused=allow_unused, context=live, keep=kept, one=one,
             chain=chain is not None, rate=self._last_hyper[2] if one else None, link=link, hooks=known[3] if known else True)
-        recorded = live or (self._context_after(k, before) if replayed else _NOT_REPLAYED)
+        # a kept step whose transposes read no values is replayed only by a second backward (its graph serves the
+        # first): its start state is recorded as it is, without the check of whether it drew (one state read less)
+        recorded = live or (self._context_after(k, before, unchecked=kept is not None and not values) if replayed
+                            else _NOT_REPLAYED)
         if measured:  # measured once the probe has vetted the closure, for the steps to come; a failure
             # (an operator without a second derivative) keeps no graph, and the replayed HVPs say so
             too_large = ActivationBytes(gradient=AUTO_KEEP_GRAPH_CAP + 1, hvp=AUTO_KEEP_GRAPH_CAP + 1)
@@ -214,10 +217,13 @@ class InnerLoop:
             return StepContext.now(types, self._stream), None
         return None, RandomState.capture(devices) if options.randomness == "replay" and not self.tasks.batched else None
 
-    def _context_after(self, k: int, before: Optional[RandomState]) -> StepContext:
+    def _context_after(self, k: int, before: Optional[RandomState], unchecked: bool = False) -> StepContext:
         """After step ``k`` ran in the caller's context: that context, recorded (its autocast state, and the random
-        state ``before`` it if it drew random numbers)."""
+        state ``before`` it if it drew random numbers; ``unchecked``: whether or not it drew, which a replay from it
+        reproduces either way)."""
         options, (types, devices) = self.setup.options, self._devices
+        if unchecked and before is not None:
+            return StepContext.now(types, before)
         drew = before is not None and before.moved(devices)
         if before is not None and drew and options.compile_hvps:
             before.restore()  # the step is refused: the caller's generators as they were
