@@ -57,7 +57,9 @@ def captured_shapes(closure: Callable) -> tuple:
         with contextlib.suppress(ValueError):  # a captured variable not assigned yet
             captured.append(cell.cell_contents)
     captured += [*(getattr(closure, "__defaults__", None) or ()), *(getattr(closure, "__kwdefaults__", None) or {}).values()]
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.tree_leaves(captured) if isinstance(t, torch.Tensor))
+    # tensors only (a closure over the task's data, read at every adaptation): no pytree walk to find them
+    leaves = captured if all(type(t) is torch.Tensor for t in captured) else pytree.tree_leaves(captured)
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves if isinstance(t, torch.Tensor))
 
 
 def cut_captured(closure: Callable) -> Tuple[Callable, Dict[int, torch.Tensor]]:
