@@ -131,8 +131,7 @@ def measured_once(key: object, point: Tensors, data, measure: Optional[Callable[
     what was measured, or ``None``."""
     if key is None:
         return None if measure is None else measure()  # pyright: ignore[reportReturnType]  # None only when not asked to measure
-    shapes = lambda tree: tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
-    full = (key, shapes(point), shapes(data))
+    full = (key, _shapes(point), _shapes(data))
     if measure is None:
         return _MEASURED.get(full)  # pyright: ignore[reportReturnType]  # None when not measured yet
     if full not in _MEASURED:
@@ -140,6 +139,13 @@ def measured_once(key: object, point: Tensors, data, measure: Optional[Callable[
             _MEASURED.clear()
         _MEASURED[full] = measure()
     return _MEASURED[full]  # pyright: ignore[reportReturnType]  # what measure() returned for this key
+
+
+def _shapes(tree) -> tuple:
+    """Shape, dtype and device of each tensor of ``tree`` (a point by name, read at every adaptation: without a pytree
+    walk)."""
+    leaves = tree.values() if isinstance(tree, dict) and all(type(t) is torch.Tensor for t in tree.values()) else pytree.tree_leaves(tree)
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves if isinstance(t, torch.Tensor))
 
 
 def task_activations(loss_fn: Callable, point: Tensors, data, bn: str, key: object) -> Optional[int]:
