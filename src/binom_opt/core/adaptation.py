@@ -148,9 +148,21 @@ def depends_on_adaptation(loss: torch.Tensor) -> bool:
 
 
 def leaves_requiring_grad(loss: torch.Tensor, exclude: AbstractSet[int] = frozenset()) -> List[torch.Tensor]:
-    """The leaf tensors requiring grad that ``loss`` depends on, except those in ``exclude`` (ids)."""
-    found = (getattr(node, "variable", None) for node in _nodes(loss))
-    return [v for v in found if v is not None and id(v) not in exclude]
+    """The leaf tensors requiring grad that ``loss`` depends on, except those in ``exclude`` (ids). (A walk of its own,
+    not of :func:`_nodes`: a closure's first call takes it, at every adaptation.)"""
+    found, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # a leaf's AccumulateGrad, where the walk ends
+            if id(variable) not in exclude:
+                found.append(variable)
+            continue
+        stack += [next_node for next_node, _ in node.next_functions]
+    return found
 
 
 def _nodes(loss: torch.Tensor):

@@ -41,12 +41,13 @@ def closure_key(closure: Callable) -> tuple:
     code = getattr(closure, "__code__", None)
     if code is None:
         return (id(closure),)
-    try:
-        cells = tuple(id(cell.cell_contents) for cell in closure.__closure__ or ())
+    try:  # (list comprehensions, not generators: read at every inner step)
+        cells = tuple([id(cell.cell_contents) for cell in closure.__closure__ or ()])
     except ValueError:  # a captured variable not assigned yet
         return (id(closure),)
-    defaults = tuple(id(v) for v in (closure.__defaults__ or ())) + tuple(id(v) for v in (closure.__kwdefaults__ or {}).values())
-    return (code, cells, defaults, id(getattr(closure, "__self__", None)))
+    defaults, kwdefaults = getattr(closure, "__defaults__", None), getattr(closure, "__kwdefaults__", None)
+    given = tuple([id(v) for v in (*(defaults or ()), *(kwdefaults or {}).values())]) if defaults or kwdefaults else ()
+    return (code, cells, given, id(getattr(closure, "__self__", None)))
 
 
 def captured_shapes(closure: Callable) -> tuple:
@@ -58,7 +59,7 @@ def captured_shapes(closure: Callable) -> tuple:
             captured.append(cell.cell_contents)
     captured += [*(getattr(closure, "__defaults__", None) or ()), *(getattr(closure, "__kwdefaults__", None) or {}).values()]
     # tensors only (a closure over the task's data, read at every adaptation): no pytree walk to find them
-    leaves = captured if all(type(t) is torch.Tensor for t in captured) else pytree.tree_leaves(captured)
+    leaves = captured if all(isinstance(t, torch.Tensor) for t in captured) else pytree.tree_leaves(captured)
     return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves if isinstance(t, torch.Tensor))
 
 

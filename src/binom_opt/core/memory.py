@@ -144,7 +144,7 @@ def measured_once(key: object, point: Tensors, data, measure: Optional[Callable[
 def _shapes(tree) -> tuple:
     """Shape, dtype and device of each tensor of ``tree`` (a point by name, read at every adaptation: without a pytree
     walk)."""
-    leaves = tree.values() if isinstance(tree, dict) and all(type(t) is torch.Tensor for t in tree.values()) else pytree.tree_leaves(tree)
+    leaves = tree.values() if isinstance(tree, dict) and all(isinstance(t, torch.Tensor) for t in tree.values()) else pytree.tree_leaves(tree)
     return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves if isinstance(t, torch.Tensor))
 
 

@@ -65,6 +65,7 @@ class Record:
     versions: Dict[str, int]
     first_order: frozenset = frozenset()  # steps whose Hessians are dropped
     proximal: Optional[float] = None  # the reg of the proximal term the inner loop added (Implicit)
+    reads: Dict[int, Tuple[bool, Optional[float]]] = dataclasses.field(default_factory=dict)  # the recorder's, shared
 
     def backward(self, g: Tensors) -> Gradients:
         """The meta-gradient for the outer gradient ``g``: with respect to the initial point (``[B, ...]``), the
@@ -101,7 +102,7 @@ class Record:
                     if (plan.levels > 0 or self.meta_inputs) and options.randomness != "different" else [])
         chunking = Chunking(options.chunk_size, options.memory_budget, inner_batch=B, device=next(iter(g.values())).device)
         oracle = HVPOracle(self.trajectory, self.tasks, options, chunking, self.first_order)
-        transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values, self.hyper_inputs)
+        transpose = StepTranspose(self.rules, self.hyper, self.trajectory.values, self.hyper_inputs, self.reads)
         stats_of = g if setup.on_stats is not None else None  # the outer gradient's norms, reduced with the checks
         try:
             if plan.schedule == "reptile":  # theta - phi_K per task; g only carries it

@@ -264,7 +264,7 @@ class InnerLoop:
         settings = {id(h): h for h in hyper}.values()  # the steps share a few hyperparameter settings (usually one)
         record = Record(self.setup, estimator or self.setup.estimator, trajectory, self.tasks, self.rules, hyper,
                         list(self._meta_inputs.values()), learned(*settings), self._status, dict(self.initial),
-                        dict(self._versions), frozenset(self._first_order), self._proximal)
+                        dict(self._versions), frozenset(self._first_order), self._proximal, self._transpose.read_cache)
         hyper_inputs = (v for _, _, v in record.hyper_inputs)
         meta_inputs = (self._origins.get(id(t), t) for t in record.meta_inputs)  # a cut leaf's gradient is its tensor's
         outputs = dict(zip(self.initial, Adaptation.apply(record, *self.initial_inputs.values(), *meta_inputs, *hyper_inputs)))

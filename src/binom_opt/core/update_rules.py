@@ -271,8 +271,11 @@ class StepTranspose:
     """
 
     def __init__(self, rules: Mapping[str, UpdateRule], hyper: Union[Mapping[str, Hyper], Sequence[Mapping[str, Hyper]]],
-                 values: Optional[Callable[[int], StepValues]] = None, learned_tensors: Optional[List[Tuple[str, str, torch.Tensor]]] = None):
-        """``learned_tensors``: :func:`learned` of every step's ``hyper``, where the caller has it already."""
+                 values: Optional[Callable[[int], StepValues]] = None, learned_tensors: Optional[List[Tuple[str, str, torch.Tensor]]] = None,
+                 reads: Optional[Dict[int, Tuple[bool, Optional[float]]]] = None):
+        """``learned_tensors``: :func:`learned` of every step's ``hyper``, where the caller has it already; ``reads``:
+        another transpose's :meth:`reads` of the same rules, shared (the recorder's, for the meta-gradient's), the
+        settings it read not read again."""
         self.rules, self.values = dict(rules), values
         self.hyper: Callable[[int], Mapping[str, Hyper]] = (lambda k: hyper[k]) if isinstance(hyper, (list, tuple)) else (lambda k: hyper)  # pyright: ignore[reportAttributeAccessIssue, reportReturnType]
         # whether ``learned`` covers every setting :meth:`reads` is asked about (the recorder's transposes also read
@@ -283,7 +286,8 @@ class StepTranspose:
         self.learned = learned_tensors
         self.nonlinear = not all(r.linear for r in self.rules.values())  # its Jacobians read each step's values
         self._identity = all(r.identity_direct for r in self.rules.values())
-        self._reads: Dict[int, Tuple[bool, Optional[float]]] = {}  # per hyperparameter mapping: needs_values, one rate
+        # per hyperparameter mapping (by id: each is held by the steps that read it): needs_values, one rate
+        self.read_cache: Dict[int, Tuple[bool, Optional[float]]] = {} if reads is None else reads
 
     def needs_values(self, hyper: Mapping[str, Hyper]) -> bool:
         """Whether a step with these hyperparameters reads its recorded ``(phi, state, grad)``."""
@@ -292,11 +296,11 @@ class StepTranspose:
     def reads(self, hyper: Mapping[str, Hyper]) -> Tuple[bool, Optional[float]]:
         """``(needs_values, plain_sgd_rate)`` of a hyperparameter mapping, once per mapping (one backward reads each
         step's; the recorder, each setting's)."""
-        known = self._reads.get(id(hyper))
+        known = self.read_cache.get(id(hyper))
         if known is None:
             # where every step's setting is known, one without learned hyperparameters overall has none in any
             has_learned = (bool(self.learned) or not self._every_setting) and bool(learned(hyper))
-            known = self._reads[id(hyper)] = (self.nonlinear or has_learned, plain_sgd_rate(self.rules, hyper))
+            known = self.read_cache[id(hyper)] = (self.nonlinear or has_learned, plain_sgd_rate(self.rules, hyper))
         return known
 
     def extend(self, g: Tensors) -> Tensors:
