@@ -22,7 +22,6 @@ from .expansion import ExpansionResult, expand
 from .implicit import check_implicit, implicit_others, implicit_solve
 from .memory import Chunking
 from .mixed import MixedTerms, hyper_gradients
-from .norm_layers import module_policy
 from .oracle import HVPOracle
 from .readback import Readback
 from .reductions import nonfinite_groups, nonfinite_groups_and_norm
@@ -70,11 +69,12 @@ class Record:
     def backward(self, g: Tensors) -> Gradients:
         """The meta-gradient for the outer gradient ``g``: with respect to the initial point (``[B, ...]``), the
         other meta-parameters and the learned hyperparameters."""
-        with module_policy(self.setup.options.bn):  # entered once: every replay below nests in it at no cost
-            if self.tasks.loop and self.tasks.size > 1:
-                return self._task_by_task(g)
-            read, finish = self._compute(g)
-            return finish(read.read())
+        # every call of a support loss below takes the module policy in its own context (calls): a meta-gradient that
+        # differentiates kept graphs, or FirstOrder's, calls none and pays none
+        if self.tasks.loop and self.tasks.size > 1:
+            return self._task_by_task(g)
+        read, finish = self._compute(g)
+        return finish(read.read())
 
     def _compute(self, g: Tensors) -> Tuple[Readback, Callable[[Dict[str, list]], Gradients]]:
         """Everything up to the host read: what to read, and what turns the host values into the result (the

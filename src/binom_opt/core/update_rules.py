@@ -318,9 +318,13 @@ class StepTranspose:
         needs_values, rate = self.reads(self.hyper(k))
         return -rate if self._identity and not needs_values and rate is not None else None
 
+    def identity_direct(self, k: int) -> bool:
+        """Whether ``D_k^T`` is the identity (plain SGD, and SGD with learned rates: the update's direct part)."""
+        return self._identity and not self.needs_values(self.hyper(k))
+
     def direct(self, k: int, z: Tensors) -> Tensors:
         """``D_k^T z`` alone (``z`` itself for plain SGD: no operator)."""
-        if self._identity and not self.needs_values(self.hyper(k)):
+        if self.identity_direct(k):
             return {n: z[n] for n in self.rules}
         return self.vjp(k, z)[0]
 
