@@ -17,7 +17,7 @@ from torch import nn
 from .core.adaptation import meta_backward
 from .core.batching import Tasks
 from .core.estimators import Estimator, Exact, check_estimator
-from .core.learner import BatchedLearner, Learner, module_loss
+from .core.learner import BatchedLearner, Learner, module_loss, named_parameters
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor, MetaGradientStats
@@ -124,7 +124,7 @@ class MetaGradientEngine:
         return BatchedLearner(self.model, loop.outputs(), self.options.bn, planned.loop)
 
     def _loop(self, tasks: Tasks) -> InnerLoop:
-        named = dict(self.model.named_parameters())
+        named = named_parameters(self.model)
         adapted, rules, hyper, _ = read_optimizer(named, self.inner_opt, self.override)
         return InnerLoop(self._setups[tasks.batched], {n: named[n] for n in adapted}, rules, hyper, tasks)
 

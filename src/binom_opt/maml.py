@@ -28,7 +28,7 @@ from torch import nn
 
 from .core.batching import Tasks
 from .core.estimators import Estimator, Exact, FirstOrder, check_estimator
-from .core.learner import AdaptedModule, Learner, module_loss
+from .core.learner import AdaptedModule, Learner, module_loss, named_parameters
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
 from .core.stats import DivergenceMonitor, MetaGradientStats
@@ -108,7 +108,7 @@ class MAML(nn.Module):
             setup = dataclasses.replace(self._setup, estimator=estimator, allow_unused=allow_unused)
             if key is not None:
                 self._setups[key] = setup
-        named = dict(self.module.named_parameters())
+        named = named_parameters(self.module)
         return self._learner(named, setup, allow_nograd, None, named)
 
     def _learner(self, initial: Mapping[str, torch.Tensor], setup: Setup, allow_nograd: bool,

@@ -20,7 +20,7 @@ from .norm_layers import check_no_tracking, module_policy
 
 Tensors = Dict[str, torch.Tensor]
 
-__all__ = ["Learner", "BatchedLearner", "AdaptedModule", "call_with", "module_loss", "adapted_module"]
+__all__ = ["Learner", "BatchedLearner", "AdaptedModule", "named_parameters", "call_with", "module_loss", "adapted_module"]
 
 
 class Learner:
@@ -117,6 +117,16 @@ def _places(model: nn.Module) -> tuple:
                    for attr, p in module._parameters.items() if p is not None and id(p) in names)
     cached = _PLACES[model] = (places, frozenset(names.values()))
     return cached
+
+
+def named_parameters(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``dict(model.named_parameters())`` from the places :func:`call_with` finds once per model (checked, not walked
+    again: read at every adaptation).
+
+    >>> list(named_parameters(torch.nn.Linear(2, 1)))
+    ['weight', 'bias']
+    """
+    return {name: param for _, _, name, param in _places(model)[0]}
 
 
 def call_with(model: nn.Module, params: Tensors, args: tuple, kwargs: dict):
