@@ -135,7 +135,8 @@ def test_global_module_hooks_are_in_place_only_inside_a_policy_and_under_the_sam
 def test_later_inner_steps_take_the_hooks_only_where_the_first_call_needed_them(bn, with_batchnorm):
     """A support loss whose first call (the probe, with the hooks) ran no module with buffers, normalisation layer or
     sparse embedding takes its later inner steps without the module hooks under bn="auto" (they would change nothing);
-    one that did, or any other policy, keeps them at every step."""
+    one that did, or any other policy, keeps them at every step. A call of the adapted model takes them where the model
+    has such a module, or under another policy."""
     from torch.nn.modules import module as modules
 
     layers = [nn.Linear(3, 4), nn.BatchNorm1d(4)] if with_batchnorm else [nn.Linear(3, 4), nn.Tanh()]
@@ -152,6 +153,11 @@ def test_later_inner_steps_take_the_hooks_only_where_the_first_call_needed_them(
         learner.adapt(closure)
     later = not (bn == "auto" and not with_batchnorm)
     assert hooked[0] and hooked[-2:] == [later, later]  # the probe (and a measurement after it) with the hooks
+    seen = []  # the adapted model's own calls (never replayed): the hooks where the model has a module they act on
+    handle = maml.module[0].register_forward_pre_hook(lambda *_: seen.append(len(modules._global_forward_pre_hooks) > 0))
+    learner(x)
+    handle.remove()
+    assert seen == [later]
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from .batching import autograd_through_vmap, per_task
-from .norm_layers import check_no_tracking, module_policy
+from .norm_layers import check_no_tracking, module_policy, needs_hooks, special
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -32,11 +32,12 @@ class Learner:
         module: the underlying model.
     """
 
-    def __init__(self, module: nn.Module, params: Tensors, bn: str = "auto", modes: Optional[Sequence[bool]] = None):
-        self.module, self.params, self.bn, self.modes = module, params, bn, modes
+    def __init__(self, module: nn.Module, params: Tensors, bn: str = "auto", modes: Optional[Sequence[bool]] = None,
+                 hooks: bool = True):
+        self.module, self.params, self.bn, self.modes, self.hooks = module, params, bn, modes, hooks
 
     def __call__(self, *args, **kwargs):
-        with module_policy(self.bn), _modes(self.module, self.modes):
+        with module_policy(self.bn, self.hooks), _modes(self.module, self.modes):
             return call_with(self.module, self.params, args, kwargs)
 
     def __repr__(self) -> str:
@@ -251,11 +252,15 @@ class AdaptedModule(nn.Module):
     _fixed: Tensors
     _detach: bool
     _modes: List[bool]
+    _hooks: bool
 
     def __init__(self, loop: Any, model: nn.Module, bn: str, fixed: Optional[Tensors] = None, detach: bool = False):
         super().__init__()
+        modules = list(model.modules())
+        # the module policy's hooks, only where the model has a module they act on (a call of the adapted model is the
+        # user's forward, never replayed: under bn="auto" they would change no value there)
         vars(self).update(_loop=loop, _model=model, _bn=bn, _fixed=dict(fixed or {}), _detach=detach,
-                          _modes=[m.training for m in model.modules()])
+                          _modes=[m.training for m in modules], _hooks=needs_hooks(bn, any(map(special, modules))))
         self.training = model.training
 
     @property
@@ -270,7 +275,7 @@ class AdaptedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The model's forward with the adapted parameters, in this module's modes."""
-        return Learner(self._model, self._stand_ins(), self._bn, self._modes)(*args, **kwargs)
+        return Learner(self._model, self._stand_ins(), self._bn, self._modes, self._hooks)(*args, **kwargs)
 
     def train(self, mode: bool = True):
         """Set this adapted model's mode (every submodule's, as ``nn.Module.train``); the model keeps its own."""

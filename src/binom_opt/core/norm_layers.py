@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-__all__ = ["NORM_POLICIES", "module_policy", "needs_hooks", "check_no_tracking"]
+__all__ = ["NORM_POLICIES", "module_policy", "special", "needs_hooks", "check_no_tracking"]
 
 NORM_POLICIES = ("auto", "transductive", "frozen", "error")
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -164,6 +164,12 @@ def _after(module: nn.Module, args, output) -> None:
             "so such a module would make every replay differentiate another loss. Put that module in eval mode "
             "(module.eval()) for the adaptation, or make its forward leave its buffers unchanged."
         )
+
+
+def special(module: nn.Module) -> bool:
+    """Whether the hooks act on ``module``: a normalisation layer, a sparse embedding, or a module with buffers."""
+    return (isinstance(module, nn.modules.batchnorm._NormBase) or bool(module._buffers)
+            or (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse))
 
 
 def needs_hooks(bn: str, special: bool) -> bool:
