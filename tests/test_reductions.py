@@ -140,3 +140,43 @@ def test_flags_and_norm_together_are_the_flags_and_the_norms_apart(monkeypatch, 
 def test_flat_concatenates_every_value_in_order_promoted_to_the_widest():
     got = reductions.flat([torch.tensor([[1, 2]], dtype=torch.int64), torch.tensor([0.5], dtype=torch.float64), torch.ones(0)])
     assert got.dtype == torch.float64 and got.tolist() == [1.0, 2.0, 0.5]
+
+
+def test_one_task_flags_come_from_the_norms_and_an_overflowed_norm_is_checked_exactly():
+    """One task's checks read the norms of its final point and meta-gradient (one operator with the outer gradient's
+    norm): a NaN or infinite value flags its group; finite values whose squares overflow the norm are checked exactly,
+    and flag nothing."""
+    from binom_opt.core.checks import flags_from_norms
+
+    huge, nan = [torch.full((3,), 1e30)], [torch.tensor([1.0, float("nan")])]
+    for final, vectors, adjoints, expected in [([torch.ones(2)], [torch.ones(2)], [], ([0.0], [0.0])),
+                                               (huge, [torch.ones(3)], [], ([0.0], [0.0])),
+                                               ([torch.ones(2)], nan, [], ([0.0], [1.0])),
+                                               ([torch.tensor([float("inf"), 0.0])], [torch.ones(2)], [1.0], ([1.0], [1.0]))]:
+        norms = reductions.group_norms([final, vectors], 1)
+        assert norms is not None
+        host = {"group_norms": norms.tolist(), **({"bad_adjoints": adjoints} if adjoints else {})}
+        flags_from_norms(host, final, vectors)
+        assert (host["final_bad"], host["bad"]) == expected and "group_norms" not in host
+    assert reductions.group_norms([[torch.ones(2)], [torch.ones(3)]], 1) is None  # unequal: the flags on the device
+    assert reductions.group_norms([[torch.ones(2, 2)], [torch.ones(2, 2)]], 2) is None
+
+
+def test_a_finite_meta_gradient_whose_squares_overflow_is_no_error_and_a_nan_one_is():
+    import torch.nn.functional as F
+
+    import binom_opt as bo
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for estimator in (bo.FirstOrder(), bo.Exact()):
+        learner = bo.MAML(model, lr=0.1, estimator=estimator).clone()
+        learner.adapt(lambda m: F.mse_loss(m(x), y))
+        model.zero_grad()
+        (F.mse_loss(learner(x), y) * 1e30).backward()  # finite, its squares beyond float32
+        assert bool(torch.isfinite(model.weight.grad).all()) and float(model.weight.grad.abs().max()) > 1e28
+        learner = bo.MAML(model, lr=0.1, estimator=estimator).clone()
+        learner.adapt(lambda m: F.mse_loss(m(x), y))
+        with pytest.raises(FloatingPointError, match="meta-gradient is not finite"):
+            (F.mse_loss(learner(x), y) * float("nan")).backward()

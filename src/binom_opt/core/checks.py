@@ -17,7 +17,7 @@ from .calls import calls
 from .readback import Readback
 from .reductions import INF, nonfinite_groups, norms, not_finite
 
-__all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "raise_bad_tasks", "raise_bad_others",
+__all__ = ["check_estimator_fits", "check_inner_loop", "replay", "check_replay", "flags_from_norms", "raise_bad_tasks", "raise_bad_others",
            "naming", "finite_flag", "all_finite", "nan_max"]
 
 
@@ -138,6 +138,21 @@ def check_replay(host: Dict[str, list], steps: List[int], tasks: Tasks) -> None:
         "e.g. dropout, which randomness='error' does not replay (leave the default randomness='replay', or pass "
         "'same' or 'different'; see binom_opt.Options)."
     )
+
+def flags_from_norms(host: Dict[str, list], final: List[torch.Tensor], vectors: List[torch.Tensor]) -> None:
+    """One task's ``"final_bad"`` and ``"bad"`` flags in ``host`` from the norms of its final point and of its
+    meta-gradient vectors (``"group_norms"``, :func:`~binom_opt.core.reductions.group_norms`; and the adjoints' own
+    flags, ``"bad_adjoints"``), as the device flags would give them. A NaN norm holds a NaN; an infinite one an infinity,
+    or finite values whose squares overflowed: that group is checked exactly (a second host read, on that path only)."""
+    flags = []
+    for norm, tensors in zip(host.pop("group_norms"), (final, vectors)):
+        bad = not math.isfinite(norm)
+        if bad and not math.isnan(norm):
+            bad = bool(nonfinite_groups([tensors], 1)[0, 0])
+        flags.append([float(bad)])
+    host["final_bad"] = flags[0]
+    host["bad"] = [float(flags[1][0] or any(host.pop("bad_adjoints", [])))]
+
 
 def raise_bad_tasks(host: Dict[str, list], tasks: Tasks, nan_policy: str) -> None:
     """Under ``nan_policy="raise"``, raise for the tasks whose meta-gradient is not finite."""

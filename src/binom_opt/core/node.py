@@ -16,7 +16,17 @@ import torch
 
 from .adaptation import sum_present
 from .batching import Tasks, along_tasks
-from .checks import all_finite, check_estimator_fits, check_inner_loop, check_replay, finite_flag, raise_bad_others, raise_bad_tasks, replay
+from .checks import (
+    all_finite,
+    check_estimator_fits,
+    check_inner_loop,
+    check_replay,
+    finite_flag,
+    flags_from_norms,
+    raise_bad_others,
+    raise_bad_tasks,
+    replay,
+)
 from .estimators import Estimator
 from .expansion import ExpansionResult, expand
 from .implicit import check_implicit, implicit_others, implicit_solve
@@ -24,7 +34,7 @@ from .memory import Chunking
 from .mixed import MixedTerms, hyper_gradients
 from .oracle import HVPOracle
 from .readback import Readback
-from .reductions import nonfinite_groups, nonfinite_groups_and_norm
+from .reductions import group_norms, nonfinite_groups, nonfinite_groups_and_norm
 from .setup import Setup
 from .stats import add_stats, make_stats, merge_stats
 from .trajectory import Trajectory, check_recomputed
@@ -108,10 +118,10 @@ class Record:
             if plan.schedule == "reptile":  # theta - phi_K per task; g only carries it
                 final = self.trajectory.final
                 result = ExpansionResult({n: self.initial[n].detach().unsqueeze(0) - final[n] for n in final})
-                (bad, g_norms), meta_grads, hyper_grads = self._bad_tasks(result, read, g=stats_of), [], []
+                (bad, g_norms, flags), meta_grads, hyper_grads = self._bad_tasks(result, read, g=stats_of), [], []
             elif plan.schedule == "implicit":
                 result = implicit_solve(self.estimator, g, oracle, read)
-                bad, g_norms = self._bad_tasks(result, read, g=stats_of)
+                bad, g_norms, flags = self._bad_tasks(result, read, g=stats_of)
                 meta_grads, hyper_grads = implicit_others(self.estimator, result, oracle, self.trajectory, self.meta_inputs, read), []
             else:
                 def expansion(drop: Optional[torch.Tensor] = None) -> Tuple[ExpansionResult, Optional[MixedTerms]]:
@@ -122,7 +132,7 @@ class Record:
                                       with_full_adjoints=bool(self.hyper_inputs)), mixed
 
                 result, mixed = expansion()
-                bad, g_norms = self._bad_tasks(result, read, None if mixed is None else mixed.bad, stats_of)
+                bad, g_norms, flags = self._bad_tasks(result, read, None if mixed is None else mixed.bad, stats_of)
                 meta_grads, hyper_grads = self._other_gradients(result, bad, mixed, expansion, transpose, read)
             if g_norms is not None:  # with stats
                 add_stats(read, g_norms, result.contributions)
@@ -135,6 +145,7 @@ class Record:
             read.add("recomputed", torch.stack([same for *_, same in recomputed]))
 
         def finish(host: Dict[str, list]) -> Gradients:
+            flags(host)
             check_inner_loop(host, self.tasks, list(self.initial), self.trajectory)
             check_replay(host, replayed, self.tasks)
             check_recomputed(recomputed, host.get("recomputed", []))
@@ -180,14 +191,21 @@ class Record:
                 [sum_present(grads) for grads in zip(*(hyper for _, _, hyper in parts))])  # pyright: ignore[reportReturnType]  # hyper gradients exist
 
     def _bad_tasks(self, result: ExpansionResult, read: Readback, bad_adjoints: Optional[torch.Tensor] = None,
-                   g: Optional[Tensors] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                   g: Optional[Tensors] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Callable[[dict], None]]:
         """Adds to ``read`` the tasks whose inner loop ended at a non-finite point and those whose meta-gradient (or an
         adjoint, ``bad_adjoints``) is not finite, ``[B]`` each. Under ``nan_policy="skip_task"`` the latter are zeroed
         without reading them first and their flags returned (``None`` under ``"raise"``), with the norms of the outer
-        gradient ``g`` where it is given (for the stats: reduced with the flags; else ``None``)."""
+        gradient ``g`` where it is given (for the stats: reduced with the flags; else ``None``), and what turns the host
+        values into the flags (one task's come as norms, :func:`~binom_opt.core.checks.flags_from_norms`)."""
         vectors = [result.meta_grad, *result.full_adjoints.values()]
         final = self.trajectory.final_task or self.trajectory.final  # one task's without the axis it would be given here
-        groups = [final.values(), [t for tensors in vectors for t in tensors.values()]]
+        groups = [list(final.values()), [t for tensors in vectors for t in tensors.values()]]
+        norms = group_norms(groups + ([list(g.values())] if g is not None else []), self.tasks.size)
+        if norms is not None and self.setup.options.nan_policy == "raise":  # flags and norms in one operator
+            read.add("group_norms", norms[:2])
+            if bad_adjoints is not None:
+                read.add("bad_adjoints", bad_adjoints)
+            return None, None if g is None else norms[2:].view(1, 1), lambda host: flags_from_norms(host, *groups)
         if g is None:
             (final_bad, bad), g_norms = nonfinite_groups(groups, self.tasks.size), None
         else:
@@ -197,11 +215,11 @@ class Record:
             bad = bad | bad_adjoints
         read.add("bad", bad)
         if self.setup.options.nan_policy == "raise":
-            return None, g_norms
+            return None, g_norms, _flags_read
         for tensors in vectors:
             for n, t in tensors.items():
                 tensors[n] = torch.where(along_tasks(bad, t), torch.zeros_like(t), t)
-        return bad, g_norms
+        return bad, g_norms, _flags_read
 
     def _other_gradients(self, result: ExpansionResult, bad: Optional[torch.Tensor], mixed: Optional[MixedTerms],
                          expansion: Callable, transpose: StepTranspose, read: Readback):
@@ -223,3 +241,7 @@ class Record:
         if finite is not None:  # raised after the checks of earlier causes (inner loop, replay), as they are read at once
             read.add("others_bad", ~finite)
         return meta_grads, hyper_grads
+
+
+def _flags_read(host: Dict[str, list]) -> None:
+    """The flags were read as they are (a meta-batch's, or under ``nan_policy="skip_task"``)."""

@@ -25,7 +25,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 __all__ = ["flat", "INF", "norms", "entry_norms", "not_finite", "nonfinite_tasks", "nonfinite_groups", "nonfinite_groups_and_norm",
-           "RoundNorms", "change_norms", "scaled_all"]
+           "group_norms", "RoundNorms", "change_norms", "scaled_all"]
 
 INF = float("inf")
 
@@ -231,6 +231,26 @@ def nonfinite_groups_and_norm(groups: Sequence[Iterable[torch.Tensor]], tensors:
     flags, rest = values[:sum(widths)], values[sum(widths):]
     wide = values.dtype in (torch.float32, torch.float64)  # as entry_norms: narrower ones in float32
     return _one_task_flags(flags, widths), torch.linalg.vector_norm(rest, dtype=None if wide else torch.float32).view(1, 1)
+
+
+def group_norms(groups: Sequence[Iterable[torch.Tensor]], tasks: int) -> Optional[torch.Tensor]:
+    """``[len(groups)]``: one task's (``tasks=1``) 2-norm of each group's values, where every group holds as many of them
+    and they are few: one concatenation and one operator. Else ``None``.
+
+    A group's norm is NaN or infinite where one of its values is, and finite where all are unless their squares
+    overflow (an infinite norm of finite values, which a caller checks exactly): the finiteness flags of the groups in
+    one operator with their norms, where :func:`nonfinite_groups_and_norm` takes four.
+
+    >>> group_norms([[torch.tensor([3.0, 4.0])], [torch.tensor([float("nan"), 0.0])]], 1).tolist()
+    [5.0, nan]
+    """
+    groups = [list(group) for group in groups]
+    widths = {sum(t.numel() for t in group) for group in groups}
+    if tasks != 1 or len(widths) != 1 or 0 in widths or widths.pop() * len(groups) > CONCATENATED_VALUES:
+        return None
+    values = flat([t for group in groups for t in group]).view(len(groups), -1)
+    wide = values.dtype in (torch.float32, torch.float64)  # as entry_norms: narrower ones in float32
+    return torch.linalg.vector_norm(values, dim=1, dtype=None if wide else torch.float32)
 
 
 CONCATENATED_VALUES = 1 << 20  # per task: a copy of up to 4 MiB (float32) to find the non-finite tasks in four operators
