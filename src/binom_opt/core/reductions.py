@@ -143,9 +143,8 @@ def change_norms(vectors: List[List[torch.Tensor]], one_task: bool = False) -> O
 
 def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool = False) -> torch.Tensor:
     """``tensors``, ``rows`` vectors of the same entries one after another, each task's values of every row side by side,
-    ``[rows, B, n]``: each row's ``[B]`` float64 norm, ``[rows, B]`` (with ``differences``, of each row minus the one before), in the
-    values' own float32 or float64 (float32 for narrower ones). Each entry's rows are stacked first: one call an entry,
-    not one a tensor (one task's: one call for all)."""
+    ``[rows, B, n]``: each row's ``[B]`` float64 norm, ``[rows, B]`` (with ``differences``, of each row minus the one
+    before). Each entry's rows are stacked first: one call an entry, not one a tensor (one task's: one call for all)."""
     size = len(tensors) // rows
     if B == 1:  # one call for all, whatever their shapes
         together = flat(tensors).view(rows, 1, -1)
@@ -154,9 +153,8 @@ def _row_norms(tensors: List[torch.Tensor], B: int, rows: int, differences: bool
             together = torch.cat([torch.stack(tensors[p::size]).reshape(rows, B, -1) for p in range(size)], 2)
         except RuntimeError:  # an entry of other shapes in other rows
             together = torch.cat([t.reshape(B, -1) for t in tensors], 1).reshape(B, rows, -1).transpose(0, 1)
-    wide = together.dtype in (torch.float32, torch.float64)
     rows_of = torch.diff(together, dim=0) if differences else together
-    return torch.linalg.vector_norm(rows_of, dim=2, dtype=None if wide else torch.float32).double()
+    return torch.linalg.vector_norm(rows_of, dim=2, dtype=torch.float64)  # computed in float64: no cast after it
 
 
 def not_finite(x: torch.Tensor) -> torch.Tensor:

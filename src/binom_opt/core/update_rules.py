@@ -197,6 +197,8 @@ def check_hyper(hyper: Mapping[str, Hyper], named: Mapping[str, torch.Tensor]) -
     """Learning rates must be finite, scalars or of their parameter's shape, and >= 0 unless meta-learned."""
     for name, h in hyper.items():
         lr = h["lr"]
+        if type(lr) is float and 0.0 <= lr < float("inf"):  # the usual case, read at every adaptation: no ABC check
+            continue
         if isinstance(lr, torch.Tensor):
             if lr.dim() and lr.shape != named[name].shape:
                 raise ValueError(
@@ -227,7 +229,7 @@ def plain_sgd_rate(rules: Mapping[str, UpdateRule], hyper: Mapping[str, Hyper]) 
     if len(rates) != 1 or not all(isinstance(r, SGDRule) and r.identity_direct for r in rules.values()):
         return None
     lr = rates.pop()
-    return float(lr) if isinstance(lr, numbers.Real) and not isinstance(lr, bool) else None
+    return lr if type(lr) is float else float(lr) if isinstance(lr, numbers.Real) and not isinstance(lr, bool) else None
 
 
 def plain_sgd_step(points: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float) -> List[torch.Tensor]:
@@ -250,6 +252,9 @@ def learned(*hypers: Mapping[str, Hyper]) -> List[Tuple[str, str, torch.Tensor]]
 
 
 def detached(hyper: Hyper) -> Hyper:
+    """``hyper`` with its tensors detached (``hyper`` itself where it holds none)."""
+    if not any(isinstance(v, torch.Tensor) for v in hyper.values()):
+        return hyper
     return {h: v.detach() if isinstance(v, torch.Tensor) else v for h, v in hyper.items()}
 
 
