@@ -78,7 +78,7 @@ class InnerLoop:
         self._keys: List[object] = []  # what identifies each step's support loss across adaptations (measurements)
         self._losses: List[torch.Tensor] = []
         # by closure_key: the closure, its loss, its measurement key, and whether its calls need the module hooks
-        self._closures: Dict[tuple, Tuple[Callable, LossFn, tuple, bool]] = {}
+        self._closures: Dict[tuple, Tuple[Callable, LossFn, Optional[tuple], bool]] = {}
         self._meta_inputs: Dict[int, torch.Tensor] = {}
         self._origins: Dict[int, torch.Tensor] = {}  # a closure's cut captured tensor, by the id of the leaf it reads
         self._versions = {n: t._version for n, t in self.initial.items()}
@@ -98,7 +98,7 @@ class InnerLoop:
         # autograd does (trajectory.chain_adjoints): no Python between two HVPs
         self._chains = self._keep and isinstance(setup.estimator, Exact)
         self._graphs: Dict[int, Graph] = {}
-        self._sizes: Dict[tuple, Optional[ActivationBytes]] = {}  # measured activations, by support loss (this loop's)
+        self._sizes: Dict[Optional[tuple], Optional[ActivationBytes]] = {}  # measured activations, by support loss (this loop's)
 
     @property
     def _phi(self) -> Tensors:
@@ -141,7 +141,8 @@ class InnerLoop:
         key = (*closure_key(closure), modes)
         known = self._closures.get(key)
         loss_fn = known[1] if known else self._support_loss(closure, modes)
-        measure_key = known[2] if known else (key[0], modes, self._proximal, captured_shapes(closure))
+        # what identifies the support loss for a measurement of its HVPs' memory: none where no Hessian is kept
+        measure_key = known[2] if known else (key[0], modes, self._proximal, captured_shapes(closure)) if self._window != 0 else None
         k = self.steps_taken
         # adapted without grad (evaluation), no meta-gradient follows: nothing to keep a graph for
         keep = self._keep and torch.is_grad_enabled()
