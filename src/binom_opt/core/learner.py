@@ -260,8 +260,8 @@ class AdaptedModule(nn.Module):
         # the module policy's hooks, only where the model has a module they act on (a call of the adapted model is the
         # user's forward, never replayed: under bn="auto" they would change no value there)
         vars(self).update(_loop=loop, _model=model, _bn=bn, _fixed=dict(fixed or {}), _detach=detach,
-                          _modes=[m.training for m in modules], _hooks=needs_hooks(bn, any(map(special, modules))))
-        self.training = model.training
+                          _modes=[m.training for m in modules], _hooks=needs_hooks(bn, any(map(special, modules))),
+                          training=model.training)  # a plain attribute, as Module.__setattr__ would set it
 
     @property
     def params(self) -> Tensors:
