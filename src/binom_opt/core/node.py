@@ -200,8 +200,9 @@ class Record:
         vectors = [result.meta_grad, *result.full_adjoints.values()]
         final = self.trajectory.final_task or self.trajectory.final  # one task's without the axis it would be given here
         groups = [list(final.values()), [t for tensors in vectors for t in tensors.values()]]
-        norms = group_norms(groups + ([list(g.values())] if g is not None else []), self.tasks.size)
-        if norms is not None and self.setup.options.nan_policy == "raise":  # flags and norms in one operator
+        raising = self.setup.options.nan_policy == "raise"
+        norms = group_norms(groups + ([list(g.values())] if g is not None else []), self.tasks.size) if raising else None
+        if norms is not None:  # flags and norms in one operator
             read.add("group_norms", norms[:2])
             if bad_adjoints is not None:
                 read.add("bad_adjoints", bad_adjoints)
