@@ -423,3 +423,21 @@ def test_products_add_a_first_vector_in_their_backward(task_dim):
         for n in p:
             assert a[n].shape == p[n].shape == w[n].shape
             torch.testing.assert_close(a[n], w[n] + p[n], rtol=1e-14, atol=1e-15)
+
+
+def test_kept_steps_are_together_whatever_random_state_they_recorded():
+    """A kept step records the random state it started from whether or not it drew, so two kept steps' contexts differ;
+    no call replays them, and they stay one group (one backward of the mixed terms). Steps replayed from distinct
+    random states are not."""
+    from types import SimpleNamespace
+
+    from binom_opt.core.context import RandomState, StepContext
+    from binom_opt.core.trajectory import Stored, Trajectory
+
+    contexts = [StepContext.now(["cpu"], RandomState.capture([])) for _ in range(3)]
+    loss = lambda phi, task: phi["w"].sum()
+    point = Stored({"w": torch.zeros(1, 2)})
+    trajectory = Trajectory([point] * 3, [loss] * 3, torch.zeros(3, 1), point, SimpleNamespace(contexts=contexts),
+                            graphs={1: object(), 2: object()})  # pyright: ignore[reportArgumentType]  # only their keys are read
+    assert trajectory.together(1, 2) and not trajectory.together(0, 1)
+    assert trajectory.runs(0, 3) == [(0, 1, loss), (1, 3, loss)]

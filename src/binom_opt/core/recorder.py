@@ -170,8 +170,9 @@ class InnerLoop:
         grads, losses, found, update, special = self.stepper.gradient(
             loss_fn, point, k, probe=known is None, allow_unused=allow_unused, context=live, keep=kept, one=one,
             chain=chain is not None, rate=self._last_hyper[2] if one else None, link=link, hooks=known[3] if known else True)
-        # a kept step whose transposes read no values is replayed only by a second backward (its graph serves the
-        # first): its start state is recorded as it is, without the check of whether it drew (one state read less)
+        # a kept step whose transposes read no values is differentiated through its graph, replayed only by a second
+        # backward or in a round whose other steps kept none: its start state is recorded as it is, without the check
+        # of whether it drew (one state read less; a replay from it reproduces the step either way)
         recorded = live or (self._context_after(k, before, unchecked=kept is not None and not values) if replayed
                             else _NOT_REPLAYED)
         if measured:  # measured once the probe has vetted the closure, for the steps to come; a failure

@@ -215,8 +215,10 @@ class Trajectory:
         return self.stepper.contexts[k]
 
     def together(self, j: int, k: int) -> bool:
-        """Whether steps ``j`` and ``k`` can be replayed in one batched call: one support loss, one context."""
-        return self.loss_fns[j] is self.loss_fns[k] and self.context(j).joins(self.context(k))
+        """Whether steps ``j`` and ``k`` can be replayed in one batched call: one support loss, one context (or both
+        kept graphs, which no call replays: a kept step records its start's random state whether or not it drew)."""
+        return self.loss_fns[j] is self.loss_fns[k] and (
+            (j in self.graphs and k in self.graphs) or self.context(j).joins(self.context(k)))
 
     def runs(self, lo: int, hi: int, split=frozenset()) -> List[Tuple[int, int, LossFn]]:
         """``(start, stop, loss_fn)`` for each run of consecutive steps in ``[lo, hi)`` that can be replayed
