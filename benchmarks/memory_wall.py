@@ -152,7 +152,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--ks", type=int, nargs="+", help="the K values of every chosen method (default: each method's own)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--max-memory", type=parse_mib, help="skip a point whose predicted peak is above this (e.g. 14GiB; "
-                   f"default {MEMORY_SHARE:.0%} of the memory; on the CPU never above the memory available then)")
+                   f"default {MEMORY_SHARE * 100:.0f}%% of the memory; on the CPU never above the memory available then)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--memory-budget", help="memory_budget= of the binom_opt engines (bytes, e.g. 512MiB)")
     p.add_argument("--tiny", action="store_true", help="ResNet-12 4-10-20-40 on 3x16x16 at K=1, 2: a smoke test of seconds")
