@@ -28,7 +28,7 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["closure_key", "captured_shapes", "cut_captured"]
+__all__ = ["closure_key", "captured_shapes", "tensor_shapes", "cut_captured"]
 
 
 def closure_key(closure: Callable) -> tuple:
@@ -58,8 +58,18 @@ def captured_shapes(closure: Callable) -> tuple:
         with contextlib.suppress(ValueError):  # a captured variable not assigned yet
             captured.append(cell.cell_contents)
     captured += [*(getattr(closure, "__defaults__", None) or ()), *(getattr(closure, "__kwdefaults__", None) or {}).values()]
-    # tensors only (a closure over the task's data, read at every adaptation): no pytree walk to find them
-    leaves = captured if all(isinstance(t, torch.Tensor) for t in captured) else pytree.tree_leaves(captured)
+    return tensor_shapes(captured)
+
+
+def tensor_shapes(tree) -> tuple:
+    """The shape, dtype and device of each tensor of the pytree ``tree``; a list, tuple or dict of tensors only (a
+    closure over a task's data, a point by name: read at every adaptation) is read without a pytree walk.
+
+    >>> tensor_shapes({"w": torch.ones(2, 3)})
+    (((2, 3), torch.float32, device(type='cpu')),)
+    """
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else None
+    leaves = values if values is not None and all(isinstance(t, torch.Tensor) for t in values) else pytree.tree_leaves(tree)
     return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves if isinstance(t, torch.Tensor))
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar, Union
 import torch
 from torch.utils import _pytree as pytree
 
+from .closures import tensor_shapes
 from .context import RandomState, devices_of
 from .norm_layers import module_policy
 
@@ -131,7 +132,7 @@ def measured_once(key: object, point: Tensors, data, measure: Optional[Callable[
     what was measured, or ``None``."""
     if key is None:
         return None if measure is None else measure()  # pyright: ignore[reportReturnType]  # None only when not asked to measure
-    full = (key, _shapes(point), _shapes(data))
+    full = (key, tensor_shapes(point), tensor_shapes(data))
     if measure is None:
         return _MEASURED.get(full)  # pyright: ignore[reportReturnType]  # None when not measured yet
     if full not in _MEASURED:
@@ -139,13 +140,6 @@ def measured_once(key: object, point: Tensors, data, measure: Optional[Callable[
             _MEASURED.clear()
         _MEASURED[full] = measure()
     return _MEASURED[full]  # pyright: ignore[reportReturnType]  # what measure() returned for this key
-
-
-def _shapes(tree) -> tuple:
-    """Shape, dtype and device of each tensor of ``tree`` (a point by name, read at every adaptation: without a pytree
-    walk)."""
-    leaves = tree.values() if isinstance(tree, dict) and all(isinstance(t, torch.Tensor) for t in tree.values()) else pytree.tree_leaves(tree)
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves if isinstance(t, torch.Tensor))
 
 
 def task_activations(loss_fn: Callable, point: Tensors, data, bn: str, key: object) -> Optional[int]:
