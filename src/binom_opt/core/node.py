@@ -215,7 +215,7 @@ class Record:
         if bad_adjoints is not None:
             bad = bad | bad_adjoints
         read.add("bad", bad)
-        if self.setup.options.nan_policy == "raise":
+        if raising:
             return None, g_norms, _flags_read
         for tensors in vectors:
             for n, t in tensors.items():
