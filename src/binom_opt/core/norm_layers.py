@@ -137,19 +137,16 @@ class module_policy:
 
 
 def _before(module: nn.Module, args) -> None:
-    if not _active:
+    if not _active or not special(module):  # the module the hooks act on, by the one rule needs_hooks reads too
         return
     policy = _active[0]
+    policy.special = True
     if isinstance(module, nn.modules.batchnorm._NormBase):
-        policy.special = True
         _apply(policy, module)
     elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
-        policy.special = True
         policy.change(module, sparse=False)  # the same values; dense gradients, which torch.func differentiates
-    if module._buffers:
-        policy.special = True
-        if not torch.compiler.is_compiling():
-            policy.versions[id(module)] = {n: b._version for n, b in module._buffers.items() if b is not None}
+    if module._buffers and not torch.compiler.is_compiling():
+        policy.versions[id(module)] = {n: b._version for n, b in module._buffers.items() if b is not None}
 
 
 def _after(module: nn.Module, args, output) -> None:
