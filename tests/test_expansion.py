@@ -1,6 +1,7 @@
 """The estimators' arithmetic on explicit matrices, against the brute-force subset expansion."""
 
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -86,6 +87,41 @@ def test_each_binomial_round_is_one_batched_call_of_K_minus_L_plus_1_hvps():
     calls.clear()
     run(bo.Hybrid(2, 4), K, hessians, g, step, calls)
     assert calls == [4, 3]  # Hessians from K - C = 2 on: round 1 takes j = 2..5, round 2 j = 2..4
+
+
+class ListedOracle:
+    """An oracle whose products come one at a time as a list (an ``HVPOracle`` on one task's points one by one): it
+    records, at each call, how many products of earlier calls are still alive."""
+
+    def __init__(self, hessians):
+        self.hessians, self.alive, self.live_at_call = hessians, weakref.WeakSet(), []
+
+    def listed(self, steps):
+        return True
+
+    def each(self, steps, vectors, first=None, bare=False):
+        self.live_at_call.append(len(self.alive))
+        out = []
+        for j, v in zip(steps, vectors):
+            product = {"w": self.hessians[j] @ v["w"][0]} if bare else {"w": (self.hessians[j] @ v["w"][0])[None]}
+            self.alive.add(product["w"])
+            out.append(product)
+        return out
+
+
+@pytest.mark.parametrize("estimator", [bo.Binomial(1), bo.Binomial(2), bo.Binomial(3), bo.Hybrid(2, 4)], ids=repr)
+def test_a_listed_round_frees_each_product_as_its_sum_replaces_it(estimator):
+    """Products taken one at a time are dropped as the round's sums replace them: the next round starts with none of
+    them alive (a round holds one copy of the parameters per step, its products', not two), and the result is the
+    stacked oracle's."""
+    K = 5
+    hessians, g, step = random_problem(3, K, 4, scalar_step=True)
+    oracle = ListedOracle(hessians)
+    sgd = StepTranspose({"w": SGDRule()}, {"w": {"lr": step}})
+    got = expand(estimator.plan(K), {"w": g[None]}, sgd, oracle, steps=K).meta_grad["w"]
+    assert oracle.live_at_call == [0] * estimator.plan(K).levels
+    expected = run(estimator, K, hessians, g, step, [])
+    assert torch.allclose(got, expected.meta_grad["w"], rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("scalar_step", [False, True])

@@ -88,3 +88,23 @@ def test_compiled_task_batched_rounds_equal_eager():
         assert torch.allclose(compiled["w"], eager["w"], rtol=1e-12, atol=1e-15)
     # the batched inner step and the batched HVP rounds: one graph each, reused for the new data
     assert torch_dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("estimator", [bo.Binomial(1), bo.Binomial(2), bo.Hybrid(2, 3), bo.Exact()], ids=repr)
+def test_one_tasks_replayed_points_run_one_at_a_time_and_give_the_kept_graphs_bits(monkeypatch, estimator):
+    """"auto" on one task, above the cap of kept graphs (a large model): each round's points are replayed one at a time
+    (never stacked: a round holds its products, one copy of the parameters per step) and give, bit for bit, the
+    products of the graphs a small model keeps."""
+    from binom_opt.core import recorder
+    from binom_opt.core.trajectory import Trajectory
+
+    case = mlp_sine()
+    _, kept = adapt_and_backward(case, estimator, steps=5)
+    stacked = []
+    real_points = Trajectory.points
+    monkeypatch.setattr(Trajectory, "points", lambda self, lo, hi: stacked.append((lo, hi)) or real_points(self, lo, hi))
+    monkeypatch.setattr(recorder, "AUTO_KEEP_GRAPH_CAP", 1)
+    engine, replayed = adapt_and_backward(case, estimator, steps=5)
+    assert not stacked and engine.last_stats.hvp_count > 0
+    for n in kept:
+        assert torch.equal(replayed[n], kept[n]), n

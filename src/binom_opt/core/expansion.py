@@ -108,6 +108,7 @@ def expand(
         return added if len(direct) == len(names) else {**direct, **added}  # with the optimizer state's entries
 
     kept = getattr(hvp, "kept", None)  # HVPOracle: kept graphs take a list of vectors, unstacked
+    listed = getattr(hvp, "listed", None)  # HVPOracle: products one at a time (kept graphs, or points one by one)
     adds = getattr(hvp, "adds", None)  # HVPOracle: whether it adds a vector to a product in the product's backward
 
     def hvps(steps: range, vectors: Callable[[], List[Tensors]], first: Optional[List[Tensors]] = None, bare: bool = False
@@ -115,8 +116,8 @@ def expand(
         """The products at ``steps`` of the ``[B, ...]`` vectors ``vectors()`` makes (added to ``first``), as a list
         (``bare``: from kept graphs, one task's without the task axis, for :func:`step` to broadcast). Made here, not by
         the caller: stacked for the oracle, the list is a temporary, so a round never holds its vectors twice."""
-        if kept is not None and kept(steps):
-            return hvp.from_graphs(steps, vectors(), first, bare)  # pyright: ignore[reportFunctionMemberAccess]  # an HVPOracle
+        if listed is not None and listed(steps):
+            return hvp.each(steps, vectors(), first, bare)  # pyright: ignore[reportFunctionMemberAccess]  # an HVPOracle
         made = vectors()
         stacked = {n: stack([v[n] for v in made]) for n in names}
         del made  # the stacked copies only, while the products run
@@ -181,6 +182,7 @@ def expand(
             hv = hvps(range(lo, hi + 1), lambda: [hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)], bare=True)
             for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
                 u[j] = step(transpose.direct(j, u[j + 1]), hv[j - lo], factors[j])
+                hv[j - lo] = {}  # a product of its own (listed) is freed as its sum replaces it: a round holds one copy per step
             rounds.add(dict(zip(names, torch._foreach_sub([u[window][n] for n in names], [before[n] for n in names]))))  # pyright: ignore[reportPrivateImportUsage]
             result.hvp_count += hi - lo + 1
             result.oracle_calls += 1

@@ -78,7 +78,8 @@ class HVPOracle:
     ``vectors`` and the result are stacked ``[len(steps), B, ...]``. Consecutive steps with the same
     support loss and context run in one lifted call, in that context (a step that drew random numbers
     alone, from its own random state); ``chunking`` caps how many HVPs run at once (its
-    ``used``, ``per_hvp_bytes`` and ``fallbacks`` tell what ran).
+    ``used``, ``per_hvp_bytes`` and ``fallbacks`` tell what ran). Products that run one at a time (kept graphs,
+    one task's points one by one: :meth:`listed`) are taken as a list by :meth:`each`, never stacked.
     """
 
     def __init__(self, trajectory: Trajectory, tasks: Tasks, options: Options, chunking: Chunking, zero=frozenset()):
@@ -100,14 +101,42 @@ class HVPOracle:
             if lo in self.zero:
                 parts.append({n: torch.zeros_like(t) for n, t in at.items()} if before is None else before)
                 continue
-            if self.kept(range(lo, hi)):  # kept graphs: one backward, no replay
-                done = self.from_graphs(range(lo, hi), [{n: t[i] for n, t in at.items()} for i in range(hi - lo)],
-                                        None if before is None else [{n: t[i] for n, t in before.items()} for i in range(hi - lo)])
-                parts.append({n: torch.stack([d[n] for d in done]) for n in at})
-                continue
             parts.append(self._lifted(loss_fn, lo, lambda lo=lo, hi=hi: self.trajectory.points(lo, hi), at,
                                       f"the Hessian-vector products at steps {lo}..{hi - 1}", before))
         return parts[0] if len(parts) == 1 else {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+    def listed(self, steps: range) -> bool:
+        """Whether :meth:`each` takes the products at ``steps`` one at a time: kept graphs, or one task's points one by
+        one (a round is then never stacked, so it holds one copy of the parameters per step, its products')."""
+        return self.kept(steps) or (self.one_by_one and not self.tasks.batched)
+
+    def each(self, steps: range, vectors: List[Tensors], first: Optional[List[Tensors]] = None, bare: bool = False
+             ) -> List[Tensors]:
+        """``H_j v_j`` (``first_j + H_j v_j``) for each step of ``steps`` (:meth:`listed`), as a list: from kept graphs
+        (:meth:`from_graphs`), else each point replayed alone with plain autograd, the product a kept graph gives; one
+        task's ``[1, ...]`` vectors in and products out (without the task axis where ``bare``). Neither the points nor
+        the vectors are stacked, and each product is a tensor of its own: a caller that drops a product as soon as it
+        has used it holds no more than one round's products."""
+        out: List[Tensors] = []
+        for lo, hi, loss_fn in self.trajectory.runs(steps.start, steps.stop, split=self.zero):
+            at = vectors[lo - steps.start : hi - steps.start]
+            before = None if first is None else first[lo - steps.start : hi - steps.start]
+            if lo in self.zero:  # H = 0
+                made = before if before is not None else [{n: torch.zeros_like(t) for n, t in v.items()} for v in at]
+                out += [{n: t.squeeze(0) for n, t in m.items()} for m in made] if bare else made
+            elif self.kept(range(lo, hi)):
+                out += self.from_graphs(range(lo, hi), at, before, bare)
+            else:
+                self.computed += hi - lo
+                self.chunking.used = 1
+                with calls(self.options, self.trajectory.context(lo), f"the Hessian-vector products at steps {lo}..{hi - 1}"):
+                    for i, k in enumerate(range(lo, hi)):
+                        graph = Graph.at(loss_fn, {n: t.squeeze(0) for n, t in self.trajectory.point(k).items()}, None)
+                        made = graph.hvp({n: t.squeeze(0) for n, t in at[i].items()},
+                                         None if before is None else {n: t.squeeze(0) for n, t in before[i].items()})
+                        del graph
+                        out.append(made if bare else {n: t.unsqueeze(0) for n, t in made.items()})
+        return out
 
     def adds(self, steps: range) -> bool:
         """Whether the products at ``steps`` run with plain autograd (kept graphs, or points one by one), whose backward
