@@ -89,39 +89,56 @@ def test_each_binomial_round_is_one_batched_call_of_K_minus_L_plus_1_hvps():
     assert calls == [4, 3]  # Hessians from K - C = 2 on: round 1 takes j = 2..5, round 2 j = 2..4
 
 
-class ListedOracle:
-    """An oracle whose products come one at a time as a list (an ``HVPOracle`` on one task's points one by one): it
-    records, at each call, how many products of earlier calls are still alive."""
+def alive(refs):
+    """How many distinct tensors of the weak references ``refs`` are alive."""
+    return len({id(t) for t in (r() for r in refs) if t is not None})
 
-    def __init__(self, hessians):
-        self.hessians, self.alive, self.live_at_call = hessians, weakref.WeakSet(), []
+
+class ListedOracle:
+    """An oracle whose products come as a list (an ``HVPOracle`` on one task's points: kept graphs, or replays one at a
+    time where ``alone``): it records, at each call, how many products of earlier calls and vectors of the rounds
+    before are still alive."""
+
+    def __init__(self, hessians, alone):
+        self.hessians, self.alone = hessians, alone
+        self.products, self.vectors, self.live_at_call = [], [], []
 
     def listed(self, steps):
         return True
 
+    def replays_alone(self, steps):
+        return self.alone
+
     def each(self, steps, vectors, first=None, bare=False):
-        self.live_at_call.append(len(self.alive))
+        self.live_at_call.append((alive(self.products), alive(self.vectors)))
         out = []
         for j, v in zip(steps, vectors):
+            self.vectors.append(weakref.ref(v["w"]))
             product = {"w": self.hessians[j] @ v["w"][0]} if bare else {"w": (self.hessians[j] @ v["w"][0])[None]}
-            self.alive.add(product["w"])
+            self.products.append(weakref.ref(product["w"]))
             out.append(product)
         return out
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["kept graphs", "replayed alone"])
 @pytest.mark.parametrize("estimator", [bo.Binomial(1), bo.Binomial(2), bo.Binomial(3), bo.Hybrid(2, 4)], ids=repr)
-def test_a_listed_round_frees_each_product_as_its_sum_replaces_it(estimator):
-    """Products taken one at a time are dropped as the round's sums replace them: the next round starts with none of
-    them alive (a round holds one copy of the parameters per step, its products', not two), and the result is the
-    stacked oracle's."""
+def test_a_listed_round_drops_each_product_once_summed(estimator, alone):
+    """Products taken as a list are dropped as soon as the round's sums take them: the next call starts with none of
+    them alive (a round holds one product at a time where the points are replayed alone, else one per step, never two
+    rounds'), and a replayed round's vectors are dropped as the sums replace them (Binomial(L) then holds L - 1
+    vectors per step). The result is the stacked oracle's."""
     K = 5
     hessians, g, step = random_problem(3, K, 4, scalar_step=True)
-    oracle = ListedOracle(hessians)
+    oracle = ListedOracle(hessians, alone)
     sgd = StepTranspose({"w": SGDRule()}, {"w": {"lr": step}})
-    got = expand(estimator.plan(K), {"w": g[None]}, sgd, oracle, steps=K).meta_grad["w"]
-    assert oracle.live_at_call == [0] * estimator.plan(K).levels
+    got = expand(estimator.plan(K), {"w": g[None]}, sgd, oracle, steps=K)
+    plan = estimator.plan(K)
+    assert [products for products, _ in oracle.live_at_call] == [0] * (got.hvp_count if alone else plan.levels)
+    if alone:  # at most one round's vectors alive (the rounds before, 1 + their window's), the last round's dropped
+        assert max(vectors for _, vectors in oracle.live_at_call) <= (K + 1 if plan.levels > 1 else 1)
+        assert alive(oracle.vectors) <= 2  # the result's vectors, and the window's
     expected = run(estimator, K, hessians, g, step, [])
-    assert torch.allclose(got, expected.meta_grad["w"], rtol=1e-13, atol=0)
+    assert torch.allclose(got.meta_grad["w"], expected.meta_grad["w"], rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("scalar_step", [False, True])

@@ -124,6 +124,26 @@ def expand(
         out = hvp(steps, stacked) if first is None else hvp(steps, stacked, {n: stack([v[n] for v in first]) for n in names})  # pyright: ignore[reportCallIssue]  # an HVPOracle
         return [{n: t[i] for n, t in out.items()} for i in range(len(steps))]
 
+    alone = getattr(hvp, "replays_alone", None)  # HVPOracle: whether it replays one task's points one at a time
+
+    def products(steps: range, vector: Callable[[int], Tensors]) -> Callable[[int], Tensors]:
+        """``product(j)``: ``H_j`` applied to ``vector(j)`` for each ``j`` of ``steps``, asked for once each in decreasing
+        ``j`` (one task's without the task axis). Where the oracle replays points one at a time each product is taken
+        when asked, so a round holds one product and the caller may replace each vector once its product is taken;
+        else the round's products at once (:func:`hvps`), each dropped as it is handed over."""
+        if alone is not None and alone(steps):
+            def taken_now(j: int) -> Tensors:
+                result.oracle_calls += 1
+                return hvp.each(range(j, j + 1), [vector(j)], bare=True)[0]  # pyright: ignore[reportFunctionMemberAccess]  # an HVPOracle
+            return taken_now
+        made = hvps(steps, lambda: [vector(i) for i in steps], bare=True)
+        result.oracle_calls += 1
+
+        def handed_over(j: int) -> Tensors:
+            out, made[j - steps.start] = made[j - steps.start], {}
+            return out
+        return handed_over
+
     # kept graphs hold every step's gradient until the end: the rounds' vectors, as small, are held too and reduced at once
     rounds = RoundNorms(hold=kept is not None and kept(range(f, K)))
     keep_all = with_full_adjoints or plan.schedule == "binomial"
@@ -179,13 +199,22 @@ def expand(
             lo, hi = max(L - level, f), K - level  # this round's HVP indices j = lo..hi
             window = max(L - level + 1, f)  # raised from level l-1 to l here: the difference is order l
             before = u[window]
-            hv = hvps(range(lo, hi + 1), lambda: [hessian_vector(i, u[i + 1]) for i in range(lo, hi + 1)], bare=True)
-            for j in reversed(range(lo, hi + 1)):  # u[hi + 1] is the exact tail, shared by both levels
-                u[j] = step(transpose.direct(j, u[j + 1]), hv[j - lo], factors[j])
-                hv[j - lo] = {}  # a product of its own (listed) is freed as its sum replaces it: a round holds one copy per step
+            # the next round reads this round's sums (and a learned rate every step's); the last one's only its own
+            # first and the window's: the others are dropped as they go, and one-by-one products then hold no copy per step
+            keep = level < L or with_full_adjoints
+            product = products(range(lo, hi + 1), lambda i: hessian_vector(i, u[i + 1]))
+            summed = u[hi + 1]  # the exact tail, shared by both levels
+            for j in reversed(range(lo, hi + 1)):
+                # H_j applied to u[j + 1] at level l - 1, which the sum at level l replaces once the product is taken
+                after = step(transpose.direct(j, summed), product(j), factors[j])
+                if j < hi and (keep or j + 1 == window):
+                    u[j + 1] = summed
+                elif j < hi:
+                    del u[j + 1]
+                summed = after
+            u[lo] = summed
             rounds.add(dict(zip(names, torch._foreach_sub([u[window][n] for n in names], [before[n] for n in names]))))  # pyright: ignore[reportPrivateImportUsage]
             result.hvp_count += hi - lo + 1
-            result.oracle_calls += 1
     for j in reversed(range(f)):  # below the first kept Hessian only D_j^T acts
         u[j] = transpose.direct(j, u[j + 1])
         if not keep_all:

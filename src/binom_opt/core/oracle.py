@@ -110,6 +110,11 @@ class HVPOracle:
         one (a round is then never stacked, so it holds one copy of the parameters per step, its products')."""
         return self.kept(steps) or (self.one_by_one and not self.tasks.batched)
 
+    def replays_alone(self, steps: range) -> bool:
+        """Whether one task's points at ``steps`` are replayed one at a time, with no kept graph among them (whose
+        products one backward takes together): a round may then ask :meth:`each` for one product at a time."""
+        return self.one_by_one and not self.tasks.batched and not any(j in self.trajectory.graphs for j in steps)
+
     def each(self, steps: range, vectors: List[Tensors], first: Optional[List[Tensors]] = None, bare: bool = False
              ) -> List[Tensors]:
         """``H_j v_j`` (``first_j + H_j v_j``) for each step of ``steps`` (:meth:`listed`), as a list: from kept graphs
