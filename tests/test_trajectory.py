@@ -321,7 +321,7 @@ def _chain_spy(monkeypatch) -> list:
     from binom_opt.core import oracle
 
     chains, original = [], oracle.chain_adjoints
-    monkeypatch.setattr(oracle, "chain_adjoints", lambda graphs, g: chains.append(len(graphs)) or original(graphs, g))
+    monkeypatch.setattr(oracle, "chain_adjoints", lambda graphs, g, others=(): chains.append(len(graphs)) or original(graphs, g, others))
     return chains
 
 
@@ -352,6 +352,49 @@ def test_exact_takes_every_adjoint_in_one_backward_through_its_chained_graphs(mo
     assert all(torch.equal(a, b) for a, b in zip(kept, replayed))
     assert kept_stats.contributions == pytest.approx(replayed_stats.contributions, rel=1e-12, abs=0)
     assert kept_stats.hvp_count == replayed_stats.hvp_count == 5 and kept_stats.rounds == replayed_stats.rounds == 5
+
+
+@pytest.mark.parametrize("kept_steps", [None, 2], ids=["all kept", "two kept"])
+def test_a_chain_takes_the_mixed_terms_of_a_body_in_its_backward(monkeypatch, kept_steps):
+    """ANIL's form with Exact: the head's kept steps are chained although the body's features take mixed terms, and
+    one backward through the chain takes every adjoint and the body's mixed terms, as unrolled autograd does. Where
+    only some steps keep their graphs no chain runs, and the chained graphs' mixed terms are replayed (a backward
+    from a chained graph would reach the steps before it and count their terms again). Both equal unrolled autograd."""
+    from binom_opt.core import recorder
+
+    from cases import BodyHead
+
+    if kept_steps is not None:
+        monkeypatch.setattr(recorder.InnerLoop, "_fits", lambda self, sizes: len(self._graphs) < kept_steps)
+    chains = _chain_spy(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    xs, xq = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    ys, yq = torch.arange(6) % 3, torch.arange(9) % 3
+    torch.manual_seed(0)
+    model = BodyHead().double()
+    linear = lambda p, f: F.linear(f, p["head.weight"], p["head.bias"])
+
+    def engine_step():
+        model.zero_grad(set_to_none=True)
+        engine = bo.MetaGradientEngine(model, torch.optim.SGD(model.head.parameters(), lr=0.5), 4, bo.Exact())
+        features = model.body(xs)
+        learner = engine.adapt(lambda m: F.cross_entropy(linear(m.params, features), ys))
+        F.cross_entropy(linear(learner.params, model.body(xq)), yq).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    engine_step()  # the support loss measured at step 0, which keeps no graph
+    chains.clear()
+    got = engine_step()
+    assert chains == ([4] if kept_steps is None else [])
+    model.zero_grad(set_to_none=True)
+    features, phi = model.body(xs), {n: p for n, p in model.named_parameters() if n.startswith("head.")}
+    for _ in range(4):
+        grads = torch.autograd.grad(F.cross_entropy(linear(phi, features), ys), list(phi.values()), create_graph=True)
+        phi = {n: p - 0.5 * g for (n, p), g in zip(phi.items(), grads)}
+    F.cross_entropy(linear(phi, model.body(xq)), yq).backward()
+    assert model.body[0].weight.grad.abs().sum() > 0
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_other_estimators_read_a_chained_loop_graph_by_graph(monkeypatch):

@@ -14,7 +14,7 @@ first (``[B, ...]``), which the contribution norms keep apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,6 +44,8 @@ class ExpansionResult:
             to round mean the expansion diverges.
         hvp_count: Hessian-vector products computed per task.
         oracle_calls: calls made to the HVP oracle (one per round).
+        others: the gradients of :func:`expand`'s ``others`` that a chain's backward took with the adjoints (the sums of
+            their mixed terms), ``None`` where no chain ran (the adjoints were handed to ``on_adjoint`` instead).
     """
 
     meta_grad: Tensors
@@ -51,6 +53,7 @@ class ExpansionResult:
     contributions: Optional[torch.Tensor] = None
     hvp_count: int = 0
     oracle_calls: int = 0
+    others: Optional[Tuple[Optional[torch.Tensor], ...]] = None
 
 
 def expand(
@@ -62,13 +65,17 @@ def expand(
     steps: int,
     on_adjoint: Optional[Callable[[int, Tensors], None]] = None,
     with_full_adjoints: bool = False,
+    others: Sequence[torch.Tensor] = (),
 ) -> ExpansionResult:
     """Evaluate the kept terms of the product of the transposed step Jacobians applied to ``g``.
 
     ``on_adjoint(k, lambda_{k+1})`` is called for each step ``k`` whose Hessian is kept, in decreasing ``k``,
     as soon as the adjoint exists: the gradient of the outer loss with respect to ``(phi_{k+1}, state_{k+1})``
     at one Hessian factor less, what the mixed terms of other meta-parameters need. Handing them over
-    instead of returning them keeps the memory of those terms from growing with K.
+    instead of returning them keeps the memory of those terms from growing with K. Where an exact plan's adjoints come
+    from one backward through chained kept graphs, that backward also takes the gradients of ``others`` (the
+    meta-parameters ``on_adjoint`` serves: their mixed terms, summed as unrolled autograd sums them), returned as
+    :attr:`ExpansionResult.others`, and ``on_adjoint`` is not called.
 
     Example (explicit 1x1 Hessians ``H_k = k + 1``, one task; exact MAML is ``(1-a)(1-2a)(1-3a) g``):
         >>> import torch, binom_opt as bo
@@ -153,14 +160,17 @@ def expand(
     # same sums as step by step below, no Python between two HVPs).
     chain = getattr(hvp, "chain", None) if plan.schedule == "sequential" and L == K and scale == 1.0 else None
     top = {n: t.squeeze(0) for n, t in u[K].items()} if chain is not None else {}  # one task's, as the chain's graphs
-    adjoints = chain(range(f, K), top) if chain is not None and all(r is not None for r in plain[f:K]) else None
+    chained = chain(range(f, K), top, others) if chain is not None and all(r is not None for r in plain[f:K]) else None
+    adjoints = None if chained is None else chained[0]
     if adjoints is not None:
+        result.others = chained[1] if others else None  # pyright: ignore[reportOptionalSubscript]  # set with adjoints
+        handed = on_adjoint if not others else None  # the mixed terms of the others: taken by the chain's backward
         # the change each factor made, round by round as below (step K-1's first)
         result.contributions = change_norms([list(a.values()) for a in (top, *reversed(adjoints))], one_task=True)
         for j in reversed(range(f, K)):  # given the task axis where read: the meta-gradient's, the mixed terms' all
-            if on_adjoint is not None:
-                on_adjoint(j, u[j + 1])
-            if j == f or on_adjoint is not None or keep_all:
+            if handed is not None:
+                handed(j, u[j + 1])
+            if j == f or handed is not None or keep_all:
                 u[j] = {n: t.unsqueeze(0) for n, t in adjoints[j - f].items()}
         result.hvp_count += K - f
         result.oracle_calls += 1

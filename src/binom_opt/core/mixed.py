@@ -7,7 +7,7 @@ lambda_{k+1}`` at the full order.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.func import grad
@@ -72,6 +72,13 @@ class MixedTerms:
             weight = {n: torch.where(along_tasks(self.drop, t), torch.zeros_like(t), t) for n, t in weight.items()}
         self._pending[k] = {n: t * self.scale for n, t in weight.items()} if self.scale != 1.0 else weight
 
+    def taken(self, totals: Sequence[Optional[torch.Tensor]]) -> MixedTerms:
+        """These terms summed by a chain's backward (:attr:`~binom_opt.core.expansion.ExpansionResult.others`, one
+        task's) instead of step by step: zero where that task is dropped."""
+        drop = self.drop
+        self._totals = [t if t is None or drop is None else torch.where(drop.reshape(()), torch.zeros_like(t), t) for t in totals]
+        return self
+
     def totals(self) -> List[Optional[torch.Tensor]]:
         """The sums over every step handed over (``None`` for an input no support loss reaches)."""
         self._flush()
@@ -89,7 +96,9 @@ class MixedTerms:
         self._pending = {}
         trajectory = self.oracle.trajectory
         kept = [trajectory.graphs.get(k) for k in range(lo, hi)]
-        if all(kept):  # kept graphs: one backward from their gradients, no replay
+        # kept graphs: one backward from their gradients, no replay; not through a chained one, whose point depends on
+        # the earlier steps' graphs: a backward from it would add their terms again (a chain sums them itself, expand)
+        if all(kept) and not any(graph.chained for graph in kept):  # pyright: ignore[reportOptionalMemberAccess]  # all kept
             with calls(self.oracle.options, None, f"the mixed second-order terms at steps {lo}..{hi - 1}", modules=False):
                 grads = _from_graphs(kept, stacked, self.meta_inputs)  # pyright: ignore[reportArgumentType]  # none is None
         else:

@@ -128,8 +128,9 @@ class Record:
                     mixed = (MixedTerms(oracle, transpose, plan.hessian_scale, self.meta_inputs, self.first_order, drop)
                              if self.meta_inputs else None)
                     with torch.no_grad():
-                        return expand(plan, g, transpose, oracle, steps=K, on_adjoint=None if mixed is None else mixed.add,
-                                      with_full_adjoints=bool(self.hyper_inputs)), mixed
+                        result = expand(plan, g, transpose, oracle, steps=K, on_adjoint=None if mixed is None else mixed.add,
+                                        with_full_adjoints=bool(self.hyper_inputs), others=mixed.meta_inputs if mixed else ())
+                    return result, mixed if mixed is None or result.others is None else mixed.taken(result.others)
 
                 result, mixed = expansion()
                 bad, g_norms, flags = self._bad_tasks(result, read, None if mixed is None else mixed.bad, stats_of)

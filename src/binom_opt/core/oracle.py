@@ -6,7 +6,7 @@ over the requested points and the tasks, chunked by :class:`~binom_opt.core.memo
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.func import grad, jvp, vjp
@@ -107,7 +107,7 @@ class HVPOracle:
 
     def listed(self, steps: range) -> bool:
         """Whether :meth:`each` takes the products at ``steps`` one at a time: kept graphs, or one task's points one by
-        one (a round is then never stacked, so it holds one copy of the parameters per step, its products')."""
+        one (a round is then never stacked: no copy of its points or vectors)."""
         return self.kept(steps) or (self.one_by_one and not self.tasks.batched)
 
     def replays_alone(self, steps: range) -> bool:
@@ -164,11 +164,13 @@ class HVPOracle:
         with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}", modules=False):
             return products(graphs, vectors, task_dim=True, first=first, bare=bare)
 
-    def chain(self, steps: range, g: Tensors) -> Optional[List[Tensors]]:
+    def chain(self, steps: range, g: Tensors, others: Sequence[torch.Tensor] = ()
+              ) -> Optional[Tuple[List[Tensors], Tuple[Optional[torch.Tensor], ...]]]:
         """The adjoints at the points of ``steps`` (the last steps) for ``g`` at the final point, in one backward through
         their kept graphs chained by their updates (:func:`~binom_opt.core.trajectory.chain_adjoints`), where the
-        inner loop chained them (kept plain-SGD steps with a Hessian, every parameter with a gradient); else ``None``.
-        One task's vectors, in and out without the task axis."""
+        inner loop chained them (kept plain-SGD steps with a Hessian, every parameter with a gradient), and the
+        gradients of ``others`` from it (the mixed terms of other meta-parameters, summed); else ``None``. One task's
+        vectors, in and out without the task axis."""
         graphs = [self.trajectory.graphs.get(j) for j in steps]
         if (not graphs or steps.stop != self.trajectory.steps or not all(graphs) or any(j in self.zero for j in steps)
                 or graphs[-1].out is None or not all(graph.chained for graph in graphs[1:])):  # pyright: ignore[reportOptionalMemberAccess]  # all kept
@@ -176,7 +178,7 @@ class HVPOracle:
         self.computed += len(steps)
         self.chunking.used = 1
         with calls(self.options, None, f"the Hessian-vector products at steps {steps.start}..{steps.stop - 1}", modules=False):
-            return chain_adjoints(graphs, g)  # pyright: ignore[reportArgumentType]  # all kept
+            return chain_adjoints(graphs, g, others)  # pyright: ignore[reportArgumentType]  # all kept
 
     def at_final(self, vectors: Tensors) -> Tensors:
         """``H(phi_K) v`` for every task (``[B, ...]`` in and out), with the last step's support loss."""

@@ -163,9 +163,9 @@ class InnerLoop:
         chain = before_k.out if before_k is not None else None
         # one task on the plain path: its point without the task axis (the last update's own tensors: chained, the
         # previous update with its graph), and a plain-SGD update taken with the gradient; Exact links a kept one (the
-        # next step chains to it) where no other meta-parameter is known
+        # next step chains to it; the chain's backward takes the mixed terms of other meta-parameters too)
         one = not self.tasks.batched and self.stepper.plain(probe=known is None)
-        link = kept is not None and self._chains and not self._meta_inputs and not self._origins
+        link = kept is not None and self._chains
         point = self._at.one() if one else self._phi
         grads, losses, found, update, special = self.stepper.gradient(
             loss_fn, point, k, probe=known is None, allow_unused=allow_unused, context=live, keep=kept, one=one,

@@ -144,8 +144,7 @@ def _leaves(phi: Tensors) -> List[torch.Tensor]:
 def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, keep: Optional[list], unsqueeze: bool,
                      rate: Optional[float] = None, link: bool = False) -> Taken:
     """A closure's first call: checkpointing refused (saved-tensor hooks off, its warning caught), and the other
-    tensors requiring grad that the loss reaches found (never chained: the walk would go down the chain; linked only
-    where none is found)."""
+    tensors requiring grad that the loss reaches found (never chained: the walk would go down the chain)."""
     with torch.enable_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         leaves = _leaves(phi)
@@ -162,7 +161,7 @@ def _probed_gradient(loss_fn: LossFn, phi: Tensors, task, allow_unused: bool, ke
             raise (RuntimeError(_CHECKPOINT) if "use_reentrant=True" in str(error) else error) from error
     for w in caught:  # the closure's own warnings, as they would have been shown
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _taken(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, found, rate=rate, link=link and not found)
+    return _taken(phi, leaves, grads, loss, allow_unused, keep, unsqueeze, found, rate=rate, link=link)
 
 
 _AUTOGRAD = torch._C._autograd  # pyright: ignore[reportAttributeAccessIssue]  # the switches of saved-tensor hooks torch.autograd.graph sets

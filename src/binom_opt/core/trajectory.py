@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -131,16 +131,20 @@ def _by_graph(graphs: List[Graph], found, task_dim: bool) -> List[Tensors]:
             for i, graph in enumerate(graphs)]
 
 
-def chain_adjoints(graphs: List[Graph], g: Tensors) -> List[Tensors]:
+def chain_adjoints(graphs: List[Graph], g: Tensors, others: Sequence[torch.Tensor] = ()
+                   ) -> Tuple[List[Tensors], Tuple[Optional[torch.Tensor], ...]]:
     """The adjoints ``dL/dphi_j`` at the leaves of each of ``graphs``, a chain of consecutive steps (each after the
     first ``chained`` to the one before, the last with its ``out``), for ``g = dL/dphi_K`` at the last ``out``: one
     backward through the whole chain, the computation unrolled autograd makes (``H_j`` applied to ``-lr`` times the
     adjoint, the direct path added where the two meet). One task: ``g`` and the adjoints without the task axis, as
-    the graphs' tensors are; the graphs stay."""
+    the graphs' tensors are; the graphs stay. ``others``: other meta-parameters the steps' gradients depend on (a
+    body's features), whose gradients the same backward takes (``None`` where unreached): the sum of every step's
+    mixed term, as unrolled autograd sums them."""
     names, last = graphs[0].names, graphs[-1].out
     assert last is not None and all(graph.chained for graph in graphs[1:]), "not a chain of kept graphs"
     leaves = [t for graph in graphs for t in graph.leaves]
-    return _by_graph(graphs, backprop.grad(last, leaves, [g[n] for n in names], retain_graph=True), task_dim=False)
+    found = backprop.grad(last, [*leaves, *others], [g[n] for n in names], retain_graph=True)
+    return _by_graph(graphs, found[:len(leaves)], task_dim=False), tuple(found[len(leaves):])
 
 
 class Trajectory:
