@@ -128,18 +128,17 @@ class HVPOracle:
             before = None if first is None else first[lo - steps.start : hi - steps.start]
             if lo in self.zero:  # H = 0
                 made = before if before is not None else [{n: torch.zeros_like(t) for n, t in v.items()} for v in at]
-                out += [{n: t.squeeze(0) for n, t in m.items()} for m in made] if bare else made
+                out += [_one(m) for m in made] if bare else made
             elif self.kept(range(lo, hi)):
                 out += self.from_graphs(range(lo, hi), at, before, bare)
             else:
                 self.computed += hi - lo
                 self.chunking.used = 1
+                hvp = plain_hvp(loss_fn, adds=before is not None)  # each point's graph freed before the next is built
                 with calls(self.options, self.trajectory.context(lo), f"the Hessian-vector products at steps {lo}..{hi - 1}"):
                     for i, k in enumerate(range(lo, hi)):
-                        graph = Graph.at(loss_fn, {n: t.squeeze(0) for n, t in self.trajectory.point(k).items()}, None)
-                        made = graph.hvp({n: t.squeeze(0) for n, t in at[i].items()},
-                                         None if before is None else {n: t.squeeze(0) for n, t in before[i].items()})
-                        del graph
+                        given = [at[i]] if before is None else [at[i], before[i]]
+                        made = hvp(_one(self.trajectory.point(k)), *map(_one, given), None)
                         out.append(made if bare else {n: t.unsqueeze(0) for n, t in made.items()})
         return out
 
@@ -211,3 +210,8 @@ class HVPOracle:
         """The activation bytes of one gradient and one HVP of the first task at ``step``."""
         return support_activations(loss_fn, {n: t[0] for n, t in self.trajectory.point(step).items()}, self.tasks.first(),
                                    self.options, self.trajectory.context(step), self.trajectory.keys[step])
+
+
+def _one(tensors: Tensors) -> Tensors:
+    """One task's tensors without their task axis."""
+    return {n: t.squeeze(0) for n, t in tensors.items()}
