@@ -92,3 +92,42 @@ def test_stats_norms_are_the_norms_of_the_outer_gradient_and_of_each_rounds_term
     growing = [b for b in range(3) if rounds[0][b] > per_task[b] or rounds[1][b] > rounds[0][b]]
     assert list(stats.diverging_tasks) == growing and 2 in growing
 
+
+
+@pytest.mark.parametrize("estimator", [bo.FirstOrder(), bo.Exact(), bo.Truncated(2), bo.Binomial(2)])
+def test_stats_are_made_when_read_unless_a_binomial_warning_may_be_due(monkeypatch, estimator):
+    """Only a binomial series can diverge: its stats are made with the meta-gradient, for the warning; the others' are
+    made from the host values when ``last_stats`` is first read, equal to what making them at once gives."""
+    from binom_opt.core import stats as stats_module
+
+    made = []
+    real = stats_module.make_stats
+    monkeypatch.setattr(stats_module, "make_stats", lambda *args: made.append(real(*args)) or made[-1])
+    model = sine_mlp(seed=0, dtype=torch.float64)
+    batch = sample_sine_tasks(1, torch.Generator().manual_seed(0), dtype=torch.float64)
+    maml = bo.MAML(model, lr=0.01, estimator=estimator)
+    learner = maml.clone()
+    for _ in range(3):
+        learner.adapt(lambda m: squared_error(m(batch.x_support[0]), batch.y_support[0]))
+    query = squared_error(learner(batch.x_query[0]), batch.y_query[0])
+    query.backward()
+    assert len(made) == (1 if isinstance(estimator, bo.Binomial) else 0)
+    first = maml.last_stats
+    assert len(made) == 1 and first is made[0] and maml.last_stats is first  # made once
+    assert first.steps == 3 and first.inner_losses[0] > 0 and first.g_norm > 0
+
+
+def test_the_first_order_stats_read_the_norm_of_g_once_and_right():
+    """FirstOrder's meta-gradient is g itself: one norm serves the check and the stats, and it is g's."""
+    model = sine_mlp(seed=0, dtype=torch.float64)
+    batch = sample_sine_tasks(1, torch.Generator().manual_seed(0), dtype=torch.float64)
+    maml = bo.MAML(model, lr=0.01, estimator=bo.FirstOrder())
+    learner = maml.clone()
+    for _ in range(3):
+        learner.adapt(lambda m: squared_error(m(batch.x_support[0]), batch.y_support[0]))
+    adapted = {n: t.detach().requires_grad_() for n, t in learner.named_parameters()}
+    g = torch.autograd.grad(squared_error(torch.func.functional_call(model, adapted, (batch.x_query[0],)), batch.y_query[0]),
+                            list(adapted.values()))
+    squared_error(learner(batch.x_query[0]), batch.y_query[0]).backward()
+    assert maml.last_stats.g_norm == pytest.approx(float(torch.cat([t.flatten() for t in g]).norm()), rel=1e-12)
+    assert all(torch.equal(p.grad, t) for p, t in zip(model.parameters(), g))

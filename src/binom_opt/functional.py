@@ -18,7 +18,7 @@ from .core.calls import calls
 from .core.estimators import Estimator, Exact, Implicit, check_estimator
 from .core.options import Options
 from .core.recorder import InnerLoop, Setup
-from .core.stats import DivergenceMonitor, MetaGradientStats, merge_stats
+from .core.stats import DivergenceMonitor, MetaGradientStats, Stats, made, merge_stats
 from .core.update_rules import read_optimizer, sgd_rules
 
 Tensors = Dict[str, torch.Tensor]
@@ -239,5 +239,5 @@ class _Last:
 
     last_stats: Optional[MetaGradientStats] = None
 
-    def __call__(self, stats: MetaGradientStats) -> None:
-        self.last_stats = stats
+    def __call__(self, stats: Stats) -> None:
+        self.last_stats = made(stats)

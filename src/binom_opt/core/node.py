@@ -36,7 +36,7 @@ from .oracle import HVPOracle
 from .readback import Readback
 from .reductions import group_norms, nonfinite_groups, nonfinite_groups_and_norm
 from .setup import Setup
-from .stats import add_stats, make_stats, merge_stats
+from .stats import add_stats, merged, stats_when_due
 from .trajectory import Trajectory, check_recomputed
 from .update_rules import Hyper, StepTranspose, UpdateRule
 
@@ -155,9 +155,8 @@ class Record:
             raise_bad_tasks(host, self.tasks, options.nan_policy)
             raise_bad_others(host)
             self.status.finished = True
-            if setup.on_stats is not None:
-                skipped = int(sum(host["bad"]))
-                setup.on_stats(make_stats(self.estimator, plan, host, B, oracle.computed, chunking, skipped, residual, unsolved))
+            if setup.on_stats is not None:  # made from host values, when due
+                setup.on_stats(stats_when_due(self.estimator, plan, host, B, oracle.computed, chunking, int(sum(host["bad"])), residual, unsolved))
             return result.meta_grad, meta_grads, hyper_grads
 
         return read, finish
@@ -182,7 +181,7 @@ class Record:
         hosts = Readback.read_all([read for read, _ in pending])
         parts = [finish(host) for (_, finish), host in zip(pending, hosts)]
         if self.setup.on_stats is not None:
-            self.setup.on_stats(merge_stats(stats))
+            self.setup.on_stats(merged(stats))
         count = len(self.meta_inputs)
         others = [sum_present(grads) for grads in zip(*(o[:count] for _, o, _ in parts))]
         if shared:
@@ -202,12 +201,14 @@ class Record:
         final = self.trajectory.final_task or self.trajectory.final  # one task's without the axis it would be given here
         groups = [list(final.values()), [t for tensors in vectors for t in tensors.values()]]
         raising = self.setup.options.nan_policy == "raise"
-        norms = group_norms(groups + ([list(g.values())] if g is not None else []), self.tasks.size) if raising else None
+        # g's norm is the last group's: its own, or the meta-gradient's where that is g itself (FirstOrder's)
+        own = g is not None and (len(vectors) > 1 or len(result.meta_grad) != len(g) or any(result.meta_grad.get(n) is not t for n, t in g.items()))
+        norms = group_norms(groups + ([list(g.values())] if own else []), self.tasks.size) if raising else None  # pyright: ignore[reportOptionalMemberAccess]  # own: g is given
         if norms is not None:  # flags and norms in one operator
             read.add("group_norms", norms[:2])
             if bad_adjoints is not None:
                 read.add("bad_adjoints", bad_adjoints)
-            return None, None if g is None else norms[2:].view(1, 1), lambda host: flags_from_norms(host, *groups)
+            return None, None if g is None else norms[-1:].view(1, 1), lambda host: flags_from_norms(host, *groups)
         if g is None:
             (final_bad, bad), g_norms = nonfinite_groups(groups, self.tasks.size), None
         else:

@@ -36,10 +36,11 @@ class Readback:
         self._parts[name] = tensor.detach()
 
     def read(self) -> Dict[str, list]:
-        """Every tensor added, as nested lists of Python floats (bools as 0.0 / 1.0; every value exactly as held)."""
+        """Every tensor added, as nested lists of Python numbers (every value exactly as held; bools as 0.0 / 1.0 where
+        read with floats, a Python float holding any float32 or float64 value exactly: no cast to float64 first)."""
         if not self._parts:
             return {}
-        values = flat(list(self._parts.values())).double().tolist()  # promoted to the widest
+        values = flat(list(self._parts.values())).tolist()  # promoted to the widest by the concatenation
         out, start = {}, 0
         for name, t in self._parts.items():
             out[name] = _nested(values[start:start + t.numel()], list(t.shape))

@@ -8,13 +8,14 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .estimators import Estimator, ExpansionPlan
 
-__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "add_stats", "make_stats", "merge_stats"]
+__all__ = ["MetaGradientStats", "ExpansionDivergenceWarning", "DivergenceMonitor", "LaterStats", "made", "merged", "stats_when_due",
+           "add_stats", "make_stats", "merge_stats"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,50 @@ def merge_stats(per_task: Sequence[MetaGradientStats]) -> MetaGradientStats:
     )
 
 
+class LaterStats:
+    """Stats made when first read, from host values already read: a schedule that cannot diverge (every one but the
+    binomial) warns of nothing, so a loop that never reads ``last_stats`` pays no host work for them per meta-gradient.
+    ``skipped`` is known at once (the engine reads it after every meta-gradient).
+
+    >>> later = LaterStats(lambda: MetaGradientStats(None, steps=1, levels=0, hvp_count=0, rounds=0), skipped=0)
+    >>> made(later).steps, made(later) is made(later)
+    (1, True)
+    """
+
+    __slots__ = ("_make", "_stats", "skipped")
+
+    def __init__(self, make: Callable[[], MetaGradientStats], skipped: int) -> None:
+        self._make, self.skipped = make, skipped
+        self._stats: Optional[MetaGradientStats] = None
+
+    def __call__(self) -> MetaGradientStats:
+        if self._stats is None:
+            self._stats = self._make()
+        return self._stats
+
+
+Stats = Union[MetaGradientStats, LaterStats]
+
+
+def made(stats: Optional[Stats]) -> Optional[MetaGradientStats]:
+    """``stats`` made, where they are :class:`LaterStats`."""
+    return stats() if isinstance(stats, LaterStats) else stats
+
+
+def stats_when_due(estimator: Estimator, plan: ExpansionPlan, host: dict, tasks: int, hvp_count: int, chunking, skipped: int,
+                   cg_residual: Optional[float] = None, unsolved_tasks: Tuple[int, ...] = ()) -> Stats:
+    """:func:`make_stats` now where the series may diverge (a binomial schedule: its warning is due now), else when read
+    (from these host values and counts only: no tensor of the meta-gradient is held for it)."""
+    make = lambda: make_stats(estimator, plan, host, tasks, hvp_count, chunking, skipped, cg_residual, unsolved_tasks)
+    return make() if plan.schedule == "binomial" else LaterStats(make, skipped)
+
+
+def merged(per_task: Sequence[Stats]) -> Stats:
+    """:func:`merge_stats` of stats that may be made later: later too where every one is."""
+    merge = lambda: merge_stats([made(s) for s in per_task])  # pyright: ignore[reportArgumentType]  # made: stats given
+    return LaterStats(merge, sum(s.skipped for s in per_task)) if all(isinstance(s, LaterStats) for s in per_task) else merge()
+
+
 class ExpansionDivergenceWarning(RuntimeWarning):
     """The binomial series of a meta-gradient grows with the order (see ``MetaGradientStats.diverging``)."""
 
@@ -149,14 +194,18 @@ class DivergenceMonitor:
     """Keeps the last stats of one engine or drop-in and warns once when a binomial series diverges."""
 
     def __init__(self) -> None:
-        self.last_stats: Optional[MetaGradientStats] = None
+        self._last: Optional[Stats] = None
         self.skipped_tasks = 0
         self._warned = False
 
-    def __call__(self, stats: MetaGradientStats) -> None:
-        self.last_stats = stats
+    @property
+    def last_stats(self) -> Optional[MetaGradientStats]:
+        return made(self._last)
+
+    def __call__(self, stats: Stats) -> None:
+        self._last = stats
         self.skipped_tasks += stats.skipped
-        if stats.diverging and not self._warned:
+        if isinstance(stats, MetaGradientStats) and stats.diverging and not self._warned:
             self._warned = True
             norms = ", ".join(f"{n:.3g}" for n in [stats.g_norm, *stats.contributions])
             remedies = ["a smaller L", "Truncated(L)", "a smaller inner learning rate", "or Exact()"]
