@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import higher
 import torch
@@ -60,6 +60,21 @@ def check_peers_unhooked(after: str) -> None:
 def median_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, float]:
     """The median CPU time of each meta-step over ``repeats``, after two warm-ups, the methods interleaved (CPU time:
     what the process itself spent, on a shared machine); ``model``'s gradients are cleared and the seed reset first."""
+    return {name: statistics.median(t) for name, t in times_ms(steps, model, repeats).items()}
+
+
+def paired_ratio(times: Dict[str, List[float]], name: str, peer: str) -> Tuple[float, float, float]:
+    """``name``'s time over ``peer``'s, repeat by repeat (the two ran in the same round of the interleaved loop, so a
+    change in a shared machine's load falls on both): the median of those ratios and their quartiles."""
+    ratios = [a / b for a, b in zip(times[name], times[peer])]
+    if len(ratios) < 2:  # one round: no spread
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
+
+
+def times_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, List[float]]:
+    """The CPU time of each meta-step in each of ``repeats`` rounds (:func:`median_ms`), in ms."""
     times: Dict[str, list] = {name: [] for name in steps}
     for i in range(repeats + 2):
         for name, step in steps.items():
@@ -70,7 +85,7 @@ def median_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, float]:
             if i >= 2:
                 times[name].append(1e3 * (time.process_time() - start))
             check_peers_unhooked(name)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 PHASES = ("start", "inner steps", "query forward", "backward")
@@ -312,17 +327,29 @@ def main(argv=None) -> dict:
     rows = []
     for setting in args.settings:
         model, steps = SETTINGS[setting](**({"tasks": 2, "steps": 2} if args.small else {}))
-        times = median_ms(steps, model, args.repeats)
-        hand = times["hand-written exact"]
-        rows += [{"setting": setting, "method": name, "ms": ms, "vs_hand_written": ms / hand,
-                  "vs_higher": ms / times["higher"] if "higher" in times else None} for name, ms in times.items()]
+        times = times_ms(steps, model, args.repeats)
+        for name, t in times.items():
+            row = {"setting": setting, "method": name, "ms": statistics.median(t)}
+            for key, peer in (("vs_hand_written", "hand-written exact"), ("vs_higher", "higher")):
+                ratio = paired_ratio(times, name, peer) if peer in times else None
+                row[key], row[f"{key}_quartiles"] = (None, None) if ratio is None else (ratio[0], list(ratio[1:]))
+            rows.append(row)
     result = {"machine": machine, "repeats": args.repeats, "rows": rows}
     lines = ["# Host overhead on small adapted parts", "", f"CPU time per meta-step, median of {args.repeats} after 2 "
-             f"warm-ups, methods interleaved. Machine: {machine}. Settings: see `benchmarks/overhead.py`.", "",
+             f"warm-ups, methods interleaved. Ratios are taken round by round (each method against its peer in the same "
+             f"round of the interleaved loop, so that a change in the machine's load falls on both): their median, and in "
+             f"brackets their quartiles. Machine: {machine}. Settings: see `benchmarks/overhead.py`.", "",
              "| setting | method | ms per meta-step | vs hand-written exact | vs higher |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['setting']} | {r['method']} | {r['ms']:.1f} | {r['vs_hand_written']:.2f}x | "
-              f"{'' if r['vs_higher'] is None else format(r['vs_higher'], '.2f') + 'x'} |" for r in rows]
+    lines += [f"| {r['setting']} | {r['method']} | {r['ms']:.1f} | {_ratio(r, 'vs_hand_written')} | {_ratio(r, 'vs_higher')} |"
+              for r in rows]
     return write(args.out, "overhead_cpu", result, lines)
+
+
+def _ratio(row: dict, key: str) -> str:
+    if row[key] is None:
+        return ""
+    q1, q3 = row[f"{key}_quartiles"]
+    return f"{row[key]:.2f}x ({q1:.2f}-{q3:.2f})"
 
 
 def write(out: Path, stem: str, result: dict, lines: List[str]) -> dict:

@@ -30,6 +30,9 @@ def test_overhead_benchmark_writes_every_setting_and_method(tmp_path):
     assert ("sine", "higher") in methods and ("sine", "adapt_batch Exact, memory_budget=None") in methods
     assert ("anil", "engine.adapt Binomial(1)") in methods and len(methods) == 14
     assert "| sine | bo.MAML Exact |" in (tmp_path / "overhead_cpu.md").read_text()
+    for row in result["rows"]:  # round by round ratios: the median within its quartiles
+        q1, q3 = row["vs_hand_written_quartiles"]
+        assert q1 <= row["vs_hand_written"] <= q3 and (row["vs_higher"] is None) == (row["setting"] == "anil")
 
 
 def test_task_plan_benchmark_times_both_plans_and_restores_the_cap(tmp_path):
@@ -87,3 +90,13 @@ def test_overhead_refuses_to_measure_peers_beside_a_global_module_hook():
             overhead.check_peers_unhooked("a step")
     finally:
         handle.remove()
+
+
+def test_ratios_are_taken_round_by_round():
+    """A slower round slows both methods of it: the ratio of each round's pair, not of the medians, carries no drift."""
+    import overhead
+
+    drifting = {"method": [2.0, 4.0, 8.0], "peer": [1.0, 2.0, 4.0]}  # the machine halves its speed at each round
+    assert overhead.paired_ratio(drifting, "method", "peer") == (2.0, 2.0, 2.0)
+    median, q1, q3 = overhead.paired_ratio({"method": [2.0, 1.0], "peer": [1.0, 1.0]}, "method", "peer")
+    assert (median, q1, q3) == (1.5, 1.25, 1.75)
