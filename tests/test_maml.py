@@ -205,3 +205,22 @@ def test_allow_unused_and_allow_nograd_per_adapt_call():
     learner.adapt(lambda m: F.cross_entropy(m(xs), ys), allow_nograd=True)
     with pytest.raises(ValueError, match=r"\['0.bias'\].*allow_nograd=False"):
         learner.adapt(lambda m: F.cross_entropy(m(xs), ys), allow_nograd=False)
+
+
+def test_a_call_of_the_adapted_model_sets_the_modes_it_took_without_walking_the_model_again():
+    """The adapted model's modes are those of the modules it took them from when the adaptation started: a call sets
+    them on those modules, with no walk of the model (a cost per call that grows with its modules)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    x = torch.randn(8, 4)
+    learner = bo.MAML(model, lr=0.1).clone()
+    learner.adapt(lambda m: m(x).pow(2).mean())
+    learner.eval()
+    walks = []
+    real = type(model).modules
+    model.modules = lambda: walks.append(1) or real(model)  # an instance attribute: this model's walks only
+    try:
+        out = learner(x)
+    finally:
+        del model.modules
+    assert walks == [] and torch.equal(out, learner(x))  # dropout off: the same output twice
+    assert model.training and model[1].training  # the model's own modes, untouched

@@ -33,11 +33,14 @@ class Learner:
     """
 
     def __init__(self, module: nn.Module, params: Tensors, bn: str = "auto", modes: Optional[Sequence[bool]] = None,
-                 hooks: bool = True):
+                 hooks: bool = True, modules: Optional[Sequence[nn.Module]] = None):
+        """``modes``: the train/eval mode of each of ``modules`` (by default the model's ``modules()``, found at each
+        call) during a call."""
         self.module, self.params, self.bn, self.modes, self.hooks = module, params, bn, modes, hooks
+        self._modules = module if modules is None else modules
 
     def __call__(self, *args, **kwargs):
-        with module_policy(self.bn, self.hooks), _modes(self.module, self.modes):
+        with module_policy(self.bn, self.hooks), _modes(self._modules, self.modes):
             return call_with(self.module, self.params, args, kwargs)
 
     def __repr__(self) -> str:
@@ -252,6 +255,7 @@ class AdaptedModule(nn.Module):
     _fixed: Tensors
     _detach: bool
     _modes: List[bool]
+    _model_modules: List[nn.Module]
     _hooks: bool
 
     def __init__(self, loop: Any, model: nn.Module, bn: str, fixed: Optional[Tensors] = None, detach: bool = False):
@@ -259,7 +263,7 @@ class AdaptedModule(nn.Module):
         modules = list(model.modules())
         # the module policy's hooks, only where the model has a module they act on (a call of the adapted model is the
         # user's forward, never replayed: under bn="auto" they would change no value there)
-        vars(self).update(_loop=loop, _model=model, _bn=bn, _fixed=dict(fixed or {}), _detach=detach,
+        vars(self).update(_loop=loop, _model=model, _bn=bn, _fixed=dict(fixed or {}), _detach=detach, _model_modules=modules,
                           _modes=[m.training for m in modules], _hooks=needs_hooks(bn, any(map(special, modules))),
                           training=model.training)  # a plain attribute, as Module.__setattr__ would set it
 
@@ -275,7 +279,8 @@ class AdaptedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The model's forward with the adapted parameters, in this module's modes."""
-        return Learner(self._model, self._stand_ins(), self._bn, self._modes, self._hooks)(*args, **kwargs)
+        # the modules its modes were taken for (when the adaptation started), not walked again at every call
+        return Learner(self._model, self._stand_ins(), self._bn, self._modes, self._hooks, self._model_modules)(*args, **kwargs)
 
     def train(self, mode: bool = True):
         """Set this adapted model's mode (every submodule's, as ``nn.Module.train``); the model keeps its own."""
