@@ -91,7 +91,7 @@ def expand(
     L, f, K, scale = plan.levels, plan.first_active, steps, plan.hessian_scale
     names = list(g)
     result = ExpansionResult(meta_grad=g)
-    if f == K and not with_full_adjoints and all(transpose.identity_direct(j) for j in range(K)):
+    if f == K and not with_full_adjoints and transpose.identity_through(K):
         result.meta_grad = dict(g)  # no Hessian kept, every D_j^T the identity (FirstOrder's SGD steps): g, as below
         return result
 

@@ -64,4 +64,6 @@ def _nested(values: List[float], shape: List[int]):
     if len(shape) == 1:
         return values
     size = len(values) // shape[0] if shape[0] else 0
+    if len(shape) == 2:  # rows (each step's losses, each entry's norms): no call per row
+        return [values[i * size:(i + 1) * size] for i in range(shape[0])]
     return [_nested(values[i * size:(i + 1) * size], shape[1:]) for i in range(shape[0])]

@@ -323,6 +323,15 @@ class StepTranspose:
         needs_values, rate = self.reads(self.hyper(k))
         return -rate if self._identity and not needs_values and rate is not None else None
 
+    def identity_through(self, steps: int) -> bool:
+        """Whether :meth:`identity_direct` holds at each of the first ``steps`` steps, each distinct setting read once.
+
+        >>> StepTranspose({"w": SGDRule()}, [{"w": {"lr": 0.5}}] * 3).identity_through(3)
+        True
+        """
+        settings = {id(h): h for h in map(self.hyper, range(steps))}.values()
+        return self._identity and not any(self.needs_values(h) for h in settings)
+
     def identity_direct(self, k: int) -> bool:
         """Whether ``D_k^T`` is the identity (plain SGD, and SGD with learned rates: the update's direct part)."""
         return self._identity and not self.needs_values(self.hyper(k))
