@@ -78,7 +78,7 @@ class DifferentiableOptimizer:
         if override is None and self._written():
             override = {"lr": [group["lr"] for group in self.param_groups]}
         hyper = None if override is None else self._read._replace(hyper=self._loop.hyper).override(override)
-        self._loop.step(closure, hyper=hyper, modes=self._fmodel.modes)
+        self._loop.step(closure, hyper=hyper, modes=self._fmodel.modes, modules=self._fmodel._model_modules)
         if hyper is not None:
             self._lrs = [group["lr"] for group in self.param_groups]
 

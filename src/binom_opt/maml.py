@@ -177,7 +177,7 @@ class MAMLLearner(AdaptedModule):
             frozen = [n for n, p in self._model.named_parameters() if not p.requires_grad]
             if frozen:
                 raise ValueError(f"Parameter(s) {frozen} have requires_grad=False: they cannot adapt with allow_nograd=False.")
-        self._loop.step(closure, first_order=bool(first_order), allow_unused=allow_unused, modes=self.modes)
+        self._loop.step(closure, first_order=bool(first_order), allow_unused=allow_unused, modes=self.modes, modules=self._model_modules)
 
     def clone(self) -> MAMLLearner:
         """A learner whose adaptation starts from this one's adapted parameters (a nested adaptation, as

@@ -168,8 +168,10 @@ def module_loss(model: nn.Module, bn: str, batched: bool, fixed: Optional[Tensor
         check_no_tracking(model)
     fixed = fixed or {}
 
-    def make(closure: Callable, modes: Optional[Sequence[bool]] = None) -> Callable:
-        modules = list(model.modules())  # found once per support loss, not at every call
+    def make(closure: Callable, modes: Optional[Sequence[bool]] = None, modules: Optional[Sequence[nn.Module]] = None) -> Callable:
+        """``modes`` of ``modules`` (by default the model's ``modules()`` now: found once per support loss, not at every
+        call; an adapted model gives those it took its modes from)."""
+        modules = list(model.modules()) if modules is None else modules
         modes = [m.training for m in modules] if modes is None else list(modes)
 
         def loss(phi: Tensors, task) -> torch.Tensor:

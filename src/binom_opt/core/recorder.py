@@ -114,13 +114,13 @@ class InnerLoop:
         return self._status.finished
 
     def step(self, closure: Callable, hyper: Optional[Dict[str, Hyper]] = None, first_order: bool = False,
-             allow_unused: Optional[bool] = None, modes: Optional[tuple] = None) -> None:
+             allow_unused: Optional[bool] = None, modes: Optional[tuple] = None, modules: Optional[list] = None) -> None:
         """One inner step on the support loss of ``closure``; records the point, keeps no graph.
 
         ``hyper`` replaces the hyperparameters from this step on (higher's ``override``); ``first_order`` drops this
         step's Hessian (its gradient is held constant, learn2learn's ``first_order``); ``allow_unused`` as in
         :class:`Setup`, for this step; ``modes``: the train/eval modes of the adapted model's modules that the
-        closure runs in (``None``: the model's own now)."""
+        closure runs in (``None``: the model's own now), of ``modules`` (by default the model's ``modules()``)."""
         if self.finished:
             raise RuntimeError(
                 "This adaptation's meta-gradient was already computed (backward ran through it): adapting it further "
@@ -140,7 +140,7 @@ class InnerLoop:
             self.hyper = hyper
         key = (*closure_key(closure), modes)
         known = self._closures.get(key)
-        loss_fn = known[1] if known else self._support_loss(closure, modes)
+        loss_fn = known[1] if known else self._support_loss(closure, modes, modules)
         # what identifies the support loss for a measurement of its HVPs' memory: none where no Hessian is kept
         measure_key = known[2] if known else (key[0], modes, self._proximal, captured_shapes(closure)) if self._window != 0 else None
         k = self.steps_taken
@@ -241,11 +241,11 @@ class InnerLoop:
         activations of an HVP of its support loss (what a step's graph holds, and a little more)."""
         return (len(self._graphs) + 1) * sizes.hvp <= AUTO_KEEP_GRAPH_CAP
 
-    def _support_loss(self, closure: Callable, modes: Optional[tuple]) -> LossFn:
+    def _support_loss(self, closure: Callable, modes: Optional[tuple], modules: Optional[list] = None) -> LossFn:
         """The support loss of a closure (in ``modes``); with :class:`~binom_opt.Implicit`, plus its proximal term."""
         closure, origins = cut_captured(closure)  # captured tensors with a graph: leaves here, mapped back in outputs()
         self._origins.update(origins)
-        loss_fn = self.setup.make_loss(closure) if modes is None else self.setup.make_loss(closure, modes)
+        loss_fn = self.setup.make_loss(closure) if modes is None else self.setup.make_loss(closure, modes, modules)
         return loss_fn if self._proximal is None else proximal(loss_fn, self.initial, self._proximal)
 
     def outputs(self, estimator: Optional[Estimator] = None) -> Tensors:
