@@ -161,9 +161,9 @@ def expand(
     chain = getattr(hvp, "chain", None) if plan.schedule == "sequential" and L == K and scale == 1.0 else None
     top = {n: t.squeeze(0) for n, t in u[K].items()} if chain is not None else {}  # one task's, as the chain's graphs
     chained = chain(range(f, K), top, others) if chain is not None and all(r is not None for r in plain[f:K]) else None
-    adjoints = None if chained is None else chained[0]
-    if adjoints is not None:
-        result.others = chained[1] if others else None  # pyright: ignore[reportOptionalSubscript]  # set with adjoints
+    if chained is not None:
+        adjoints, taken = chained
+        result.others = taken if others else None
         handed = on_adjoint if not others else None  # the mixed terms of the others: taken by the chain's backward
         # the change each factor made, round by round as below (step K-1's first)
         result.contributions = change_norms([list(a.values()) for a in (top, *reversed(adjoints))], one_task=True)
@@ -229,7 +229,7 @@ def expand(
         u[j] = transpose.direct(j, u[j + 1])
         if not keep_all:
             del u[j + 1]
-    if adjoints is None:
+    if chained is None:
         result.contributions = rounds.rounds()
     if with_full_adjoints:
         result.full_adjoints = {k: u[k + 1] for k in range(K)}
