@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import higher
 import torch
@@ -63,14 +64,43 @@ def median_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, float]:
     return {name: statistics.median(t) for name, t in times_ms(steps, model, repeats).items()}
 
 
-def paired_ratio(times: Dict[str, List[float]], name: str, peer: str) -> Tuple[float, float, float]:
+class Ratio(NamedTuple):
+    """A method's time over its peer's, round by round: the median of the rounds' ratios, their quartiles (the
+    machine's spread from round to round) and a 95 % interval for the median itself (:func:`median_interval`)."""
+
+    median: float
+    q1: float
+    q3: float
+    low: float
+    high: float
+
+
+def paired_ratio(times: Dict[str, List[float]], name: str, peer: str) -> Ratio:
     """``name``'s time over ``peer``'s, repeat by repeat (the two ran in the same round of the interleaved loop, so a
-    change in a shared machine's load falls on both): the median of those ratios and their quartiles."""
+    change in a shared machine's load falls on both)."""
     ratios = [a / b for a, b in zip(times[name], times[peer])]
     if len(ratios) < 2:  # one round: no spread
-        return ratios[0], ratios[0], ratios[0]
+        return Ratio(*ratios * 5)
     q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return median, q1, q3
+    return Ratio(median, q1, q3, *median_interval(ratios))
+
+
+def median_interval(values: List[float], confidence: float = 0.95) -> Tuple[float, float]:
+    """A distribution-free interval for the median of what ``values`` sample (the sign test's): the order statistics
+    ``x_(k)`` and ``x_(n-k+1)`` with the largest ``k`` for which the median lies between them with probability at least
+    ``confidence``, whatever the distribution; the whole range where no ``k`` reaches it (under six values at 95 %).
+    Unlike the quartiles it narrows as rounds are added: it says how well the median is known.
+
+    >>> median_interval([float(x) for x in range(1, 42)])  # 41 rounds: the 14th and 28th
+    (14.0, 28.0)
+    """
+    ordered, n = sorted(values), len(values)
+    k, tail = 0, 0.0
+    while k < n // 2 and tail + math.comb(n, k) / 2 ** n <= (1 - confidence) / 2:
+        tail += math.comb(n, k) / 2 ** n
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
 
 
 def times_ms(steps: Steps, model: nn.Module, repeats: int) -> Dict[str, List[float]]:
@@ -332,13 +362,15 @@ def main(argv=None) -> dict:
             row = {"setting": setting, "method": name, "ms": statistics.median(t)}
             for key, peer in (("vs_hand_written", "hand-written exact"), ("vs_higher", "higher")):
                 ratio = paired_ratio(times, name, peer) if peer in times else None
-                row[key], row[f"{key}_quartiles"] = (None, None) if ratio is None else (ratio[0], list(ratio[1:]))
+                row[key], row[f"{key}_quartiles"], row[f"{key}_ci95"] = ((None, None, None) if ratio is None else
+                                                                          (ratio.median, [ratio.q1, ratio.q3], [ratio.low, ratio.high]))
             rows.append(row)
     result = {"machine": machine, "repeats": args.repeats, "rows": rows}
     lines = ["# Host overhead on small adapted parts", "", f"CPU time per meta-step, median of {args.repeats} after 2 "
              f"warm-ups, methods interleaved. Ratios are taken round by round (each method against its peer in the same "
-             f"round of the interleaved loop, so that a change in the machine's load falls on both): their median, and in "
-             f"brackets their quartiles. Machine: {machine}. Settings: see `benchmarks/overhead.py`.", "",
+             f"round of the interleaved loop, so that a change in the machine's load falls on both): their median, a 95 % "
+             f"interval for that median (the sign test's, distribution-free), and their quartiles (the spread from round "
+             f"to round). Machine: {machine}. Settings: see `benchmarks/overhead.py`.", "",
              "| setting | method | ms per meta-step | vs hand-written exact | vs higher |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['setting']} | {r['method']} | {r['ms']:.1f} | {_ratio(r, 'vs_hand_written')} | {_ratio(r, 'vs_higher')} |"
               for r in rows]
@@ -348,8 +380,8 @@ def main(argv=None) -> dict:
 def _ratio(row: dict, key: str) -> str:
     if row[key] is None:
         return ""
-    q1, q3 = row[f"{key}_quartiles"]
-    return f"{row[key]:.2f}x ({q1:.2f}-{q3:.2f})"
+    (q1, q3), (low, high) = row[f"{key}_quartiles"], row[f"{key}_ci95"]
+    return f"{row[key]:.2f}x (CI {low:.2f}-{high:.2f}; quartiles {q1:.2f}-{q3:.2f})"
 
 
 def write(out: Path, stem: str, result: dict, lines: List[str]) -> dict:

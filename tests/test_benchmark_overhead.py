@@ -2,10 +2,13 @@
 not tested)."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -31,8 +34,9 @@ def test_overhead_benchmark_writes_every_setting_and_method(tmp_path):
     assert ("anil", "engine.adapt Binomial(1)") in methods and len(methods) == 14
     assert "| sine | bo.MAML Exact |" in (tmp_path / "overhead_cpu.md").read_text()
     for row in result["rows"]:  # round by round ratios: the median within its quartiles
-        q1, q3 = row["vs_hand_written_quartiles"]
-        assert q1 <= row["vs_hand_written"] <= q3 and (row["vs_higher"] is None) == (row["setting"] == "anil")
+        (q1, q3), (low, high) = row["vs_hand_written_quartiles"], row["vs_hand_written_ci95"]
+        assert q1 <= row["vs_hand_written"] <= q3 and low <= row["vs_hand_written"] <= high
+        assert (row["vs_higher"] is None) == (row["setting"] == "anil")
 
 
 def test_task_plan_benchmark_times_both_plans_and_restores_the_cap(tmp_path):
@@ -97,6 +101,24 @@ def test_ratios_are_taken_round_by_round():
     import overhead
 
     drifting = {"method": [2.0, 4.0, 8.0], "peer": [1.0, 2.0, 4.0]}  # the machine halves its speed at each round
-    assert overhead.paired_ratio(drifting, "method", "peer") == (2.0, 2.0, 2.0)
-    median, q1, q3 = overhead.paired_ratio({"method": [2.0, 1.0], "peer": [1.0, 1.0]}, "method", "peer")
-    assert (median, q1, q3) == (1.5, 1.25, 1.75)
+    assert overhead.paired_ratio(drifting, "method", "peer") == (2.0, 2.0, 2.0, 2.0, 2.0)
+    ratio = overhead.paired_ratio({"method": [2.0, 1.0], "peer": [1.0, 1.0]}, "method", "peer")
+    assert (ratio.median, ratio.q1, ratio.q3) == (1.5, 1.25, 1.75) and (ratio.low, ratio.high) == (1.0, 2.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.1, 10.0), min_size=1, max_size=60))
+def test_the_interval_of_the_median_holds_the_median_and_lies_within_the_values(values):
+    import overhead
+
+    low, high = overhead.median_interval(values)
+    assert min(values) <= low <= statistics.median(values) <= high <= max(values)
+
+
+def test_the_interval_of_the_median_is_the_sign_tests():
+    """The order statistics of the published tables of the sign test's interval (95 %), which narrows with the rounds."""
+    import overhead
+
+    for n, (low, high) in {6: (1, 6), 10: (2, 9), 20: (6, 15), 41: (14, 28)}.items():
+        assert overhead.median_interval([float(x) for x in range(1, n + 1)]) == (float(low), float(high))
+    assert overhead.median_interval([5.0, 1.0, 3.0]) == (1.0, 5.0)  # too few for 95 %: the whole range
