@@ -1,12 +1,15 @@
 """The drop-in at the cost of the loop it replaces: small adapted parts, where host work per call shows.
 
-Two settings, each with its hand-written twin, higher and binom_opt's entry points, side by side in one run:
+Three settings, each with its hand-written twin, higher and binom_opt's entry points, side by side in one run:
 
 - ``sine``: the MAML paper's sine regression, an MLP 1-40-40-1, 10 support and 10 query points, K = 5 SGD steps at
   lr 0.01, a meta-batch of 25 tasks adapted one after another (per task), and ``engine.adapt_batch`` (default
   options, and ``memory_budget=None``: the tasks vmapped);
 - ``anil``: the main job's meta-step, a Conv4-64 body meta-learned and its linear head adapted (K = 5 at lr 0.1),
   5-way 1-shot with 5 queries per class on random 28x28 images, a meta-batch of 4, the body once per task.
+- ``conv4``: ``run.py --config omniglot --quick``'s per-task meta-step, the whole Conv4-32 adapted (K = 5 at lr 0.4),
+  5-way 1-shot with 15 queries per class on random 28x28 images, a meta-batch of 4: where compute dominates. ``run.py``
+  runs each method in a process of its own, one after the other; here the peers share the rounds.
 
 Times are the process's CPU time per meta-step (1 thread by default, so it is also its wall time on an idle
 machine), the median of ``--repeats`` after two warm-ups, the methods interleaved so that a change in a shared
@@ -257,7 +260,20 @@ def anil(tasks: int = 4, steps: int = 5, lr: float = 0.1, ways: int = 5, queries
                    "engine.adapt FirstOrder": engine_step(bo.FirstOrder())}
 
 
-SETTINGS = {"sine": sine, "anil": anil}
+def conv4(tasks: int = 4, steps: int = 5, lr: float = 0.4, ways: int = 5, queries: int = 15):
+    """``run.py --config omniglot --quick``'s per-task meta-step (Conv4-32 on random 28x28 images, 5-way 1-shot, 15
+    queries per class, K = 5 at lr 0.4, a meta-batch of 4), here with the peers interleaved and the ratios taken round
+    by round: where compute dominates, what is left of the host work."""
+    torch.manual_seed(0)
+    model = Conv4(out_features=ways, hidden=32)
+    gen = torch.Generator().manual_seed(0)
+    ys, yq = torch.arange(ways), torch.arange(ways * queries) % ways
+    batch = [(torch.rand(ways, 1, 28, 28, generator=gen), ys, torch.rand(ways * queries, 1, 28, 28, generator=gen), yq)
+             for _ in range(tasks)]
+    return model, per_task(model, batch, F.cross_entropy, steps, lr)
+
+
+SETTINGS = {"sine": sine, "anil": anil, "conv4": conv4}
 
 
 def sweep(ks: List[int], repeats: int, tasks: int = 25, lr: float = 0.01) -> List[dict]:

@@ -31,7 +31,7 @@ def test_overhead_benchmark_writes_every_setting_and_method(tmp_path):
     result = overhead.main(["--small", "--repeats", "1", "--out", str(tmp_path)])
     methods = {(r["setting"], r["method"]) for r in result["rows"]}
     assert ("sine", "higher") in methods and ("sine", "adapt_batch Exact, memory_budget=None") in methods
-    assert ("anil", "engine.adapt Binomial(1)") in methods and len(methods) == 14
+    assert ("anil", "engine.adapt Binomial(1)") in methods and ("conv4", "bo.MAML Exact") in methods and len(methods) == 20
     assert "| sine | bo.MAML Exact |" in (tmp_path / "overhead_cpu.md").read_text()
     for row in result["rows"]:  # round by round ratios: the median within its quartiles
         (q1, q3), (low, high) = row["vs_hand_written_quartiles"], row["vs_hand_written_ci95"]
