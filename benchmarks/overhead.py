@@ -31,6 +31,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import binom_opt as bo
 
 from fewshot.models import Conv4
+from suite.configs import CONFIGS, QUICK, build_batch, build_model
 from suite.report import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -260,17 +262,15 @@ def anil(tasks: int = 4, steps: int = 5, lr: float = 0.1, ways: int = 5, queries
                    "engine.adapt FirstOrder": engine_step(bo.FirstOrder())}
 
 
-def conv4(tasks: int = 4, steps: int = 5, lr: float = 0.4, ways: int = 5, queries: int = 15):
-    """``run.py --config omniglot --quick``'s per-task meta-step (Conv4-32 on random 28x28 images, 5-way 1-shot, 15
-    queries per class, K = 5 at lr 0.4, a meta-batch of 4), here with the peers interleaved and the ratios taken round
-    by round: where compute dominates, what is left of the host work."""
-    torch.manual_seed(0)
-    model = Conv4(out_features=ways, hidden=32)
-    gen = torch.Generator().manual_seed(0)
-    ys, yq = torch.arange(ways), torch.arange(ways * queries) % ways
-    batch = [(torch.rand(ways, 1, 28, 28, generator=gen), ys, torch.rand(ways * queries, 1, 28, 28, generator=gen), yq)
-             for _ in range(tasks)]
-    return model, per_task(model, batch, F.cross_entropy, steps, lr)
+def conv4(tasks: int = 4, steps: int = 5):
+    """``run.py --config omniglot --quick``'s per-task meta-step, its model and its meta-batch of random images (Conv4-32,
+    5-way 1-shot, 15 queries per class, K = 5 at lr 0.4, a meta-batch of 4), here with the peers interleaved and the
+    ratios taken round by round: where compute dominates, what is left of the host work."""
+    cfg = replace(CONFIGS["omniglot"], **QUICK["omniglot"])
+    cfg = replace(cfg, meta_batch=tasks, steps=steps)
+    model = build_model(cfg, torch.device("cpu"))
+    (xs, ys), (xq, yq) = build_batch(cfg, torch.device("cpu"))
+    return model, per_task(model, list(zip(xs, ys, xq, yq)), F.cross_entropy, cfg.steps, cfg.lr)
 
 
 SETTINGS = {"sine": sine, "anil": anil, "conv4": conv4}
